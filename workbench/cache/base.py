@@ -1,0 +1,131 @@
+"""The KV cache core: the layer-cache interface, the model-wide cache, and the policy base class.
+
+Slots and positions. A layer cache holds tokens in slots 0..length-1. Slots 0..n_committed-1 hold
+committed tokens; the slots after them hold the tokens of the forward in flight (drafts being verified,
+or a self-speculative draft's scratch). `commit(offsets)` keeps the chosen new tokens and drops the rest;
+`rollback()` drops every uncommitted token. Eviction policies call `keep(slots)` on committed tokens only.
+Each slot remembers the token's logical position, which survives eviction: RoPE is applied before a key
+is cached, and the engine, not the cache length, decides the next token's position.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from workbench.models.config import ModelConfig
+
+
+class LayerCache(ABC):
+    """One layer's keys and values. Shapes: k, v are [kv_heads, tokens, head_dim]."""
+
+    n_committed: int = 0
+
+    @abstractmethod
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store new (uncommitted) tokens after the ones held."""
+
+    @abstractmethod
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense k, v [kv_heads, length, head_dim] of every held token, for attention."""
+
+    @abstractmethod
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only `slots` (ascending slot indices), compacted in order; all kept tokens become committed."""
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Number of tokens held, committed or not."""
+
+    @property
+    @abstractmethod
+    def positions(self) -> torch.Tensor:
+        """Logical positions [length] of the held tokens."""
+
+    @abstractmethod
+    def nbytes_per_head(self) -> torch.Tensor:
+        """Real bytes held for each kv head, [kv_heads] int64 (keys, values and per-token metadata)."""
+
+    def nbytes(self) -> int:
+        return int(self.nbytes_per_head().sum())
+
+    def commit(self, offsets: list[int] | None = None) -> None:
+        """Keep the uncommitted tokens at `offsets` (relative to the first uncommitted slot; None = all)."""
+        n_new = self.length - self.n_committed
+        if offsets is None:
+            offsets = list(range(n_new))
+        if offsets == list(range(len(offsets))):
+            self.truncate(self.n_committed + len(offsets))  # a prefix: no data moves
+        else:
+            base = torch.arange(self.n_committed)
+            new = torch.tensor(offsets, dtype=torch.long) + self.n_committed
+            self.keep(torch.cat([base, new]))
+        self.n_committed = self.length
+
+    def rollback(self) -> None:
+        """Drop every uncommitted token."""
+        self.truncate(self.n_committed)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` slots. Subclasses override with something cheaper than a gather."""
+        self.keep(torch.arange(length))
+
+
+class KVCache:
+    """The model-wide cache: one LayerCache per layer. Layers may hold different numbers of tokens
+    (per-layer eviction budgets, or a layer-skipping draft that wrote only some layers)."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def commit(self, offsets: list[int] | None = None) -> None:
+        for layer in self.layers:
+            layer.commit(offsets)
+
+    def rollback(self) -> None:
+        for layer in self.layers:
+            layer.rollback()
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def nbytes_per_layer_head(self) -> torch.Tensor:
+        """[layers, kv_heads] real bytes held."""
+        return torch.stack([layer.nbytes_per_head() for layer in self.layers])
+
+    def tokens_per_layer(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+
+@dataclass
+class CachePolicy:
+    """Base for cache policies (registered under the `cache` category).
+
+    A policy builds the layer caches (choosing a storage form per layer) and may act after prefill and
+    after each step, on committed tokens only. Policies compose in order: each later policy's hooks run
+    after the earlier ones'; the last policy that builds layer caches decides the storage form.
+    """
+
+    # Set by subclasses that only mask tokens out instead of freeing their memory; shown in stats.
+    simulated = False
+
+    def make_layer_cache(
+        self, layer: int, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int
+    ) -> LayerCache | None:
+        """Return a layer cache, or None to leave the storage form to the previous policy."""
+        return None
+
+    def on_prefill_end(self, cache: KVCache) -> None:
+        """Called once the prompt is committed."""
+
+    def on_step_end(self, cache: KVCache) -> None:
+        """Called after each decoding step's tokens are committed."""

@@ -1,0 +1,91 @@
+"""The dense layer cache: preallocated k/v buffers that grow geometrically, and the `dense` policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.cache.base import CachePolicy, LayerCache
+from workbench.models.config import ModelConfig
+from workbench.registry import register
+
+
+class DenseLayerCache(LayerCache):
+    """k, v stored as [kv_heads, capacity, head_dim]; appends write in place, so a decode step copies
+    only the new token. `keep` gathers only from the first slot that moves."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int):
+        capacity = max(capacity, 1)
+        self.k = torch.empty(kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.pos = torch.empty(capacity, dtype=torch.long, device=device)
+        self._length = 0
+        self.n_committed = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.pos[: self._length]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], capacity, old.shape[2])
+            new[:, : self._length] = old[:, : self._length]
+            setattr(self, name, new)
+        pos = self.pos.new_empty(capacity)
+        pos[: self._length] = self.pos[: self._length]
+        self.pos = pos
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        start, end = self._length, self._length + k.shape[1]
+        if end > self.capacity:
+            self._grow(end)
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        self.pos[start:end] = positions
+        self._length = end
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, : self._length], self.v[:, : self._length]
+
+    def keep(self, slots: torch.Tensor) -> None:
+        slots = slots.to(self.pos.device)
+        n = slots.numel()
+        moved = (slots != torch.arange(n, device=slots.device)).nonzero()
+        if moved.numel():
+            first = int(moved[0])
+            src = slots[first:]
+            self.k[:, first:n] = self.k[:, src]
+            self.v[:, first:n] = self.v[:, src]
+            self.pos[first:n] = self.pos[src]
+        self._length = n
+        self.n_committed = n
+
+    def truncate(self, length: int) -> None:
+        self._length = min(length, self._length)
+
+    def nbytes_per_head(self) -> torch.Tensor:
+        per_head = 2 * self._length * self.k.shape[2] * self.k.element_size()
+        per_head += self._length * self.pos.element_size() // self.k.shape[0]  # positions, shared by heads
+        return torch.full((self.k.shape[0],), per_head, dtype=torch.long)
+
+
+@register("cache", "dense")
+@dataclass
+class DensePolicy(CachePolicy):
+    """Every token's keys and values in the model's dtype: the full cache other policies compare against."""
+
+    def make_layer_cache(
+        self, layer: int, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int
+    ) -> LayerCache:
+        return DenseLayerCache(config.num_kv_heads, config.head_dim, dtype, device, capacity)

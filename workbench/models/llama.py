@@ -1,0 +1,147 @@
+"""A compact Llama-family transformer: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and SmolLM.
+
+One file, plain modules, batch size one. Projections are fused (q|k|v and gate|up) so a decode step runs
+few, large matrix products. Linear layers are ordinary `nn.Linear` modules, so weight transforms swap them
+for quantized or encoded modules with the same call interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.cache.base import KVCache
+from workbench.models.attention import attention
+from workbench.models.config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [T, vocab] float32 (or [1, vocab] with last_only)
+    hidden_states: list[torch.Tensor] | None = None  # input to each layer run, then the final output
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2]; Llama 3.1 rescales them ("llama3" rope_scaling)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling:  # Llama 3.1: slow down low frequencies, keep high ones, interpolate between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout].
+    x: [T, heads, dim]; cos, sin: [T, 1, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.eps = c.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.attention_bias)
+        self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim)) if c.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim)) if c.qk_norm else None
+        self.mlp_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, positions, layer_cache, new_mask):
+        n = x.shape[0]
+        h = F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps)
+        qkv = self.qkv(h).view(n, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k before RoPE
+            q = F.rms_norm(q, q.shape[-1:], self.q_norm, self.eps)
+            k = F.rms_norm(k, k.shape[-1:], self.k_norm, self.eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # q and k are adjacent in the fused output: rotate both in one go
+            qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        out = attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), positions, layer_cache, new_mask)
+        x = x + self.o(out)
+        h = F.rms_norm(x, x.shape[-1:], self.mlp_norm, self.eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)  # SwiGLU [arXiv 2002.05202, eq. 5]
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        layers: list[int] | None = None,
+        hidden_states: bool = False,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """Run the model over new tokens.
+
+        tokens, positions: [T] token ids and their logical positions.
+        cache: appended to in every layer run; None attends over the new tokens alone.
+        mask: [T, T] bool among the new tokens (True = may attend); None is causal. Every token already
+            in the cache is visible to every new token.
+        layers: the layer plan, a subset of layer indices to run in order (None = all), for layer skipping.
+        hidden_states: also return the residual stream before each layer run and after the last.
+        last_only: compute logits for the last token only (prefill).
+        """
+        x = self.embed(tokens)
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        plan = range(len(self.layers)) if layers is None else layers
+        states = [] if hidden_states else None
+        for i in plan:
+            if states is not None:
+                states.append(x)
+            x = self.layers[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask)
+        if states is not None:
+            states.append(x)
+        if last_only:
+            x = x[-1:]
+        return ModelOutput(self.logits(x), states)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on residual-stream states [T, hidden] -> float32 logits [T, vocab]."""
+        x = F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
+        return self.lm_head(x).float()

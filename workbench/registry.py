@@ -1,0 +1,170 @@
+"""Technique registry: name -> class, and each technique's parameter schema.
+
+A technique is a dataclass registered under a category. Its init fields are its parameters: type and
+default come from the field, help and range from `param(...)` metadata. That one schema drives the CLI
+help, the app's forms, the notebook widgets, validation of specs and the catalogue in docs/.
+Fields declared with `init=False` are per-run state, not parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from workbench.errors import SpecError
+
+CATEGORIES = ("decoding", "acceptance", "cache", "compression")
+# Packages whose modules register techniques on import.
+_TECHNIQUE_PACKAGES = ("workbench.decoding", "workbench.cache", "workbench.compression")
+
+
+def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          choices: typing.Sequence[Any] | None = None) -> Any:
+    """A technique parameter: a dataclass field carrying help text and an allowed range."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # "int", "float", "bool", "str"
+    default: Any
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe(self) -> str:
+        allowed = ""
+        if self.choices:
+            allowed = " one of " + "/".join(map(str, self.choices))
+        elif self.min is not None or self.max is not None:
+            allowed = f" in [{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
+        return f"{self.name} ({self.type}, default {self.default!r}{allowed})"
+
+    def coerce(self, technique: str, value: Any) -> Any:
+        """Convert a value (possibly a string from the CLI or a link) and check its range."""
+        try:
+            if self.type == "bool":
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1", "yes")
+                value = bool(value)
+            elif self.type == "int":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif self.type == "float":
+                value = float(value)
+            else:
+                value = str(value)
+        except ValueError:
+            raise SpecError(f"{technique}: {self.name}={value!r} is not a valid {self.type}; "
+                            f"expected {self.describe()}") from None
+        if self.choices and value not in self.choices:
+            raise SpecError(f"{technique}: {self.name}={value!r} is not allowed; expected {self.describe()}")
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise SpecError(f"{technique}: {self.name}={value!r} is out of range; expected {self.describe()}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Technique:
+    category: str
+    name: str
+    cls: type
+    lossless: bool | None  # decoding and acceptance only: does it keep the target's distribution?
+
+    @property
+    def summary(self) -> str:
+        return (self.cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+
+    @property
+    def params(self) -> list[Param]:
+        hints = typing.get_type_hints(self.cls)
+        out = []
+        for f in dataclasses.fields(self.cls):
+            if not f.init:
+                continue
+            kind = hints[f.name]
+            type_name = {int: "int", float: "float", bool: "bool"}.get(kind, "str")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            meta = f.metadata
+            out.append(Param(f.name, type_name, default, meta.get("help", ""), meta.get("min"), meta.get("max"),
+                             tuple(meta["choices"]) if meta.get("choices") else None))
+        return out
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Return params coerced to their types; unknown names and bad values raise SpecError."""
+        schema = {p.name: p for p in self.params}
+        out = {}
+        for key, value in params.items():
+            if key not in schema:
+                valid = ", ".join(p.describe() for p in schema.values()) or "none"
+                raise SpecError(f"{self.category} technique {self.name!r} has no parameter {key!r}; "
+                                f"valid parameters: {valid}")
+            out[key] = schema[key].coerce(self.name, value)
+        return out
+
+    def build(self, params: dict[str, Any]) -> Any:
+        instance = self.cls(**self.validate(params))
+        check = getattr(instance, "check", None)  # cross-parameter rules, e.g. min < max
+        if check is not None:
+            try:
+                check()
+            except ValueError as err:
+                raise SpecError(f"{self.name}: {err}") from None
+        return instance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category": self.category, "name": self.name, "summary": self.summary,
+                "lossless": self.lossless, "params": [p.to_dict() for p in self.params]}
+
+
+_registry: dict[str, dict[str, Technique]] = {c: {} for c in CATEGORIES}
+
+
+def register(category: str, name: str, *, lossless: bool | None = None):
+    """Class decorator: `@register("decoding", "prompt_lookup", lossless=True)` above a dataclass."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; categories: {', '.join(CATEGORIES)}")
+
+    def wrap(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass to be registered")
+        if name in _registry[category] and _registry[category][name].cls is not cls:
+            raise ValueError(f"{category} technique {name!r} is already registered")
+        _registry[category][name] = Technique(category, name, cls, lossless)
+        cls.technique_name = name
+        return cls
+
+    return wrap
+
+
+def load_all() -> None:
+    """Import every technique module so that all registrations have run."""
+    for package in _TECHNIQUE_PACKAGES:
+        importlib.import_module(package)
+
+
+def techniques(category: str | None = None) -> list[Technique]:
+    load_all()
+    cats = CATEGORIES if category is None else (category,)
+    return [t for c in cats for t in sorted(_registry[c].values(), key=lambda t: t.name)]
+
+
+def get(category: str, name: str) -> Technique:
+    load_all()
+    if category not in _registry:
+        raise SpecError(f"unknown category {category!r}; categories: {', '.join(CATEGORIES)}")
+    if name not in _registry[category]:
+        valid = ", ".join(sorted(_registry[category])) or "none yet"
+        raise SpecError(f"unknown {category} technique {name!r}; valid: {valid}")
+    return _registry[category][name]
