@@ -111,17 +111,16 @@ class Technique:
                 raise SpecError(f"{self.category} technique {self.name!r} has no parameter {key!r}; "
                                 f"valid parameters: {valid}")
             out[key] = schema[key].coerce(self.name, value)
-        return out
-
-    def build(self, params: dict[str, Any]) -> Any:
-        instance = self.cls(**self.validate(params))
-        check = getattr(instance, "check", None)  # cross-parameter rules, e.g. min < max
+        check = getattr(self.cls(**out), "check", None)  # rules across parameters, e.g. min < max
         if check is not None:
             try:
                 check()
             except ValueError as err:
                 raise SpecError(f"{self.name}: {err}") from None
-        return instance
+        return out
+
+    def build(self, params: dict[str, Any]) -> Any:
+        return self.cls(**self.validate(params))
 
     def to_dict(self) -> dict[str, Any]:
         return {"category": self.category, "name": self.name, "summary": self.summary,

@@ -78,6 +78,7 @@ class RunSpec:
     seed: int = 0
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     chat: bool | None = None  # None: use the chat template when the model has one
 
     # ---- validation -------------------------------------------------------------------------------
@@ -178,6 +179,8 @@ def _parse_field(key: str, value: str, type_name: Any) -> Any:
     try:
         if key == "chat":
             return {"true": True, "false": False, "auto": None}[value.lower()]
+        if key == "ignore_eos":
+            return {"true": True, "false": False}[value.lower()]
         if key in ("top_k", "seed", "max_new_tokens"):
             return int(value)
         if key in ("temperature", "top_p", "min_p"):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.models.config import ModelConfig
+if TYPE_CHECKING:
+    from workbench.models.config import ModelConfig
 
 
 class LayerCache(ABC):

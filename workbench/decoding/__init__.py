@@ -1,0 +1,6 @@
+"""Decoding techniques: drafters (what to propose) and acceptors (what the target keeps).
+
+Importing this package registers every technique in it.
+"""
+
+from workbench.decoding import match, plain  # noqa: F401  (registration)

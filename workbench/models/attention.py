@@ -9,10 +9,17 @@ Compressed storage forms (quantized, sparse, selected tokens) plug in through th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from workbench.cache.base import LayerCache
+if TYPE_CHECKING:
+    from workbench.cache.base import LayerCache
+
+
+# Up to this many new tokens (decode steps, draft trees) use the grouped path below; more use SDPA.
+SMALL_QUERY = 64
 
 
 def attention(
@@ -34,15 +41,33 @@ def attention(
         layer_cache.append(k, v, positions)
         k, v = layer_cache.view()
     n_past = k.shape[1] - n_new
-    if n_new == 1 and new_mask is None:
-        mask = None  # one query sees everything: no mask to build
-    elif n_past == 0 and new_mask is None:
-        mask = None
-    else:
-        if new_mask is None:
-            new_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril_()
-        mask = F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and n_new > 1, enable_gqa=q.shape[0] != k.shape[0]
-    )
+    plain_causal = new_mask is None and n_past == 0  # a prompt with nothing cached before it
+    if new_mask is None and n_new > 1:
+        new_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril_()
+    mask = None if new_mask is None else F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
+    if n_new <= SMALL_QUERY:
+        out = _grouped_attention(q, k, v, mask)
+    else:  # long queries (prefill): the fused kernel, which never materialises all the scores
+        group = q.shape[0] // k.shape[0]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain_causal else mask,
+                                             is_causal=plain_causal)
     return out.transpose(0, 1).reshape(n_new, -1)
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """Softmax attention for a few queries with grouped kv heads, without copying k and v per q head.
+
+    q: [heads, T, dim]; k, v: [kv_heads, S, dim]; mask: [T, S] bool or None. Returns [heads, T, dim].
+    Query heads g * group .. (g + 1) * group - 1 share kv head g, as in transformers' repeat_kv.
+    """
+    heads, n, dim = q.shape
+    kv_heads, length = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    scores = (q * dim**-0.5).reshape(kv_heads, group * n, dim) @ k.transpose(1, 2)  # [kv_heads, group*T, S]
+    if mask is not None:
+        scores = scores.view(kv_heads, group, n, length).masked_fill(~mask, float("-inf"))
+        scores = scores.view(kv_heads, group * n, length)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (probs @ v).view(heads, n, dim)

@@ -1,0 +1,79 @@
+"""The dense layer cache: append, view, keep, commit, rollback, positions and bytes."""
+
+import torch
+
+from workbench.cache.dense import DenseLayerCache
+from workbench.decoding.base import DraftTree
+
+
+def filled(n, capacity=4):
+    cache = DenseLayerCache(kv_heads=2, head_dim=3, dtype=torch.float32, device=torch.device("cpu"),
+                            capacity=capacity)
+    k = torch.arange(2 * n * 3, dtype=torch.float32).view(2, n, 3)
+    cache.append(k, -k, torch.arange(n) + 100)
+    return cache, k
+
+
+def test_append_grows_past_capacity_and_views_everything():
+    cache, k = filled(10, capacity=4)
+    keys, values = cache.view()
+    assert torch.equal(keys, k) and torch.equal(values, -k)
+    assert cache.positions.tolist() == list(range(100, 110))
+
+
+def test_commit_keeps_chosen_new_tokens_in_order():
+    cache, k = filled(4)
+    cache.commit()
+    new = torch.full((2, 3, 3), 7.0)
+    new[:, 1] = 8.0
+    new[:, 2] = 9.0
+    cache.append(new, new, torch.tensor([104, 105, 105]))
+    cache.commit([0, 2])  # keep the root and the second branch
+    keys, _ = cache.view()
+    assert cache.length == cache.n_committed == 6
+    assert torch.equal(keys[:, :4], k)
+    assert keys[0, 4, 0] == 7 and keys[0, 5, 0] == 9
+    assert cache.positions.tolist() == [100, 101, 102, 103, 104, 105]
+
+
+def test_rollback_drops_uncommitted_tokens():
+    cache, _ = filled(5)
+    cache.commit()
+    cache.append(torch.zeros(2, 2, 3), torch.zeros(2, 2, 3), torch.tensor([105, 106]))
+    cache.rollback()
+    assert cache.length == 5
+
+
+def test_keep_evicts_while_positions_survive():
+    cache, k = filled(6)
+    cache.commit()
+    cache.keep(torch.tensor([0, 3, 5]))
+    keys, _ = cache.view()
+    assert torch.equal(keys, k[:, [0, 3, 5]])
+    assert cache.positions.tolist() == [100, 103, 105]
+
+
+def test_nbytes_counts_held_tokens_per_head():
+    cache, _ = filled(6)
+    per_head = 2 * 6 * 3 * 4 + 6 * 8 // 2  # k and v in float32, plus positions shared by the heads
+    assert cache.nbytes_per_head().tolist() == [per_head, per_head]
+    assert cache.nbytes() == 2 * per_head
+
+
+def test_tree_mask_and_positions():
+    #      root
+    #     /    \
+    #    0      1
+    #    |
+    #    2
+    tree = DraftTree([10, 11, 12], [-1, -1, 0])
+    mask = tree.attention_mask()
+    assert mask.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, False, True, False],
+        [True, True, False, True],
+    ]
+    assert tree.positions(50).tolist() == [50, 51, 51, 52]
+    assert tree.children() == {-1: [0, 1], 0: [2], 1: [], 2: []}
+    assert not tree.is_chain() and DraftTree.chain([1, 2, 3]).is_chain()

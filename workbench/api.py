@@ -1,0 +1,119 @@
+"""The Python API: load a model once, run specs on prompts, get Traces (or stream StepEvents).
+
+    from workbench import Workbench
+    wb = Workbench()                                  # the embedded SmolLM2-135M
+    trace = wb.generate("Why is the sky blue?", "decode=plain;max_new_tokens=32")
+    print(trace.text, trace.summary()["tok_per_s"])
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from workbench.engine import Engine, StepEvent
+from workbench.errors import PromptError, SpecError
+from workbench.models import LoadedModel, load_model
+from workbench.spec import DEFAULT_MODEL, RunSpec
+from workbench.trace import Trace
+
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+class Workbench:
+    """Holds loaded models (by name, dtype and device) and runs specs on them."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto"):
+        self.default = RunSpec(model=model, dtype=dtype, device=device)
+        self._models: dict[tuple[str, str, str], LoadedModel] = {}
+        self.model(self.default)
+
+    def model(self, spec: RunSpec) -> LoadedModel:
+        key = (spec.model, spec.dtype, spec.device)
+        if key not in self._models:
+            self._models[key] = load_model(spec.model, spec.dtype, spec.device)
+        return self._models[key]
+
+    def spec(self, spec: RunSpec | str | None = None, **overrides: Any) -> RunSpec:
+        """A validated spec: this workbench's model, dtype and device unless the spec names others."""
+        if isinstance(spec, str):
+            spec = RunSpec.parse(spec)
+            for key in ("model", "dtype", "device"):  # fields the string left at their defaults
+                if getattr(spec, key) == getattr(RunSpec, key):
+                    setattr(spec, key, getattr(self.default, key))
+        elif spec is None:
+            spec = RunSpec(model=self.default.model, dtype=self.default.dtype, device=self.default.device)
+        for key, value in overrides.items():
+            if not hasattr(spec, key):
+                raise SpecError(f"unknown spec field {key!r}")
+            setattr(spec, key, value)
+        return spec.validated()
+
+    def prompt_ids(self, loaded: LoadedModel, prompt: Prompt, chat: bool | None) -> list[int]:
+        """Token ids of the prompt; chat messages or `chat=True` go through the model's chat template."""
+        text_empty = (not prompt.strip()) if isinstance(prompt, str) else not any(
+            m.get("content", "").strip() for m in prompt)
+        if text_empty:
+            raise PromptError("the prompt is empty; give some text to continue or a question to answer")
+        tokenizer = loaded.tokenizer
+        if tokenizer is None:  # tiny random test models: the prompt is space-separated token ids
+            if not isinstance(prompt, str):
+                raise PromptError("this model has no tokenizer, so it takes no chat messages")
+            try:
+                return [int(t) for t in prompt.split()]
+            except ValueError:
+                raise PromptError("this model has no tokenizer; give the prompt as space-separated token ids") \
+                    from None
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        use_chat = has_template if chat is None else chat
+        if isinstance(prompt, list) and not use_chat:
+            raise PromptError("chat messages need the chat template; leave chat on")
+        if use_chat:
+            if not has_template:
+                raise PromptError(f"model {loaded.name} has no chat template; use --no-chat")
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(prompt)["input_ids"]
+
+    def stream(self, prompt: Prompt, spec: RunSpec | str | None = None, trace_out: list[Trace] | None = None,
+               **overrides: Any) -> Iterator[StepEvent]:
+        """Yield StepEvents as the run goes; the finished Trace is appended to `trace_out` if given."""
+        spec = self.spec(spec, **overrides)
+        loaded = self.model(spec)
+        ids = self.prompt_ids(loaded, prompt, spec.chat)
+        engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize)
+        trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
+                      device=str(loaded.device), hardware=hardware_description(loaded.device),
+                      weight_bytes=loaded.weight_bytes())
+        if trace_out is not None:
+            trace_out.append(trace)
+        try:
+            for event in engine.run(ids):
+                trace.events.append(event)
+                yield event
+        except (KeyboardInterrupt, GeneratorExit):
+            trace.status = "interrupted"
+            raise
+        except Exception as err:
+            trace.status, trace.error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        trace.status = "done"
+
+    def generate(self, prompt: Prompt, spec: RunSpec | str | None = None,
+                 on_event: Callable[[StepEvent], None] | None = None, **overrides: Any) -> Trace:
+        """Run to the end and return the Trace; `on_event` sees each StepEvent as it happens."""
+        out: list[Trace] = []
+        for event in self.stream(prompt, spec, trace_out=out, **overrides):
+            if on_event is not None:
+                on_event(event)
+        return out[0]

@@ -1,0 +1,175 @@
+"""The `workbench` command line: generate, bench, list (and app, once the app exists).
+
+Every command turns user mistakes (WorkbenchError) into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.spec import DEFAULT_MODEL, RunSpec, TechniqueSpec
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run spec (see `workbench list` for techniques and their parameters)")
+    g.add_argument("--spec", default="", help="a whole spec as a short string, e.g. "
+                   "'decode=prompt_lookup:k=8;temperature=0.7'; the options below override it")
+    g.add_argument("--model", help=f"model name, .gguf file, Hugging Face folder or cached hub id "
+                   f"(default {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto picks bfloat16 where the CPU runs it fast")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--decode", help="decoding technique, e.g. plain or prompt_lookup:k=8")
+    g.add_argument("--accept", help="acceptance rule (default: the drafter's own)")
+    g.add_argument("--cache", action="append", help="cache policy; repeat or join with + to compose")
+    g.add_argument("--compress", action="append", help="weight transform; repeat or join with + to compose")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 is greedy (the default)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="always generate max-new-tokens")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: on when the model has one)")
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    spec = RunSpec.parse(args.spec)
+    simple = ("model", "dtype", "device", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
+              "ignore_eos", "chat")
+    for name in simple:
+        if getattr(args, name) is not None:
+            setattr(spec, name, getattr(args, name))
+    if args.decode:
+        spec.decode = TechniqueSpec.parse(args.decode)
+    if args.accept:
+        spec.accept = TechniqueSpec.parse(args.accept)
+    for name in ("cache", "compress"):
+        given = getattr(args, name)
+        if given:
+            setattr(spec, name, [TechniqueSpec.parse(t) for item in given for t in item.split("+") if t.strip()])
+    if args.stop:
+        spec.stop = list(args.stop)
+    return spec.validated()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workbench.api import Workbench
+
+    spec = spec_from_args(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    wb = Workbench(spec.model, spec.dtype, spec.device)
+    stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
+    trace = wb.generate(prompt, spec, on_event=stream)
+    summary = trace.summary()
+    if args.json:
+        out: dict[str, Any] = {
+            "text": trace.text,
+            "prompt_token_ids": trace.prompt_ids,
+            "token_ids": trace.token_ids,
+            **{k: summary[k] for k in ("n_new_tokens", "tok_per_s", "decode_tok_per_s", "ttft_s", "target_forwards",
+                                       "mean_accepted_length", "acceptance_rate", "cache_bytes", "finish_reason")},
+            "weight_bytes": trace.weight_bytes,
+            "spec": trace.spec.to_string(),
+            "spec_json": trace.spec.to_dict(),
+            "run_id": trace.run_id,
+            "model": trace.model,
+            "dtype": trace.dtype,
+            "device": trace.device,
+        }
+        print(json.dumps(out))
+    else:
+        print(f"\n\n[{summary['n_new_tokens']} tokens, {summary['tok_per_s']:.1f} tok/s, "
+              f"ttft {summary['ttft_s'] * 1000:.0f} ms, {summary['target_forwards']} target forwards, "
+              f"stopped: {summary['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from workbench import registry
+
+    techniques = registry.techniques(args.category)
+    if args.json:
+        print(json.dumps([t.to_dict() for t in techniques], indent=1))
+        return 0
+    for category in registry.CATEGORIES if args.category is None else [args.category]:
+        print(f"{category}:")
+        in_category = [t for t in techniques if t.category == category]
+        if not in_category:
+            print("  (none registered yet)")
+        for t in in_category:
+            lossless = {True: " [lossless]", False: " [LOSSY]", None: ""}[t.lossless]
+            print(f"  {t.name}{lossless}  {t.summary}")
+            for p in t.params:
+                print(f"      {p.describe()}  {p.help}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workbench.bench import run_baseline_bench
+
+    return run_baseline_bench(args)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    raise WorkbenchError("the browser app is not built yet (tracked in the Gradio app issue); "
+                         "use `workbench generate` or the Python API meanwhile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    _add_run_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and metrics")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("list", help="list every technique and its parameters")
+    p.add_argument("--category", choices=["decoding", "acceptance", "cache", "compression"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="measure tok/s against peers on the same prompts")
+    p.add_argument("--peers", default="transformers", help="comma-separated peers (transformers)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--peer-dtypes", default="bfloat16,float32",
+                   help="dtypes to run the peers in; the fastest is the one compared against")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=4, help="how many prompts of the built-in set")
+    p.add_argument("--repeats", type=int, default=2, help="runs per prompt and engine (alternating)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("app", help="start the browser app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_app)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

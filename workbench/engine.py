@@ -1,0 +1,290 @@
+"""The engine: one loop for every decoding technique (see DESIGN.md).
+
+    state = prefill(prompt)
+    while not done:
+        tree = drafter.propose(state)                 # empty for plain decoding
+        logits = model(pending + tree, tree mask, per-node positions, cache)
+        acceptance = acceptor.accept(tree, logits)    # accepted path + bonus token
+        cache.commit(accepted slots); drafter.observe(...); policies.on_step_end(cache)
+        yield StepEvent(...)
+
+Everything the surfaces and the store need leaves the loop as StepEvents; metrics are computed from them
+in `workbench.metrics`, never here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.dense import DensePolicy
+from workbench.decoding.base import Acceptor, Drafter, DraftTree
+from workbench.errors import PromptError
+from workbench.models.llama import LlamaModel
+from workbench.sampling import Sampler
+from workbench.spec import RunSpec, TechniqueSpec
+
+TOP_ALTERNATIVES = 5  # alternatives kept per generated token, for hovers in the views
+DRAFT_HEADROOM = 64  # cache slots reserved beyond prompt + max_new_tokens for trees in flight
+
+
+@dataclass
+class DecodeState:
+    """What drafters see: the model, its cache, the sampler and the tokens so far."""
+
+    model: LlamaModel
+    cache: KVCache
+    sampler: Sampler
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)  # the last one is pending: its KV is not cached yet
+    step: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens, in order."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def pending(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def pending_position(self) -> int:
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+@dataclass
+class TreeRecord:
+    """One verified draft tree, as data for the trace, the store and the tree view."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    draft_probs: list[float | None]  # q of each node's token under the draft, when the drafter has one
+    target_probs: list[float]  # p of each node's token under the target, given its parent
+    accepted: list[bool]
+
+
+@dataclass
+class StepEvent:
+    step: int  # 0 is the prefill
+    tokens: list[int]  # tokens committed by this step: accepted drafts, then the bonus token
+    sources: list[str]  # "accepted" or "bonus", per token
+    logprobs: list[float]  # log p of each token under the target's (processed) distribution
+    entropies: list[float]  # entropy of that distribution, nats
+    alternatives: list[list[tuple[int, float]]]  # top tokens and probabilities at each token's position
+    positions: list[int]  # logical position of each token
+    text: str  # the text these tokens add (held back while a character is incomplete)
+    tree: TreeRecord | None  # None for the prefill and for steps that drafted nothing
+    draft_ns: int
+    verify_ns: int  # the target forward (the whole prompt for the prefill)
+    accept_ns: int  # acceptance, cache commit, drafter learning and cache policies
+    elapsed_ns: int  # since the run started, at the end of this step
+    cache_bytes: int  # real bytes the KV cache holds after this step
+    cache_tokens: list[int]  # tokens held per layer
+    finish_reason: str | None = None  # "eos", "stop", "length" on the last step
+
+    @property
+    def n_drafted(self) -> int:
+        return len(self.tree.tokens) if self.tree else 0
+
+    @property
+    def n_accepted(self) -> int:
+        return self.sources.count("accepted")
+
+
+def build_cache(model: LlamaModel, policies: list[CachePolicy], capacity: int) -> KVCache:
+    """One layer cache per layer; the last policy that chooses a storage form for a layer wins."""
+    chain = [DensePolicy(), *policies]
+    layers = []
+    for i in range(model.config.num_layers):
+        for policy in reversed(chain):
+            layer = policy.make_layer_cache(i, model.config, model.dtype, model.device, capacity)
+            if layer is not None:
+                layers.append(layer)
+                break
+    return KVCache(layers)
+
+
+class Engine:
+    """Runs one RunSpec's decoding loop on a loaded model. Build one per run."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        spec: RunSpec,
+        eos_ids: list[int] | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ):
+        self.model = model
+        self.spec = spec.validated()
+        self.eos_ids = set(eos_ids or [])
+        self.detokenize = detokenize or (lambda ids: "".join(f"<{i}>" for i in ids))
+        self.drafter: Drafter = self.spec.decode.build("decoding")
+        accept = self.spec.accept or TechniqueSpec(self.drafter.default_acceptor)
+        self.acceptor: Acceptor = accept.build("acceptance")
+        self.policies: list[CachePolicy] = [t.build("cache") for t in self.spec.cache]
+        self.sampler = Sampler(self.spec.temperature, self.spec.top_k, self.spec.top_p, self.spec.min_p,
+                               self.spec.seed, device=model.device)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        context = self.model.config.max_position_embeddings
+        if not prompt_ids:
+            raise PromptError("the prompt is empty; give at least one token of text")
+        if len(prompt_ids) >= context:
+            raise PromptError(f"the prompt has {len(prompt_ids)} tokens but the model's context window is "
+                              f"{context}; shorten it to at most {context - 1} tokens")
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: list[int]) -> Iterator[StepEvent]:
+        """Prefill, then decode until EOS, a stop string, max_new_tokens or the context limit."""
+        self.check_prompt(prompt_ids)
+        spec, model = self.spec, self.model
+        device = model.device
+        budget = min(spec.max_new_tokens, model.config.max_position_embeddings - len(prompt_ids))
+        cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
+        state = DecodeState(model, cache, self.sampler, list(prompt_ids))
+        text = _TextStream(self.detokenize, spec.stop)
+        start = time.perf_counter_ns()
+
+        # Prefill: the whole prompt, logits for its last token only.
+        t0 = time.perf_counter_ns()
+        tokens = torch.tensor(prompt_ids, device=device)
+        logits = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True).logits
+        _sync(device)
+        t1 = time.perf_counter_ns()
+        probs = self.sampler.probs(logits)
+        first = int(self.sampler.sample(logits[0])) if self.sampler.greedy else int(self.sampler.draw(probs[0]))
+        cache.commit()
+        for policy in self.policies:
+            policy.on_prefill_end(cache)
+        self.drafter.begin(state)
+        event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t0, start, text, budget)
+        yield event
+        if event.finish_reason:
+            return
+
+        while True:
+            state.step += 1
+            t0 = time.perf_counter_ns()
+            tree = self.drafter.propose(state)
+            t1 = time.perf_counter_ns()
+            tree_tokens = torch.tensor([state.pending, *tree.tokens], device=device)
+            positions = tree.positions(state.pending_position, device)
+            mask = tree.attention_mask(device) if len(tree) else None
+            logits = model(tree_tokens, positions, cache, mask=mask).logits
+            _sync(device)
+            t2 = time.perf_counter_ns()
+            probs = self.sampler.probs(logits)
+            acceptance = self.acceptor.accept(tree, logits, probs, self.sampler)
+            cache.commit([0] + [node + 1 for node in acceptance.accepted])
+            new_tokens = [tree.tokens[n] for n in acceptance.accepted] + [acceptance.bonus]
+            rows = [0] + [n + 1 for n in acceptance.accepted]  # the row each new token was chosen from
+            self.drafter.observe(state, tree, acceptance, logits)
+            for policy in self.policies:
+                policy.on_step_end(cache)
+            record = _tree_record(tree, acceptance.accepted, probs) if len(tree) else None
+            sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
+            event = self._event(state, new_tokens, sources, probs, rows, record, t1 - t0, t2 - t1, t2, start,
+                                text, budget)
+            yield event
+            if event.finish_reason:
+                return
+
+    def _event(self, state, new_tokens, sources, probs, rows, tree, draft_ns, verify_ns, t_verified, start,
+               text, budget) -> StepEvent:
+        """Commit new tokens to the state (cut at EOS, stop strings or the budget) and describe the step."""
+        finish = None
+        keep = len(new_tokens)
+        for i, token in enumerate(new_tokens):
+            if token in self.eos_ids:
+                keep, finish = i + 1, "eos"
+                break
+        room = budget - len(state.generated)
+        if keep >= room:
+            keep, finish = room, finish or "length"
+        new_tokens, sources, rows = new_tokens[:keep], sources[:keep], rows[:keep]
+        state.generated.extend(new_tokens)
+        added, stop_at = text.extend(new_tokens)
+        if finish and stop_at is None:
+            added += text.flush()
+        if stop_at is not None:  # a stop string ended inside these tokens: drop the tokens after it
+            drop = keep - stop_at
+            del state.generated[len(state.generated) - drop:]
+            new_tokens, sources, rows, finish = new_tokens[:stop_at], sources[:stop_at], rows[:stop_at], "stop"
+        row_probs = probs[rows]
+        picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])[:, 0]
+        entropy = -(row_probs * row_probs.clamp_min(1e-30).log()).sum(-1)
+        top = row_probs.topk(TOP_ALTERNATIVES, dim=-1)
+        first_pos = len(state.prompt_ids) + len(state.generated) - len(new_tokens)
+        end = time.perf_counter_ns()
+        return StepEvent(
+            step=state.step, tokens=new_tokens, sources=sources,
+            logprobs=picked.clamp_min(1e-30).log().tolist(), entropies=entropy.tolist(),
+            alternatives=[list(zip(i, p)) for i, p in zip(top.indices.tolist(), top.values.tolist())],
+            positions=list(range(first_pos, first_pos + len(new_tokens))), text=added, tree=tree,
+            draft_ns=draft_ns, verify_ns=verify_ns, accept_ns=end - t_verified, elapsed_ns=end - start,
+            cache_bytes=state.cache.nbytes(), cache_tokens=state.cache.tokens_per_layer(), finish_reason=finish,
+        )
+
+
+def _tree_record(tree: DraftTree, accepted: list[int], probs: torch.Tensor) -> TreeRecord:
+    rows = torch.tensor([p + 1 for p in tree.parents], device=probs.device)
+    tokens = torch.tensor(tree.tokens, device=probs.device)
+    target = probs[rows, tokens].tolist()
+    if tree.draft_probs is not None:
+        draft = tree.draft_probs.gather(1, tokens[:, None].to(tree.draft_probs.device))[:, 0].tolist()
+    else:
+        draft = [None] * len(tree)
+    kept = set(accepted)
+    return TreeRecord(list(tree.tokens), list(tree.parents), tree.depths(), draft, target,
+                      [i in kept for i in range(len(tree))])
+
+
+class _TextStream:
+    """Incremental detokenization with stop-string detection.
+
+    Text is re-decoded from all generated ids (tokenizers merge bytes across tokens) and new text is held
+    back while it ends in an incomplete character.
+    """
+
+    def __init__(self, detokenize: Callable[[list[int]], str], stop: list[str]):
+        self.detokenize, self.stop = detokenize, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def extend(self, new_ids: list[int]) -> tuple[str, int | None]:
+        """Add tokens; return (new text, index in new_ids after which a stop string completed, or None)."""
+        base = len(self.ids)
+        self.ids.extend(new_ids)
+        full = self.detokenize(self.ids)
+        if self.stop:
+            for i in range(len(new_ids)):  # find the first token that completes a stop string
+                upto = full if i == len(new_ids) - 1 else self.detokenize(self.ids[: base + i + 1])
+                hits = [upto.find(s, max(0, len(self.emitted) - len(s))) for s in self.stop]
+                hits = [(h, s) for h, s in zip(hits, self.stop) if h >= 0]
+                if hits:
+                    pos, s = min(hits)
+                    del self.ids[base + i + 1:]
+                    added, self.emitted = upto[len(self.emitted): pos + len(s)], upto[: pos + len(s)]
+                    return added, i + 1
+        if full.endswith("\ufffd"):
+            return "", None
+        added, self.emitted = full[len(self.emitted):], full
+        return added, None
+
+    def flush(self) -> str:
+        """Whatever text was held back; called on the last step."""
+        full = self.detokenize(self.ids)
+        added, self.emitted = full[len(self.emitted):], full
+        return added
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device so that per-step timings measure work, not queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, quality checks and lossless checks."""

@@ -1,0 +1,68 @@
+"""Every run metric, computed from a Trace in one place. Surfaces render these; they never recompute.
+
+Definitions:
+- target_forwards: target model forwards, the prefill included (one per StepEvent).
+- mean_accepted_length: generated tokens per target forward (1.0 for plain decoding).
+- ttft_s: time to first token, the prefill and the first token's choice.
+- tok_per_s: generated tokens over the whole run's time (prefill included).
+- decode_tok_per_s: tokens after the first, over the time after the first.
+- acceptance_rate: accepted draft tokens over drafted tokens (nodes of the trees).
+- acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
+  accepted a node at that depth.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workbench.trace import Trace
+
+
+def summarize(trace: Trace) -> dict[str, Any]:
+    events = trace.events
+    n_new = sum(len(e.tokens) for e in events)
+    total_s = events[-1].elapsed_ns / 1e9 if events else 0.0
+    ttft_s = events[0].elapsed_ns / 1e9 if events else 0.0
+    drafted = sum(e.n_drafted for e in events)
+    accepted = sum(e.n_accepted for e in events)
+    forwards = len(events)
+    return {
+        "n_new_tokens": n_new,
+        "target_forwards": forwards,
+        "mean_accepted_length": n_new / forwards if forwards else 0.0,
+        "ttft_s": ttft_s,
+        "total_s": total_s,
+        "tok_per_s": n_new / total_s if total_s else 0.0,
+        "decode_tok_per_s": (n_new - 1) / (total_s - ttft_s) if n_new > 1 and total_s > ttft_s else 0.0,
+        "draft_s": sum(e.draft_ns for e in events) / 1e9,
+        "verify_s": sum(e.verify_ns for e in events[1:]) / 1e9,
+        "prefill_s": events[0].verify_ns / 1e9 if events else 0.0,
+        "accept_s": sum(e.accept_ns for e in events) / 1e9,
+        "nodes_drafted": drafted,
+        "tokens_accepted": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "acceptance_per_position": acceptance_per_position(trace),
+        "cache_bytes": events[-1].cache_bytes if events else 0,
+        "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
+        "finish_reason": trace.finish_reason,
+    }
+
+
+def acceptance_per_position(trace: Trace) -> list[float]:
+    """Fraction of steps whose tree reached depth d that accepted a node at depth d, for d = 1, 2, ..."""
+    reached: list[int] = []
+    hit: list[int] = []
+    for event in trace.events:
+        tree = event.tree
+        if tree is None:
+            continue
+        deepest = max(tree.depths)
+        deepest_accepted = max((d for d, a in zip(tree.depths, tree.accepted) if a), default=0)
+        while len(reached) < deepest:
+            reached.append(0)
+            hit.append(0)
+        for d in range(deepest):
+            reached[d] += 1
+            hit[d] += d < deepest_accepted
+    return [h / r for h, r in zip(hit, reached)]
