@@ -11,6 +11,8 @@ from workbench.errors import PromptError
 from workbench.models.random import random_model
 from workbench.spec import RunSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = [5, 17, 42, 99, 3, 250]
 
 

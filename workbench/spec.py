@@ -22,13 +22,16 @@ from workbench import registry
 from workbench.errors import SpecError
 
 DEFAULT_MODEL = "smollm2-135m"
-_SAFE = "/.-_~@()[]<>!*'"  # kept readable; everything else outside [A-Za-z0-9] is encoded
+# Kept readable; everything else outside [A-Za-z0-9] is percent-encoded. Technique parameter values
+# also encode `:`, `,`, `=` and `+`, which separate the parts of a technique.
+_SAFE_FIELD = "/.-_~@()[]<>!*':,=+"
+_SAFE_PARAM = "/.-_~@()[]<>!*'"
 
 
-def _enc(value: Any) -> str:
+def _enc(value: Any, safe: str = _SAFE_PARAM) -> str:
     if isinstance(value, bool):
         value = str(value).lower()
-    return quote(str(value), safe=_SAFE)
+    return quote(str(value), safe=safe)
 
 
 @dataclass
@@ -150,7 +153,7 @@ class RunSpec:
             elif f.name == "stop":
                 text = "|".join(_enc(s) for s in value)
             else:
-                text = _enc(value)
+                text = _enc(value, _SAFE_FIELD)
             parts.append(f"{f.name}={text}")
         return ";".join(parts)
 

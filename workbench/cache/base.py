@@ -52,6 +52,7 @@ class LayerCache(ABC):
         """Real bytes held for each kv head, [kv_heads] int64 (keys, values and per-token metadata)."""
 
     def nbytes(self) -> int:
+        """Real bytes held by this layer (read every step: subclasses make it cheap)."""
         return int(self.nbytes_per_head().sum())
 
     def commit(self, offsets: list[int] | None = None) -> None:

@@ -74,10 +74,13 @@ class DenseLayerCache(LayerCache):
     def truncate(self, length: int) -> None:
         self._length = min(length, self._length)
 
+    def nbytes(self) -> int:
+        kv_heads, _, head_dim = self.k.shape
+        return self._length * (2 * kv_heads * head_dim * self.k.element_size() + self.pos.element_size())
+
     def nbytes_per_head(self) -> torch.Tensor:
-        per_head = 2 * self._length * self.k.shape[2] * self.k.element_size()
-        per_head += self._length * self.pos.element_size() // self.k.shape[0]  # positions, shared by heads
-        return torch.full((self.k.shape[0],), per_head, dtype=torch.long)
+        # positions are shared by the heads: each head is charged its share
+        return torch.full((self.k.shape[0],), self.nbytes() // self.k.shape[0], dtype=torch.long)
 
 
 @register("cache", "dense")

@@ -43,12 +43,13 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout].
-    x: [T, heads, dim]; cos, sin: [T, 1, dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout]:
+    x * cos + (-x2, x1) * sin, written as x * cos + swap_halves(x) * (-sin, sin) to take three kernels.
+    x: [T, heads, dim]; cos, signed_sin: [T, 1, dim]."""
+    t, heads, dim = x.shape
+    swapped = x.view(t, heads, 2, dim // 2).flip(2).view(t, heads, dim)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 class DecoderLayer(nn.Module):
@@ -78,7 +79,7 @@ class DecoderLayer(nn.Module):
         else:  # q and k are adjacent in the fused output: rotate both in one go
             qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-        out = attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), positions, layer_cache, new_mask)
+        out = attention(q, k, v, positions, layer_cache, new_mask)
         x = x + self.o(out)
         h = F.rms_norm(x, x.shape[-1:], self.mlp_norm, self.eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
@@ -96,6 +97,12 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay float32 on the weights' device, whatever dtype the weights are cast to.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed.weight.device)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,9 +133,10 @@ class LlamaModel(nn.Module):
         last_only: compute logits for the last token only (prefill).
         """
         x = self.embed(tokens)
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        freqs = positions.to(torch.float32)[:, None, None] * self.inv_freq  # [T, 1, dim / 2]
+        cos = freqs.cos().to(x.dtype).repeat(1, 1, 2)
+        sin = freqs.sin().to(x.dtype)
+        sin = torch.cat((-sin, sin), dim=-1)
         plan = range(len(self.layers)) if layers is None else layers
         states = [] if hidden_states else None
         for i in plan:

@@ -53,5 +53,5 @@ def model_from_hf_state_dict(
     model.load_state_dict(ours, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.inv_freq = rope_inv_freq(config).to(device)  # a buffer, still on the meta device
+    model.inv_freq = rope_inv_freq(config).to(device)  # built on the meta device: set it for real
     return model.eval().requires_grad_(False)

@@ -1,0 +1,48 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from workbench.models.random import tiny_hf_config
+
+
+@pytest.fixture
+def tiny_transformers_model() -> Callable[..., PreTrainedModel]:
+    """Factory: transformers' own model for `tiny_hf_config(variant, **overrides)`, every parameter random.
+
+    transformers initialises norms to 1 and biases to 0; random values there make a swapped, dropped or
+    misnamed norm or bias change the logits, so loader and agreement tests can see it. Matrices get std
+    0.1 rather than 0.02: with 0.02, greedy decoding of a tiny model repeats one token, which hides bugs
+    in positions and the cache.
+    """
+
+    def make(variant: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+        overrides.setdefault("initializer_range", 0.1)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_hf_config(variant, **overrides)))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+                elif name.endswith(".bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+        return model.float().eval()
+
+    return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one CPU thread: tiny models are fastest so. With two threads every small operation
+    waits for the second one, which on a busy 2-core machine costs milliseconds (10 s for a decode loop)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

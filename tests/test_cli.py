@@ -1,0 +1,91 @@
+"""The command line on tiny random models: output shapes, streaming and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from workbench.cli import main
+
+RANDOM = ["--model", "random:llama", "--dtype", "float32"]
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_json_describes_every_technique(capsys):
+    code, out, _ = run_cli(capsys, "list", "--json")
+    items = json.loads(out)
+    assert code == 0
+    assert {"category", "name", "params", "lossless"} <= set(items[0])
+    plain = next(i for i in items if i["name"] == "plain")
+    assert plain["category"] == "decoding" and plain["lossless"] is True
+    assert all(i["lossless"] is None for i in items if i["category"] in ("cache", "compression"))
+
+
+def test_list_text_names_categories(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0 and "decoding:" in out and "plain" in out and "compression:" in out
+
+
+def test_generate_json_has_the_documented_fields(capsys):
+    code, out, _ = run_cli(capsys, "generate", "5 6 7 8", *RANDOM, "--max-new-tokens", "9", "--json")
+    result = json.loads(out)
+    assert code == 0
+    for key in ("text", "prompt_token_ids", "token_ids", "n_new_tokens", "tok_per_s", "ttft_s", "target_forwards",
+                "mean_accepted_length", "cache_bytes", "spec", "weight_bytes"):
+        assert key in result, key
+    assert result["prompt_token_ids"] == [5, 6, 7, 8]
+    assert result["n_new_tokens"] == len(result["token_ids"]) == 9
+    assert result["target_forwards"] == 9 and result["mean_accepted_length"] == 1.0
+    assert result["cache_bytes"] > 0 and result["weight_bytes"] > 0
+    assert "max_new_tokens=9" in result["spec"] and "model=random:llama" in result["spec"]
+
+
+def test_generate_is_reproducible_with_a_seed(capsys):
+    args = ["generate", "5 6 7 8", *RANDOM, "--max-new-tokens", "12", "--temperature", "1", "--seed", "4", "--json"]
+    first = json.loads(run_cli(capsys, *args)[1])["token_ids"]
+    second = json.loads(run_cli(capsys, *args)[1])["token_ids"]
+    assert first == second
+
+
+def test_generate_streams_text(capsys):
+    code, out, err = run_cli(capsys, "generate", "5 6 7 8", *RANDOM, "--max-new-tokens", "3")
+    assert code == 0 and out.count("<") == 3  # the fallback detokenizer writes ids as <id>
+    assert "3 tokens" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "   ", *RANDOM], "the prompt is empty"),
+    (["generate", " ".join(["3"] * 600), *RANDOM], "context window is 512"),
+    (["generate", "hi", "--model", "/no/such/model.gguf"], "no/such/model.gguf"),
+    (["generate", "hi", "--model", "no-such-model-xyz"], "no-such-model-xyz"),
+    (["generate", "5", *RANDOM, "--decode", "telepathy"], "unknown decoding technique 'telepathy'; valid: "),
+    (["generate", "5", *RANDOM, "--decode", "plain:k=3"], "has no parameter 'k'"),
+    (["generate", "5", *RANDOM, "--cache", "kivi"], "unknown cache technique 'kivi'; valid: dense"),
+    (["generate", "5", *RANDOM, "--compress", "int4"], "unknown compression technique 'int4'"),
+    (["generate", "5", *RANDOM, "--temperature", "-2"], "temperature must be >= 0"),
+    (["generate", "5", "--model", "random:llama", "--device", "cuda"], "no CUDA GPU"),
+    (["generate", "5", "--model", "random:gpt2"], "unknown random variant"),
+])
+def test_errors_are_one_line_with_exit_code_2(capsys, args, message):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_installed_command_exits_nonzero_on_bad_input():
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "", *RANDOM],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the prompt is empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_invalid_dtype_choice_is_refused_by_the_parser():
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "hi", "--dtype", "int3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr
