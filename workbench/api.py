@@ -17,6 +17,7 @@ import torch
 from workbench.engine import Engine, StepEvent
 from workbench.errors import PromptError, SpecError
 from workbench.models import LoadedModel, load_model
+from workbench.models.packed_linear import can_pack, pack_linears
 from workbench.spec import DEFAULT_MODEL, RunSpec
 from workbench.trace import Trace
 
@@ -40,7 +41,10 @@ class Workbench:
     def model(self, spec: RunSpec) -> LoadedModel:
         key = (spec.model, spec.dtype, spec.device)
         if key not in self._models:
-            self._models[key] = load_model(spec.model, spec.dtype, spec.device)
+            loaded = load_model(spec.model, spec.dtype, spec.device)
+            if can_pack(loaded.dtype, loaded.device):  # the last step: a runtime layout, after any transform
+                pack_linears(loaded.model)
+            self._models[key] = loaded
         return self._models[key]
 
     def spec(self, spec: RunSpec | str | None = None, **overrides: Any) -> RunSpec:

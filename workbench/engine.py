@@ -218,7 +218,7 @@ class Engine:
             new_tokens, sources, rows, finish = new_tokens[:stop_at], sources[:stop_at], rows[:stop_at], "stop"
         row_probs = probs[rows]
         picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])[:, 0]
-        entropy = -(row_probs * row_probs.clamp_min(1e-30).log()).sum(-1)
+        entropy = torch.special.entr(row_probs).sum(-1)
         top = row_probs.topk(TOP_ALTERNATIVES, dim=-1)
         first_pos = len(state.prompt_ids) + len(state.generated) - len(new_tokens)
         end = time.perf_counter_ns()
@@ -248,40 +248,47 @@ def _tree_record(tree: DraftTree, accepted: list[int], probs: torch.Tensor) -> T
 class _TextStream:
     """Incremental detokenization with stop-string detection.
 
-    Text is re-decoded from all generated ids (tokenizers merge bytes across tokens) and new text is held
-    back while it ends in an incomplete character.
+    Each token's text is the difference between decoding a short window ending in it and the same window
+    without it (tokenizers merge bytes and spaces across tokens), so a step costs the same however long
+    the output. Text is held back while it ends in an incomplete character.
     """
 
     def __init__(self, detokenize: Callable[[list[int]], str], stop: list[str]):
         self.detokenize, self.stop = detokenize, [s for s in stop if s]
         self.ids: list[int] = []
-        self.emitted = ""
+        self.text = ""
+        self.window = 0  # first id of the decoding window
+        self.read = 0  # ids before this one have had their text emitted
+
+    def _pending_text(self) -> str:
+        full = self.detokenize(self.ids[self.window:])
+        return full[len(self.detokenize(self.ids[self.window:self.read])):]
 
     def extend(self, new_ids: list[int]) -> tuple[str, int | None]:
-        """Add tokens; return (new text, index in new_ids after which a stop string completed, or None)."""
-        base = len(self.ids)
-        self.ids.extend(new_ids)
-        full = self.detokenize(self.ids)
-        if self.stop:
-            for i in range(len(new_ids)):  # find the first token that completes a stop string
-                upto = full if i == len(new_ids) - 1 else self.detokenize(self.ids[: base + i + 1])
-                hits = [upto.find(s, max(0, len(self.emitted) - len(s))) for s in self.stop]
-                hits = [(h, s) for h, s in zip(hits, self.stop) if h >= 0]
-                if hits:
-                    pos, s = min(hits)
-                    del self.ids[base + i + 1:]
-                    added, self.emitted = upto[len(self.emitted): pos + len(s)], upto[: pos + len(s)]
-                    return added, i + 1
-        if full.endswith("\ufffd"):
-            return "", None
-        added, self.emitted = full[len(self.emitted):], full
+        """Add tokens; return (their text, count of new_ids kept if a stop string completed, else None)."""
+        added = ""
+        for i, token in enumerate(new_ids):
+            self.ids.append(token)
+            piece = self._pending_text()
+            if piece.endswith("\ufffd"):
+                continue
+            self.window, self.read = self.read, len(self.ids)
+            added += piece
+            self.text += piece
+            for stop in self.stop:
+                at = self.text.find(stop, max(0, len(self.text) - len(piece) - len(stop) + 1))
+                if at >= 0:
+                    overflow = len(self.text) - (at + len(stop))
+                    self.text = self.text[: at + len(stop)]
+                    return added[: len(added) - overflow], i + 1
         return added, None
 
     def flush(self) -> str:
         """Whatever text was held back; called on the last step."""
-        full = self.detokenize(self.ids)
-        added, self.emitted = full[len(self.emitted):], full
-        return added
+        piece = self._pending_text()
+        self.text += piece
+        self.window = self.read = len(self.ids)
+        return piece
 
 
 def _sync(device: torch.device) -> None:

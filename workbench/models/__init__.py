@@ -60,8 +60,7 @@ class LoadedModel:
         """Bytes the weights hold in memory, tied tensors counted once (packed linears included)."""
         tensors = [*self.model.parameters(), *self.model.buffers()]  # both skip shared duplicates
         total = sum(t.numel() * t.element_size() for t in tensors)
-        return total + sum(m.out_features * m.in_features * m.packed.element_size()
-                           for m in self.model.modules() if isinstance(m, PackedLinear))
+        return total + sum(m.packed_nbytes() for m in self.model.modules() if isinstance(m, PackedLinear))
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:

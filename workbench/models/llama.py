@@ -45,11 +45,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout]:
-    x * cos + (-x2, x1) * sin, written as x * cos + swap_halves(x) * (-sin, sin) to take three kernels.
+    x * cos + (-x2, x1) * sin, written as x * cos + roll(x, dim/2) * (-sin, sin) to take three kernels.
     x: [T, heads, dim]; cos, signed_sin: [T, 1, dim]."""
-    t, heads, dim = x.shape
-    swapped = x.view(t, heads, 2, dim // 2).flip(2).view(t, heads, dim)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class DecoderLayer(nn.Module):

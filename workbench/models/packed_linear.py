@@ -35,9 +35,9 @@ class PackedLinear(nn.Module):
         """The dense weight, rebuilt from the packed copy (for inspection and weight transforms)."""
         return self.packed.to_dense()
 
-    def nbytes(self) -> int:
-        n = self.out_features * self.in_features * self.packed.element_size()
-        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed weight (the bias is an ordinary parameter, counted with the others)."""
+        return self.out_features * self.in_features * self.packed.element_size()
 
 
 def pack_linears(model: nn.Module) -> int:
