@@ -168,3 +168,13 @@ def test_step_events_carry_token_statistics(model):
     top_ids = [t for t, _ in e.alternatives[0]]
     assert top_ids[0] == e.tokens[0]  # greedy picks the most probable token
     assert e.verify_ns > 0 and e.elapsed_ns >= events[0].elapsed_ns
+
+
+def test_a_sliding_window_caps_the_context():
+    """The runtime has no sliding-window attention, so a Mistral window becomes the context limit."""
+    model = random_model("mistral", sliding_window=16, use_sliding_window=True)
+    assert model.config.context_window == 16
+    with pytest.raises(PromptError, match="context window is 16"):
+        list(Engine(model, RunSpec()).run(list(range(3, 20))))
+    tokens, events = run(Engine(model, RunSpec(max_new_tokens=50)), list(range(3, 13)))
+    assert len(tokens) == 6 and events[-1].finish_reason == "length"

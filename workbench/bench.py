@@ -69,15 +69,17 @@ def run_baseline_bench(args: argparse.Namespace) -> int:
     for run in engines.values():  # warm-up: first calls pay for allocation and thread start-up
         run(prompts[0], 8)
     totals = {name: [0, 0.0] for name in engines}
+    per_prompt = [{name: [0, 0.0] for name in engines} for _ in prompts]
     first_tokens: dict[str, list[list[int]]] = {name: [] for name in engines}
     bar = tqdm(total=len(prompts) * args.repeats * len(engines), desc="bench", unit="run")
-    for ids in prompts:
+    for p, ids in enumerate(prompts):
         for r in range(args.repeats):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))  # alternate who goes first
             for name in order:
                 tokens, seconds = engines[name](ids, args.max_new_tokens)
-                totals[name][0] += len(tokens)
-                totals[name][1] += seconds
+                for acc in (totals[name], per_prompt[p][name]):
+                    acc[0] += len(tokens)
+                    acc[1] += seconds
                 if r == 0:
                     first_tokens[name].append(tokens)
                 bar.update(1)
@@ -90,10 +92,13 @@ def run_baseline_bench(args: argparse.Namespace) -> int:
         "prompts": len(prompts), "repeats": args.repeats, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
         "tok_per_s": tok_s,
+        "per_prompt": [{"prompt_tokens": len(ids), **{name: n / s for name, (n, s) in row.items()}}
+                       for ids, row in zip(prompts, per_prompt)],
     }
-    print(f"\n{'engine':<24}{'tok/s':>10}")
-    for name, value in tok_s.items():
-        print(f"{name:<24}{value:>10.1f}")
+    print(f"\n{'prompt tokens':<16}" + "".join(f"{name:>24}" for name in engines))
+    for row in result["per_prompt"]:
+        print(f"{row['prompt_tokens']:<16}" + "".join(f"{row[name]:>24.1f}" for name in engines))
+    print(f"{'all (tok/s)':<16}" + "".join(f"{tok_s[name]:>24.1f}" for name in engines))
     if best_peer:
         ratio = tok_s["workbench"] / tok_s[best_peer]
         same = _agreement(first_tokens["workbench"], first_tokens[best_peer])

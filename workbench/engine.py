@@ -132,7 +132,7 @@ class Engine:
                                self.spec.seed, device=model.device)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        context = self.model.config.max_position_embeddings
+        context = self.model.config.context_window
         if not prompt_ids:
             raise PromptError("the prompt is empty; give at least one token of text")
         if len(prompt_ids) >= context:
@@ -145,7 +145,7 @@ class Engine:
         self.check_prompt(prompt_ids)
         spec, model = self.spec, self.model
         device = model.device
-        budget = min(spec.max_new_tokens, model.config.max_position_embeddings - len(prompt_ids))
+        budget = min(spec.max_new_tokens, model.config.context_window - len(prompt_ids))
         cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
         state = DecodeState(model, cache, self.sampler, list(prompt_ids))
         text = _TextStream(self.detokenize, spec.stop)

@@ -29,6 +29,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q, k and v
     qk_norm: bool = False  # Qwen3 normalises q and k per head before RoPE
+    # Mistral v0.1 attends to the last `sliding_window` tokens only. The runtime does not implement the
+    # window, so it caps the context there instead (see `context_window`): outputs stay exact.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -41,6 +44,11 @@ class ModelConfig:
             raise ModelError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def context_window(self) -> int:
+        """Tokens a run may hold: the position limit, or the sliding window where that is smaller."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +86,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             qk_norm=arch == "qwen3",
+            # Qwen configs carry a sliding_window that is off unless use_sliding_window is set
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
         )

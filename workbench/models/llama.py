@@ -43,6 +43,16 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm [arXiv 1910.07467, eq. 4]: x / sqrt(mean(x^2) + eps) * weight.
+
+    Computed with the fused LayerNorm kernel: [x, -x] has mean 0 and variance mean(x^2), so LayerNorm of it
+    is RMSNorm of x in its first half. On the CPU this takes 4 kernels where `F.rms_norm` takes about 8 (a
+    decode step runs 61 norms); the results agree to rounding."""
+    d = x.shape[-1]
+    return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), None, None, eps)[..., :d] * weight
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout]:
     x * cos + (-x2, x1) * sin, written as x * cos + roll(x, dim/2) * (-sin, sin) to take three kernels.
@@ -67,19 +77,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, positions, layer_cache, new_mask):
         n = x.shape[0]
-        h = F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps)
+        h = rms_norm(x, self.attn_norm, self.eps)
         qkv = self.qkv(h).view(n, self.n_heads + 2 * self.n_kv, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k before RoPE
-            q = F.rms_norm(q, q.shape[-1:], self.q_norm, self.eps)
-            k = F.rms_norm(k, k.shape[-1:], self.k_norm, self.eps)
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:  # q and k are adjacent in the fused output: rotate both in one go
             qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv], dim=1)
         out = attention(q, k, v, positions, layer_cache, new_mask)
         x = x + self.o(out)
-        h = F.rms_norm(x, x.shape[-1:], self.mlp_norm, self.eps)
+        h = rms_norm(x, self.mlp_norm, self.eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)  # SwiGLU [arXiv 2002.05202, eq. 5]
 
@@ -149,5 +159,5 @@ class LlamaModel(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on residual-stream states [T, hidden] -> float32 logits [T, vocab]."""
-        x = F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()

@@ -1,0 +1,66 @@
+"""Where a bf16 decode step's time goes on the CPU: the step with each part replaced by a no-op.
+
+Random weights of SmolLM2-135M's shapes (the speed does not depend on the values), packed linears as the
+Workbench runs them, 60 cached tokens. Prints the best of three 60-step timings per variant.
+
+    python scripts/decode_step_breakdown.py
+"""
+
+import time
+
+import torch
+
+from workbench.engine import build_cache
+from workbench.models import llama
+from workbench.models.packed_linear import pack_linears
+from workbench.models.random import random_model
+
+SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+
+
+def step_ms(model: llama.LlamaModel) -> float:
+    cache = build_cache(model, [], 512)
+    with torch.inference_mode():
+        model(torch.arange(60), torch.arange(60), cache)
+        cache.commit()
+        token = torch.tensor([5])
+        for i in range(20):
+            model(token, torch.tensor([60 + i]), cache)
+            cache.commit()
+        best = float("inf")
+        for _ in range(3):
+            cache.rollback()
+            start = time.perf_counter()
+            for i in range(60):
+                model(token, torch.tensor([80 + i]), cache)
+                cache.commit()
+            best = min(best, (time.perf_counter() - start) / 60 * 1e3)
+            for layer in cache.layers:
+                layer.truncate(80)
+                layer.n_committed = 80
+    return best
+
+
+def main() -> None:
+    model = random_model("smollm", dtype=torch.bfloat16, **SHAPES)
+    pack_linears(model)
+    full = step_ms(model)
+    print(f"whole step: {full:.2f} ms")
+    rms_norm, rope, attention, logits = llama.rms_norm, llama.apply_rope, llama.attention, model.logits
+    variants = {
+        "RMSNorm (2 per layer)": lambda: setattr(llama, "rms_norm", lambda x, w, eps: x),
+        "RoPE": lambda: setattr(llama, "apply_rope", lambda x, cos, sin: x),
+        "attention + cache append": lambda: setattr(
+            llama, "attention", lambda q, k, v, pos, cache, mask: q.reshape(q.shape[0], -1)),
+        "final norm + LM head": lambda: setattr(model, "logits", lambda x: x),
+    }
+    for name, remove in variants.items():
+        remove()
+        without = step_ms(model)
+        print(f"without {name}: {without:.2f} ms  (so it costs {full - without:.2f} ms)")
+        llama.rms_norm, llama.apply_rope, llama.attention, model.logits = rms_norm, rope, attention, logits
+
+
+if __name__ == "__main__":
+    main()
