@@ -89,3 +89,13 @@ def test_invalid_dtype_choice_is_refused_by_the_parser():
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "hi", "--dtype", "int3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr
+
+
+def test_docs_catalogue_is_up_to_date():
+    """docs/techniques.md is generated from the registry (in a fresh process, free of test techniques)."""
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "list", "--markdown"], capture_output=True,
+                          text=True, timeout=120, check=True)
+    docs = Path(__file__).resolve().parents[1] / "docs" / "techniques.md"
+    assert proc.stdout == docs.read_text(), "regenerate with: workbench list --markdown > docs/techniques.md"
