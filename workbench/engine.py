@@ -158,7 +158,7 @@ class Engine:
         _sync(device)
         t1 = time.perf_counter_ns()
         probs = self.sampler.probs(logits)
-        first = int(self.sampler.sample(logits[0])) if self.sampler.greedy else int(self.sampler.draw(probs[0]))
+        first = self.acceptor.accept(DraftTree(), logits, probs, self.sampler).bonus  # an empty tree: sampling
         cache.commit()
         for policy in self.policies:
             policy.on_prefill_end(cache)
