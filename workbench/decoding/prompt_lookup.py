@@ -1,0 +1,66 @@
+"""Prompt lookup decoding: draft by copying what followed the last n-gram's earlier occurrence.
+
+Papers: Prompt Lookup Decoding (Saxena, 2023) and Input-guided Aggressive Decoding (Sun et al., 2021,
+arXiv 2106.04970). When the output repeats spans of the input (summaries, edits, retrieval answers), the
+tokens that followed an earlier occurrence of the current n-gram are a good guess for what comes next.
+Each step: for n from `max_ngram` down to `min_ngram`, look up the last n tokens among all earlier
+positions of prompt and output; on the first n that matches, propose the (up to) `k` tokens that followed
+the match as a chain. The target verifies them, so the output is exactly plain decoding's.
+
+An index from each n-gram to its occurrences is kept up to date as tokens are committed, so a lookup costs
+O(1) instead of a scan. Left out: IAD's rule of aligning to the input's position after a mismatch (this
+version looks the n-gram up again each step, which finds the same continuation when the output tracks
+the input), and any learned drafting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workbench.decoding.base import Drafter, DraftTree
+from workbench.registry import param, register
+
+
+@register("decoding", "prompt_lookup", lossless=True)
+@dataclass
+class PromptLookup(Drafter):
+    """Draft the tokens that followed the latest n-gram's earlier occurrence in prompt or output."""
+
+    k: int = param(10, "tokens to propose per step", min=1, max=64)
+    max_ngram: int = param(3, "longest n-gram to match", min=1, max=16)
+    min_ngram: int = param(1, "shortest n-gram to match", min=1, max=16)
+    prefer: str = param("first", "which earlier occurrence to copy from when there are several",
+                        choices=["first", "recent"])
+    # n -> n-gram -> start positions of its occurrences, ascending (first occurrence first)
+    _index: dict[int, dict[tuple[int, ...], list[int]]] = field(init=False, default_factory=dict)
+    _indexed: int = field(init=False, default=0)  # tokens[:_indexed] are in the index
+
+    def check(self) -> None:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must not exceed max_ngram ({self.max_ngram})")
+
+    def begin(self, state) -> None:
+        self._index = {n: {} for n in range(self.min_ngram, self.max_ngram + 1)}
+        self._indexed = 0
+
+    def _update(self, tokens: list[int]) -> None:
+        """Index every n-gram that ends before the last token (the last one is what we look up)."""
+        for end in range(max(self._indexed, 1), len(tokens)):
+            for n, grams in self._index.items():
+                start = end - n
+                if start >= 0:
+                    grams.setdefault(tuple(tokens[start:end]), []).append(start)
+        self._indexed = len(tokens)
+
+    def propose(self, state) -> DraftTree:
+        tokens = state.tokens
+        self._update(tokens)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if n > len(tokens) - 1:
+                continue
+            starts = self._index[n].get(tuple(tokens[-n:]))
+            if starts:
+                start = starts[0] if self.prefer == "first" else starts[-1]
+                follow = tokens[start + n: start + n + self.k]
+                return DraftTree.chain(follow)
+        return DraftTree()
