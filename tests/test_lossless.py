@@ -14,6 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSSLESS = [t.name for t in registry.techniques("decoding")
             if t.lossless and issubclass(t.cls, Drafter) and not t.name.startswith("_") and t.name != "plain"]
+# Parameters that fit the tiny 4-layer test models (defaults are sized for real ones).
+TEST_PARAMS = {"draft_model": {"layers": 2}}
 # Prompts with repeats, so that copying drafters find something to copy.
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6],
@@ -43,7 +45,7 @@ def test_the_matrix_is_not_empty():
 @pytest.mark.parametrize("name", LOSSLESS)
 def test_greedy_output_equals_plain_decoding(model, name):
     plain = generate(model, RunSpec(max_new_tokens=40))
-    ours = generate(model, RunSpec(max_new_tokens=40, decode=TechniqueSpec(name)))
+    ours = generate(model, RunSpec(max_new_tokens=40, decode=TechniqueSpec(name, TEST_PARAMS.get(name, {}))))
     assert ours == plain
 
 
@@ -52,5 +54,5 @@ def test_sampled_output_equals_plain_decoding_with_the_same_seed(model, name):
     """Matching draws once per committed token, in plain decoding's order, so even the samples agree."""
     spec = dict(max_new_tokens=40, temperature=0.8, top_p=0.95, seed=11)
     plain = generate(model, RunSpec(**spec))
-    ours = generate(model, RunSpec(**spec, decode=TechniqueSpec(name)))
+    ours = generate(model, RunSpec(**spec, decode=TechniqueSpec(name, TEST_PARAMS.get(name, {}))))
     assert ours == plain

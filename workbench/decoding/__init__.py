@@ -3,4 +3,4 @@
 Importing this package registers every technique in it.
 """
 
-from workbench.decoding import match, plain, prompt_lookup  # noqa: F401  (registration)
+from workbench.decoding import draft_model, match, plain, prompt_lookup, speculative  # noqa: F401  (registration)

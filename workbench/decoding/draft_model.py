@@ -1,0 +1,97 @@
+"""Speculative decoding with a draft model: a smaller model proposes k tokens, the target verifies them.
+
+Papers: Leviathan et al. (arXiv 2211.17192) and Chen et al. (arXiv 2302.01318); the shallow self-draft is
+Kangaroo's (Liu et al., arXiv 2404.18911) early-exit draft without its trained adapter.
+
+Each step the draft model catches up on the tokens committed since it last ran (one forward), then drafts
+k tokens one at a time: greedily under greedy decoding, otherwise by sampling from its distribution after
+the run's logits processing, recording that distribution q for the acceptor. It keeps its own KV cache;
+after verification the cache is cut back to the tokens that were accepted, so rejected drafts never
+linger. `draft=self` drafts with the target's first `layers` layers plus its final norm and LM head (no
+copy of any weight: the same model runs with a layer plan on a separate cache). Any other value is a
+model name or path (GGUF, Hugging Face folder) with the target's vocabulary. Left out: Kangaroo's
+trained adapter and its double early exit, and dynamic draft lengths (see the adaptive-length wrapper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.cache.base import KVCache
+from workbench.cache.dense import DenseLayerCache
+from workbench.decoding.base import Drafter, DraftTree
+from workbench.errors import SpecError
+from workbench.models.llama import LlamaModel
+from workbench.registry import param, register
+
+
+@register("decoding", "draft_model", lossless=True)
+@dataclass
+class DraftModel(Drafter):
+    """Draft k tokens with a smaller model (or the target's first layers); verified losslessly."""
+
+    default_acceptor = "speculative"
+
+    k: int = param(4, "tokens drafted per step", min=1, max=32)
+    draft: str = param("self", "'self' (the target's first `layers` layers, final norm and head) or a model "
+                       "name or path with the same vocabulary")
+    layers: int = param(4, "layers of the target that a self-draft runs", min=1, max=512)
+    _model: LlamaModel | None = field(init=False, default=None, repr=False)
+    _plan: list[int] | None = field(init=False, default=None)
+    _cache: KVCache | None = field(init=False, default=None, repr=False)
+    _generator: torch.Generator | None = field(init=False, default=None, repr=False)
+
+    def begin(self, state) -> None:
+        target = state.model
+        if self.draft == "self":
+            if self.layers >= target.config.num_layers:
+                raise SpecError(f"draft_model: layers={self.layers} must be fewer than the target's "
+                                f"{target.config.num_layers} layers")
+            self._model, self._plan, n_layers = target, list(range(self.layers)), self.layers
+        else:
+            from workbench.models import load_model
+
+            loaded = load_model(self.draft, str(target.dtype).removeprefix("torch."), str(target.device))
+            if loaded.config.vocab_size != target.config.vocab_size:
+                raise SpecError(f"draft_model: the draft's vocabulary ({loaded.config.vocab_size} tokens) differs "
+                                f"from the target's ({target.config.vocab_size}); use a draft with the same "
+                                "tokenizer")
+            self._model, self._plan, n_layers = loaded.model, None, loaded.config.num_layers
+        config = self._model.config
+        capacity = len(state.prompt_ids) + 256
+        self._cache = KVCache([DenseLayerCache(config.num_kv_heads, config.head_dim, self._model.dtype,
+                                               self._model.device, capacity) for _ in range(n_layers)])
+        # A generator of its own, so drafting never shifts the target's random stream.
+        self._generator = torch.Generator(device=target.device).manual_seed(state.sampler.seed + 1)
+
+    def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        device = self._model.device
+        out = self._model(torch.tensor(tokens, device=device), torch.arange(start, start + len(tokens), device=device),
+                          self._cache, layers=self._plan, last_only=True)
+        self._cache.commit()
+        return out.logits[0]
+
+    def propose(self, state) -> DraftTree:
+        sampler = state.sampler
+        tokens = state.tokens
+        held = self._cache[0].length
+        logits = self._forward(tokens[held:], held)  # catch up, ending with the pending token
+        drafted: list[int] = []
+        dists: list[torch.Tensor] = []
+        for i in range(self.k):
+            q = sampler.probs(logits)
+            token = int(q.argmax()) if sampler.greedy else int(torch.multinomial(q, 1, generator=self._generator))
+            drafted.append(token)
+            dists.append(q)
+            if i + 1 < self.k:
+                logits = self._forward([token], len(tokens) + i)
+        return DraftTree.chain(drafted, torch.stack(dists))
+
+    def observe(self, state, tree, acceptance, logits) -> None:
+        # Keep the draft's KV only for tokens now committed: everything before the new pending token.
+        keep = min(self._cache[0].length, len(state.tokens) - 1)
+        for layer in self._cache.layers:
+            layer.truncate(keep)
+            layer.n_committed = keep
