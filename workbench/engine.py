@@ -172,6 +172,7 @@ class Engine:
             state.step += 1
             t0 = time.perf_counter_ns()
             tree = self.drafter.propose(state)
+            tree.root = state.pending
             t1 = time.perf_counter_ns()
             tree_tokens = torch.tensor([state.pending, *tree.tokens], device=device)
             positions = tree.positions(state.pending_position, device)
@@ -184,13 +185,15 @@ class Engine:
             cache.commit([0] + [node + 1 for node in acceptance.accepted])
             new_tokens = [tree.tokens[n] for n in acceptance.accepted] + [acceptance.bonus]
             rows = [0] + [n + 1 for n in acceptance.accepted]  # the row each new token was chosen from
-            self.drafter.observe(state, tree, acceptance, logits)
-            for policy in self.policies:
-                policy.on_step_end(cache)
             record = _tree_record(tree, acceptance.accepted, probs) if len(tree) else None
             sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
             event = self._event(state, new_tokens, sources, probs, rows, record, t1 - t0, t2 - t1, t2, start,
-                                text, budget)
+                                text, budget)  # commits the tokens to the state
+            self.drafter.observe(state, tree, acceptance, logits)
+            for policy in self.policies:
+                policy.on_step_end(cache)
+            end = time.perf_counter_ns()
+            event.accept_ns, event.elapsed_ns = end - t2, end - start
             yield event
             if event.finish_reason:
                 return

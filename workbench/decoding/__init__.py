@@ -3,4 +3,11 @@
 Importing this package registers every technique in it.
 """
 
-from workbench.decoding import draft_model, match, plain, prompt_lookup, speculative  # noqa: F401  (registration)
+from workbench.decoding import (  # noqa: F401  (registration)
+    draft_model,
+    match,
+    plain,
+    prompt_lookup,
+    speculative,
+    token_recycling,
+)

@@ -28,6 +28,7 @@ class DraftTree:
     # q: [N, vocab] the (processed) draft distribution each node's token was drawn from; None for drafters
     # that propose deterministically (n-gram lookup, recycling), whose drafts are verified by matching.
     draft_probs: torch.Tensor | None = None
+    root: int | None = None  # the pending token the tree hangs from; the engine sets it
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
@@ -102,7 +103,8 @@ class Drafter:
         raise NotImplementedError
 
     def observe(self, state: DecodeState, tree: DraftTree, acceptance: Acceptance, logits: torch.Tensor) -> None:
-        """Called after verification with the target's logits [N + 1, vocab]."""
+        """Called after verification, once the step's tokens are committed to `state`, with the target's
+        logits [N + 1, vocab] over the root and the nodes."""
 
 
 class Acceptor:

@@ -1,0 +1,44 @@
+"""Token recycling: the tree template, the adjacency matrix updates and drafting from it."""
+
+import pytest
+import torch
+
+from workbench.decoding.base import Acceptance, DraftTree
+from workbench.decoding.token_recycling import TokenRecycling, tree_template
+from workbench.engine import DecodeState
+from workbench.errors import SpecError
+from workbench.spec import RunSpec
+
+
+def test_template_is_imbalanced_toward_first_ranked_nodes():
+    # depth 1: 3 children of the root; depth 2: rank 0 gets 2, rank 1 gets 1, rank 2 none
+    assert tree_template([3, 2]) == [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0)]
+
+
+class _Model:
+    class config:  # noqa: N801
+        vocab_size = 20
+
+
+def test_drafts_from_recycled_candidates():
+    drafter = TokenRecycling(widths="2-1", k=2)
+    state = DecodeState(_Model(), None, None, [1, 2], [3])
+    drafter.begin(state)
+    assert len(drafter.propose(state)) == 0  # nothing recycled yet
+    # A verification over root 3 and nodes 7, 8 saw these top candidates: 3 -> (5, 6), 7 -> (9, 4)
+    logits = torch.zeros(3, 20)
+    logits[0, 5], logits[0, 6] = 2.0, 1.0
+    logits[1, 9], logits[1, 4] = 2.0, 1.0
+    tree = DraftTree([7, 8], [-1, -1], root=3)
+    drafter.observe(state, tree, Acceptance([], 5), logits)
+    state.generated = [3, 7]  # pending is now 7
+    drafted = drafter.propose(state)
+    assert drafted.tokens == [9, 4] and drafted.parents == [-1, -1]
+    state.generated = [3]  # from 3: children 5, 6; the first-ranked child 5 has no candidates yet
+    assert drafter.propose(state).tokens == [5, 6]
+
+
+@pytest.mark.parametrize("widths", ["", "2-x", "0-1", "9"])
+def test_bad_widths_are_refused(widths):
+    with pytest.raises(SpecError, match="widths"):
+        RunSpec.parse(f"decode=token_recycling:widths={widths}").validated()

@@ -1,0 +1,91 @@
+"""Token Recycling: draft trees from the candidate tokens that earlier verifications threw away.
+
+Paper: Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large Language Models with
+Token Recycling" (arXiv 2408.08696). Every verification computes a full distribution for every token it
+runs; the top-k tokens of each are kept in an adjacency matrix M[token] -> k likely next tokens, updated
+online (the newest verification of a token overwrites its row). To draft, a tree of fixed shape is
+filled breadth-first from the pending token: the child of rank r under a node holding token t is
+M[t][r]. The target verifies the whole tree in one forward; matching keeps the output exactly plain
+decoding's.
+
+The tree shape is imbalanced as in the paper: `widths[d]` is how many children the first-ranked node at
+depth d gets, and a node of rank r gets `widths[d] - r` (at least none). The default is sized for CPUs,
+where each extra node costs compute; the paper's GPU tree has about 80 nodes. Left out: the paper's
+"hot start" (keeping M across requests): here M starts empty for every run, so the first steps draft
+little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.decoding.base import ROOT, Drafter, DraftTree
+from workbench.registry import param, register
+
+EMPTY = -1
+
+
+def tree_template(widths: list[int]) -> list[tuple[int, int]]:
+    """(parent template index or ROOT, rank) for every node of the imbalanced tree, breadth first."""
+    nodes: list[tuple[int, int]] = []
+    level = [(ROOT, 0)]  # (template index, rank) of the nodes at the current depth; the root has rank 0
+    for width in widths:
+        next_level = []
+        for index, rank in level:
+            for child_rank in range(max(0, width - rank)):
+                nodes.append((index, child_rank))
+                next_level.append((len(nodes) - 1, child_rank))
+        level = next_level
+    return nodes
+
+
+@register("decoding", "token_recycling", lossless=True)
+@dataclass
+class TokenRecycling(Drafter):
+    """Draft a fixed-shape tree from an online adjacency matrix of each token's recent top-k successors."""
+
+    widths: str = param("4-2-2-1-1", "children of the first-ranked node at each depth, dash-separated")
+    k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
+    _template: list[tuple[int, int]] = field(init=False, default_factory=list)
+    _matrix: torch.Tensor | None = field(init=False, default=None, repr=False)  # [vocab, k] int64
+
+    def check(self) -> None:
+        try:
+            widths = [int(w) for w in self.widths.split("-")]
+        except ValueError:
+            raise ValueError(f"widths must be dash-separated integers, got {self.widths!r}") from None
+        if not widths or min(widths) < 1 or max(widths) > self.k:
+            raise ValueError(f"widths must be between 1 and k={self.k}, got {self.widths!r}")
+
+    def begin(self, state) -> None:
+        self._template = tree_template([int(w) for w in self.widths.split("-")])
+        self._matrix = torch.full((state.model.config.vocab_size, self.k), EMPTY, dtype=torch.long)
+
+    def propose(self, state) -> DraftTree:
+        tokens: list[int] = []
+        parents: list[int] = []
+        placed: dict[int, int] = {}  # template index -> node index in the tree
+        rows: dict[int, list[int]] = {}  # token -> its matrix row, read once per step
+        for index, (parent, rank) in enumerate(self._template):
+            if parent == ROOT:
+                parent_token, parent_node = state.pending, ROOT
+            elif parent in placed:
+                parent_node = placed[parent]
+                parent_token = tokens[parent_node]
+            else:
+                continue  # the parent was not drafted, so neither is its subtree
+            if parent_token not in rows:
+                rows[parent_token] = self._matrix[parent_token].tolist()
+            candidate = rows[parent_token][rank]
+            if candidate != EMPTY:
+                placed[index] = len(tokens)
+                tokens.append(candidate)
+                parents.append(parent_node)
+        return DraftTree(tokens, parents)
+
+    def observe(self, state, tree, acceptance, logits) -> None:
+        # Recycle: every token that went through the target gets its newest top-k successors.
+        inputs = torch.tensor([tree.root, *tree.tokens])
+        self._matrix[inputs] = logits.topk(self.k, dim=-1).indices.cpu()
