@@ -91,3 +91,9 @@ def test_registered_techniques_are_complete():
         technique.build({})
         if technique.category in ("decoding", "acceptance"):
             assert technique.lossless is not None
+
+
+def test_lossless_flag_follows_drafter_and_acceptor():
+    assert RunSpec().lossless
+    assert RunSpec.parse("decode=prompt_lookup").lossless
+    assert not RunSpec.parse("decode=prompt_lookup;accept=typical").lossless

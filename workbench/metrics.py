@@ -7,6 +7,7 @@ Definitions:
 - tok_per_s: generated tokens over the whole run's time (prefill included).
 - decode_tok_per_s: tokens after the first, over the time after the first.
 - acceptance_rate: accepted draft tokens over drafted tokens (nodes of the trees).
+- lossless: whether the spec keeps the target's distribution (drafter and acceptor both lossless).
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -46,6 +47,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "cache_bytes": events[-1].cache_bytes if events else 0,
         "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
         "finish_reason": trace.finish_reason,
+        "lossless": trace.spec.lossless,
     }
 
 

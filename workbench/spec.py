@@ -107,6 +107,14 @@ class RunSpec:
             compress=[t.validated("compression") for t in self.compress],
         )
 
+    @property
+    def lossless(self) -> bool:
+        """Whether the run keeps the target's output distribution: its drafter and its acceptor (the
+        drafter's default when none is named) are both lossless. Lossy runs are labelled so everywhere."""
+        drafter = registry.get("decoding", self.decode.name)
+        accept = self.accept.name if self.accept else drafter.cls.default_acceptor
+        return bool(drafter.lossless) and bool(registry.get("acceptance", accept).lossless)
+
     # ---- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,4 +10,5 @@ from workbench.decoding import (  # noqa: F401  (registration)
     prompt_lookup,
     speculative,
     token_recycling,
+    typical,
 )
