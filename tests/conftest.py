@@ -46,3 +46,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs recorded by tests go to a throwaway store, never the user's own."""
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path_factory.mktemp("store") / "runs.duckdb"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from workbench.models import LoadedModel, load_model
 from workbench.models.packed_linear import can_pack, pack_linears
 from workbench.spec import DEFAULT_MODEL, RunSpec
 from workbench.trace import Trace
+
+if TYPE_CHECKING:
+    from workbench.store import Recorder
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -31,10 +34,16 @@ def hardware_description(device: torch.device) -> str:
 
 
 class Workbench:
-    """Holds loaded models (by name, dtype and device) and runs specs on them."""
+    """Holds loaded models (by name, dtype and device) and runs specs on them.
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto"):
+    With `store` (a `workbench.store.Store` or `StoreThread`), every run is recorded: begun as `running`
+    when it starts and finished with its final status (done, failed or interrupted) however it ends.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
+                 store: Recorder | None = None):
         self.default = RunSpec(model=model, dtype=dtype, device=device)
+        self.store = store
         self._models: dict[tuple[str, str, str], LoadedModel] = {}
         self.model(self.default)
 
@@ -101,6 +110,8 @@ class Workbench:
                       weight_bytes=loaded.weight_bytes())
         if trace_out is not None:
             trace_out.append(trace)
+        if self.store is not None:
+            self.store.begin(trace)
         try:
             for event in engine.run(ids):
                 trace.events.append(event)
@@ -111,7 +122,13 @@ class Workbench:
         except Exception as err:
             trace.status, trace.error = "failed", f"{type(err).__name__}: {err}"
             raise
-        trace.status = "done"
+        else:
+            trace.status = "done"
+        finally:
+            if self.store is not None:
+                if trace.status == "running":  # ended by something other than an Exception (SystemExit...)
+                    trace.status = "interrupted"
+                self.store.finish(trace)
 
     def generate(self, prompt: Prompt, spec: RunSpec | str | None = None,
                  on_event: Callable[[StepEvent], None] | None = None, **overrides: Any) -> Trace:

@@ -139,3 +139,103 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
                 break
             same += 1
     return same / total if total else 0.0
+
+
+def run_decoding_bench(args: argparse.Namespace) -> int:
+    """`workbench bench --decode A --decode B ...`: each drafter over the prompt suite, greedy, against the
+    workbench's own plain decoding in the same run, and against transformers' prompt lookup when asked.
+
+    Per category and technique: tok/s (new tokens over wall time, prefill included), mean accepted length
+    (new tokens per target forward) and speed-up (tok/s over plain decoding's on the same prompts).
+    Techniques run in turn on each prompt, the order alternating between prompts.
+    """
+    from workbench.api import Workbench
+    from workbench.eval.suite import suite, suite_hash
+
+    decodes = list(dict.fromkeys(["plain", *args.decode]))
+    wb = Workbench(args.model, args.dtype)
+    specs = {d: wb.spec(f"decode={d}", max_new_tokens=args.max_new_tokens) for d in decodes}
+    try:
+        prompts = suite(args.categories.split(",") if args.categories else None, args.per_category)
+    except ValueError as err:
+        raise WorkbenchError(str(err)) from None
+    engines: dict[str, Any] = {d: (lambda prompt, s=specs[d]: _suite_run(wb, prompt, s)) for d in decodes}
+    if "transformers-pld" in args.peers.split(","):
+        loaded = wb.model(specs["plain"])
+        peer = transformers_peer(loaded, loaded.dtype)
+        engines["transformers prompt lookup"] = lambda prompt: _transformers_pld(
+            peer, wb.prompt_ids(loaded, prompt, None), args.max_new_tokens)
+
+    for run in engines.values():  # warm-up
+        run(prompts[0].prompt)
+    totals: dict[tuple[str, str], list[float]] = {}
+    bar = tqdm(total=len(prompts) * len(engines), desc="bench", unit="run")
+    for i, item in enumerate(prompts):
+        for name in (list(engines) if i % 2 == 0 else list(reversed(engines))):
+            tokens, seconds, forwards = engines[name](item.prompt)
+            for key in ((item.category, name), ("all", name)):
+                acc = totals.setdefault(key, [0, 0.0, 0])
+                acc[0] += tokens
+                acc[1] += seconds
+                acc[2] += forwards
+            bar.update(1)
+    bar.close()
+
+    categories = list(dict.fromkeys(p.category for p in prompts)) + ["all"]
+    rows = []
+    for category in categories:
+        base = totals[(category, "plain")]
+        for name in engines:
+            tokens, seconds, forwards = totals[(category, name)]
+            rows.append({"category": category, "engine": name, "tok_per_s": tokens / seconds,
+                         "mean_accepted_length": tokens / forwards if forwards else None,
+                         "speedup": (tokens / seconds) / (base[0] / base[1])})
+    result = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+              "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": rows}
+    print(f"\n{'category':<15}{'engine':<28}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}")
+    for r in rows:
+        accepted = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
+        print(f"{r['category']:<15}{r['engine']:<28}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        _plot_speedups(rows, categories, list(engines), args.plot)
+    return 0
+
+
+def _suite_run(wb, prompt, spec: RunSpec) -> tuple[int, float, int]:
+    trace = wb.generate(prompt, spec)
+    summary = trace.summary()
+    return summary["n_new_tokens"], summary["total_s"], summary["target_forwards"]
+
+
+@torch.inference_mode()
+def _transformers_pld(model, ids: list[int], n: int) -> tuple[int, float, int]:
+    """transformers' own prompt lookup (`prompt_lookup_num_tokens`), greedy, stopping at EOS like ours."""
+    inputs = torch.tensor([ids], device=model.device)
+    t0 = time.perf_counter()
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
+                         prompt_lookup_num_tokens=10, pad_token_id=0)
+    new = out.shape[1] - len(ids)
+    return new, time.perf_counter() - t0, 0
+
+
+def _plot_speedups(rows: list[dict[str, Any]], categories: list[str], engines: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [e for e in engines if e != "plain"]
+    fig, ax = plt.subplots(figsize=(1.4 * len(categories) + 2, 4))
+    width = 0.8 / max(1, len(shown))
+    for j, engine in enumerate(shown):
+        values = [next(r["speedup"] for r in rows if r["category"] == c and r["engine"] == engine) for c in categories]
+        ax.bar([i + j * width for i in range(len(categories))], values, width, label=engine)
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(categories))], categories)
+    ax.set_ylabel("speed-up over plain decoding")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""The `workbench` command line: generate, bench, list (and app, once the app exists).
+"""The `workbench` command line: generate, bench, list, runs, sql, export, import (and app, once it exists).
 
 Every command turns user mistakes (WorkbenchError) into one line on stderr and exit status 2.
 """
@@ -13,6 +13,8 @@ from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.spec import DEFAULT_MODEL, RunSpec, TechniqueSpec
+from workbench.store.commands import add_commands as add_store_commands
+from workbench.store.commands import add_recording_options
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -62,12 +64,18 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from workbench.api import Workbench
+    from workbench.store.commands import open_recorder
 
     spec = spec_from_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    wb = Workbench(spec.model, spec.dtype, spec.device)
-    stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
-    trace = wb.generate(prompt, spec, on_event=stream)
+    store = open_recorder(args)
+    try:
+        wb = Workbench(spec.model, spec.dtype, spec.device, store=store)
+        stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
+        trace = wb.generate(prompt, spec, on_event=stream)
+    finally:
+        if store is not None:
+            store.close()
     summary = trace.summary()
     if args.json:
         out: dict[str, Any] = {
@@ -89,6 +97,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\n\n[{summary['n_new_tokens']} tokens, {summary['tok_per_s']:.1f} tok/s, "
               f"ttft {summary['ttft_s'] * 1000:.0f} ms, {summary['target_forwards']} target forwards, "
               f"stopped: {summary['finish_reason']}]", file=sys.stderr)
+        if store is not None:
+            print(f"[recorded as run {trace.run_id} in {store.path}]", file=sys.stderr)
     return 0
 
 
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and metrics")
+    add_recording_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("list", help="list every technique and its parameters")
@@ -180,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_app)
+
+    add_store_commands(sub)
     return parser
 
 

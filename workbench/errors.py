@@ -22,3 +22,7 @@ class PromptError(WorkbenchError):
 
 class DeviceError(WorkbenchError):
     """A device or dtype the machine cannot run."""
+
+
+class StoreError(WorkbenchError):
+    """A store file that cannot be used (foreign, corrupt, locked by another process) or a refused query."""

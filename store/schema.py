@@ -1,0 +1,99 @@
+"""The store's tables and views, its version table and the migrations between versions.
+
+A store records `SCHEMA_VERSION` in `schema_version`. Opening a store for writing applies every migration
+above the recorded version, in one transaction; readers refuse a store whose version differs, so no query
+ever runs against a half-known schema. Views are recreated on every writing open, so a fixed view reaches
+old stores without a version bump.
+"""
+
+from __future__ import annotations
+
+# Child tables carry no keys or indexes: rows arrive in bulk once per run, and DuckDB's zone maps make
+# `WHERE run_id = ...` fast without an index (see docs/store.md for the measured figures).
+_TABLES_V1 = [
+    """CREATE TABLE runs (
+        run_id VARCHAR NOT NULL, created_at TIMESTAMP, finished_at TIMESTAMP,
+        spec_json VARCHAR, spec VARCHAR, model VARCHAR, dtype VARCHAR, device VARCHAR, hardware VARCHAR,
+        status VARCHAR NOT NULL, error VARCHAR, prompt VARCHAR, prompt_is_chat BOOLEAN, n_prompt_tokens INTEGER,
+        n_new_tokens INTEGER, tok_per_s DOUBLE, decode_tok_per_s DOUBLE, ttft_s DOUBLE, total_s DOUBLE,
+        target_forwards INTEGER, mean_accepted_length DOUBLE, acceptance_rate DOUBLE,
+        acceptance_per_position DOUBLE[], nodes_drafted INTEGER, tokens_accepted INTEGER,
+        draft_s DOUBLE, verify_s DOUBLE, prefill_s DOUBLE, accept_s DOUBLE,
+        cache_bytes BIGINT, peak_cache_bytes BIGINT, weight_bytes BIGINT, finish_reason VARCHAR, text VARCHAR
+    )""",
+    """CREATE TABLE steps (
+        run_id VARCHAR NOT NULL, step INTEGER NOT NULL, draft_ns BIGINT, verify_ns BIGINT, accept_ns BIGINT,
+        elapsed_ns BIGINT, nodes_drafted INTEGER, tokens_accepted INTEGER, bonus_token BOOLEAN,
+        n_tokens INTEGER, cache_bytes BIGINT, cache_tokens BIGINT, text VARCHAR, finish_reason VARCHAR
+    )""",
+    """CREATE TABLE tokens (
+        run_id VARCHAR NOT NULL, position INTEGER NOT NULL, token_id INTEGER NOT NULL, text VARCHAR,
+        source VARCHAR NOT NULL, logprob DOUBLE, entropy DOUBLE, step INTEGER
+    )""",
+    """CREATE TABLE draft_nodes (
+        run_id VARCHAR NOT NULL, step INTEGER NOT NULL, node INTEGER NOT NULL, parent INTEGER NOT NULL,
+        token_id INTEGER, depth INTEGER, draft_prob DOUBLE, target_prob DOUBLE, accepted BOOLEAN
+    )""",
+    """CREATE TABLE cache_stats (
+        run_id VARCHAR NOT NULL, step INTEGER NOT NULL, layer INTEGER NOT NULL, head INTEGER,
+        tokens_held INTEGER, bytes BIGINT, bits DOUBLE, sparsity DOUBLE
+    )""",
+]
+
+# version -> statements that bring a store from version - 1 to it. Append; never edit a released entry.
+MIGRATIONS: dict[int, list[str]] = {1: _TABLES_V1}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+TABLES = ("runs", "steps", "tokens", "draft_nodes", "cache_stats")
+
+# A technique list in spec_json ([{"name": ..., "params": {...}}]) as the short string `name:k=v,...+name`.
+_TECHNIQUES = """coalesce(array_to_string(list_transform(
+        from_json(json_extract(spec_json, '$.{field}'), '[{{"name": "VARCHAR", "params": "MAP(VARCHAR, VARCHAR)"}}]'),
+        lambda t: t.name || CASE WHEN cardinality(t.params) = 0 THEN '' ELSE ':' || array_to_string(list_transform(
+            map_entries(t.params), lambda e: e.key || '=' || e.value), ',') END), '+'), '')"""
+
+_ONE_TECHNIQUE = """CASE WHEN json_extract(spec_json, '$.{field}') IS NULL
+        OR json_type(json_extract(spec_json, '$.{field}')) = 'NULL' THEN NULL
+        ELSE json_extract_string(spec_json, '$.{field}.name') || coalesce(NULLIF(':' || array_to_string(
+            list_transform(map_entries(from_json(json_extract(spec_json, '$.{field}.params'),
+            '"MAP(VARCHAR, VARCHAR)"')), lambda e: e.key || '=' || e.value), ','), ':'), '') END"""
+
+VIEWS = [
+    f"""CREATE OR REPLACE VIEW run_summary AS SELECT
+        run_id, created_at, status, model, dtype, device, hardware,
+        json_extract_string(spec_json, '$.decode.name') AS decode_name,
+        {_ONE_TECHNIQUE.format(field='decode')} AS decode,
+        {_ONE_TECHNIQUE.format(field='accept')} AS accept,
+        {_TECHNIQUES.format(field='cache')} AS cache,
+        {_TECHNIQUES.format(field='compress')} AS compress,
+        CAST(json_extract(spec_json, '$.temperature') AS DOUBLE) AS temperature,
+        CAST(json_extract(spec_json, '$.max_new_tokens') AS INTEGER) AS max_new_tokens,
+        spec, prompt, n_prompt_tokens, n_new_tokens, tok_per_s, decode_tok_per_s, ttft_s, total_s,
+        target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
+        finish_reason
+    FROM runs""",
+    # Matching rule (docs/store.md): a run is compared with the finished plain runs (plain decoding, no
+    # acceptor override, no cache policy, no compression) of the same prompt, model, dtype, device,
+    # hardware, temperature and max_new_tokens; their metrics are averaged.
+    """CREATE OR REPLACE VIEW technique_comparison AS
+    WITH done AS (SELECT * FROM run_summary WHERE status = 'done'),
+    baseline AS (
+        SELECT prompt, model, dtype, device, hardware, temperature, max_new_tokens,
+               count(*) AS baseline_runs, avg(tok_per_s) AS baseline_tok_per_s,
+               avg(mean_accepted_length) AS baseline_mean_accepted_length
+        FROM done WHERE decode = 'plain' AND accept IS NULL AND cache = '' AND compress = ''
+        GROUP BY ALL)
+    SELECT d.prompt, d.model, d.dtype, d.device, d.hardware, d.temperature, d.max_new_tokens,
+           d.decode, d.accept, d.cache, d.compress, count(*) AS runs,
+           avg(d.tok_per_s) AS tok_per_s, avg(d.mean_accepted_length) AS mean_accepted_length,
+           avg(d.acceptance_rate) AS acceptance_rate,
+           any_value(b.baseline_runs) AS baseline_runs, any_value(b.baseline_tok_per_s) AS baseline_tok_per_s,
+           avg(d.tok_per_s) / any_value(b.baseline_tok_per_s) AS speedup,
+           avg(d.mean_accepted_length) / any_value(b.baseline_mean_accepted_length) AS accepted_length_ratio
+    FROM done d LEFT JOIN baseline b
+      ON d.prompt = b.prompt AND d.model = b.model AND d.dtype = b.dtype AND d.device = b.device
+     AND d.hardware = b.hardware AND d.temperature = b.temperature AND d.max_new_tokens = b.max_new_tokens
+    GROUP BY d.prompt, d.model, d.dtype, d.device, d.hardware, d.temperature, d.max_new_tokens,
+             d.decode, d.accept, d.cache, d.compress""",
+]
+VIEW_NAMES = ("run_summary", "technique_comparison")

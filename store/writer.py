@@ -1,0 +1,302 @@
+"""The one writer of a store file: runs begin as `running` and finish, whole, in one transaction.
+
+- `Store.begin(trace)` inserts the run as `running`; `Store.finish(trace)` writes its steps, tokens, draft
+  nodes and sampled cache stats as Arrow tables and sets its final status and summary metrics, all in one
+  transaction, so a reader never sees a half-written run.
+- The writer holds DuckDB's file lock while open, so only one process writes a file. A run still marked
+  `running` when a writer opens the file was therefore left by a process that died (killed, crashed): the
+  writer marks it `interrupted`.
+- `StoreThread` serialises writes from many threads through one thread and a queue (the app's case).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import duckdb
+import pyarrow as pa
+
+from workbench.errors import StoreError
+
+from .database import connect, default_store_path, stored_version
+from .schema import MIGRATIONS, SCHEMA_VERSION, VIEWS
+
+if TYPE_CHECKING:  # the store reads traces but never needs torch to do so
+    from workbench.trace import Trace
+
+CACHE_SAMPLE_STEPS = 32  # cache_stats keeps at most this many steps per run, evenly spaced, first and last included
+
+_open_writers: set[Path] = set()  # files this process writes; DuckDB's lock only guards across processes
+_open_lock = threading.Lock()
+
+
+class Recorder(Protocol):
+    """What `Workbench(store=...)` calls: `begin` when a run starts, `finish` when it ends, however it ends."""
+
+    def begin(self, trace: Trace) -> None: ...
+
+    def finish(self, trace: Trace) -> None: ...
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+
+
+def sampled_steps(n_steps: int, limit: int = CACHE_SAMPLE_STEPS) -> list[int]:
+    """At most `limit` step indices out of `n_steps`, evenly spaced, always with the first and the last."""
+    if n_steps <= limit:
+        return list(range(n_steps))
+    return sorted({round(i * (n_steps - 1) / (limit - 1)) for i in range(limit)})
+
+
+def run_row(trace: Trace) -> dict[str, Any]:
+    """The `runs` row of a trace: identity, spec, prompt, status and the metrics of `summarize`."""
+    chat = not isinstance(trace.prompt, str)
+    row: dict[str, Any] = {
+        "run_id": trace.run_id, "created_at": _utc(trace.created_at), "finished_at": None,
+        "spec_json": trace.spec.to_json(), "spec": trace.spec.to_string(), "model": trace.model,
+        "dtype": trace.dtype, "device": trace.device, "hardware": trace.hardware, "status": trace.status,
+        "error": trace.error, "prompt": json.dumps(trace.prompt) if chat else trace.prompt, "prompt_is_chat": chat,
+        "n_prompt_tokens": len(trace.prompt_ids), "weight_bytes": trace.weight_bytes, "text": trace.text,
+    }
+    if trace.status != "running":
+        summary = trace.summary()
+        row["finished_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
+        for key in ("n_new_tokens", "tok_per_s", "decode_tok_per_s", "ttft_s", "total_s", "target_forwards",
+                    "mean_accepted_length", "acceptance_rate", "acceptance_per_position", "nodes_drafted",
+                    "tokens_accepted", "draft_s", "verify_s", "prefill_s", "accept_s", "cache_bytes",
+                    "peak_cache_bytes", "finish_reason"):
+            row[key] = summary[key]
+    return row
+
+
+def detail_tables(trace: Trace) -> dict[str, pa.Table]:
+    """steps, tokens, draft_nodes and cache_stats of a trace as Arrow tables, columns in table order."""
+    rid = trace.run_id
+    steps: dict[str, list] = {k: [] for k in ("run_id", "step", "draft_ns", "verify_ns", "accept_ns", "elapsed_ns",
+                                              "nodes_drafted", "tokens_accepted", "bonus_token", "n_tokens",
+                                              "cache_bytes", "cache_tokens", "text", "finish_reason")}
+    tokens: dict[str, list] = {k: [] for k in ("run_id", "position", "token_id", "text", "source", "logprob",
+                                               "entropy", "step")}
+    nodes: dict[str, list] = {k: [] for k in ("run_id", "step", "node", "parent", "token_id", "depth", "draft_prob",
+                                              "target_prob", "accepted")}
+    cache: dict[str, list] = {k: [] for k in ("run_id", "step", "layer", "head", "tokens_held", "bytes", "bits",
+                                              "sparsity")}
+    for position, token in enumerate(trace.prompt_ids):
+        for key, value in zip(tokens, (rid, position, token, None, "prompt", None, None, None)):
+            tokens[key].append(value)
+    generated = 0
+    sampled = set(sampled_steps(len(trace.events)))
+    for e in trace.events:
+        values = (rid, e.step, e.draft_ns, e.verify_ns, e.accept_ns, e.elapsed_ns, e.n_drafted, e.n_accepted,
+                  "bonus" in e.sources, len(e.tokens), e.cache_bytes, sum(e.cache_tokens), e.text, e.finish_reason)
+        for key, value in zip(steps, values):
+            steps[key].append(value)
+        alone = e.text if len(e.tokens) == 1 else None  # a token's own text is known only when it is alone
+        for i, token in enumerate(e.tokens):
+            values = (rid, e.positions[i], token, alone, e.sources[i], e.logprobs[i], e.entropies[i], e.step)
+            for key, value in zip(tokens, values):
+                tokens[key].append(value)
+        if e.tree is not None:
+            t = e.tree
+            for i in range(len(t.tokens)):
+                values = (rid, e.step, i, t.parents[i], t.tokens[i], t.depths[i], t.draft_probs[i], t.target_probs[i],
+                          t.accepted[i])
+                for key, value in zip(nodes, values):
+                    nodes[key].append(value)
+        generated += len(e.tokens)
+        if e.step in sampled:
+            logical = len(trace.prompt_ids) + generated - 1  # the last committed token is pending, not cached
+            for layer, held in enumerate(e.cache_tokens):
+                values = (rid, e.step, layer, None, held, None, None, 1 - held / logical if logical > 0 else 0.0)
+                for key, value in zip(cache, values):
+                    cache[key].append(value)
+    return {name: pa.table(columns) for name, columns in
+            (("steps", steps), ("tokens", tokens), ("draft_nodes", nodes), ("cache_stats", cache))}
+
+
+class Store:
+    """The writer of one store file (default: `default_store_path()`). Use from one thread, or via StoreThread."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser().resolve() if path is not None else default_store_path().resolve()
+        with _open_lock:
+            if self.path in _open_writers:
+                raise StoreError(f"{self.path} is already open for writing in this process; share that Store "
+                                 "(or a StoreThread) instead of opening a second writer")
+            self.con = connect(self.path, read_only=False)
+            _open_writers.add(self.path)
+        try:
+            self._migrate()
+            self.interrupted = self._mark_interrupted()
+        except BaseException:
+            self.close()
+            raise
+
+    def _migrate(self) -> None:
+        version = stored_version(self.con, self.path)
+        self.con.execute("BEGIN")
+        try:
+            if version == 0:
+                self.con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self.con.execute(statement)
+                self.con.execute("INSERT INTO schema_version VALUES (?, ?)",
+                                 [target, datetime.now(timezone.utc).replace(tzinfo=None)])
+            for statement in VIEWS:
+                self.con.execute(statement)
+            self.con.execute("COMMIT")
+        except duckdb.Error as err:
+            self.con.execute("ROLLBACK")
+            raise StoreError(f"could not bring {self.path} to store schema version {SCHEMA_VERSION}: {err}") from None
+
+    def _mark_interrupted(self) -> list[str]:
+        """Runs left `running` by a writer that is gone (we hold the lock, so it is) become `interrupted`."""
+        ids = [r[0] for r in self.con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()]
+        if ids:
+            self.con.execute("UPDATE runs SET status = 'interrupted', error = coalesce(error, "
+                             "'the recording process ended before the run finished') WHERE status = 'running'")
+        return ids
+
+    def begin(self, trace: Trace) -> None:
+        """Record the run as `running`, so a crash leaves a trace of it."""
+        self._insert_run({**run_row(trace), "status": "running"})
+
+    def _insert_run(self, row: dict[str, Any]) -> None:
+        columns = ", ".join(row)
+        self.con.execute(f"INSERT INTO runs ({columns}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+    def finish(self, trace: Trace) -> None:
+        """Write the run's details and final status in one transaction (inserting the run if not begun)."""
+        if trace.status == "running":
+            raise StoreError(f"run {trace.run_id} is still running; finish it with status done, failed or "
+                             "interrupted")
+        row = run_row(trace)
+        tables = detail_tables(trace)
+        self.con.execute("BEGIN")
+        try:
+            exists = self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [trace.run_id]).fetchall()[0][0]
+            if exists:
+                for name in tables:
+                    self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [trace.run_id])
+                sets = ", ".join(f"{k} = ?" for k in row if k != "run_id")
+                self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?",
+                                 [v for k, v in row.items() if k != "run_id"] + [trace.run_id])
+            else:
+                self._insert_run(row)
+            self._append(tables)
+            self.con.execute("COMMIT")
+        except duckdb.Error as err:
+            self.con.execute("ROLLBACK")
+            raise StoreError(f"could not record run {trace.run_id} in {self.path}: {err}") from None
+
+    def _append(self, tables: dict[str, pa.Table]) -> None:
+        for name, table in tables.items():
+            if table.num_rows:
+                self.con.register("_incoming", table)
+                try:
+                    self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _incoming")
+                finally:
+                    self.con.unregister("_incoming")
+
+    def append_tables(self, tables: dict[str, pa.Table]) -> None:
+        """Insert whole tables (an import) in one transaction."""
+        self.con.execute("BEGIN")
+        try:
+            self._append(tables)
+            self.con.execute("COMMIT")
+        except duckdb.Error as err:
+            self.con.execute("ROLLBACK")
+            raise StoreError(f"could not import into {self.path}: {err}") from None
+
+    def query(self, sql: str) -> pa.Table:
+        """A console query in the writer's process (the app's case): vetted like `Reader.query`, and run in a
+        transaction that is rolled back, so it cannot change the store even if the check missed something."""
+        from .console import check_query, run_sealed
+
+        check_query(self.con, sql)
+        self.con.execute("BEGIN")
+        try:
+            return run_sealed(self.con, sql)
+        finally:
+            self.con.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None  # type: ignore[assignment]
+            with _open_lock:
+                _open_writers.discard(self.path)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreThread:
+    """One writer thread fed by a queue, so many threads can record runs through one Store.
+
+    `begin` and `finish` wait for their own write and re-raise its error, so a caller knows its run is stored.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self._queue: queue.Queue[tuple[Callable[[Store], Any], Future] | None] = queue.Queue()
+        opened: Future = Future()
+        self._thread = threading.Thread(target=self._serve, args=(path, opened), name="workbench-store", daemon=True)
+        self._thread.start()
+        self.path: Path = opened.result()
+
+    def _serve(self, path: str | Path | None, opened: Future) -> None:
+        try:
+            store = Store(path)
+        except BaseException as err:
+            opened.set_exception(err)
+            return
+        opened.set_result(store.path)
+        try:
+            while (item := self._queue.get()) is not None:
+                work, done = item
+                try:
+                    done.set_result(work(store))
+                except BaseException as err:
+                    done.set_exception(err)
+        finally:
+            store.close()
+
+    def _submit(self, work: Callable[[Store], Any]) -> Any:
+        if not self._thread.is_alive():
+            raise StoreError(f"the writer thread of {self.path} has been closed")
+        done: Future = Future()
+        self._queue.put((work, done))
+        return done.result()
+
+    def query(self, sql: str) -> pa.Table:
+        """`Store.query`, run on the writer thread between writes."""
+        return self._submit(lambda store: store.query(sql))
+
+    def begin(self, trace: Trace) -> None:
+        self._submit(lambda store: store.begin(trace))
+
+    def finish(self, trace: Trace) -> None:
+        self._submit(lambda store: store.finish(trace))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> StoreThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
