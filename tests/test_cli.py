@@ -99,3 +99,18 @@ def test_docs_catalogue_is_up_to_date():
                           text=True, timeout=120, check=True)
     docs = Path(__file__).resolve().parents[1] / "docs" / "techniques.md"
     assert proc.stdout == docs.read_text(), "regenerate with: workbench list --markdown > docs/techniques.md"
+
+
+@pytest.mark.integration
+def test_bench_decode_over_the_suite_reports_speedups(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--decode", "prompt_lookup", "--categories", "summarization", "--per-category", "1",
+                 "--max-new-tokens", "12", "--json", str(out), "--plot", str(tmp_path / "speedup.png"),
+                 "--store", str(tmp_path / "runs.duckdb")])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["prompts"] == 1 and len(result["suite_hash"]) == 64
+    rows = {(r["category"], r["engine"]): r for r in result["rows"]}
+    assert rows[("summarization", "plain")]["speedup"] == 1.0
+    assert rows[("summarization", "prompt_lookup")]["mean_accepted_length"] >= 1.0
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert main(["sql", "SELECT count(*) AS n FROM runs", "--json", "--store", str(tmp_path / "runs.duckdb")]) == 0

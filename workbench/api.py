@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ class Workbench:
                     setattr(spec, key, getattr(self.default, key))
         elif spec is None:
             spec = RunSpec(model=self.default.model, dtype=self.default.dtype, device=self.default.device)
+        spec = dataclasses.replace(spec)  # overrides never change the caller's spec
         for key, value in overrides.items():
             if not hasattr(spec, key):
                 raise SpecError(f"unknown spec field {key!r}")

@@ -25,7 +25,7 @@ from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
 from workbench.spec import RunSpec
 
-PEERS = ("transformers",)
+PEERS = ("transformers", "transformers-pld")  # plain generate; its prompt lookup (with --decode)
 
 
 def transformers_peer(loaded: LoadedModel, dtype: torch.dtype):
@@ -44,26 +44,26 @@ def transformers_peer(loaded: LoadedModel, dtype: torch.dtype):
     return model.to(loaded.device).eval()
 
 
-def run_baseline_bench(args: argparse.Namespace) -> int:
+def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     from workbench.api import Workbench
 
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        raise WorkbenchError(f"unknown peers {sorted(unknown)}; valid: {', '.join(PEERS)}")
+    peers = [p for p in _peers(args) if p == "transformers"]
     if not 1 <= args.prompts <= len(BASELINE_PROMPTS):
         raise WorkbenchError(f"--prompts must be between 1 and {len(BASELINE_PROMPTS)}")
-    wb = Workbench(args.model, args.dtype)
+    wb = Workbench(args.model, args.dtype, store=store)
     spec = wb.spec(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     loaded = wb.model(spec)
     peer_models = {}
     for name in peers:
         for dtype_name in args.peer_dtypes.split(","):
             peer_models[f"{name} {dtype_name}"] = transformers_peer(loaded, getattr(torch, dtype_name))
-    prompts = [wb.prompt_ids(loaded, p, None) for p in BASELINE_PROMPTS[: args.prompts]]
+    texts = BASELINE_PROMPTS[: args.prompts]
+    prompts = [wb.prompt_ids(loaded, p, None) for p in texts]
 
-    # Both engines get the same token ids (the chat template applied once, here).
-    engines = {"workbench": lambda ids, n: _ours(wb, spec, ids, n)}
+    # Both engines see the same token ids: the workbench tokenizes each prompt with the chat template exactly
+    # as `prompts` above were made, and its time is its run's (tokenizing excluded, as for the peer).
+    by_ids = {tuple(ids): text for ids, text in zip(prompts, texts)}
+    engines = {"workbench": lambda ids, n: _ours(wb, spec, by_ids[tuple(ids)], n)}
     engines.update({name: (lambda ids, n, m=m: _transformers(m, ids, n)) for name, m in peer_models.items()})
 
     for run in engines.values():  # warm-up: first calls pay for allocation and thread start-up
@@ -109,14 +109,17 @@ def run_baseline_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ours(wb, spec: RunSpec, ids: list[int], n: int) -> tuple[list[int], float]:
-    from workbench.engine import Engine
+def _peers(args: argparse.Namespace) -> list[str]:
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise WorkbenchError(f"unknown peers {sorted(unknown)}; valid: {', '.join(PEERS)}")
+    return peers
 
-    loaded = wb.model(spec)
-    t0 = time.perf_counter()
-    engine = Engine(loaded.model, RunSpec(**{**vars(spec), "max_new_tokens": n}), [], loaded.detokenize)
-    tokens = [t for event in engine.run(ids) for t in event.tokens]
-    return tokens, time.perf_counter() - t0
+
+def _ours(wb, spec: RunSpec, prompt: str, n: int) -> tuple[list[int], float]:
+    trace = wb.generate(prompt, spec, max_new_tokens=n)
+    return trace.token_ids, trace.summary()["total_s"]
 
 
 @torch.inference_mode()
@@ -141,7 +144,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else 0.0
 
 
-def run_decoding_bench(args: argparse.Namespace) -> int:
+def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     """`workbench bench --decode A --decode B ...`: each drafter over the prompt suite, greedy, against the
     workbench's own plain decoding in the same run, and against transformers' prompt lookup when asked.
 
@@ -153,14 +156,14 @@ def run_decoding_bench(args: argparse.Namespace) -> int:
     from workbench.eval.suite import suite, suite_hash
 
     decodes = list(dict.fromkeys(["plain", *args.decode]))
-    wb = Workbench(args.model, args.dtype)
+    wb = Workbench(args.model, args.dtype, store=store)
     specs = {d: wb.spec(f"decode={d}", max_new_tokens=args.max_new_tokens) for d in decodes}
     try:
         prompts = suite(args.categories.split(",") if args.categories else None, args.per_category)
     except ValueError as err:
         raise WorkbenchError(str(err)) from None
     engines: dict[str, Any] = {d: (lambda prompt, s=specs[d]: _suite_run(wb, prompt, s)) for d in decodes}
-    if "transformers-pld" in args.peers.split(","):
+    if "transformers-pld" in _peers(args):
         loaded = wb.model(specs["plain"])
         peer = transformers_peer(loaded, loaded.dtype)
         engines["transformers prompt lookup"] = lambda prompt: _transformers_pld(

@@ -146,9 +146,15 @@ def catalogue_markdown(techniques: list) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from workbench.bench import run_baseline_bench
+    from workbench.bench import run_baseline_bench, run_decoding_bench
+    from workbench.store.commands import open_recorder
 
-    return run_baseline_bench(args)
+    store = open_recorder(args)
+    try:
+        return (run_decoding_bench if args.decode else run_baseline_bench)(args, store)
+    finally:
+        if store is not None:
+            store.close()
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -173,8 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the catalogue as in docs/techniques.md")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("bench", help="measure tok/s against peers on the same prompts")
-    p.add_argument("--peers", default="transformers", help="comma-separated peers (transformers)")
+    p = sub.add_parser("bench", help="measure tok/s against peers on the same prompts", description=(
+        "Without --decode: plain decoding against transformers' generate on a few prompts. With --decode: "
+        "each technique over the prompt suite, against plain decoding in the same run."))
+    p.add_argument("--peers", default="transformers",
+                   help="comma-separated peers: transformers (plain), transformers-pld (its prompt lookup)")
+    p.add_argument("--decode", action="append", help="decoding technique to benchmark over the suite (repeatable)")
+    p.add_argument("--categories", help="comma-separated suite categories (default: all)")
+    p.add_argument("--per-category", type=int, help="prompts per category (default: all 10)")
+    p.add_argument("--plot", help="with --decode: save a speed-up-by-category bar chart here (PNG)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--peer-dtypes", default="bfloat16,float32",
@@ -183,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="how many prompts of the built-in set")
     p.add_argument("--repeats", type=int, default=2, help="runs per prompt and engine (alternating)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    add_recording_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("app", help="start the browser app")
