@@ -41,3 +41,22 @@ def test_cuda_bfloat16_runs_and_is_seeded():
     gpu = random_model("llama", seed=1, dtype=torch.bfloat16).to("cuda")
     spec = RunSpec(max_new_tokens=20, temperature=0.9, seed=5)
     assert run(Engine(gpu, spec)) == run(Engine(gpu, spec))
+
+
+@pytest.mark.parametrize("decode", ["prompt_lookup", "token_recycling", "draft_model:layers=2"])
+def test_cuda_drafters_are_lossless(decode):
+    from workbench.spec import TechniqueSpec
+
+    cpu = random_model("llama", seed=1)
+    gpu = random_model("llama", seed=1).to("cuda")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    plain = run(Engine(cpu, RunSpec(max_new_tokens=30)), prompt)
+    assert run(Engine(gpu, RunSpec(max_new_tokens=30, decode=TechniqueSpec.parse(decode))), prompt) == plain
+
+
+def test_cuda_speculative_sampling_is_seeded():
+    from workbench.spec import TechniqueSpec
+
+    gpu = random_model("llama", seed=1).to("cuda")
+    spec = RunSpec(max_new_tokens=30, temperature=0.8, seed=2, decode=TechniqueSpec.parse("draft_model:layers=2"))
+    assert run(Engine(gpu, spec)) == run(Engine(gpu, spec))
