@@ -41,7 +41,10 @@ _TABLES_V1 = [
 ]
 
 # version -> statements that bring a store from version - 1 to it. Append; never edit a released entry.
-MIGRATIONS: dict[int, list[str]] = {1: _TABLES_V1}
+MIGRATIONS: dict[int, list[str]] = {
+    1: _TABLES_V1,
+    2: ["ALTER TABLE runs ADD COLUMN lossless BOOLEAN"],  # whether the spec keeps the target's distribution
+}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 TABLES = ("runs", "steps", "tokens", "draft_nodes", "cache_stats")
@@ -70,7 +73,7 @@ VIEWS = [
         CAST(json_extract(spec_json, '$.max_new_tokens') AS INTEGER) AS max_new_tokens,
         spec, prompt, n_prompt_tokens, n_new_tokens, tok_per_s, decode_tok_per_s, ttft_s, total_s,
         target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
-        finish_reason
+        finish_reason, lossless
     FROM runs""",
     # Matching rule (docs/store.md): a run is compared with the finished plain runs (plain decoding, no
     # acceptor override, no cache policy, no compression) of the same prompt, model, dtype, device,

@@ -198,15 +198,30 @@ def test_a_foreign_file_is_refused_and_left_untouched(tmp_path, make, message, o
 def test_migrations_apply_on_open_and_newer_stores_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "runs.duckdb"
     Store(path).close()
-    monkeypatch.setitem(writer.MIGRATIONS, 2, ["ALTER TABLE runs ADD COLUMN note VARCHAR"])
-    monkeypatch.setattr(writer, "SCHEMA_VERSION", 2)
+    newer = writer.SCHEMA_VERSION + 1
+    monkeypatch.setitem(writer.MIGRATIONS, newer, ["ALTER TABLE runs ADD COLUMN note VARCHAR"])
+    monkeypatch.setattr(writer, "SCHEMA_VERSION", newer)
     with Store(path) as store:
-        assert q(store, "SELECT max(version) FROM schema_version") == [(2,)]
+        assert q(store, "SELECT max(version) FROM schema_version") == [(newer,)]
         assert "note" in [r[0] for r in q(store, "DESCRIBE runs")]
     monkeypatch.undo()
     for opener in (Store, Reader):
         with pytest.raises(StoreError, match="newer than this workbench"):
             opener(path)
+
+
+def test_a_version_1_store_gains_the_lossless_column(tmp_path):
+    path = tmp_path / "runs.duckdb"
+    con = duckdb.connect(str(path))  # a store as version 1 of the workbench left it
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMP)")
+    for statement in writer.MIGRATIONS[1]:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.close()
+    with Store(path) as store:
+        store.begin(trace := Workbench("random:llama", dtype="float32").generate("5 6 7", "max_new_tokens=3"))
+        store.finish(trace)
+        assert q(store, "SELECT lossless FROM run_summary") == [(True,)]
 
 
 def test_two_threads_record_complete_runs_through_one_writer_thread(tmp_path):
