@@ -43,7 +43,12 @@ _TABLES_V1 = [
 # version -> statements that bring a store from version - 1 to it. Append; never edit a released entry.
 MIGRATIONS: dict[int, list[str]] = {
     1: _TABLES_V1,
-    2: ["ALTER TABLE runs ADD COLUMN lossless BOOLEAN"],  # whether the spec keeps the target's distribution
+    2: [  # whether the spec keeps the target's distribution; chain acceptance against its prediction
+        "ALTER TABLE runs ADD COLUMN lossless BOOLEAN",
+        "ALTER TABLE runs ADD COLUMN alpha DOUBLE",
+        "ALTER TABLE runs ADD COLUMN predicted_tokens_per_step DOUBLE",
+        "ALTER TABLE runs ADD COLUMN tokens_per_step DOUBLE",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -73,7 +78,7 @@ VIEWS = [
         CAST(json_extract(spec_json, '$.max_new_tokens') AS INTEGER) AS max_new_tokens,
         spec, prompt, n_prompt_tokens, n_new_tokens, tok_per_s, decode_tok_per_s, ttft_s, total_s,
         target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
-        finish_reason, lossless
+        finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step
     FROM runs""",
     # Matching rule (docs/store.md): a run is compared with the finished plain runs (plain decoding, no
     # acceptor override, no cache policy, no compression) of the same prompt, model, dtype, device,

@@ -72,7 +72,8 @@ def run_row(trace: Trace) -> dict[str, Any]:
         for key in ("n_new_tokens", "tok_per_s", "decode_tok_per_s", "ttft_s", "total_s", "target_forwards",
                     "mean_accepted_length", "acceptance_rate", "acceptance_per_position", "nodes_drafted",
                     "tokens_accepted", "draft_s", "verify_s", "prefill_s", "accept_s", "cache_bytes",
-                    "peak_cache_bytes", "finish_reason", "lossless"):
+                    "peak_cache_bytes", "finish_reason", "lossless", "alpha", "predicted_tokens_per_step",
+                    "tokens_per_step"):
             row[key] = summary[key]
     return row
 

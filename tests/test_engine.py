@@ -178,3 +178,28 @@ def test_a_sliding_window_caps_the_context():
         list(Engine(model, RunSpec()).run(list(range(3, 20))))
     tokens, events = run(Engine(model, RunSpec(max_new_tokens=50)), list(range(3, 13)))
     assert len(tokens) == 6 and events[-1].finish_reason == "length"
+
+
+def test_chain_acceptance_prediction_beside_the_measurement(model):
+    from workbench.trace import Trace
+
+    truth = reference_greedy(model, PROMPT, 40)
+
+    class HalfRight(Drafter):
+        """Chains of 3 whose tokens are right with probability about 0.6 each."""
+
+        def __init__(self):
+            self.rng = random.Random(0)
+
+        def propose(self, state):
+            done = len(state.generated)
+            return DraftTree.chain([truth[done + i] if self.rng.random() < 0.6 else 0 for i in range(3)
+                                    if done + i < len(truth)])
+
+    engine = Engine(model, RunSpec(max_new_tokens=40))
+    engine.drafter = HalfRight()
+    trace = Trace(spec=engine.spec, prompt="", prompt_ids=PROMPT, model="tiny", dtype="float32", device="cpu")
+    trace.events = list(engine.run(PROMPT))
+    summary = trace.summary()
+    assert 0.35 < summary["alpha"] < 0.85
+    assert abs(summary["predicted_tokens_per_step"] - summary["tokens_per_step"]) < 0.5

@@ -104,3 +104,27 @@ def test_typical_acceptance_takes_likely_tokens_even_when_not_the_argmax():
     unlikely = DraftTree([7], [-1])  # 0.02 is below min(0.09, 0.3 * exp(-H(P0))) = 0.045
     rejected = TypicalAcceptance().accept(unlikely, probs[:2].log(), probs[:2], Sampler())
     assert rejected.accepted == [] and rejected.bonus == 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rsd_trees_have_distinct_siblings_and_record_what_each_was_drawn_from():
+    from workbench.decoding.rsd import RecursiveSpeculative
+
+    model = random_model("llama", seed=5)
+    engine = Engine(model, RunSpec(max_new_tokens=12, temperature=1.0, seed=4,
+                                   decode=TechniqueSpec("rsd", {"layers": 2, "branching": "3-2"})))
+    events = list(engine.run([5, 6, 7, 8]))
+    tree = next(e.tree for e in events if e.tree)
+    assert tree.parents[:3] == [-1, -1, -1] and len(tree.tokens) == 3 + 3 * 2
+    assert len(set(tree.tokens[:3])) == 3  # drawn without replacement
+    assert isinstance(engine.drafter, RecursiveSpeculative)
+    again = list(Engine(model, engine.spec).run([5, 6, 7, 8]))
+    assert [e.tokens for e in again] == [e.tokens for e in events]
+
+
+def test_rsd_sibling_distributions_exclude_earlier_siblings():
+    from workbench.decoding.rsd import without
+
+    q = without(Q, [3, 4])
+    assert q[3] == 0 and q[4] == 0 and torch.isclose(q.sum(), torch.tensor(1.0))
+    assert torch.allclose(q[:3], Q[:3] / (1 - Q[3] - Q[4]))

@@ -7,6 +7,11 @@ Definitions:
 - tok_per_s: generated tokens over the whole run's time (prefill included).
 - decode_tok_per_s: tokens after the first, over the time after the first.
 - acceptance_rate: accepted draft tokens over drafted tokens (nodes of the trees).
+- alpha, predicted_tokens_per_step, tokens_per_step (chain drafts only, else None): alpha is the
+  per-token acceptance rate, estimated as accepted / (accepted + steps that rejected a draft token) (the
+  maximum-likelihood estimate when each drafted token is accepted with probability alpha until the first
+  rejection); the prediction is Leviathan et al.'s expected tokens per step (1 - alpha^(k+1)) / (1 - alpha)
+  with k the mean draft length, shown beside the measured tokens per drafting step.
 - lossless: whether the spec keeps the target's distribution (drafter and acceptor both lossless).
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
@@ -48,6 +53,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
         "finish_reason": trace.finish_reason,
         "lossless": trace.spec.lossless,
+        **chain_acceptance(trace),
     }
 
 
@@ -68,3 +74,20 @@ def acceptance_per_position(trace: Trace) -> list[float]:
             reached[d] += 1
             hit[d] += d < deepest_accepted
     return [h / r for h, r in zip(hit, reached)]
+
+
+def chain_acceptance(trace: Trace) -> dict[str, float | None]:
+    """Measured against predicted tokens per step for chain drafts (see the module docstring)."""
+    steps = [e for e in trace.events if e.tree is not None]
+    none = {"alpha": None, "predicted_tokens_per_step": None, "tokens_per_step": None}
+    if not steps or any(e.tree.parents != list(range(-1, len(e.tree.parents) - 1)) for e in steps):
+        return none
+    accepted = sum(e.n_accepted for e in steps)
+    rejections = sum(e.n_accepted < len(e.tree.tokens) for e in steps)
+    if accepted + rejections == 0:
+        return none
+    alpha = accepted / (accepted + rejections)
+    k = sum(len(e.tree.tokens) for e in steps) / len(steps)
+    predicted = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return {"alpha": alpha, "predicted_tokens_per_step": predicted,
+            "tokens_per_step": sum(e.n_accepted + 1 for e in steps) / len(steps)}

@@ -8,6 +8,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     match,
     plain,
     prompt_lookup,
+    rsd,
     speculative,
     token_recycling,
     typical,
