@@ -15,6 +15,7 @@ trained adapter and its double early exit, and dynamic draft lengths (see the ad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,9 @@ class DraftModel(Drafter):
     _plan: list[int] | None = field(init=False, default=None)
     _cache: KVCache | None = field(init=False, default=None, repr=False)
     _generator: torch.Generator | None = field(init=False, default=None, repr=False)
+    # Set by the adaptive-length wrapper: given the draft probabilities of the tokens drafted so far, whether
+    # to stop drafting now.
+    stop_rule: Callable[[list[float]], bool] | None = field(init=False, default=None, repr=False)
 
     def begin(self, state) -> None:
         target = state.model
@@ -80,11 +84,15 @@ class DraftModel(Drafter):
         logits = self._forward(tokens[held:], held)  # catch up, ending with the pending token
         drafted: list[int] = []
         dists: list[torch.Tensor] = []
+        confidences: list[float] = []
         for i in range(self.k):
             q = sampler.probs(logits)
             token = int(q.argmax()) if sampler.greedy else int(torch.multinomial(q, 1, generator=self._generator))
             drafted.append(token)
             dists.append(q)
+            confidences.append(float(q[token]))
+            if self.stop_rule is not None and self.stop_rule(confidences):
+                break
             if i + 1 < self.k:
                 logits = self._forward([token], len(tokens) + i)
         return DraftTree.chain(drafted, torch.stack(dists))
