@@ -15,7 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOSSLESS = [t.name for t in registry.techniques("decoding")
             if t.lossless and issubclass(t.cls, Drafter) and not t.name.startswith("_") and t.name != "plain"]
 # Parameters that fit the tiny 4-layer test models (defaults are sized for real ones).
-TEST_PARAMS = {"draft_model": {"layers": 2}, "rsd": {"layers": 2}, "adaptive": {"drafter": "draft_model:layers=2"}}
+TEST_PARAMS = {
+    "draft_model": {"layers": 2},
+    "rsd": {"layers": 2},
+    "dyspec": {"layers": 2},
+    "adaptive": {"drafter": "draft_model:layers=2"},
+}
 # Prompts with repeats, so that copying drafters find something to copy.
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6],

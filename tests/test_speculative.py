@@ -128,3 +128,16 @@ def test_rsd_sibling_distributions_exclude_earlier_siblings():
     q = without(Q, [3, 4])
     assert q[3] == 0 and q[4] == 0 and torch.isclose(q.sum(), torch.tensor(1.0))
     assert torch.allclose(q[:3], Q[:3] / (1 - Q[3] - Q[4]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dyspec_grows_within_its_budget_and_deepens_where_confident():
+    model = random_model("llama", seed=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    spec = RunSpec(max_new_tokens=20, decode=TechniqueSpec("dyspec", {"layers": 3, "budget": 10, "per_round": 3}))
+    events = list(Engine(model, spec).run([5, 6, 7, 8]))
+    trees = [e.tree for e in events if e.tree]
+    assert all(len(t.tokens) <= 10 for t in trees)
+    assert any(max(t.depths) >= 3 for t in trees)  # not just a flat fan of the root's top tokens

@@ -6,6 +6,7 @@ Importing this package registers every technique in it.
 from workbench.decoding import (  # noqa: F401  (registration)
     adaptive,
     draft_model,
+    dyspec,
     match,
     plain,
     prompt_lookup,

@@ -77,6 +77,19 @@ class DraftModel(Drafter):
         self._cache.commit()
         return out.logits[0]
 
+    def _tree_forward(self, tree_tokens: list[int], parents: list[int], root_position: int, wanted: list[int],
+                      sampler) -> list[torch.Tensor]:
+        """Draft distributions after the `wanted` nodes: one forward over the tree hanging from the pending
+        token at `root_position` (already in the draft cache), then a rollback of the draft cache."""
+        tree = DraftTree(tree_tokens, parents)
+        device = self._model.device
+        mask = tree.attention_mask(device)[1:, 1:]  # the root is in the draft cache already
+        positions = tree.positions(root_position, device)[1:]
+        logits = self._model(torch.tensor(tree_tokens, device=device), positions, self._cache, mask=mask,
+                             layers=self._plan).logits
+        self._cache.rollback()
+        return list(sampler.probs(logits[wanted]))
+
     def propose(self, state) -> DraftTree:
         sampler = state.sampler
         tokens = state.tokens

@@ -80,16 +80,6 @@ class RecursiveSpeculative(DraftModel):
                     new_nodes.append(len(tree_tokens) - 1)
             if depth + 1 == len(widths) or not new_nodes:
                 break
-            frontier = list(zip(new_nodes, self._tree_forward(tree_tokens, parents, len(tokens), new_nodes, sampler)))
+            after = self._tree_forward(tree_tokens, parents, len(tokens) - 1, new_nodes, sampler)
+            frontier = list(zip(new_nodes, after))
         return DraftTree(tree_tokens, parents, torch.stack(dists) if dists else None)
-
-    def _tree_forward(self, tree_tokens, parents, root_position, wanted, sampler) -> list[torch.Tensor]:
-        """Draft distributions after the `wanted` nodes: one forward over the tree so far, then rollback."""
-        tree = DraftTree(tree_tokens, parents)
-        device = self._model.device
-        mask = tree.attention_mask(device)[1:, 1:]  # the root is in the draft cache already
-        positions = tree.positions(root_position - 1, device)[1:]
-        logits = self._model(torch.tensor(tree_tokens, device=device), positions, self._cache, mask=mask,
-                             layers=self._plan).logits
-        self._cache.rollback()
-        return list(sampler.probs(logits[wanted]))
