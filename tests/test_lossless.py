@@ -61,3 +61,28 @@ def test_sampled_output_equals_plain_decoding_with_the_same_seed(model, name):
     plain = generate(model, RunSpec(**spec))
     ours = generate(model, RunSpec(**spec, decode=TechniqueSpec(name, TEST_PARAMS.get(name, {}))))
     assert ours == plain
+
+
+EMBEDDED_PARAMS = {"draft_model": "draft_model:layers=8", "rsd": "rsd:layers=8", "dyspec": "dyspec:layers=8",
+                   "adaptive": "adaptive:drafter=draft_model%3Alayers%3D8"}
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from workbench import Workbench
+
+    return Workbench(dtype="float32")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_embedded_greedy_output_equals_plain_decoding(embedded, name):
+    """float32 on the real model: every lossless drafter reproduces plain decoding token for token."""
+    prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+               "Write a Python function that adds two numbers."]
+    decode = EMBEDDED_PARAMS.get(name, name)
+    for prompt in prompts:
+        plain = embedded.generate(prompt, "max_new_tokens=24")
+        ours = embedded.generate(prompt, f"max_new_tokens=24;decode={decode}")
+        assert ours.token_ids == plain.token_ids
+        assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
