@@ -149,7 +149,9 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     workbench's own plain decoding in the same run, and against transformers' prompt lookup when asked.
 
     Per category and technique: tok/s (new tokens over wall time, prefill included), mean accepted length
-    (new tokens per target forward) and speed-up (tok/s over plain decoding's on the same prompts).
+    (new tokens per target forward), speed-up (tok/s over plain decoding's on the same prompts) and
+    agreement with plain decoding's tokens (up to the first difference): lossless drafters agree fully in
+    float32, while in bf16 batched verification rounds differently from one-token steps.
     Techniques run in turn on each prompt, the order alternating between prompts.
     """
     from workbench.api import Workbench
@@ -172,10 +174,11 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     for run in engines.values():  # warm-up
         run(prompts[0].prompt)
     totals: dict[tuple[str, str], list[float]] = {}
+    outputs: dict[tuple[str, str], list[int]] = {}
     bar = tqdm(total=len(prompts) * len(engines), desc="bench", unit="run")
     for i, item in enumerate(prompts):
         for name in (list(engines) if i % 2 == 0 else list(reversed(engines))):
-            tokens, seconds, forwards = engines[name](item.prompt)
+            tokens, seconds, forwards, outputs[(item.id, name)] = engines[name](item.prompt)
             for key in ((item.category, name), ("all", name)):
                 acc = totals.setdefault(key, [0, 0.0, 0])
                 acc[0] += tokens
@@ -190,16 +193,20 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
         base = totals[(category, "plain")]
         for name in engines:
             tokens, seconds, forwards = totals[(category, name)]
+            same = [_agreement([outputs[(p.id, name)]], [outputs[(p.id, "plain")]])
+                    for p in prompts if category in ("all", p.category)]
             rows.append({"category": category, "engine": name, "tok_per_s": tokens / seconds,
                          "mean_accepted_length": tokens / forwards if forwards else None,
-                         "speedup": (tokens / seconds) / (base[0] / base[1])})
+                         "speedup": (tokens / seconds) / (base[0] / base[1]),
+                         "agreement_with_plain": sum(same) / len(same)})
     result = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
-    print(f"\n{'category':<15}{'engine':<28}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}")
+    print(f"\n{'category':<15}{'engine':<28}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}{'same as plain':>15}")
     for r in rows:
         accepted = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
-        print(f"{r['category']:<15}{r['engine']:<28}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x")
+        print(f"{r['category']:<15}{r['engine']:<28}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x"
+              f"{r['agreement_with_plain']:>14.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.plot:
@@ -207,21 +214,21 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     return 0
 
 
-def _suite_run(wb, prompt, spec: RunSpec) -> tuple[int, float, int]:
+def _suite_run(wb, prompt, spec: RunSpec) -> tuple[int, float, int, list[int]]:
     trace = wb.generate(prompt, spec)
     summary = trace.summary()
-    return summary["n_new_tokens"], summary["total_s"], summary["target_forwards"]
+    return summary["n_new_tokens"], summary["total_s"], summary["target_forwards"], trace.token_ids
 
 
 @torch.inference_mode()
-def _transformers_pld(model, ids: list[int], n: int) -> tuple[int, float, int]:
+def _transformers_pld(model, ids: list[int], n: int) -> tuple[int, float, int, list[int]]:
     """transformers' own prompt lookup (`prompt_lookup_num_tokens`), greedy, stopping at EOS like ours."""
     inputs = torch.tensor([ids], device=model.device)
     t0 = time.perf_counter()
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
                          prompt_lookup_num_tokens=10, pad_token_id=0)
-    new = out.shape[1] - len(ids)
-    return new, time.perf_counter() - t0, 0
+    seconds = time.perf_counter() - t0
+    return out.shape[1] - len(ids), seconds, 0, out[0, len(ids):].tolist()
 
 
 def _plot_speedups(rows: list[dict[str, Any]], categories: list[str], engines: list[str], path: str) -> None:
