@@ -7,6 +7,8 @@ from workbench.decoding import (  # noqa: F401  (registration)
     adaptive,
     draft_model,
     dyspec,
+    early_exit,
+    layer_skip,
     match,
     plain,
     prompt_lookup,
