@@ -1,23 +1,19 @@
 """The adaptive-length wrapper: SpecDec++'s threshold and the heuristic schedule change how much is drafted."""
 
 import pytest
-import torch
 
 from workbench.engine import Engine
 from workbench.errors import SpecError
-from workbench.models.random import random_model
 from workbench.spec import RunSpec, TechniqueSpec
+
+from .helpers import varied_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = random_model("llama", seed=7)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(4)  # peaked distributions, so draft confidences vary
-    return m
+    return varied_model()  # peaked distributions, so draft confidences vary
 
 
 def drafted_lengths(model, **params):

@@ -1,26 +1,16 @@
 """The Python API: traces, streaming, run status, and the embedded model end to end."""
 
-from dataclasses import dataclass
 
 import pytest
 
 from workbench import RunSpec, Workbench
-from workbench.decoding.base import Drafter, DraftTree
 from workbench.errors import PromptError
-from workbench.registry import register
+
+from . import helpers  # noqa: F401  (registers the failing drafter)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@register("decoding", "_test_breaks_at_step_3", lossless=True)
-@dataclass
-class BreaksAtStep3(Drafter):
-    """A drafter that fails on its third step, to test how failed runs are recorded."""
-
-    def propose(self, state):
-        if state.step == 3:
-            raise RuntimeError("drafter broke")
-        return DraftTree()
 
 
 @pytest.fixture(scope="module")

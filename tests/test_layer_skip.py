@@ -1,34 +1,19 @@
 """layer_skip: self-speculation with skipped layers is lossless, leaks no draft KV, and its search moves."""
 
 import pytest
-import torch
 
 from workbench.decoding import layer_skip  # noqa: F401  (registers layer_skip until the package imports it)
 from workbench.engine import Engine
 from workbench.errors import SpecError
-from workbench.models.random import random_model
 from workbench.spec import RunSpec, TechniqueSpec
+
+from .helpers import PROMPTS, varied_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6],
-    [int(t) for t in torch.randint(3, 500, (30,), generator=torch.Generator().manual_seed(0))],
-]
-
-
-def scaled(variant: str, layers: int = 8):
-    # Larger weights than the default make a tiny model's greedy output vary instead of repeating one token.
-    m = random_model(variant, seed=7, num_hidden_layers=layers)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(4)
-    return m
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request):
-    return scaled(request.param)
+    return varied_model(request.param, layers=8)
 
 
 def assert_no_leaked_entries(prompt, events, plain_events):
@@ -88,7 +73,7 @@ def test_sampled_runs_are_reproducible_for_a_seed(model):
 
 
 def test_search_changes_the_skip_set_and_stays_lossless():
-    model = scaled("llama", layers=12)
+    model = varied_model("llama", layers=12)
     prompt = PROMPTS[1]
     plain = run(model, RunSpec(max_new_tokens=120), prompt)[0]
     spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"search": True, "window": 2,

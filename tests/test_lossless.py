@@ -7,8 +7,9 @@ import torch
 from workbench import registry
 from workbench.decoding.base import Drafter
 from workbench.engine import Engine
-from workbench.models.random import random_model
 from workbench.spec import RunSpec, TechniqueSpec
+
+from .helpers import varied_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,12 +36,7 @@ def generate(model, spec):
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def model(request):
-    # Larger weights than the default make a tiny model's greedy output vary instead of repeating one token.
-    m = random_model(request.param, seed=7)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(4)
-    return m
+    return varied_model(request.param)
 
 
 def test_the_matrix_is_not_empty():

@@ -11,6 +11,8 @@ from workbench.models.random import random_model
 from workbench.sampling import Sampler
 from workbench.spec import RunSpec, TechniqueSpec
 
+from .helpers import varied_model
+
 V = 8
 TRIALS = 12000
 THRESHOLD = 0.025  # total variation; sampling noise at 12k draws over 8 tokens is about 0.01
@@ -132,10 +134,7 @@ def test_rsd_sibling_distributions_exclude_earlier_siblings():
 
 @pytest.mark.usefixtures("one_thread")
 def test_dyspec_grows_within_its_budget_and_deepens_where_confident():
-    model = random_model("llama", seed=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
+    model = varied_model("llama", seed=5)
     spec = RunSpec(max_new_tokens=20, decode=TechniqueSpec("dyspec", {"layers": 3, "budget": 10, "per_round": 3}))
     events = list(Engine(model, spec).run([5, 6, 7, 8]))
     trees = [e.tree for e in events if e.tree]

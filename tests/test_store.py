@@ -6,32 +6,22 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 
 import duckdb
 import pytest
 
 from workbench import Workbench
-from workbench.decoding.base import Drafter, DraftTree
 from workbench.errors import StoreError
-from workbench.registry import register
 from workbench.store import Reader, Store, StoreThread, export_parquet, import_parquet, writer
 from workbench.store.writer import CACHE_SAMPLE_STEPS, sampled_steps
+
+from . import helpers  # noqa: F401  (registers the failing drafter)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPEATING = "5 6 7 8 5 6 7 8 5 6 7 8 5 6"  # prompt lookup finds drafts here
 
 
-@register("decoding", "_test_store_breaks_at_step_3", lossless=True)
-@dataclass
-class BreaksAtStep3(Drafter):
-    """Fails on its third step, so the store must record a failed run with the steps that ran."""
-
-    def propose(self, state):
-        if state.step == 3:
-            raise RuntimeError("drafter broke")
-        return DraftTree()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +84,7 @@ def test_a_run_is_running_until_it_finishes(wb, store):
 
 def test_failed_and_interrupted_runs_are_recorded_with_what_ran(wb, store):
     with pytest.raises(RuntimeError, match="drafter broke"):
-        wb.generate("5 6 7 8", "max_new_tokens=10;decode=_test_store_breaks_at_step_3")
+        wb.generate("5 6 7 8", "max_new_tokens=10;decode=_test_breaks_at_step_3")
     stream = wb.stream("5 6 7 8", "max_new_tokens=10")
     next(stream)
     stream.close()
