@@ -15,6 +15,7 @@ import platform
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import torch
 from tqdm import tqdm
@@ -242,7 +243,7 @@ def _plot_speedups(rows: list[dict[str, Any]], categories: list[str], engines: l
     width = 0.8 / max(1, len(shown))
     for j, engine in enumerate(shown):
         values = [next(r["speedup"] for r in rows if r["category"] == c and r["engine"] == engine) for c in categories]
-        ax.bar([i + j * width for i in range(len(categories))], values, width, label=engine)
+        ax.bar([i + j * width for i in range(len(categories))], values, width, label=unquote(engine))
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(categories))], categories)
     ax.set_ylabel("speed-up over plain decoding")
