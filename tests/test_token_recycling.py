@@ -42,3 +42,22 @@ def test_drafts_from_recycled_candidates():
 def test_bad_widths_are_refused(widths):
     with pytest.raises(SpecError, match="widths"):
         RunSpec.parse(f"decode=token_recycling:widths={widths}").validated()
+
+
+def test_hot_start_keeps_the_matrix_across_runs_of_a_model():
+    from workbench.engine import Engine
+    from workbench.spec import TechniqueSpec
+
+    from .helpers import varied_model
+
+    model, memory = varied_model(), {}
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6]
+    spec = RunSpec(max_new_tokens=12, decode=TechniqueSpec("token_recycling"))
+    first = list(Engine(model, spec, memory=memory).run(prompt))
+    second = list(Engine(model, spec, memory=memory).run(prompt))
+    cold = list(Engine(model, spec.__class__(max_new_tokens=12, decode=TechniqueSpec(
+        "token_recycling", {"hot_start": False})), memory=memory).run(prompt))
+    assert first[1].tree is None and cold[1].tree is None  # nothing recycled yet at the first decode step
+    assert second[1].tree is not None  # the matrix came from the first run
+    tokens = lambda events: [t for e in events for t in e.tokens]  # noqa: E731
+    assert tokens(second) == tokens(first)  # the output does not depend on it

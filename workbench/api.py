@@ -46,6 +46,7 @@ class Workbench:
         self.default = RunSpec(model=model, dtype=dtype, device=device)
         self.store = store
         self._models: dict[tuple[str, str, str], LoadedModel] = {}
+        self._memory: dict[tuple[str, str, str], dict] = {}  # per model: what drafters keep across runs
         self.model(self.default)
 
     def model(self, spec: RunSpec) -> LoadedModel:
@@ -106,7 +107,8 @@ class Workbench:
         spec = self.spec(spec, **overrides)
         loaded = self.model(spec)
         ids = self.prompt_ids(loaded, prompt, spec.chat)
-        engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize)
+        engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize,
+                        memory=self._memory.setdefault((spec.model, spec.dtype, spec.device), {}))
         trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
                       weight_bytes=loaded.weight_bytes())

@@ -42,6 +42,9 @@ class DecodeState:
     prompt_ids: list[int]
     generated: list[int] = field(default_factory=list)  # the last one is pending: its KV is not cached yet
     step: int = 0
+    # Kept across the runs of one loaded model (the Workbench owns it): drafters that learn from earlier runs
+    # (token recycling's hot start) keep their state here, under their own name.
+    memory: dict = field(default_factory=dict)
 
     @property
     def tokens(self) -> list[int]:
@@ -119,11 +122,13 @@ class Engine:
         spec: RunSpec,
         eos_ids: list[int] | None = None,
         detokenize: Callable[[list[int]], str] | None = None,
+        memory: dict | None = None,
     ):
         self.model = model
         self.spec = spec.validated()
         self.eos_ids = set(eos_ids or [])
         self.detokenize = detokenize or (lambda ids: "".join(f"<{i}>" for i in ids))
+        self.memory = {} if memory is None else memory
         self.drafter: Drafter = self.spec.decode.build("decoding")
         accept = self.spec.accept or TechniqueSpec(self.drafter.default_acceptor)
         self.acceptor: Acceptor = accept.build("acceptance")
@@ -147,7 +152,7 @@ class Engine:
         device = model.device
         budget = min(spec.max_new_tokens, model.config.context_window - len(prompt_ids))
         cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
-        state = DecodeState(model, cache, self.sampler, list(prompt_ids))
+        state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory)
         text = _TextStream(self.detokenize, spec.stop)
         start = time.perf_counter_ns()
 

@@ -10,9 +10,9 @@ decoding's.
 
 The tree shape is imbalanced as in the paper: `widths[d]` is how many children the first-ranked node at
 depth d gets, and a node of rank r gets `widths[d] - r` (at least none). The default is sized for CPUs,
-where each extra node costs compute; the paper's GPU tree has about 80 nodes. Left out: the paper's
-"hot start" (keeping M across requests): here M starts empty for every run, so the first steps draft
-little.
+where each extra node costs compute; the paper's GPU tree has about 80 nodes. With `hot_start` (the
+paper's default) M is kept across the runs of a loaded model, so a new run drafts from the first step
+(its draft trees, not its output, then depend on the runs before it); without it M starts empty.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class TokenRecycling(Drafter):
 
     widths: str = param("4-2-2-1-1", "children of the first-ranked node at each depth, dash-separated")
     k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
+    hot_start: bool = param(True, "keep the matrix across runs of the same model (the paper's hot start)")
     _template: list[tuple[int, int]] = field(init=False, default_factory=list)
     _matrix: torch.Tensor | None = field(init=False, default=None, repr=False)  # [vocab, k] int64
 
@@ -61,7 +62,14 @@ class TokenRecycling(Drafter):
 
     def begin(self, state) -> None:
         self._template = tree_template([int(w) for w in self.widths.split("-")])
-        self._matrix = torch.full((state.model.config.vocab_size, self.k), EMPTY, dtype=torch.long)
+        shape = (state.model.config.vocab_size, self.k)
+        if self.hot_start:
+            kept = state.memory.get("token_recycling")
+            if kept is None or kept.shape != shape:
+                kept = state.memory["token_recycling"] = torch.full(shape, EMPTY, dtype=torch.long)
+            self._matrix = kept
+        else:
+            self._matrix = torch.full(shape, EMPTY, dtype=torch.long)
 
     def propose(self, state) -> DraftTree:
         tokens: list[int] = []
