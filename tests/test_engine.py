@@ -203,3 +203,11 @@ def test_chain_acceptance_prediction_beside_the_measurement(model):
     summary = trace.summary()
     assert 0.35 < summary["alpha"] < 0.85
     assert abs(summary["predicted_tokens_per_step"] - summary["tokens_per_step"]) < 0.5
+
+
+def test_step_timings_do_not_overlap(model):
+    """draft + verify + accept of a step never exceed the time between consecutive steps' ends."""
+    _, events = run(Engine(model, RunSpec(max_new_tokens=6)))
+    assert events[0].draft_ns + events[0].verify_ns + events[0].accept_ns <= events[0].elapsed_ns
+    for before, after in zip(events, events[1:]):
+        assert after.draft_ns + after.verify_ns + after.accept_ns <= after.elapsed_ns - before.elapsed_ns

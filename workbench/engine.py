@@ -168,7 +168,7 @@ class Engine:
         for policy in self.policies:
             policy.on_prefill_end(cache)
         self.drafter.begin(state)
-        event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t0, start, text, budget)
+        event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t1, start, text, budget)
         yield event
         if event.finish_reason:
             return
