@@ -77,3 +77,15 @@ def test_tree_mask_and_positions():
     assert tree.positions(50).tolist() == [50, 51, 51, 52]
     assert tree.children() == {-1: [0, 1], 0: [2], 1: [], 2: []}
     assert not tree.is_chain() and DraftTree.chain([1, 2, 3]).is_chain()
+
+
+def test_model_cache_reports_bytes_per_layer_and_head():
+    from workbench.cache.base import KVCache
+
+    layers = [filled(n)[0] for n in (3, 5)]  # layers may hold different numbers of tokens
+    cache = KVCache(layers)
+    per = cache.nbytes_per_layer_head()
+    assert per.shape == (2, 2)
+    assert per[1, 0] * 3 == per[0, 0] * 5
+    assert int(per.sum()) == cache.nbytes() == layers[0].nbytes() + layers[1].nbytes()
+    assert cache.tokens_per_layer() == [3, 5]

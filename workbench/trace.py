@@ -10,8 +10,6 @@ from typing import Any
 from workbench.engine import StepEvent
 from workbench.spec import RunSpec
 
-STATUSES = ("running", "done", "failed", "interrupted")
-
 
 @dataclass
 class Trace:
@@ -26,7 +24,7 @@ class Trace:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     created_at: float = field(default_factory=time.time)
     events: list[StepEvent] = field(default_factory=list)
-    status: str = "running"
+    status: str = "running"  # then done, failed or interrupted
     error: str | None = None
 
     @property
