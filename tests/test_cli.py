@@ -114,3 +114,15 @@ def test_bench_decode_over_the_suite_reports_speedups(tmp_path):
     assert rows[("summarization", "prompt_lookup")]["mean_accepted_length"] >= 1.0
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert main(["sql", "SELECT count(*) AS n FROM runs", "--json", "--store", str(tmp_path / "runs.duckdb")]) == 0
+
+
+@pytest.mark.integration
+def test_bench_compares_draft_model_with_transformers_assisted_generation(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--decode", "draft_model:layers=6", "--peers", "transformers-assisted,transformers-pld",
+                 "--assistant-layers", "6", "--categories", "code_edit", "--per-category", "1",
+                 "--max-new-tokens", "8", "--json", str(out), "--no-store"])
+    engines = {r["engine"] for r in json.loads(out.read_text())["rows"]}
+    assert code == 0
+    expected = {"plain", "draft_model:layers=6", "transformers assisted (6 layers)", "transformers prompt lookup"}
+    assert expected <= engines

@@ -26,20 +26,24 @@ from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
 from workbench.spec import RunSpec
 
-PEERS = ("transformers", "transformers-pld")  # plain generate; its prompt lookup (with --decode)
+# plain generate; with --decode also its prompt lookup, and assisted generation with the target's first
+# --assistant-layers layers as the assistant (the same draft as draft_model:layers=N)
+PEERS = ("transformers", "transformers-pld", "transformers-assisted")
 
 
-def transformers_peer(loaded: LoadedModel, dtype: torch.dtype):
-    """transformers' own model class over the same weights the workbench loaded."""
+def transformers_peer(loaded: LoadedModel, dtype: torch.dtype, layers: int | None = None):
+    """transformers' own model class over the same weights the workbench loaded (only the first `layers`
+    layers when given: a shallow copy of the target, to serve as an assistant)."""
     from transformers import AutoModelForCausalLM
 
     source = Path(loaded.source)
     if loaded.name.lower() in EMBEDDED_ALIASES:  # the converted cache folder is a plain HF checkpoint
         source = cache_folder(embedded_gguf_path(), EMBEDDED_NAME)
+    shallow = {} if layers is None else {"num_hidden_layers": layers}
     if source.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype, **shallow)
     elif source.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **shallow)
     else:
         raise WorkbenchError(f"no transformers peer for {loaded.name!r}: it needs a GGUF file or a checkpoint folder")
     return model.to(loaded.device).eval()
@@ -166,11 +170,18 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     except ValueError as err:
         raise WorkbenchError(str(err)) from None
     engines: dict[str, Any] = {d: (lambda prompt, s=specs[d]: _suite_run(wb, prompt, s)) for d in decodes}
-    if "transformers-pld" in _peers(args):
+    peers = _peers(args)
+    if {"transformers-pld", "transformers-assisted"} & set(peers):
         loaded = wb.model(specs["plain"])
         peer = transformers_peer(loaded, loaded.dtype)
-        engines["transformers prompt lookup"] = lambda prompt: _transformers_pld(
-            peer, wb.prompt_ids(loaded, prompt, None), args.max_new_tokens)
+        ids = lambda prompt: wb.prompt_ids(loaded, prompt, None)  # noqa: E731
+        if "transformers-pld" in peers:
+            engines["transformers prompt lookup"] = lambda prompt: _transformers_generate(
+                peer, ids(prompt), args.max_new_tokens, prompt_lookup_num_tokens=10)
+        if "transformers-assisted" in peers:
+            assistant = transformers_peer(loaded, loaded.dtype, layers=args.assistant_layers)
+            engines[f"transformers assisted ({args.assistant_layers} layers)"] = lambda prompt: _transformers_generate(
+                peer, ids(prompt), args.max_new_tokens, assistant_model=assistant)
 
     for run in engines.values():  # warm-up
         run(prompts[0].prompt)
@@ -222,12 +233,13 @@ def _suite_run(wb, prompt, spec: RunSpec) -> tuple[int, float, int, list[int]]:
 
 
 @torch.inference_mode()
-def _transformers_pld(model, ids: list[int], n: int) -> tuple[int, float, int, list[int]]:
-    """transformers' own prompt lookup (`prompt_lookup_num_tokens`), greedy, stopping at EOS like ours."""
+def _transformers_generate(model, ids: list[int], n: int, **options: Any) -> tuple[int, float, int, list[int]]:
+    """transformers' `generate` with `options` (prompt lookup, an assistant model), greedy, stopping at EOS
+    like ours."""
     inputs = torch.tensor([ids], device=model.device)
     t0 = time.perf_counter()
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
-                         prompt_lookup_num_tokens=10, pad_token_id=0)
+                         pad_token_id=0, **options)
     seconds = time.perf_counter() - t0
     return out.shape[1] - len(ids), seconds, 0, out[0, len(ids):].tolist()
 

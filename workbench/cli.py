@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --decode: plain decoding against transformers' generate on a few prompts. With --decode: "
         "each technique over the prompt suite, against plain decoding in the same run."))
     p.add_argument("--peers", default="transformers",
-                   help="comma-separated peers: transformers (plain), transformers-pld (its prompt lookup)")
+                   help="comma-separated peers: transformers (plain); with --decode also transformers-pld (its "
+                   "prompt lookup) and transformers-assisted (assisted generation, the target's first layers as "
+                   "assistant)")
+    p.add_argument("--assistant-layers", type=int, default=8,
+                   help="layers of the target that the transformers-assisted peer's assistant keeps")
     p.add_argument("--decode", action="append", help="decoding technique to benchmark over the suite (repeatable)")
     p.add_argument("--categories", help="comma-separated suite categories (default: all)")
     p.add_argument("--per-category", type=int, help="prompts per category (default: all 10)")
