@@ -89,3 +89,15 @@ def test_model_cache_reports_bytes_per_layer_and_head():
     assert per[1, 0] * 3 == per[0, 0] * 5
     assert int(per.sum()) == cache.nbytes() == layers[0].nbytes() + layers[1].nbytes()
     assert cache.tokens_per_layer() == [3, 5]
+
+
+def test_keep_first_cuts_every_layer_to_committed_tokens():
+    from workbench.cache.base import KVCache
+
+    layers = [filled(n)[0] for n in (6, 3)]
+    cache = KVCache(layers)
+    cache.commit()
+    cache.keep_first(4)
+    assert cache.tokens_per_layer() == [4, 3]
+    assert all(layer.n_committed == layer.length for layer in layers)
+    assert layers[0].positions.tolist() == [100, 101, 102, 103]

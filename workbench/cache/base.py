@@ -98,6 +98,12 @@ class KVCache:
         for layer in self.layers:
             layer.rollback()
 
+    def keep_first(self, length: int) -> None:
+        """Keep the first `length` committed tokens of every layer (fewer where a layer holds fewer)."""
+        for layer in self.layers:
+            layer.truncate(min(length, layer.n_committed))
+            layer.n_committed = layer.length
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 

@@ -59,12 +59,12 @@ class DenseLayerCache(LayerCache):
         return self.k[:, : self._length], self.v[:, : self._length]
 
     def keep(self, slots: torch.Tensor) -> None:
-        slots = slots.to(self.pos.device)
+        # Find the first slot that moves on the host (slots are small), so a GPU cache is not synchronised.
         n = slots.numel()
-        moved = (slots != torch.arange(n, device=slots.device)).nonzero()
+        moved = (slots.cpu() != torch.arange(n)).nonzero()
         if moved.numel():
             first = int(moved[0])
-            src = slots[first:]
+            src = slots[first:].to(self.pos.device)
             self.k[:, first:n] = self.k[:, src]
             self.v[:, first:n] = self.v[:, src]
             self.pos[first:n] = self.pos[src]

@@ -112,7 +112,4 @@ class DraftModel(Drafter):
 
     def observe(self, state, tree, acceptance, logits) -> None:
         # Keep the draft's KV only for tokens now committed: everything before the new pending token.
-        keep = min(self._cache[0].length, len(state.tokens) - 1)
-        for layer in self._cache.layers:
-            layer.truncate(keep)
-            layer.n_committed = keep
+        self._cache.keep_first(len(state.tokens) - 1)
