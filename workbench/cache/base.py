@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,10 +20,28 @@ if TYPE_CHECKING:
     from workbench.models.config import ModelConfig
 
 
+class AttentionObserver(Protocol):
+    """What a policy that scores tokens by attention (H2O, SnapKV, EMS) attaches to a layer cache.
+
+    `observe` sees every forward's queries against everything the layer holds (called by `attention` after
+    the new keys are appended, so slots 0..length-1 of the cache line up with the key axis); `commit` then
+    says which of the new tokens were kept (offsets relative to the first uncommitted slot, as in
+    LayerCache.commit; [] after a rollback). A forward whose tokens are rolled back (a self-speculative
+    draft's scratch) is followed by commit([]), so rejected drafts never count.
+    """
+
+    def observe(self, cache: LayerCache, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """q: [heads, T, dim] (RoPE applied); k: [kv_heads, S, dim] every key held, new ones last;
+        mask: [T, S] bool (True = may attend), or None for a causal prompt with nothing cached before it."""
+
+    def commit(self, offsets: list[int]) -> None: ...
+
+
 class LayerCache(ABC):
     """One layer's keys and values. Shapes: k, v are [kv_heads, tokens, head_dim]."""
 
     n_committed: int = 0
+    observer: AttentionObserver | None = None  # set by policies that need attention weights
 
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -60,6 +78,8 @@ class LayerCache(ABC):
         n_new = self.length - self.n_committed
         if offsets is None:
             offsets = list(range(n_new))
+        if self.observer is not None:
+            self.observer.commit(offsets)
         if offsets == list(range(len(offsets))):
             self.truncate(self.n_committed + len(offsets))  # a prefix: no data moves
         else:
@@ -70,6 +90,8 @@ class LayerCache(ABC):
 
     def rollback(self) -> None:
         """Drop every uncommitted token."""
+        if self.observer is not None:
+            self.observer.commit([])
         self.truncate(self.n_committed)
 
     def truncate(self, length: int) -> None:

@@ -41,6 +41,9 @@ def attention(
     if layer_cache is not None:
         layer_cache.append(k, v, positions)
         k, v = layer_cache.view()
+        if layer_cache.observer is not None:
+            full_mask = _full_mask(new_mask, n_new, k.shape[1], q.device)
+            layer_cache.observer.observe(layer_cache, q.transpose(0, 1), k, full_mask)
     if n_new == 1 and new_mask is None:
         # One decoding step: the group of query heads sharing a kv head acts as that head's queries,
         # so one fused call does it with no copies of k and v.
@@ -62,6 +65,16 @@ def attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain_causal else mask,
                                              is_causal=plain_causal)
     return out.transpose(0, 1).reshape(n_new, -1)
+
+
+def _full_mask(new_mask: torch.Tensor | None, n_new: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """[T, S] mask of the new tokens over every key held (None: a causal prompt with nothing before it)."""
+    n_past = length - n_new
+    if new_mask is None:
+        if n_past == 0 and n_new > 1:
+            return None
+        new_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril_()
+    return F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
