@@ -18,7 +18,7 @@ def test_append_grows_past_capacity_and_views_everything():
     cache, k = filled(10, capacity=4)
     keys, values = cache.view()
     assert torch.equal(keys, k) and torch.equal(values, -k)
-    assert cache.positions.tolist() == list(range(100, 110))
+    assert cache.positions.tolist() == [list(range(100, 110))] * 2
 
 
 def test_commit_keeps_chosen_new_tokens_in_order():
@@ -33,7 +33,7 @@ def test_commit_keeps_chosen_new_tokens_in_order():
     assert cache.length == cache.n_committed == 6
     assert torch.equal(keys[:, :4], k)
     assert keys[0, 4, 0] == 7 and keys[0, 5, 0] == 9
-    assert cache.positions.tolist() == [100, 101, 102, 103, 104, 105]
+    assert cache.positions[0].tolist() == [100, 101, 102, 103, 104, 105]
 
 
 def test_rollback_drops_uncommitted_tokens():
@@ -50,14 +50,27 @@ def test_keep_evicts_while_positions_survive():
     cache.keep(torch.tensor([0, 3, 5]))
     keys, _ = cache.view()
     assert torch.equal(keys, k[:, [0, 3, 5]])
-    assert cache.positions.tolist() == [100, 103, 105]
+    assert cache.positions.tolist() == [[100, 103, 105]] * 2
 
 
 def test_nbytes_counts_held_tokens_per_head():
     cache, _ = filled(6)
-    per_head = 2 * 6 * 3 * 4 + 6 * 8 // 2  # k and v in float32, plus positions shared by the heads
+    per_head = 2 * 6 * 3 * 4 + 6 * 8  # k and v in float32, plus each head's positions
     assert cache.nbytes_per_head().tolist() == [per_head, per_head]
     assert cache.nbytes() == 2 * per_head
+
+
+def test_per_head_keep_selects_different_tokens_in_each_head():
+    cache, k = filled(5)
+    cache.commit()
+    cache.keep(torch.tensor([[0, 2, 4], [1, 3, 4]]))
+    keys, values = cache.view()
+    assert cache.length == cache.n_committed == 3
+    assert torch.equal(keys[0], k[0, [0, 2, 4]]) and torch.equal(keys[1], k[1, [1, 3, 4]])
+    assert torch.equal(values, -keys)
+    assert cache.positions.tolist() == [[100, 102, 104], [101, 103, 104]]
+    cache.append(k[:, :1], k[:, :1], torch.tensor([105]))  # new tokens land after each head's kept ones
+    assert cache.positions[:, -1].tolist() == [105, 105]
 
 
 def test_tree_mask_and_positions():
@@ -100,4 +113,4 @@ def test_keep_first_cuts_every_layer_to_committed_tokens():
     cache.keep_first(4)
     assert cache.tokens_per_layer() == [4, 3]
     assert all(layer.n_committed == layer.length for layer in layers)
-    assert layers[0].positions.tolist() == [100, 101, 102, 103]
+    assert layers[0].positions[1].tolist() == [100, 101, 102, 103]

@@ -53,7 +53,11 @@ class LayerCache(ABC):
 
     @abstractmethod
     def keep(self, slots: torch.Tensor) -> None:
-        """Keep only `slots` (ascending slot indices), compacted in order; all kept tokens become committed."""
+        """Keep only `slots`, compacted in order; all kept tokens become committed.
+
+        slots: [n] ascending slot indices kept in every head, or [kv_heads, n], each row ascending, for a
+        per-head selection (H2O, EMS...: every head keeps the same number of tokens, not the same tokens).
+        After a per-head keep, slot i of one head and slot i of another may hold different positions."""
 
     @property
     @abstractmethod
@@ -63,7 +67,7 @@ class LayerCache(ABC):
     @property
     @abstractmethod
     def positions(self) -> torch.Tensor:
-        """Logical positions [length] of the held tokens."""
+        """Logical positions [kv_heads, length] of the held tokens, per head."""
 
     @abstractmethod
     def nbytes_per_head(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ class DenseLayerCache(LayerCache):
         capacity = max(capacity, 1)
         self.k = torch.empty(kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
-        self.pos = torch.empty(capacity, dtype=torch.long, device=device)
+        self.pos = torch.empty(kv_heads, capacity, dtype=torch.long, device=device)
         self._length = 0
         self.n_committed = 0
 
@@ -33,18 +33,15 @@ class DenseLayerCache(LayerCache):
 
     @property
     def positions(self) -> torch.Tensor:
-        return self.pos[: self._length]
+        return self.pos[:, : self._length]
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
-        for name in ("k", "v"):
+        for name in ("k", "v", "pos"):
             old = getattr(self, name)
-            new = old.new_empty(old.shape[0], capacity, old.shape[2])
+            new = old.new_empty(old.shape[0], capacity, *old.shape[2:])
             new[:, : self._length] = old[:, : self._length]
             setattr(self, name, new)
-        pos = self.pos.new_empty(capacity)
-        pos[: self._length] = self.pos[: self._length]
-        self.pos = pos
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         start, end = self._length, self._length + k.shape[1]
@@ -52,22 +49,29 @@ class DenseLayerCache(LayerCache):
             self._grow(end)
         self.k[:, start:end] = k
         self.v[:, start:end] = v
-        self.pos[start:end] = positions
+        self.pos[:, start:end] = positions
         self._length = end
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, : self._length], self.v[:, : self._length]
 
     def keep(self, slots: torch.Tensor) -> None:
-        # Find the first slot that moves on the host (slots are small), so a GPU cache is not synchronised.
-        n = slots.numel()
-        moved = (slots.cpu() != torch.arange(n)).nonzero()
-        if moved.numel():
-            first = int(moved[0])
-            src = slots[first:].to(self.pos.device)
-            self.k[:, first:n] = self.k[:, src]
-            self.v[:, first:n] = self.v[:, src]
-            self.pos[first:n] = self.pos[src]
+        n = slots.shape[-1]
+        if slots.dim() == 2:  # a per-head selection
+            src = slots.to(self.pos.device)
+            index = src[:, :, None].expand(-1, -1, self.k.shape[2])
+            self.k[:, :n] = self.k.gather(1, index)
+            self.v[:, :n] = self.v.gather(1, index)
+            self.pos[:, :n] = self.pos.gather(1, src)
+        else:
+            # Find the first slot that moves on the host (slots are small), so a GPU cache is not synchronised.
+            moved = (slots.cpu() != torch.arange(n)).nonzero()
+            if moved.numel():
+                first = int(moved[0])
+                src = slots[first:].to(self.pos.device)
+                self.k[:, first:n] = self.k[:, src]
+                self.v[:, first:n] = self.v[:, src]
+                self.pos[:, first:n] = self.pos[:, src]
         self._length = n
         self.n_committed = n
 
@@ -76,10 +80,9 @@ class DenseLayerCache(LayerCache):
 
     def nbytes(self) -> int:
         kv_heads, _, head_dim = self.k.shape
-        return self._length * (2 * kv_heads * head_dim * self.k.element_size() + self.pos.element_size())
+        return self._length * kv_heads * (2 * head_dim * self.k.element_size() + self.pos.element_size())
 
     def nbytes_per_head(self) -> torch.Tensor:
-        # positions are shared by the heads: each head is charged its share
         return torch.full((self.k.shape[0],), self.nbytes() // self.k.shape[0], dtype=torch.long)
 
 
