@@ -42,6 +42,7 @@ class LayerCache(ABC):
 
     n_committed: int = 0
     observer: AttentionObserver | None = None  # set by policies that need attention weights
+    attends_itself = False  # True: `attention` calls attend() instead of attending over view()
 
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -58,6 +59,14 @@ class LayerCache(ABC):
         slots: [n] ascending slot indices kept in every head, or [kv_heads, n], each row ascending, for a
         per-head selection (H2O, EMS...: every head keeps the same number of tokens, not the same tokens).
         After a per-head keep, slot i of one head and slot i of another may hold different positions."""
+
+    def attend(self, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the stored form itself (bitmap-sparse keys, a selection of tokens per query), for
+        classes that set `attends_itself`. Called after the new tokens are appended.
+
+        q: [heads, T, dim] (RoPE applied; query heads g*group..(g+1)*group-1 share kv head g); mask: [T, length]
+        bool (True = may attend) or None for a causal prompt with nothing before it. Returns [heads, T, dim]."""
+        raise NotImplementedError(f"{type(self).__name__} sets attends_itself but has no attend()")
 
     @property
     @abstractmethod

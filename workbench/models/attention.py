@@ -40,10 +40,13 @@ def attention(
     k, v = k.transpose(0, 1), v.transpose(0, 1)
     if layer_cache is not None:
         layer_cache.append(k, v, positions)
+        if layer_cache.observer is not None or layer_cache.attends_itself:
+            full_mask = _full_mask(new_mask, n_new, layer_cache.length, q.device)
+            if layer_cache.observer is not None:
+                layer_cache.observer.observe(layer_cache, q.transpose(0, 1), layer_cache.view()[0], full_mask)
+            if layer_cache.attends_itself:  # sparse or selected-token forms compute attention themselves
+                return layer_cache.attend(q.transpose(0, 1), full_mask).transpose(0, 1).reshape(n_new, -1)
         k, v = layer_cache.view()
-        if layer_cache.observer is not None:
-            full_mask = _full_mask(new_mask, n_new, k.shape[1], q.device)
-            layer_cache.observer.observe(layer_cache, q.transpose(0, 1), k, full_mask)
     if n_new == 1 and new_mask is None:
         # One decoding step: the group of query heads sharing a kv head acts as that head's queries,
         # so one fused call does it with no copies of k and v.
