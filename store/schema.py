@@ -49,6 +49,10 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN predicted_tokens_per_step DOUBLE",
         "ALTER TABLE runs ADD COLUMN tokens_per_step DOUBLE",
     ],
+    3: [  # per-head KV-cache stats: the logical positions kept (sampled, bounded) and whether masks are simulated
+        "ALTER TABLE cache_stats ADD COLUMN kept INTEGER[]",
+        "ALTER TABLE cache_stats ADD COLUMN simulated BOOLEAN",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the store reads traces but never needs torch to do so
     from workbench.trace import Trace
 
 CACHE_SAMPLE_STEPS = 32  # cache_stats keeps at most this many steps per run, evenly spaced, first and last included
+KEPT_STORE_STEPS = 8  # of the steps whose kept positions the engine sampled, at most this many are stored
+KEPT_STORE_INTS = 1 << 20  # and at most this many kept positions per run in all
 
 _open_writers: set[Path] = set()  # files this process writes; DuckDB's lock only guards across processes
 _open_lock = threading.Lock()
@@ -89,12 +91,14 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
     nodes: dict[str, list] = {k: [] for k in ("run_id", "step", "node", "parent", "token_id", "depth", "draft_prob",
                                               "target_prob", "accepted")}
     cache: dict[str, list] = {k: [] for k in ("run_id", "step", "layer", "head", "tokens_held", "bytes", "bits",
-                                              "sparsity")}
+                                              "sparsity", "kept", "simulated")}
     for position, token in enumerate(trace.prompt_ids):
         for key, value in zip(tokens, (rid, position, token, None, "prompt", None, None, None)):
             tokens[key].append(value)
     generated = 0
     sampled = set(sampled_steps(len(trace.events)))
+    kept_steps = _kept_steps(trace)
+    sampled |= kept_steps
     for e in trace.events:
         values = (rid, e.step, e.draft_ns, e.verify_ns, e.accept_ns, e.elapsed_ns, e.n_drafted, e.n_accepted,
                   "bonus" in e.sources, len(e.tokens), e.cache_bytes, sum(e.cache_tokens), e.text, e.finish_reason)
@@ -113,14 +117,40 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
                 for key, value in zip(nodes, values):
                     nodes[key].append(value)
         generated += len(e.tokens)
-        if e.step in sampled:
+        stats = getattr(e, "cache_stats", None)
+        if e.step in sampled and stats is not None:  # per head, with the kept positions where chosen
+            kept = stats.kept if e.step in kept_steps else None
+            for layer, heads in enumerate(stats.tokens):
+                for head in range(len(heads)):
+                    values = (rid, e.step, layer, head, stats.tokens[layer][head], stats.bytes[layer][head],
+                              stats.bits[layer][head], stats.sparsity[layer][head],
+                              kept[layer][head] if kept is not None else None, stats.simulated)
+                    for key, value in zip(cache, values):
+                        cache[key].append(value)
+        elif e.step in sampled:
             logical = len(trace.prompt_ids) + generated - 1  # the last committed token is pending, not cached
             for layer, held in enumerate(e.cache_tokens):
-                values = (rid, e.step, layer, None, held, None, None, 1 - held / logical if logical > 0 else 0.0)
+                values = (rid, e.step, layer, None, held, None, None, 1 - held / logical if logical > 0 else 0.0,
+                          None, None)
                 for key, value in zip(cache, values):
                     cache[key].append(value)
     return {name: pa.table(columns) for name, columns in
             (("steps", steps), ("tokens", tokens), ("draft_nodes", nodes), ("cache_stats", cache))}
+
+
+def _kept_steps(trace: Trace) -> set[int]:
+    """Steps whose kept positions are stored: evenly chosen among those the engine sampled (the last always),
+    at most KEPT_STORE_STEPS, while their positions add up to at most KEPT_STORE_INTS."""
+    events = [e for e in trace.events if getattr(e, "cache_stats", None) is not None and e.cache_stats.kept]
+    chosen = [events[i] for i in sampled_steps(len(events), KEPT_STORE_STEPS)]
+    out, total = set(), 0
+    for e in reversed(chosen):  # the latest first: the app draws the last known state
+        size = sum(len(h) for layer in e.cache_stats.kept for h in layer)
+        if total + size > KEPT_STORE_INTS:
+            break
+        out.add(e.step)
+        total += size
+    return out
 
 
 class Store:

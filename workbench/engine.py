@@ -22,6 +22,7 @@ import torch
 
 from workbench.cache.base import CachePolicy, KVCache
 from workbench.cache.dense import DensePolicy
+from workbench.cache.stats import CacheStats, cache_stats, kept_sampled
 from workbench.decoding.base import Acceptor, Drafter, DraftTree
 from workbench.errors import PromptError
 from workbench.models.llama import LlamaModel
@@ -90,6 +91,7 @@ class StepEvent:
     cache_bytes: int  # real bytes the KV cache holds after this step
     cache_tokens: list[int]  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
+    cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
 
     @property
     def n_drafted(self) -> int:
@@ -110,7 +112,10 @@ def build_cache(model: LlamaModel, policies: list[CachePolicy], capacity: int) -
             if layer is not None:
                 layers.append(layer)
                 break
-    return KVCache(layers)
+    cache = KVCache(layers)
+    for policy in policies:
+        policy.on_cache_built(cache)
+    return cache
 
 
 class Engine:
@@ -179,24 +184,28 @@ class Engine:
             tree = self.drafter.propose(state)
             tree.root = state.pending
             t1 = time.perf_counter_ns()
-            tree_tokens = torch.tensor([state.pending, *tree.tokens], device=device)
+            tree_tokens = torch.tensor(tree.forward_tokens(), device=device)
             positions = tree.positions(state.pending_position, device)
-            mask = tree.attention_mask(device) if len(tree) else None
-            logits = model(tree_tokens, positions, cache, mask=mask).logits
+            mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
+            all_logits = model(tree_tokens, positions, cache, mask=mask).logits
             _sync(device)
             t2 = time.perf_counter_ns()
+            logits = all_logits[: len(tree) + 1]  # aux rows (tree.aux) are the drafter's alone, never candidates
             probs = self.sampler.probs(logits)
             acceptance = self.acceptor.accept(tree, logits, probs, self.sampler)
-            cache.commit([0] + [node + 1 for node in acceptance.accepted])
+            cache.commit([0] + [node + 1 for node in acceptance.accepted])  # rejected nodes and aux slots drop
             new_tokens = [tree.tokens[n] for n in acceptance.accepted] + [acceptance.bonus]
             rows = [0] + [n + 1 for n in acceptance.accepted]  # the row each new token was chosen from
             record = _tree_record(tree, acceptance.accepted, probs) if len(tree) else None
             sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
             event = self._event(state, new_tokens, sources, probs, rows, record, t1 - t0, t2 - t1, t2, start,
                                 text, budget)  # commits the tokens to the state
-            self.drafter.observe(state, tree, acceptance, logits)
+            self.drafter.observe(state, tree, acceptance, all_logits)
             for policy in self.policies:
                 policy.on_step_end(cache)
+            if self.policies:  # report what the policies left, not what the step held before they ran
+                for name, value in self._cache_state(state, event.finish_reason).items():
+                    setattr(event, name, value)
             end = time.perf_counter_ns()
             event.accept_ns, event.elapsed_ns = end - t2, end - start
             yield event
@@ -236,8 +245,16 @@ class Engine:
             alternatives=[list(zip(i, p)) for i, p in zip(top.indices.tolist(), top.values.tolist())],
             positions=list(range(first_pos, first_pos + len(new_tokens))), text=added, tree=tree,
             draft_ns=draft_ns, verify_ns=verify_ns, accept_ns=end - t_verified, elapsed_ns=end - start,
-            cache_bytes=state.cache.nbytes(), cache_tokens=state.cache.tokens_per_layer(), finish_reason=finish,
+            finish_reason=finish, **self._cache_state(state, finish),
         )
+
+    def _cache_state(self, state: DecodeState, finish: str | None) -> dict:
+        """What the cache holds now: bytes, tokens per layer, stats (kept positions on sampled steps)."""
+        cache = state.cache
+        context = len(state.prompt_ids) + len(state.generated) - 1  # the last token is pending, not cached
+        stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
+                            kept_sampled(state.step, finish is not None))
+        return {"cache_bytes": cache.nbytes(), "cache_tokens": cache.tokens_per_layer(), "cache_stats": stats}
 
 
 def _tree_record(tree: DraftTree, accepted: list[int], probs: torch.Tensor) -> TreeRecord:

@@ -1,6 +1,18 @@
 """KV-cache storage and policies. Importing this package registers every cache policy in it."""
 
-from workbench.cache import dense  # noqa: F401  (registration)
+from workbench.cache import (  # noqa: F401  (registration)
+    block_fp,
+    dense,
+    double_sparsity,
+    ems,
+    gear,
+    h2o,
+    kivi,
+    mustafar,
+    prefix_kv,
+    snapkv,
+    streaming,
+)
 from workbench.cache.base import CachePolicy, KVCache, LayerCache
 
 __all__ = ["CachePolicy", "KVCache", "LayerCache"]

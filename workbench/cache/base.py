@@ -86,6 +86,16 @@ class LayerCache(ABC):
         """Real bytes held by this layer (read every step: subclasses make it cheap)."""
         return int(self.nbytes_per_head().sum())
 
+    def head_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per kv head, for the views (workbench/cache/stats.py): tokens held, real bytes, bytes of the K/V
+        data alone (no positions or indices), and the fraction of the held tokens' K/V elements stored (below
+        1 for pruned forms), as [kv_heads] tensors or lists. This default suits full-precision forms; compressed
+        forms override it."""
+        k = self.view()[0]
+        heads, n, dim = k.shape
+        kv = torch.full((heads,), 2 * n * dim * k.element_size(), dtype=torch.long)
+        return torch.full((heads,), n, dtype=torch.long), self.nbytes_per_head(), kv, torch.ones(heads)
+
     def commit(self, offsets: list[int] | None = None) -> None:
         """Keep the uncommitted tokens at `offsets` (relative to the first uncommitted slot; None = all)."""
         n_new = self.length - self.n_committed
@@ -167,6 +177,10 @@ class CachePolicy:
     ) -> LayerCache | None:
         """Return a layer cache, or None to leave the storage form to the previous policy."""
         return None
+
+    def on_cache_built(self, cache: KVCache) -> None:
+        """Called once every layer cache exists, before the prefill: attach attention observers here, and
+        refuse (SpecError) a storage form this policy cannot work with."""
 
     def on_prefill_end(self, cache: KVCache) -> None:
         """Called once the prompt is committed."""

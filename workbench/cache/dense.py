@@ -28,6 +28,10 @@ class DenseLayerCache(LayerCache):
         return self._length
 
     @property
+    def head_dim(self) -> int:
+        return self.k.shape[2]
+
+    @property
     def capacity(self) -> int:
         return self.k.shape[1]
 
@@ -81,6 +85,11 @@ class DenseLayerCache(LayerCache):
     def nbytes(self) -> int:
         kv_heads, _, head_dim = self.k.shape
         return self._length * kv_heads * (2 * head_dim * self.k.element_size() + self.pos.element_size())
+
+    def head_stats(self) -> tuple[list[int], list[int], list[int], list[float]]:
+        heads, _, dim = self.k.shape
+        data = 2 * self._length * dim * self.k.element_size()
+        return [self._length] * heads, [self.nbytes() // heads] * heads, [data] * heads, [1.0] * heads
 
     def nbytes_per_head(self) -> torch.Tensor:
         return torch.full((self.k.shape[0],), self.nbytes() // self.k.shape[0], dtype=torch.long)

@@ -9,6 +9,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     dyspec,
     early_exit,
     layer_skip,
+    lookahead,
     match,
     plain,
     prompt_lookup,

@@ -4,6 +4,11 @@ Each step the engine runs the target once over `[pending] + tree.tokens`: the pe
 committed token (its KV not yet cached) and is the tree's root. Row 0 of the logits is the target's
 distribution after the root, row i + 1 the distribution after node i. A chain is a tree whose nodes each
 have one child; plain decoding proposes an empty tree.
+
+A tree may carry an auxiliary block (`AuxBlock`): tokens that ride along in the same forward after the
+nodes, with their own positions and mask rows, but are not drafts (lookahead decoding's Jacobi window). The
+acceptor, the trace and the metrics see only the tree's rows; the cache never commits aux slots (they are
+dropped like rejected drafts); the drafter reads their logits in `observe`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,19 @@ ROOT = -1  # parent index of a node drafted directly after the pending token
 
 
 @dataclass
+class AuxBlock:
+    """Non-draft tokens appended to the verification forward after the tree's nodes (see the module doc)."""
+
+    tokens: list[int]  # [A] token ids
+    offsets: list[int]  # [A] logical positions, relative to the pending token's
+    mask: torch.Tensor  # [A, 1 + N + A] bool: what each aux token attends to among [pending, nodes, aux]
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.offsets) or self.mask.shape[0] != len(self.tokens):
+            raise ValueError("an aux block needs one offset and one mask row per token")
+
+
+@dataclass
 class DraftTree:
     tokens: list[int] = field(default_factory=list)  # [N] drafted token ids
     parents: list[int] = field(default_factory=list)  # [N] parent node index, ROOT for the root's children
@@ -29,6 +47,7 @@ class DraftTree:
     # that propose deterministically (n-gram lookup, recycling), whose drafts are verified by matching.
     draft_probs: torch.Tensor | None = None
     root: int | None = None  # the pending token the tree hangs from; the engine sets it
+    aux: AuxBlock | None = None  # non-draft tokens run in the same forward, after the nodes
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
@@ -36,6 +55,8 @@ class DraftTree:
         for i, p in enumerate(self.parents):
             if not ROOT <= p < i:
                 raise ValueError(f"node {i} has parent {p}: parents must come before their children")
+        if self.aux and self.aux.mask.shape[1] != 1 + len(self.tokens) + len(self.aux.tokens):
+            raise ValueError("aux mask rows must span the pending token, every node and every aux token")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -63,20 +84,29 @@ class DraftTree:
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
     def attention_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[N + 1, N + 1] bool over root + nodes: each sees itself and its ancestors (tree attention,
-        SpecInfer [arXiv 2305.09781, sec. 4.2])."""
+        """[N + 1 (+ A), N + 1 (+ A)] bool over root + nodes (+ aux): each node sees itself and its ancestors
+        (tree attention, SpecInfer [arXiv 2305.09781, sec. 4.2]), never an aux token; aux rows are the
+        block's own."""
         n = len(self.tokens) + 1
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, 0] = True
+        a = len(self.aux.tokens) if self.aux else 0
+        mask = torch.zeros(n + a, n + a, dtype=torch.bool)
+        mask[:n, 0] = True
         for i, p in enumerate(self.parents):
             row = i + 1
             mask[row, row] = True
             mask[row] |= mask[p + 1]
+        if self.aux:
+            mask[n:] = self.aux.mask
         return mask.to(device)
 
     def positions(self, root_position: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[N + 1] logical positions of root + nodes: the root's, plus each node's depth."""
-        return torch.tensor([root_position] + [root_position + d for d in self.depths()], device=device)
+        """[N + 1 (+ A)] logical positions of root + nodes (+ aux): the root's, plus each node's depth."""
+        aux = [root_position + o for o in self.aux.offsets] if self.aux else []
+        return torch.tensor([root_position] + [root_position + d for d in self.depths()] + aux, device=device)
+
+    def forward_tokens(self) -> list[int]:
+        """What the target runs this step: root, nodes, then aux tokens."""
+        return [self.root, *self.tokens, *(self.aux.tokens if self.aux else [])]
 
 
 @dataclass
@@ -104,7 +134,7 @@ class Drafter:
 
     def observe(self, state: DecodeState, tree: DraftTree, acceptance: Acceptance, logits: torch.Tensor) -> None:
         """Called after verification, once the step's tokens are committed to `state`, with the target's
-        logits [N + 1, vocab] over the root and the nodes."""
+        logits [N + 1 (+ A), vocab] over the root, the nodes (and the tree's aux tokens, if any)."""
 
 
 class Acceptor:

@@ -1,0 +1,55 @@
+"""H2O: heavy hitters by accumulated attention, plus recent tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.scores import AccumulatedAttention, attach, check_budget, context_length, kept_count, select
+from workbench.registry import param, register
+
+
+@register("cache", "h2o")
+@dataclass
+class H2OPolicy(CachePolicy):
+    """H2O: keep the heavy hitters (tokens that received the most attention so far) and the recent tokens.
+
+    "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models" (arXiv
+    2306.14048). An observer adds up, per kv head, the attention every committed query pays each held token
+    (summed over the query heads of the group; rejected drafts never count). After the prefill and after
+    every step (`continuous=false`: the prefill only), each layer is cut to kept_count(tokens seen, budget)
+    per head: the most recent `recent` share of them, and the highest accumulated scores among the rest,
+    chosen independently in each head (the paper's greedy eviction, one token per step in steady state).
+    Left out: the paper's fixed cache size (here a fraction of the context, the workbench's budget
+    convention); scores are float32 sums, never renormalised.
+    """
+
+    budget: float = param(0.5, "fraction of the context's tokens kept: heavy hitters + recent", min=0.0, max=1.0)
+    recent: float = param(0.5, "share of the kept tokens that are the most recent ones; the rest are heavy hitters",
+                          min=0.0, max=1.0)
+    continuous: bool = param(True, "keep evicting while decoding (the paper); false: compress the prompt only")
+    _scores: list[AccumulatedAttention] = field(default_factory=list, init=False, repr=False)
+
+    def check(self) -> None:
+        check_budget(self.budget)
+
+    def on_cache_built(self, cache: KVCache) -> None:
+        self._scores = [AccumulatedAttention() for _ in cache.layers]
+        for layer, observer in zip(cache.layers, self._scores):
+            attach(layer, observer)
+
+    def on_prefill_end(self, cache: KVCache) -> None:
+        self._evict(cache)
+
+    def on_step_end(self, cache: KVCache) -> None:
+        if self.continuous:
+            self._evict(cache)
+
+    def _evict(self, cache: KVCache) -> None:
+        for layer, observer in zip(cache.layers, self._scores):
+            keep = kept_count(context_length(layer), self.budget)
+            if layer.n_committed <= keep:
+                continue
+            scores, _ = observer.for_layer(layer)
+            layer.keep(select(scores, keep, recent=math.ceil(self.recent * keep)))

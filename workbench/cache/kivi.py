@@ -1,0 +1,75 @@
+"""KIVI: 2- or 4-bit KV cache, keys quantized per channel and values per token, with a residual window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.cache.quantized import (
+    Codec,
+    CompressedPolicy,
+    dequantize_minmax,
+    pack_bits,
+    parse_layers,
+    quantize_minmax,
+    unpack_bits,
+)
+from workbench.errors import SpecError
+from workbench.models.config import ModelConfig
+from workbench.registry import param, register
+
+
+class KiviCodec(Codec):
+    """Keys: per channel over a group of `group` tokens; values: per token over groups of `channels`."""
+
+    def __init__(self, bits: int, group: int, channels: int):
+        self.bits, self.group, self.channels = bits, group, channels
+
+    def encode(self, k, v):
+        h, g, t, d = k.shape
+        kc, ks, km = quantize_minmax(k, 2, self.bits)  # min/max over the group's tokens, per channel
+        vc, vs, vm = quantize_minmax(v.reshape(h, g, t, d // self.channels, self.channels), 4, self.bits)
+        tok = {"k": pack_bits(kc.reshape(h, g * t, d), self.bits), "v": pack_bits(vc.reshape(h, g * t, d), self.bits),
+               "v_scale": vs.reshape(h, g * t, -1), "v_min": vm.reshape(h, g * t, -1)}
+        return tok, {"k_scale": ks[:, :, 0], "k_min": km[:, :, 0]}
+
+    def decode(self, tok, grp):
+        k = dequantize_minmax(unpack_bits(tok["k"], self.bits), grp["k_scale"], grp["k_min"])
+        h, n, d = k.shape
+        codes = unpack_bits(tok["v"], self.bits).view(h, n, d // self.channels, self.channels)
+        v = dequantize_minmax(codes, tok["v_scale"][..., None], tok["v_min"][..., None])
+        return k, v.view(h, n, d)
+
+
+@register("cache", "kivi")
+@dataclass
+class KiviPolicy(CompressedPolicy):
+    """KIVI: tuning-free asymmetric 2-bit KV cache quantization.
+
+    "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (arXiv 2402.02750). Key outliers sit in
+    fixed channels, so keys are quantized per channel (min/max over a group of `group` tokens); values are
+    quantized per token (min/max over `channels` consecutive channels). The most recent tokens stay in a
+    full-precision residual window; when it holds `residual` committed tokens they are quantized in groups
+    (asymmetric round-to-nearest, float16 scale and minimum, codes bit-packed). Drafts stay raw until
+    committed. Left out: the fused dequantize-matmul kernels (attention runs on dequantized K/V), and the
+    paper's defaults (group 32, residual 128) are replaced by group 64 / residual 64 so the scales and the
+    window fit the byte bars at 2k tokens (see docs/cache.md).
+    """
+
+    bits: int = param(4, "bits per quantized element", choices=[2, 4])
+    group: int = param(64, "tokens per key group (keys share a scale per channel over a group)", min=1, max=4096)
+    channels: int = param(64, "channels per value group (values share a scale per token over a group; "
+                              "at most head_dim)", min=1, max=1024)
+    residual: int = param(64, "full-precision window: quantize once this many committed tokens are raw",
+                          min=0, max=1 << 20)
+    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
+
+    def check(self) -> None:
+        parse_layers(self.skip_layers)
+
+    def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
+        channels = min(self.channels, config.head_dim)  # a whole head when the head is narrower
+        if config.head_dim % channels:
+            raise SpecError(f"kivi: channels={self.channels} must divide the model's head_dim {config.head_dim}")
+        return KiviCodec(self.bits, self.group, channels)

@@ -1,0 +1,136 @@
+"""Mustafar: per-token magnitude pruning of K and V, bitmap-compressed, with attention over the sparse form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.cache.quantized import (
+    Codec,
+    CompressedLayerCache,
+    CompressedPolicy,
+    pack_bits,
+    parse_layers,
+    unpack_bits,
+)
+from workbench.errors import SpecError
+from workbench.models.config import ModelConfig
+from workbench.registry import param, register
+
+
+class MustafarCodec(Codec):
+    """Each token keeps its `kept` largest-magnitude channels of K and of V: a bitmap of dim bits and the
+    nonzeros packed in channel order, in the model's dtype."""
+
+    group = 1
+
+    def __init__(self, head_dim: int, sparsity: float, dtype: torch.dtype):
+        self.head_dim, self.dtype = head_dim, dtype
+        self.kept = max(1, head_dim - round(head_dim * sparsity))
+
+    def _prune(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1, 2)  # [kv_heads, tokens, dim]
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask.scatter_(-1, x.abs().topk(self.kept, dim=-1).indices, True)
+        values = x[mask].view(*x.shape[:2], self.kept)  # boolean indexing keeps channel order
+        return pack_bits(mask, 1), values.to(self.dtype)
+
+    def encode(self, k, v):
+        kb, kv_ = self._prune(k)
+        vb, vv = self._prune(v)
+        return {"k_bitmap": kb, "k_values": kv_, "v_bitmap": vb, "v_values": vv}, {}
+
+    def channels(self, bitmap: torch.Tensor) -> torch.Tensor:
+        """Channel index of each packed nonzero, [kv_heads, n, kept] (the bitmap expanded once per call)."""
+        mask = unpack_bits(bitmap, 1).bool()
+        return mask.nonzero()[:, -1].view(*bitmap.shape[:2], self.kept)
+
+    def decode(self, tok, grp):
+        out = []
+        for name in ("k", "v"):
+            bitmap, values = tok[f"{name}_bitmap"], tok[f"{name}_values"]
+            dense = torch.zeros(*bitmap.shape[:2], self.head_dim, device=values.device)
+            out.append(dense.scatter_(-1, self.channels(bitmap), values.float()))
+        return out[0], out[1]
+
+    def held_fraction(self) -> float:
+        return self.kept / self.head_dim
+
+
+class MustafarLayerCache(CompressedLayerCache):
+    """Attention straight from the bitmap form: scores q·k as gathered products over each key's nonzeros,
+    and the output as a scatter-add of probability-weighted value nonzeros. This is the torch reference of
+    the paper's SpMV kernel; a Triton kernel would replace `_sparse_scores` and `_sparse_output`."""
+
+    attends_itself = True
+
+    def _sparse_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """q: [kv_heads, rows, dim] -> scores [kv_heads, rows, N] over the compressed keys."""
+        idx = self.codec.channels(self.tok["k_bitmap"])  # [kv_heads, N, kept]
+        vals = self.tok["k_values"].float()
+        h, n, kept = idx.shape
+        rows = q.shape[1]
+        gathered = q.gather(2, idx.reshape(h, 1, n * kept).expand(-1, rows, -1)).view(h, rows, n, kept)
+        return (gathered * vals[:, None]).sum(-1)
+
+    def _sparse_output(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs: [kv_heads, rows, N] -> [kv_heads, rows, dim], sum of p * v over the value nonzeros."""
+        idx = self.codec.channels(self.tok["v_bitmap"])
+        vals = self.tok["v_values"].float()
+        h, n, kept = idx.shape
+        contrib = probs[..., None] * vals[:, None]  # [kv_heads, rows, N, kept]
+        out = torch.zeros(h, probs.shape[1], self.head_dim, device=probs.device)
+        index = idx.reshape(h, 1, n * kept).expand(-1, probs.shape[1], -1)
+        return out.scatter_add_(2, index, contrib.reshape(h, probs.shape[1], n * kept))
+
+    def attend(self, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        heads, t, dim = q.shape
+        group = heads // self.kv_heads
+        n_c = self.n_compressed
+        qg = (q.float() * dim**-0.5).reshape(self.kv_heads, group * t, dim)
+        rk, rv = self.raw.view()
+        scores = torch.cat([self._sparse_scores(qg) if n_c else qg.new_empty(self.kv_heads, group * t, 0),
+                            qg @ rk.float().transpose(1, 2)], dim=-1)
+        if mask is None:  # a causal prompt with nothing before it
+            mask = torch.ones(t, self.length, dtype=torch.bool, device=q.device).tril_(self.length - t)
+        scores = scores.view(self.kv_heads, group, t, -1).masked_fill(~mask, float("-inf")).view_as(scores)
+        probs = torch.softmax(scores, dim=-1)
+        out = probs[..., n_c:] @ rv.float()
+        if n_c:
+            out = out + self._sparse_output(probs[..., :n_c])
+        return out.view(heads, t, dim).to(q.dtype)
+
+
+@register("cache", "mustafar")
+@dataclass
+class MustafarPolicy(CompressedPolicy):
+    """Mustafar: unstructured sparsity for the KV cache.
+
+    "Mustafar: Promoting Unstructured Sparsity for KV Cache Pruning in LLM Inference" (arXiv 2505.22913).
+    Every committed token's key and value vectors are pruned per token by magnitude to the target sparsity
+    (the paper finds per-token magnitude pruning as good as output-aware scores for both K and V), stored as
+    a bitmap plus the packed nonzeros, and attention is computed over that form (SpMV for q·K and for P·V).
+    The most recent `residual` tokens and every draft stay dense. Left out: the Triton/CUDA kernel (this is a
+    torch reference: it expands each bitmap to indices per call, so it is slow) and the paper's tiling of the
+    bitmap format for coalesced loads. The prompt attends to itself densely at prefill (its tokens are not
+    committed yet); later tokens see it pruned.
+    """
+
+    sparsity: float = param(0.5, "fraction of each token's K and V channels pruned", min=0.0, max=0.99)
+    residual: int = param(32, "most recent committed tokens kept dense", min=0, max=1 << 20)
+    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
+
+    def check(self) -> None:
+        parse_layers(self.skip_layers)
+
+    def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
+        if config.head_dim % 8:
+            raise SpecError(f"mustafar: the bitmap needs head_dim divisible by 8, the model has {config.head_dim}")
+        return MustafarCodec(config.head_dim, self.sparsity, dtype)
+
+    def make_layer_cache(self, layer, config, dtype, device, capacity):
+        if layer in parse_layers(self.skip_layers):
+            return None
+        return MustafarLayerCache(self.codec(layer, config, dtype), config.num_kv_heads, config.head_dim, dtype,
+                                  device, capacity, self.residual)

@@ -1,0 +1,64 @@
+"""SnapKV: observation-window voting at prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.scores import WindowVote, attach, check_budget, detach, kept_count, select
+from workbench.registry import param, register
+
+
+@register("cache", "snapkv")
+@dataclass
+class SnapKVPolicy(CachePolicy):
+    """SnapKV: the prompt's last queries vote for the earlier tokens each head keeps.
+
+    "SnapKV: LLM Knows What You are Looking for Before Generation" (arXiv 2404.14469). At the end of the
+    prefill, the attention the last `window` prompt queries pay each earlier token is summed over the window
+    (and over the query heads sharing a kv head), smoothed with a 1-D pool of `kernel` tokens so that
+    neighbours of a voted token survive with it, and each kv head keeps its top-voted tokens plus the window
+    itself: kept_count(prompt length, budget) per head. Prefill only, as in the paper: tokens generated
+    afterwards are all kept. Left out: the paper's per-head capacity in absolute tokens (a fraction here).
+    """
+
+    budget: float = param(0.5, "fraction of the prompt's tokens kept: voted tokens + the window", min=0.0, max=1.0)
+    window: int = param(64, "observation window: the last prompt tokens whose queries vote (all kept)", min=1,
+                        max=4096)
+    kernel: int = param(5, "pooling kernel over the votes (odd; 1 = no pooling)", min=1, max=63)
+    pooling: str = param("avg", "how votes are pooled over neighbouring tokens", choices=("avg", "max"))
+    _votes: list[WindowVote] = field(default_factory=list, init=False, repr=False)
+
+    def check(self) -> None:
+        check_budget(self.budget)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every token's place")
+
+    def on_cache_built(self, cache: KVCache) -> None:
+        self._votes = [WindowVote(self.window) for _ in cache.layers]
+        for layer, observer in zip(cache.layers, self._votes):
+            attach(layer, observer)
+
+    def on_prefill_end(self, cache: KVCache) -> None:
+        for layer, observer in zip(cache.layers, self._votes):
+            detach(layer, observer)  # decoding costs nothing extra from here on
+            n = layer.n_committed
+            keep = kept_count(n, self.budget)
+            if n > keep:
+                window = min(self.window, n)
+                layer.keep(select(pooled_votes(observer.for_layer(layer), window, self.kernel, self.pooling), keep,
+                                  recent=window))
+        self._votes = []
+
+
+def pooled_votes(votes: torch.Tensor, window: int, kernel: int, pooling: str) -> torch.Tensor:
+    """votes [kv_heads, S] with the tokens before the window smoothed over `kernel` neighbours (stride 1)."""
+    prefix = votes.shape[1] - window
+    if kernel == 1 or prefix == 0:
+        return votes
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    smoothed = pool(votes[:, None, :prefix], kernel, stride=1, padding=kernel // 2)[:, 0]
+    return torch.cat([smoothed, votes[:, prefix:]], 1)
