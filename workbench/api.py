@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workbench.compression.base import apply_compression
 from workbench.engine import Engine, StepEvent
 from workbench.errors import PromptError, SpecError
 from workbench.models import LoadedModel, load_model
@@ -45,18 +46,25 @@ class Workbench:
                  store: Recorder | None = None):
         self.default = RunSpec(model=model, dtype=dtype, device=device)
         self.store = store
-        self._models: dict[tuple[str, str, str], LoadedModel] = {}
-        self._memory: dict[tuple[str, str, str], dict] = {}  # per model: what drafters keep across runs
+        self._models: dict[tuple[str, str, str, str], LoadedModel] = {}
+        self._memory: dict[tuple[str, str, str, str], dict] = {}  # per model: what drafters keep across runs
         self.model(self.default)
 
     def model(self, spec: RunSpec) -> LoadedModel:
-        key = (spec.model, spec.dtype, spec.device)
+        key = self._key(spec)
         if key not in self._models:
             loaded = load_model(spec.model, spec.dtype, spec.device)
+            if spec.compress:  # before packing: transforms read and replace plain nn.Linear layers
+                loaded.compression = apply_compression(loaded, spec.compress)
             if can_pack(loaded.dtype, loaded.device):  # the last step: a runtime layout, after any transform
                 pack_linears(loaded.model)
             self._models[key] = loaded
         return self._models[key]
+
+    @staticmethod
+    def _key(spec: RunSpec) -> tuple[str, str, str, str]:
+        """Models are cached per name, dtype, device and compression chain."""
+        return spec.model, spec.dtype, spec.device, "+".join(t.to_string() for t in spec.compress)
 
     def spec(self, spec: RunSpec | str | None = None, **overrides: Any) -> RunSpec:
         """A validated spec: this workbench's model, dtype and device unless the spec names others."""
@@ -108,7 +116,7 @@ class Workbench:
         loaded = self.model(spec)
         ids = self.prompt_ids(loaded, prompt, spec.chat)
         engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize,
-                        memory=self._memory.setdefault((spec.model, spec.dtype, spec.device), {}))
+                        memory=self._memory.setdefault(self._key(spec), {}))
         trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
                       weight_bytes=loaded.weight_bytes())

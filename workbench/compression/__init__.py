@@ -1,4 +1,19 @@
 """Weight transforms (quantize, prune, encode, compensate). Importing this package registers them.
 
-None are registered yet: the weight-compression issue adds them, one per file.
+The contract (compressed layers, transforms, their application in stage order) is in `base.py`;
+docs/compression.md describes each transform and how to measure it.
 """
+
+from workbench.compression import (  # noqa: F401  (registration)
+    dfloat11,
+    eora,
+    fp4,
+    gptq,
+    int4,
+    int8,
+    mx,
+    prune,
+)
+from workbench.compression.base import STAGES, CompressedLinear, WeightTransform, apply_compression
+
+__all__ = ["STAGES", "CompressedLinear", "WeightTransform", "apply_compression"]

@@ -9,12 +9,18 @@ the run's logits processing, recording that distribution q for the acceptor. It 
 after verification the cache is cut back to the tokens that were accepted, so rejected drafts never
 linger. `draft=self` drafts with the target's first `layers` layers plus its final norm and LM head (no
 copy of any weight: the same model runs with a layer plan on a separate cache). Any other value is a
-model name or path (GGUF, Hugging Face folder) with the target's vocabulary. Left out: Kangaroo's
+model name or path (GGUF, Hugging Face folder) with the target's vocabulary. `compress` drafts with a
+compressed copy of the target (quantized self-speculation: every layer unless `layers` says fewer; layers
+not replaced share the target's tensors), verified by the uncompressed target, so output stays lossless.
+Its value is a compression chain, with `/` between one transform's parameters, because `,` separates the
+drafter's own: `compress=int4:group=32/head=true+prune`. Calibrated transforms (gptq, eora) calibrate such a
+draft on seeded random token ids: the drafter sees the model, not its tokenizer. Left out: Kangaroo's
 trained adapter and its double early exit, and dynamic draft lengths (see the adaptive-length wrapper).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,10 +28,13 @@ import torch
 
 from workbench.cache.base import KVCache
 from workbench.cache.dense import DenseLayerCache
+from workbench.compression.base import apply_compression
 from workbench.decoding.base import Drafter, DraftTree
 from workbench.errors import SpecError
+from workbench.models import LoadedModel
 from workbench.models.llama import LlamaModel
 from workbench.registry import param, register
+from workbench.spec import TechniqueSpec
 
 
 @register("decoding", "draft_model", lossless=True)
@@ -38,7 +47,10 @@ class DraftModel(Drafter):
     k: int = param(4, "tokens drafted per step", min=1, max=32)
     draft: str = param("self", "'self' (the target's first `layers` layers, final norm and head) or a model "
                        "name or path with the same vocabulary")
-    layers: int = param(4, "layers of the target that a self-draft runs", min=1, max=512)
+    layers: int = param(0, "layers of the target that a self-draft runs; 0: 4, or all of them with compress",
+                        min=0, max=512)
+    compress: str = param("", "draft with a compressed copy of the target: a compression chain, '/' between "
+                          "one transform's parameters (e.g. int4:group=32/head=true)")
     _model: LlamaModel | None = field(init=False, default=None, repr=False)
     _plan: list[int] | None = field(init=False, default=None)
     _cache: KVCache | None = field(init=False, default=None, repr=False)
@@ -47,13 +59,29 @@ class DraftModel(Drafter):
     # to stop drafting now.
     stop_rule: Callable[[list[float]], bool] | None = field(init=False, default=None, repr=False)
 
+    def check(self) -> None:
+        if self.compress and self.draft != "self":
+            raise ValueError(f"compress applies to draft=self (a compressed copy of the target), not {self.draft!r}")
+        compression_chain(self.compress)  # unknown transforms and bad parameters raise SpecError here
+
     def begin(self, state) -> None:
         target = state.model
-        if self.draft == "self":
-            if self.layers >= target.config.num_layers:
-                raise SpecError(f"draft_model: layers={self.layers} must be fewer than the target's "
+        if self.compress:
+            # Compressing takes seconds (minutes if calibrated): one copy per target and chain, kept across runs.
+            key = f"draft_model:compress={self.compress}"
+            model = state.memory.get(key)
+            if model is None:
+                model = state.memory[key] = compressed_copy(target, compression_chain(self.compress))
+            n_layers = self.layers or target.config.num_layers
+            if n_layers > target.config.num_layers:
+                raise SpecError(f"draft_model: layers={self.layers} exceeds the target's {target.config.num_layers}")
+            self._model, self._plan = model, list(range(n_layers))
+        elif self.draft == "self":
+            n_layers = self.layers or 4
+            if n_layers >= target.config.num_layers:
+                raise SpecError(f"draft_model: layers={n_layers} must be fewer than the target's "
                                 f"{target.config.num_layers} layers")
-            self._model, self._plan, n_layers = target, list(range(self.layers)), self.layers
+            self._model, self._plan = target, list(range(n_layers))
         else:
             from workbench.models import load_model
 
@@ -113,3 +141,18 @@ class DraftModel(Drafter):
     def observe(self, state, tree, acceptance, logits) -> None:
         # Keep the draft's KV only for tokens now committed: everything before the new pending token.
         self._cache.keep_first(len(state.tokens) - 1)
+
+
+def compression_chain(text: str) -> list[TechniqueSpec]:
+    """TechniqueSpecs of a compression chain written inside a drafter parameter ('/' for ','), validated."""
+    return [TechniqueSpec.parse(t.replace("/", ",")).validated("compression") for t in text.split("+") if t.strip()]
+
+
+def compressed_copy(target: LlamaModel, chain: list[TechniqueSpec]) -> LlamaModel:
+    """A copy of `target` with `chain` applied: new modules, sharing every tensor the chain does not replace."""
+    shared = {id(t): t for t in [*target.parameters(), *target.buffers()]}
+    shared.update({id(m.packed): m.packed for m in target.modules() if hasattr(m, "packed_nbytes")})
+    model = copy.deepcopy(target, shared)
+    loaded = LoadedModel(model, None, model.config, "draft", "draft", model.dtype, model.device)
+    apply_compression(loaded, chain)
+    return model

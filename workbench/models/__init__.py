@@ -8,8 +8,9 @@ tests). Every loader produces tensors in Hugging Face naming; `model_from_hf_sta
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -42,22 +43,28 @@ class LoadedModel:
     source: str  # the file or folder read
     dtype: torch.dtype
     device: torch.device
+    compression: list[Any] = field(default_factory=list)  # TransformReports of the weight transforms applied
 
     @property
     def eos_token_ids(self) -> list[int]:
         """Ids that end generation: the checkpoint's (config and generation config) and the tokenizer's."""
         ids = list(self.config.eos_token_ids)
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        return ids if eos is None or eos in ids else [*ids, eos]
+        # an id past the model's vocabulary can never be generated (some GGUF tokenizer conversions add one)
+        return ids if eos is None or eos in ids or eos >= self.config.vocab_size else [*ids, eos]
 
     def detokenize(self, ids: list[int]) -> str:
         """Text of token ids, special tokens left out; without a tokenizer each id shows as <id>."""
         if self.tokenizer is None:
             return "".join(f"<{i}>" for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # The config's BOS/EOS are dropped too: some transformers versions don't mark a GGUF tokenizer's
+        # <s> and </s> as special.
+        special = {self.config.bos_token_id, *self.config.eos_token_ids}
+        return self.tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=True)
 
     def weight_bytes(self) -> int:
-        """Bytes the weights hold in memory, tied tensors counted once (packed linears included)."""
+        """Bytes the weights hold in memory, tied tensors counted once (packed linears included). Compressed
+        layers keep every tensor as a buffer or parameter (compression/base.py), so their real bytes count."""
         tensors = [*self.model.parameters(), *self.model.buffers()]  # both skip shared duplicates
         total = sum(t.numel() * t.element_size() for t in tensors)
         return total + sum(m.packed_nbytes() for m in self.model.modules() if isinstance(m, PackedLinear))

@@ -1,0 +1,146 @@
+"""int4: group-wise asymmetric weight-only quantization, round to nearest, on torch's packed int4 CPU kernel.
+
+Paper: the group-wise asymmetric int4 format of GPTQ's and AWQ's kernels (Frantar et al., arXiv 2210.17323;
+Lin et al., "AWQ", arXiv 2306.00978), here with round-to-nearest codes (the usual "RTN" baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workbench.compression.base import (
+    CompressedLinear,
+    CompressionContext,
+    WeightTransform,
+    check_group,
+    dense_weight,
+    linear_sites,
+)
+from workbench.registry import param, register
+
+KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+_TILE = 64  # the CPU kernel's layout interleaves rows in tiles of 64 (rows j and j+32 share a byte)
+
+
+def affine_params(w: torch.Tensor, maxq: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset over the last dim of w [..., g] (float32), so w ≈ scale * code + offset with codes in
+    0..maxq: offset is the group's minimum, scale spans it to the maximum."""
+    lo, hi = w.float().amin(-1), w.float().amax(-1)
+    return (hi - lo).clamp(min=1e-8) / maxq, lo
+
+
+def quantize_rtn_int4(w: torch.Tensor, group: int, param_dtype: torch.dtype = torch.float32,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric int4 of w [out, in]: codes uint8 [out, in] in 0..15, scales and offsets
+    float32 [out, in // group] (rounded to `param_dtype` first, so codes are nearest on the stored grid)."""
+    out_f, in_f = w.shape
+    wg = w.float().reshape(out_f, in_f // group, group)
+    scale, offset = affine_params(wg)
+    scale, offset = scale.to(param_dtype).float(), offset.to(param_dtype).float()
+    codes = torch.clamp(torch.round((wg - offset[..., None]) / scale[..., None]), 0, 15)
+    return codes.to(torch.uint8).reshape(out_f, in_f), scale, offset
+
+
+class Int4Linear(CompressedLinear):
+    """Weight = (code - 8) * scale + zero per group of `group` inputs; codes packed two per byte.
+
+    Stored as torch's CPU int4 kernel wants it: `packed` uint8 [out, in/2] in the kernel's tiled layout
+    (when out is a multiple of 64; plain nibble pairs otherwise) and `scale_zeros` [in/group, out, 2] in the
+    compute dtype. On CPU the product runs in `_weight_int4pack_mm_for_cpu`; elsewhere (or for shapes and
+    groups the kernel does not take) forward dequantizes and runs a dense matmul, marked `simulated`."""
+
+    def __init__(self, codes: torch.Tensor, scale_zeros: torch.Tensor, group: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group, self.bias = group, bias
+        self.tiled = self.out_features % _TILE == 0
+        self.kernel = self.tiled and group in KERNEL_GROUPS
+        if self.tiled:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32), 1)
+        else:
+            packed = codes[:, ::2] | (codes[:, 1::2] << 4)
+        self.register_buffer("packed", packed.to(codes.device))
+        self.register_buffer("scale_zeros", scale_zeros)
+
+    @property
+    def simulated(self) -> bool:  # the kernel runs on CPU only
+        return not (self.kernel and self.packed.is_cpu)
+
+    @classmethod
+    def from_affine(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
+                    bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> Int4Linear:
+        """From codes uint8 [out, in] in 0..15 with w_hat = scale * code + offset (scales, offsets [out, in // group]).
+        `dtype` is the compute dtype (default: the bias's, else bfloat16); parameters are stored in it."""
+        dtype = dtype or (bias.dtype if bias is not None else torch.bfloat16)
+        zeros = offsets.float() + 8 * scales.float()  # the kernel's form: (code - 8) * scale + zero
+        scale_zeros = torch.stack([scales.float().T, zeros.T], dim=-1).to(dtype).contiguous()
+        return cls(codes.to(torch.uint8), scale_zeros, group, bias)
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Unpacked codes uint8 [out, in] (or [len(rows), in] for the given rows)."""
+        p = self.packed
+        if not self.tiled:
+            p = p if rows is None else p[rows]
+            return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+        tiles = p.view(-1, self.in_features, _TILE // 2)  # [out/64, in, 32]: byte j holds rows j and j+32
+        if rows is None:
+            both = torch.stack([tiles & 15, tiles >> 4], dim=2)  # [out/64, in, 2, 32]
+            return both.permute(0, 2, 3, 1).reshape(self.out_features, self.in_features)
+        r = rows % _TILE
+        byte = tiles[rows // _TILE, :, r % (_TILE // 2)]  # [T, in]
+        return torch.where((r < _TILE // 2)[:, None], byte & 15, byte >> 4)
+
+    def _weight(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        sz = self.scale_zeros if rows is None else self.scale_zeros[:, rows]
+        scale = sz[..., 0].T.float().repeat_interleave(self.group, dim=1)
+        zero = sz[..., 1].T.float().repeat_interleave(self.group, dim=1)
+        return ((codes.float() - 8) * scale + zero).to(self.scale_zeros.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._weight(self.codes(), None)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._weight(self.codes(ids), ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                                          self.group, self.scale_zeros)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def weight_nbytes(self) -> int:
+        return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size()
+
+
+@register("compression", "int4")
+@dataclass
+class Int4(WeightTransform):
+    """Group-wise asymmetric int4 weight-only quantization, round to nearest (the RTN baseline of GPTQ,
+    arXiv 2210.17323, and AWQ, arXiv 2306.00978).
+
+    Each run of `group` consecutive inputs of a row gets a scale and offset spanning its minimum to its
+    maximum; weights round to the nearest of 16 levels. Held as torch's packed int4 CPU format: half a byte
+    per weight plus a (scale, zero) pair per group, 28% of bf16 at group 64. Runs in
+    `_weight_int4pack_mm_for_cpu` on CPU (bf16 or float32 activations); elsewhere it dequantizes (simulated).
+    Left out: activation-aware scaling (AWQ) and error compensation (see `gptq`, `eora`).
+    """
+
+    stage = "quantize"
+
+    group: int = param(64, "inputs per scale/offset group; must divide every compressed layer's inputs "
+                       "(576 = 9 x 64: use 32 or 64)", choices=KERNEL_GROUPS)
+    head: bool = param(False, "also compress the LM head / tied embedding")
+
+    def apply(self, model, ctx: CompressionContext) -> None:
+        sites = linear_sites(model, self.head)
+        for site in sites:
+            check_group("int4", site, self.group)
+        for site in sites:
+            codes, scales, offsets = quantize_rtn_int4(dense_weight(site.module), self.group, ctx.dtype)
+            self.replace(model, site, Int4Linear.from_affine(codes, scales, offsets, self.group, site.module.bias,
+                                                             ctx.dtype))
