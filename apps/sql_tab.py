@@ -1,0 +1,84 @@
+"""The SQL tab: the store's sealed console (one read-only query; no files, no settings), with examples.
+Results show as a table, and as a plot when they have two numeric columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+
+from . import views
+from .context import AppContext
+
+SHOWN_ROWS = 1000
+EXAMPLES = {
+    "speed-up over plain decoding": "SELECT decode, cache, round(speedup, 2) AS speedup, "
+                                    "round(accepted_length_ratio, 2) AS length_ratio\n"
+                                    "FROM technique_comparison ORDER BY speedup DESC",
+    "acceptance by tree depth": "SELECT depth, avg(accepted::INT) AS acceptance, count(*) AS nodes\n"
+                                "FROM draft_nodes GROUP BY depth ORDER BY depth",
+    "tok/s by technique": "SELECT decode, count(*) AS runs, avg(tok_per_s) AS tok_per_s, "
+                          "avg(mean_accepted_length) AS accepted_length\nFROM run_summary WHERE status = 'done' "
+                          "GROUP BY decode ORDER BY tok_per_s DESC",
+    "cache bytes over steps (newest run)": "SELECT step, cache_bytes FROM steps\nWHERE run_id = (SELECT run_id FROM "
+                                           "runs ORDER BY created_at DESC LIMIT 1) ORDER BY step",
+    "where the time goes": "SELECT decode, avg(draft_s / total_s) AS draft_share, avg(verify_s / total_s) AS "
+                           "verify_share\nFROM run_summary WHERE status = 'done' AND total_s > 0 GROUP BY decode",
+    "least confident tokens": "SELECT run_id, position, token_id, exp(logprob) AS p, entropy FROM tokens\n"
+                              "WHERE source != 'prompt' ORDER BY logprob LIMIT 20",
+}
+
+
+@dataclass
+class SqlTab:
+    example: gr.Dropdown
+    query: gr.Code | gr.Textbox
+    run: gr.Button
+    message: gr.Markdown
+    table: gr.Dataframe
+    plot: gr.Plot
+
+
+def make_run_query(ctx: AppContext):
+    def run_query(sql: str):
+        if not (sql or "").strip():
+            return gr.skip(), gr.update(visible=False), "type a query, or pick an example"
+        try:
+            table = ctx.query(sql)
+        except WorkbenchError as err:
+            gr.Warning(str(err))
+            return pd.DataFrame(), gr.update(visible=False), f"**{err}**"
+        data = table.slice(0, SHOWN_ROWS).to_pydict()
+        frame = pd.DataFrame(data, columns=table.column_names)
+        figure = views.sql_figure(table.column_names, data)
+        cut = f" (the first {SHOWN_ROWS} shown)" if table.num_rows > SHOWN_ROWS else ""
+        return (frame, gr.update(value=figure, visible=figure is not None),
+                f"{table.num_rows} row{'s' if table.num_rows != 1 else ''}{cut}")
+
+    return run_query
+
+
+def build_sql_tab() -> SqlTab:
+    gr.Markdown("One read-only query over the store: tables `runs`, `steps`, `tokens`, `draft_nodes`, "
+                "`cache_stats`; views `run_summary`, `technique_comparison` (see docs/store.md). Writes, files, "
+                "extensions and settings are refused.")
+    example = gr.Dropdown(list(EXAMPLES), value=None, label="example queries")
+    query = gr.Textbox(label="SQL", lines=4, value=EXAMPLES["tok/s by technique"], elem_id="wb-sql")
+    run = gr.Button("Run query", variant="primary", elem_id="wb-sql-run")
+    message = gr.Markdown(elem_id="wb-sql-message")
+    table = gr.Dataframe(label="result", interactive=False, max_height=400, elem_id="wb-sql-table")
+    plot = gr.Plot(label="first two numeric columns", visible=False, elem_id="wb-sql-plot")
+    return SqlTab(example, query, run, message, table, plot)
+
+
+def wire_sql_tab(ctx: AppContext, tab: SqlTab) -> None:
+    tab.example.input(lambda name: EXAMPLES.get(name, gr.skip()), inputs=tab.example, outputs=tab.query,
+                      api_visibility="private")
+    run_query = make_run_query(ctx)
+    common = {"concurrency_id": "store", "concurrency_limit": 4}
+    tab.run.click(run_query, inputs=tab.query, outputs=[tab.table, tab.plot, tab.message], api_name="sql", **common)
+    tab.query.submit(run_query, inputs=tab.query, outputs=[tab.table, tab.plot, tab.message],
+                     api_visibility="private", **common)
