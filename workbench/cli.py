@@ -1,4 +1,4 @@
-"""The `workbench` command line: generate, bench, list, runs, sql, export, import (and app, once it exists).
+"""The `workbench` command line: generate, bench, list, runs, sql, export, import and app.
 
 Every command turns user mistakes (WorkbenchError) into one line on stderr and exit status 2.
 """
@@ -159,9 +159,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             store.close()
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from workbench.eval.runner import run_command
+
+    return run_command(args)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
-    raise WorkbenchError("the browser app is not built yet (tracked in the Gradio app issue); "
-                         "use `workbench generate` or the Python API meanwhile")
+    try:
+        from workbench.apps.server import serve
+    except ImportError as err:
+        raise WorkbenchError(f"the app needs the `app` extra ({err.name} is missing): "
+                             "pip install -e '.[app]' (make app does it)") from None
+    serve(args.model, args.host, args.port, args.share, args.store, not args.no_store, args.dtype, args.device)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,11 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_recording_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("app", help="start the browser app")
-    p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("eval", help="quality of cache policies and weight transforms: perplexity, KL, retrieval",
+                       description="Perplexity, KL divergence and top-1 agreement against the full cache and "
+                       "uncompressed weights, passkey and key-value retrieval, and the kvpress peer (docs/quality.md).")
+    from workbench.eval.runner import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("app", help="start the browser app (side-by-side generation, live views, runs, SQL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs a network)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model every configuration runs on (loaded once)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_recording_options(p)
     p.set_defaults(func=cmd_app)
 
     add_store_commands(sub)

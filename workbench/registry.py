@@ -164,6 +164,7 @@ def get(category: str, name: str) -> Technique:
     if category not in _registry:
         raise SpecError(f"unknown category {category!r}; categories: {', '.join(CATEGORIES)}")
     if name not in _registry[category]:
-        valid = ", ".join(sorted(_registry[category])) or "none yet"
+        # names starting with "_" are stand-ins registered by tests, not offered to users
+        valid = ", ".join(sorted(n for n in _registry[category] if not n.startswith("_"))) or "none yet"
         raise SpecError(f"unknown {category} technique {name!r}; valid: {valid}")
     return _registry[category][name]
