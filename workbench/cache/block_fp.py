@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.cache.quantized import Codec, CompressedPolicy, pack_bits, parse_layers, unpack_bits
+from workbench.cache.quantized import SKIP_LAYERS_HELP, Codec, CompressedPolicy, pack_bits, unpack_bits
 from workbench.errors import SpecError
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
@@ -83,10 +83,7 @@ class BlockFPPolicy(CompressedPolicy):
     block: int = param(32, "channels sharing one exponent (MX: 32)", min=2, max=1024)
     reorder: bool = param(True, "rearrange channels so outlier channels share blocks (arXiv 2403.20137)")
     residual: int = param(0, "most recent committed tokens kept in full precision", min=0, max=1 << 20)
-    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
-
-    def check(self) -> None:
-        parse_layers(self.skip_layers)
+    skip_layers: str = param("", SKIP_LAYERS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         block = min(self.block, config.head_dim)  # a whole head when the head is narrower

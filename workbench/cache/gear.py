@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
     dequantize_minmax,
     pack_bits,
-    parse_layers,
     quantize_minmax,
     unpack_bits,
 )
@@ -97,10 +97,7 @@ class GearPolicy(CompressedPolicy):
     group: int = param(64, "tokens per compressed chunk (keys share a scale per channel over it)", min=1, max=4096)
     residual: int = param(64, "full-precision window: compress once this many committed tokens are raw",
                           min=0, max=1 << 20)
-    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
-
-    def check(self) -> None:
-        parse_layers(self.skip_layers)
+    skip_layers: str = param("", SKIP_LAYERS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         return GearCodec(self.bits, self.group, self.rank, self.outliers, config.head_dim)

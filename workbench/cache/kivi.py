@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
     dequantize_minmax,
     pack_bits,
-    parse_layers,
     quantize_minmax,
     unpack_bits,
 )
@@ -63,10 +63,7 @@ class KiviPolicy(CompressedPolicy):
                               "at most head_dim)", min=1, max=1024)
     residual: int = param(64, "full-precision window: quantize once this many committed tokens are raw",
                           min=0, max=1 << 20)
-    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
-
-    def check(self) -> None:
-        parse_layers(self.skip_layers)
+    skip_layers: str = param("", SKIP_LAYERS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         channels = min(self.channels, config.head_dim)  # a whole head when the head is narrower

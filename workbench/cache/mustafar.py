@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    SKIP_LAYERS_HELP,
     Codec,
     CompressedLayerCache,
     CompressedPolicy,
@@ -119,10 +120,7 @@ class MustafarPolicy(CompressedPolicy):
 
     sparsity: float = param(0.5, "fraction of each token's K and V channels pruned", min=0.0, max=0.99)
     residual: int = param(32, "most recent committed tokens kept dense", min=0, max=1 << 20)
-    skip_layers: str = param("", "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'")
-
-    def check(self) -> None:
-        parse_layers(self.skip_layers)
+    skip_layers: str = param("", SKIP_LAYERS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         if config.head_dim % 8:

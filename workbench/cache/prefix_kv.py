@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import AccumulatedAttention, attach, check_budget, detach, kept_count, select
+from workbench.cache.scores import AccumulatedAttention, attach_each, check_budget, detach, kept_count, select
 from workbench.registry import param, register
 
 
@@ -36,9 +36,7 @@ class PrefixKVPolicy(CachePolicy):
         check_budget(self.budget)
 
     def on_cache_built(self, cache: KVCache) -> None:
-        self._scores = [AccumulatedAttention() for _ in cache.layers]
-        for layer, observer in zip(cache.layers, self._scores):
-            attach(layer, observer)
+        self._scores = attach_each(cache, AccumulatedAttention)
 
     def on_prefill_end(self, cache: KVCache) -> None:
         for layer, observer in zip(cache.layers, self._scores):

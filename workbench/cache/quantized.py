@@ -299,6 +299,9 @@ def parse_layers(text: str) -> set[int]:
     return out
 
 
+SKIP_LAYERS_HELP = "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'"
+
+
 class CompressedPolicy(CachePolicy):
     """Base of the compressed-form policies: layers listed in `skip_layers` keep the previous policy's form
     (dense by default); every other layer gets a CompressedLayerCache with this policy's codec. Subclasses
@@ -306,6 +309,9 @@ class CompressedPolicy(CachePolicy):
 
     residual: int
     skip_layers: str
+
+    def check(self) -> None:
+        parse_layers(self.skip_layers)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         raise NotImplementedError

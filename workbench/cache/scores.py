@@ -151,6 +151,14 @@ class _Observers:
             o.commit(offsets)
 
 
+def attach_each(cache, make):
+    """Attach a fresh observer `make()` to every layer of `cache`; returns them in layer order."""
+    observers = [make() for _ in cache.layers]
+    for layer, observer in zip(cache.layers, observers):
+        attach(layer, observer)
+    return observers
+
+
 def attach(layer: LayerCache, observer: AttentionObserver) -> None:
     """Add an observer to a layer, beside any another policy attached."""
     if layer.observer is None:

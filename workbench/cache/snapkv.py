@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import WindowVote, attach, check_budget, detach, kept_count, select
+from workbench.cache.scores import WindowVote, attach_each, check_budget, detach, kept_count, select
 from workbench.registry import param, register
 
 
@@ -38,9 +38,7 @@ class SnapKVPolicy(CachePolicy):
             raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every token's place")
 
     def on_cache_built(self, cache: KVCache) -> None:
-        self._votes = [WindowVote(self.window) for _ in cache.layers]
-        for layer, observer in zip(cache.layers, self._votes):
-            attach(layer, observer)
+        self._votes = attach_each(cache, lambda: WindowVote(self.window))
 
     def on_prefill_end(self, cache: KVCache) -> None:
         for layer, observer in zip(cache.layers, self._votes):
