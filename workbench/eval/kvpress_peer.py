@@ -76,7 +76,10 @@ def peer_forced(model: Any, press: Any | None, ids: Sequence[int], prefill: int)
     tokens = torch.tensor([list(ids)], device=device)
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
-        rows = [model(input_ids=tokens[:, :prefill], past_key_values=cache, logits_to_keep=1).logits[0]]
+        # cache_position: kvpress's hooks read it to tell the prefill from decoding (newer transformers no
+        # longer pass it to the attention layers unless given)
+        rows = [model(input_ids=tokens[:, :prefill], past_key_values=cache, logits_to_keep=1,
+                      cache_position=torch.arange(prefill, device=device)).logits[0]]
     bytes_prefill = cache_nbytes(cache)
     t0 = time.perf_counter()
     for i in range(prefill, len(ids) - 1):

@@ -71,9 +71,14 @@ def cache_root() -> Path:
 
 
 def cache_folder(gguf_path: Path, name: str) -> Path:
-    """`<cache root>/<name>-<hash of the file's size, mtime and CACHE_FORMAT>`."""
+    """`<cache root>/<name>-<hash of the file's size, mtime, CACHE_FORMAT and the transformers version>`.
+
+    The tokenizer is saved by transformers, and a tokenizer saved by one version can load wrongly in another
+    (5.2 -> 5.23 gave perplexities in the tens of thousands), so each version converts its own."""
+    import transformers
+
     st = gguf_path.stat()
-    key = f"{st.st_size}:{st.st_mtime_ns}:{CACHE_FORMAT}".encode()
+    key = f"{st.st_size}:{st.st_mtime_ns}:{CACHE_FORMAT}:{transformers.__version__}".encode()
     return cache_root() / f"{name}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
