@@ -29,7 +29,8 @@ def main() -> None:
         loaded = load_model(dtype="bfloat16", device="cpu")
         apply_compression(loaded, [TechniqueSpec.parse(t) for t in chain.split("+")])
         lin, total = linear_bytes(loaded.model), loaded.weight_bytes()
-        print(f"{chain:<24} {lin / 1e6:>10.1f} {lin / base_linear:>7.1%} {total / 1e6:>9.1f} {total / base_total:>7.1%}")
+        print(f"{chain:<24} {lin / 1e6:>10.1f} {lin / base_linear:>7.1%} "
+              f"{total / 1e6:>9.1f} {total / base_total:>7.1%}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import SpecError
@@ -46,6 +47,10 @@ class CompressedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight [out, in] in the compute dtype, as the forward applies it."""
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then a dense product: the reference path (and the whole path of formats with no kernel)."""
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def weight_nbytes(self) -> int:
         """Bytes really held for the weight (codes, scales, zeros, bitmaps...), not the bias."""

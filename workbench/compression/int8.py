@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
 from workbench.registry import param, register
@@ -53,7 +52,7 @@ class Int8Linear(CompressedLinear):
             if x.dim() != 2:
                 y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        return super().forward(x)
 
     def weight_nbytes(self) -> int:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.compression.base import (
@@ -58,9 +57,6 @@ class SparseLinear(CompressedLinear):
         keep = (self.bitmap[:, None] & _BITS.to(self.bitmap.device, torch.uint8)).bool().flatten()
         w = torch.zeros(keep.numel(), dtype=self.values.dtype, device=self.values.device)
         return w.masked_scatter_(keep, self.values).view(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def weight_nbytes(self) -> int:
         return self.bitmap.numel() + self.values.numel() * self.values.element_size()
