@@ -10,6 +10,9 @@ and the SQL console queries through it (the store's sealed rules apply).
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gradio as gr
 
@@ -51,6 +54,21 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                         api_name="open_run", concurrency_id="store", concurrency_limit=4)
     demo.queue(max_size=ctx.queue_size, default_concurrency_limit=4)
     return demo
+
+
+@contextmanager
+def launched_locally(ctx: AppContext) -> Iterator[tuple[gr.Blocks, str]]:
+    """Build the app, serve it on a free localhost port in the background, yield (app, URL), then close it
+    (tests and the screenshot script)."""
+    demo = build_app(ctx)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_STYLE)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -9,7 +9,6 @@ recycling, then photographs the Generate, Runs and SQL tabs in Debian's headless
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from playwright.sync_api import sync_playwright
 
 from workbench.apps.context import AppContext
 from workbench.apps.runs_tab import COLUMNS as RUN_COLUMNS
-from workbench.apps.server import LAUNCH_STYLE, build_app
+from workbench.apps.server import launched_locally
 
 PROMPT = ("Repeat this list exactly: apples, pears, plums, cherries, apricots. "
           "Then repeat it once more: apples, pears, plums, cherries, apricots.")
@@ -33,15 +32,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = AppContext.create(args.model, "auto", "cpu", Path(tmp) / "runs.duckdb")
-        demo = build_app(ctx)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_STYLE)
         try:
-            shoot(f"http://127.0.0.1:{port}/", out, args.max_new_tokens)
+            with launched_locally(ctx) as (_, url):
+                shoot(url, out, args.max_new_tokens)
         finally:
-            demo.close()
             ctx.close()
 
 

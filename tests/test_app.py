@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import socket
 import time
 from types import SimpleNamespace
 
@@ -18,17 +17,11 @@ from workbench.apps import presets, views  # noqa: E402
 from workbench.apps.context import AppContext  # noqa: E402
 from workbench.apps.kv import kept_positions, kv_grid  # noqa: E402
 from workbench.apps.live import race  # noqa: E402
-from workbench.apps.server import LAUNCH_STYLE, build_app  # noqa: E402
+from workbench.apps.server import launched_locally  # noqa: E402
 from workbench.engine import TreeRecord  # noqa: E402
 
 PROMPT = "5 6 7 8 9 10 5 6 7 8 9 10 5 6"
 N_RUN = 20  # outputs of a generation seen by the client (4 columns x 3, 7 views, the status; the state is not)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +29,10 @@ def app(tmp_path_factory):
     """A live server on a free port with a tiny random model and its own store; torn down after the module."""
     store = tmp_path_factory.mktemp("app") / "runs.duckdb"
     ctx = AppContext.create("random:llama", "float32", "cpu", store)
-    demo = build_app(ctx)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_STYLE)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        yield SimpleNamespace(ctx=ctx, client=client, port=port, demo=demo)
+        with launched_locally(ctx) as (demo, url):
+            yield SimpleNamespace(ctx=ctx, client=Client(url, verbose=False), demo=demo)
     finally:
-        demo.close()
         ctx.close()
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from workbench.apps.context import AppContext  # noqa: E402
-from workbench.apps.server import LAUNCH_STYLE, build_app  # noqa: E402
+from workbench.apps.server import launched_locally  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -27,15 +26,10 @@ pytestmark = [pytest.mark.integration,
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ctx = AppContext.create("smollm2-135m", "auto", "cpu", tmp_path_factory.mktemp("browser") / "runs.duckdb")
-    demo = build_app(ctx)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_STYLE)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        with launched_locally(ctx) as (_, url):
+            yield url
     finally:
-        demo.close()
         ctx.close()
 
 

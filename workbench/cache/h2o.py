@@ -5,14 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import AccumulatedAttention, attach_each, check_budget, context_length, kept_count, select
+from workbench.cache.base import KVCache
+from workbench.cache.scores import (
+    AccumulatedAttention,
+    BudgetEviction,
+    attach_each,
+    context_length,
+    kept_count,
+    select,
+)
 from workbench.registry import param, register
 
 
 @register("cache", "h2o")
 @dataclass
-class H2OPolicy(CachePolicy):
+class H2OPolicy(BudgetEviction):
     """H2O: keep the heavy hitters (tokens that received the most attention so far) and the recent tokens.
 
     "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models" (arXiv
@@ -31,20 +38,10 @@ class H2OPolicy(CachePolicy):
     continuous: bool = param(True, "keep evicting while decoding (the paper); false: compress the prompt only")
     _scores: list[AccumulatedAttention] = field(default_factory=list, init=False, repr=False)
 
-    def check(self) -> None:
-        check_budget(self.budget)
-
     def on_cache_built(self, cache: KVCache) -> None:
         self._scores = attach_each(cache, AccumulatedAttention)
 
-    def on_prefill_end(self, cache: KVCache) -> None:
-        self._evict(cache)
-
-    def on_step_end(self, cache: KVCache) -> None:
-        if self.continuous:
-            self._evict(cache)
-
-    def _evict(self, cache: KVCache) -> None:
+    def evict(self, cache: KVCache) -> None:
         for layer, observer in zip(cache.layers, self._scores):
             keep = kept_count(context_length(layer), self.budget)
             if layer.n_committed <= keep:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from workbench.cache.base import AttentionObserver, KVCache, LayerCache
+from workbench.cache.base import AttentionObserver, CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.errors import SpecError
 
@@ -237,3 +237,24 @@ class WindowVote:
         """votes [kv_heads, n_committed] for the tokens the layer holds now."""
         (votes,) = align([self.votes], self.positions, layer.positions[:, : layer.n_committed])
         return votes
+
+
+class BudgetEviction(CachePolicy):
+    """Base of the policies that enforce `budget` once the prompt is in and, when `continuous`, after every
+    decoding step (StreamingLLM, H2O). Subclasses declare the two params and implement `evict(cache)`."""
+
+    budget: float
+    continuous: bool
+
+    def check(self) -> None:
+        check_budget(self.budget)
+
+    def on_prefill_end(self, cache: KVCache) -> None:
+        self.evict(cache)
+
+    def on_step_end(self, cache: KVCache) -> None:
+        if self.continuous:
+            self.evict(cache)
+
+    def evict(self, cache: KVCache) -> None:
+        raise NotImplementedError

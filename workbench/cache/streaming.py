@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import check_budget, context_length, kept_count
+from workbench.cache.base import KVCache
+from workbench.cache.scores import BudgetEviction, context_length, kept_count
 from workbench.registry import param, register
 
 
 @register("cache", "streaming")
 @dataclass
-class StreamingPolicy(CachePolicy):
+class StreamingPolicy(BudgetEviction):
     """StreamingLLM: the first few tokens (attention sinks) plus a window of the most recent ones.
 
     "Efficient Streaming Language Models with Attention Sinks" (arXiv 2309.17453). Softmax attention dumps
@@ -31,17 +31,7 @@ class StreamingPolicy(CachePolicy):
     continuous: bool = param(True, "keep enforcing the budget while decoding (the paper); false: compress the "
                                    "prompt only, as kvpress's StreamingLLMPress does")
 
-    def check(self) -> None:
-        check_budget(self.budget)
-
-    def on_prefill_end(self, cache: KVCache) -> None:
-        self._evict(cache)
-
-    def on_step_end(self, cache: KVCache) -> None:
-        if self.continuous:
-            self._evict(cache)
-
-    def _evict(self, cache: KVCache) -> None:
+    def evict(self, cache: KVCache) -> None:
         for layer in cache.layers:
             held = layer.n_committed
             keep = kept_count(context_length(layer), self.budget)
