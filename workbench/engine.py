@@ -88,8 +88,8 @@ class StepEvent:
     verify_ns: int  # the target forward (the whole prompt for the prefill)
     accept_ns: int  # acceptance, cache commit, drafter learning and cache policies
     elapsed_ns: int  # since the run started, at the end of this step
-    cache_bytes: int  # real bytes the KV cache holds after this step
-    cache_tokens: list[int]  # tokens held per layer
+    cache_bytes: int = 0  # real bytes the KV cache holds after this step (and its policies)
+    cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
 
@@ -174,6 +174,7 @@ class Engine:
             policy.on_prefill_end(cache)
         self.drafter.begin(state)
         event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t1, start, text, budget)
+        self._record_cache(event, state)
         yield event
         if event.finish_reason:
             return
@@ -203,9 +204,7 @@ class Engine:
             self.drafter.observe(state, tree, acceptance, all_logits)
             for policy in self.policies:
                 policy.on_step_end(cache)
-            if self.policies:  # report what the policies left, not what the step held before they ran
-                for name, value in self._cache_state(state, event.finish_reason).items():
-                    setattr(event, name, value)
+            self._record_cache(event, state)  # after the policies: what they left
             end = time.perf_counter_ns()
             event.accept_ns, event.elapsed_ns = end - t2, end - start
             yield event
@@ -245,16 +244,16 @@ class Engine:
             alternatives=[list(zip(i, p)) for i, p in zip(top.indices.tolist(), top.values.tolist())],
             positions=list(range(first_pos, first_pos + len(new_tokens))), text=added, tree=tree,
             draft_ns=draft_ns, verify_ns=verify_ns, accept_ns=end - t_verified, elapsed_ns=end - start,
-            finish_reason=finish, **self._cache_state(state, finish),
+            finish_reason=finish,
         )
 
-    def _cache_state(self, state: DecodeState, finish: str | None) -> dict:
+    def _record_cache(self, event: StepEvent, state: DecodeState) -> None:
         """What the cache holds now: bytes, tokens per layer, stats (kept positions on sampled steps)."""
         cache = state.cache
         context = len(state.prompt_ids) + len(state.generated) - 1  # the last token is pending, not cached
-        stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
-                            kept_sampled(state.step, finish is not None))
-        return {"cache_bytes": cache.nbytes(), "cache_tokens": cache.tokens_per_layer(), "cache_stats": stats}
+        event.cache_bytes, event.cache_tokens = cache.nbytes(), cache.tokens_per_layer()
+        event.cache_stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
+                                        kept_sampled(state.step, event.finish_reason is not None))
 
 
 def _tree_record(tree: DraftTree, accepted: list[int], probs: torch.Tensor) -> TreeRecord:
