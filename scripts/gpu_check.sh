@@ -1,11 +1,51 @@
 #!/usr/bin/env bash
-# Every GPU check in one run on a lent GPU machine (see docs/performance.md): the CUDA tests, the
-# engine and agreement tests on CUDA, and plain decoding speed against transformers.
-# Needs the gguf wheel carried in .whl/ (the machine cannot reach PyPI); writes results under $OUT.
+# Every GPU check, on a lent GPU machine (docs/performance.md, "GPU"), in two calls of the device tool,
+# because the embedded model's GGUF (98 MB) is larger than what one call may carry (64 MiB):
+#
+#   bash scripts/gpu_check.sh prepare     # here: split the GGUF into .gpu_model/part_a and part_b
+#   bash scripts/gpu_check.sh tests       # call 1, carrying .whl and .gpu_model/part_a: the CUDA tests;
+#                                         # keeps part_a in /tmp
+#   bash scripts/gpu_check.sh bench       # call 2, at once, carrying .whl and .gpu_model/part_b: joins the
+#                                         # GGUF and runs the real model's benchmarks against transformers
+#
+# .whl/ holds the gguf wheel (the machine cannot reach PyPI). Results go under $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PWD:/tmp/site"
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+if [ "${1:-}" = prepare ]; then
+    src=$(.venv/bin/python -c "from workbench.models.embedded import embedded_gguf_path; print(embedded_gguf_path())")
+    mkdir -p .gpu_model
+    head -c 48000000 "$src" > .gpu_model/part_a
+    tail -c +48000001 "$src" > .gpu_model/part_b
+    exit 0
+fi
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+workbench() { python3 -m workbench.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_agreement.py tests/test_lossless.py tests/test_speculative.py \
-    -m "not integration" 2>&1 | tail -5
-python3 scripts/gpu_speed.py --out "$OUT/gpu_speed.json"
+
+case "${1:-}" in
+tests)
+    mkdir -p /tmp/wbmodel && cp .gpu_model/part_a /tmp/wbmodel/part_a
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_matrix.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
+    ;;
+bench)
+    [ -f /tmp/wbmodel/part_a ] || { echo "part_a is gone (a fresh machine): run 'tests' first"; exit 1; }
+    cat /tmp/wbmodel/part_a .gpu_model/part_b > /tmp/wbmodel/$GGUF
+    echo "$SHA256  /tmp/wbmodel/$GGUF" | sha256sum -c - || exit 1
+    model=/tmp/wbmodel/$GGUF
+    workbench bench --model $model --device cuda --peers transformers --peer-dtypes bfloat16 --prompts 4 \
+        --repeats 1 --no-store \
+        --json "$OUT/baseline_gpu.json" 2>&1 | grep -v "bench:" | tail -12
+    workbench bench --model $model --device cuda --no-store --per-category 2 --max-new-tokens 128 \
+        --decode prompt_lookup --decode token_recycling --decode token_recycling:widths=8-4-3-2-2-1-1 \
+        --decode lookahead --decode "layer_skip:ratio=0.2,search=true,threshold=0.9" --peers transformers-pld \
+        --json "$OUT/suite_gpu.json" --plot "$OUT/suite_gpu.png" 2>&1 | grep -v "bench:" | tail -30
+    ;;
+*)
+    echo "usage: bash scripts/gpu_check.sh prepare|tests|bench"; exit 2
+    ;;
+esac

@@ -27,8 +27,9 @@ from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_fol
 from workbench.spec import RunSpec
 
 # plain generate; with --decode also its prompt lookup, and assisted generation with the target's first
-# --assistant-layers layers as the assistant (the same draft as draft_model:layers=N)
-PEERS = ("transformers", "transformers-pld", "transformers-assisted")
+# --assistant-layers layers as the assistant (the same draft as draft_model:layers=N), and its early-exit
+# self-speculation exiting after that many layers (its version of layer_skip / early_exit)
+PEERS = ("transformers", "transformers-pld", "transformers-assisted", "transformers-early-exit")
 
 
 def transformers_peer(loaded: LoadedModel, dtype: torch.dtype, layers: int | None = None):
@@ -55,7 +56,7 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     peers = [p for p in _peers(args) if p == "transformers"]
     if not 1 <= args.prompts <= len(BASELINE_PROMPTS):
         raise WorkbenchError(f"--prompts must be between 1 and {len(BASELINE_PROMPTS)}")
-    wb = Workbench(args.model, args.dtype, store=store)
+    wb = Workbench(args.model, args.dtype, args.device, store=store)
     spec = wb.spec(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     loaded = wb.model(spec)
     peer_models = {}
@@ -95,7 +96,7 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     result: dict[str, Any] = {
         "model": loaded.name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
         "prompts": len(prompts), "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
+        "machine": _device_name(loaded.device), "torch": torch.__version__,
         "tok_per_s": tok_s,
         "per_prompt": [{"prompt_tokens": len(ids), **{name: n / s for name, (n, s) in row.items()}}
                        for ids, row in zip(prompts, per_prompt)],
@@ -133,8 +134,21 @@ def _transformers(model, ids: list[int], n: int) -> tuple[list[int], float]:
     t0 = time.perf_counter()
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
                          min_new_tokens=n, pad_token_id=0)
+    _sync(model.device)
     seconds = time.perf_counter() - t0
     return out[0, len(ids):].tolist(), seconds
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times cover it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} {platform.processor()}".strip()
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -163,7 +177,7 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     from workbench.eval.suite import suite, suite_hash
 
     decodes = list(dict.fromkeys(["plain", *args.decode]))
-    wb = Workbench(args.model, args.dtype, store=store)
+    wb = Workbench(args.model, args.dtype, args.device, store=store)
     specs = {d: wb.spec(f"decode={d}", max_new_tokens=args.max_new_tokens) for d in decodes}
     try:
         prompts = suite(args.categories.split(",") if args.categories else None, args.per_category)
@@ -171,7 +185,7 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
         raise WorkbenchError(str(err)) from None
     engines: dict[str, Any] = {d: (lambda prompt, s=specs[d]: _suite_run(wb, prompt, s)) for d in decodes}
     peers = _peers(args)
-    if {"transformers-pld", "transformers-assisted"} & set(peers):
+    if {"transformers-pld", "transformers-assisted", "transformers-early-exit"} & set(peers):
         loaded = wb.model(specs["plain"])
         peer = transformers_peer(loaded, loaded.dtype)
         ids = lambda prompt: wb.prompt_ids(loaded, prompt, None)  # noqa: E731
@@ -182,6 +196,10 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
             assistant = transformers_peer(loaded, loaded.dtype, layers=args.assistant_layers)
             engines[f"transformers assisted ({args.assistant_layers} layers)"] = lambda prompt: _transformers_generate(
                 peer, ids(prompt), args.max_new_tokens, assistant_model=assistant)
+        if "transformers-early-exit" in peers:
+            name = f"transformers early exit ({args.assistant_layers} layers)"
+            engines[name] = lambda prompt: _transformers_generate(
+                peer, ids(prompt), args.max_new_tokens, assistant_early_exit=args.assistant_layers)
 
     for run in engines.values():  # warm-up
         run(prompts[0].prompt)
@@ -211,13 +229,16 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
                          "mean_accepted_length": tokens / forwards if forwards else None,
                          "speedup": (tokens / seconds) / (base[0] / base[1]),
                          "agreement_with_plain": sum(same) / len(same)})
-    result = {"model": args.model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+    device = wb.model(specs["plain"]).device
+    result = {"model": args.model, "dtype": args.dtype, "machine": _device_name(device),
+              "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
-    print(f"\n{'category':<15}{'engine':<28}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}{'same as plain':>15}")
+    w = max(map(len, engines)) + 2
+    print(f"\n{'category':<15}{'engine':<{w}}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}{'same as plain':>15}")
     for r in rows:
         accepted = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
-        print(f"{r['category']:<15}{r['engine']:<28}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x"
+        print(f"{r['category']:<15}{r['engine']:<{w}}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x"
               f"{r['agreement_with_plain']:>14.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -240,6 +261,7 @@ def _transformers_generate(model, ids: list[int], n: int, **options: Any) -> tup
     t0 = time.perf_counter()
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
                          pad_token_id=0, **options)
+    _sync(model.device)
     seconds = time.perf_counter() - t0
     return out.shape[1] - len(ids), seconds, 0, out[0, len(ids):].tolist()
 

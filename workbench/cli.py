@@ -197,16 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         "each technique over the prompt suite, against plain decoding in the same run."))
     p.add_argument("--peers", default="transformers",
                    help="comma-separated peers: transformers (plain); with --decode also transformers-pld (its "
-                   "prompt lookup) and transformers-assisted (assisted generation, the target's first layers as "
-                   "assistant)")
+                   "prompt lookup), transformers-assisted (assisted generation, the target's first layers as "
+                   "assistant) and transformers-early-exit (self-speculation exiting after the first layers)")
     p.add_argument("--assistant-layers", type=int, default=8,
-                   help="layers of the target that the transformers-assisted peer's assistant keeps")
+                   help="layers of the target that the transformers-assisted peer's assistant keeps, and where "
+                   "the transformers-early-exit peer exits")
     p.add_argument("--decode", action="append", help="decoding technique to benchmark over the suite (repeatable)")
     p.add_argument("--categories", help="comma-separated suite categories (default: all)")
     p.add_argument("--per-category", type=int, help="prompts per category (default: all 10)")
     p.add_argument("--plot", help="with --decode: save a speed-up-by-category bar chart here (PNG)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (peers run on the same device)")
     p.add_argument("--peer-dtypes", default="bfloat16,float32",
                    help="dtypes to run the peers in; the fastest is the one compared against")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -81,19 +81,19 @@ def _full_mask(new_mask: torch.Tensor | None, n_new: int, length: int, device: t
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """Softmax attention for a few queries with grouped kv heads, without copying k and v per q head.
+    """Softmax attention for a few queries (a draft tree, a short chunk) with grouped kv heads, without
+    copying k and v per query head.
 
     q: [heads, T, dim]; k, v: [kv_heads, S, dim]; mask: [T, S] bool or None. Returns [heads, T, dim].
-    Query heads g * group .. (g + 1) * group - 1 share kv head g, as in transformers' repeat_kv.
+    Query heads g * group .. (g + 1) * group - 1 share kv head g, as in transformers' repeat_kv: each kv
+    head's group of query heads becomes group * T query rows of one fused SDPA call (4-D, so the CPU takes
+    its fused kernel; 20-25% faster than float32 batched products here), the [T, S] mask repeated per head.
     """
     heads, n, dim = q.shape
-    kv_heads, length = k.shape[0], k.shape[1]
+    kv_heads = k.shape[0]
     group = heads // kv_heads
-    # float32 throughout: CPU batched products of a few rows are 2x slower in bf16 than converting first
-    q, k, v, dtype = q.float(), k.float(), v.float(), q.dtype
-    scores = (q * dim**-0.5).reshape(kv_heads, group * n, dim) @ k.transpose(1, 2)  # [kv_heads, group*T, S]
+    rows = q.reshape(1, kv_heads, group * n, dim)
     if mask is not None:
-        scores = scores.view(kv_heads, group, n, length).masked_fill(~mask, float("-inf"))
-        scores = scores.view(kv_heads, group * n, length)
-    probs = torch.softmax(scores, dim=-1)
-    return (probs @ v).view(heads, n, dim).to(dtype)
+        mask = mask.repeat(group, 1)[None, None]
+    out = F.scaled_dot_product_attention(rows, k[None], v[None], attn_mask=mask)  # [1, kv_heads, group*T, dim]
+    return out.reshape(heads, n, dim)  # the CUDA kernels may return a strided layout
