@@ -47,7 +47,7 @@ class Workbench:
         self.default = RunSpec(model=model, dtype=dtype, device=device)
         self.store = store
         self._models: dict[tuple[str, str, str, str], LoadedModel] = {}
-        self._memory: dict[tuple[str, str, str, str], dict] = {}  # per model: what drafters keep across runs
+        self._memory: dict[tuple[str, str, str, str], dict] = {}  # per model: what techniques keep across runs
         self.model(self.default)
 
     def model(self, spec: RunSpec) -> LoadedModel:
@@ -60,6 +60,10 @@ class Workbench:
                 pack_linears(loaded.model)
             self._models[key] = loaded
         return self._models[key]
+
+    def memory(self, spec: RunSpec) -> dict:
+        """What techniques keep across runs on `spec`'s model: drafters' tables, cache policies' calibrations."""
+        return self._memory.setdefault(self._key(spec), {})
 
     @staticmethod
     def _key(spec: RunSpec) -> tuple[str, str, str, str]:
@@ -116,7 +120,7 @@ class Workbench:
         loaded = self.model(spec)
         ids = self.prompt_ids(loaded, prompt, spec.chat)
         engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize,
-                        memory=self._memory.setdefault(self._key(spec), {}))
+                        memory=self.memory(spec), tokenizer=loaded.tokenizer)
         trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
                       weight_bytes=loaded.weight_bytes())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ class DecodeState:
     generated: list[int] = field(default_factory=list)  # the last one is pending: its KV is not cached yet
     step: int = 0
     # Kept across the runs of one loaded model (the Workbench owns it): drafters that learn from earlier runs
-    # (token recycling's hot start) keep their state here, under their own name.
+    # (token recycling's hot start) and cache policies' calibrations (CachePolicy.prepare) keep their state
+    # here, under their own name.
     memory: dict = field(default_factory=dict)
 
     @property
@@ -128,8 +130,10 @@ class Engine:
         eos_ids: list[int] | None = None,
         detokenize: Callable[[list[int]], str] | None = None,
         memory: dict | None = None,
+        tokenizer: Any = None,
     ):
         self.model = model
+        self.tokenizer = tokenizer  # for policies' `prepare` (an offline calibration); None for random models
         self.spec = spec.validated()
         self.eos_ids = set(eos_ids or [])
         self.detokenize = detokenize or (lambda ids: "".join(f"<{i}>" for i in ids))
@@ -156,6 +160,8 @@ class Engine:
         spec, model = self.spec, self.model
         device = model.device
         budget = min(spec.max_new_tokens, model.config.context_window - len(prompt_ids))
+        for policy in self.policies:
+            policy.prepare(model, self.tokenizer, self.memory)
         cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
         state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory)
         text = _TextStream(self.detokenize, spec.stop)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from workbench.models.config import ModelConfig
+    from workbench.models.llama import LlamaModel
 
 
 class AttentionObserver(Protocol):
@@ -166,11 +167,19 @@ class CachePolicy:
 
     A policy builds the layer caches (choosing a storage form per layer) and may act after prefill and
     after each step, on committed tokens only. Policies compose in order: each later policy's hooks run
-    after the earlier ones'; the last policy that builds layer caches decides the storage form.
+    after the earlier ones'; the last policy that builds layer caches decides the storage form. A policy
+    that needs the model itself (an offline calibration) does that work in `prepare`, before the cache exists.
     """
 
     # Set by subclasses that only mask tokens out instead of freeing their memory; shown in stats.
     simulated = False
+
+    def prepare(self, model: LlamaModel, tokenizer: Any, memory: dict) -> None:
+        """Called once per run, before the cache is built (by the engine and by teacher-forced evaluation),
+        with the loaded model, its tokenizer (None for tiny random models) and `memory`, a dict kept per
+        loaded model across runs (the one drafters get as `DecodeState.memory`). Expensive work, such as
+        running calibration text through the model, goes here and its result into `memory` under a key
+        naming the policy, so later runs on the same model reuse it. Runs under inference mode."""
 
     def make_layer_cache(
         self, layer: int, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int

@@ -91,13 +91,19 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def teacher_forced(model: LlamaModel, policies: list[CachePolicy], ids: Sequence[int], prefill: int) -> Forced:
-    """Run the protocol (module docstring) on one window: prefill `prefill` tokens, then one token per step."""
+def teacher_forced(model: LlamaModel, policies: list[CachePolicy], ids: Sequence[int], prefill: int,
+                   tokenizer: Any = None, memory: dict | None = None) -> Forced:
+    """Run the protocol (module docstring) on one window: prefill `prefill` tokens, then one token per step.
+
+    The policies are prepared first (`CachePolicy.prepare`, e.g. double sparsity's offline calibration) with
+    `tokenizer` and `memory`; pass the Workbench's per-model memory so that is done once, not per window."""
     if not 0 < prefill < len(ids):
         raise ValueError(f"prefill must be in [1, {len(ids) - 1}], got {prefill}")
     device = model.device
     tokens = torch.tensor(list(ids), device=device)
     positions = torch.arange(len(ids), device=device)
+    for policy in policies:
+        policy.prepare(model, tokenizer, {} if memory is None else memory)
     cache = build_cache(model, policies, len(ids) + DRAFT_HEADROOM)
     rows = [model(tokens[:prefill], positions[:prefill], cache, last_only=True).logits]
     cache.commit()

@@ -214,8 +214,8 @@ def evaluate(options: EvalOptions, progress: bool = True) -> dict[str, Any]:
                 row.update(apply_s=sum(r.seconds for r in reports), speed_simulated=any(r.simulated for r in reports))
         if "ppl" in tasks:
             forced, stats = run_windows(
-                lambda ids, s=spec, m=loaded.model: teacher_forced(m, [t.build("cache") for t in s.cache], ids,
-                                                                   prefill), windows)
+                lambda ids, s=spec, m=loaded.model, tok=loaded.tokenizer: teacher_forced(
+                    m, [t.build("cache") for t in s.cache], ids, prefill, tok, wb.memory(s)), windows)
             if run.kind == "reference":
                 reference = forced
             if run.label in compared:
