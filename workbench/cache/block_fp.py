@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.cache.quantized import SKIP_LAYERS_HELP, Codec, CompressedPolicy, pack_bits, unpack_bits
+from workbench.cache.quantized import (
+    RAW_HEADS_HELP,
+    SKIP_LAYERS_HELP,
+    Codec,
+    CompressedPolicy,
+    pack_bits,
+    unpack_bits,
+)
 from workbench.errors import SpecError
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
@@ -84,6 +91,7 @@ class BlockFPPolicy(CompressedPolicy):
     reorder: bool = param(True, "rearrange channels so outlier channels share blocks (arXiv 2403.20137)")
     residual: int = param(0, "most recent committed tokens kept in full precision", min=0, max=1 << 20)
     skip_layers: str = param("", SKIP_LAYERS_HELP)
+    raw_heads: str = param("", RAW_HEADS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         block = min(self.block, config.head_dim)  # a whole head when the head is narrower

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    RAW_HEADS_HELP,
     SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
@@ -98,6 +99,7 @@ class GearPolicy(CompressedPolicy):
     residual: int = param(64, "full-precision window: compress once this many committed tokens are raw",
                           min=0, max=1 << 20)
     skip_layers: str = param("", SKIP_LAYERS_HELP)
+    raw_heads: str = param("", RAW_HEADS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         return GearCodec(self.bits, self.group, self.rank, self.outliers, config.head_dim)

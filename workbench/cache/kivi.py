@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    RAW_HEADS_HELP,
     SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
@@ -64,6 +65,7 @@ class KiviPolicy(CompressedPolicy):
     residual: int = param(64, "full-precision window: quantize once this many committed tokens are raw",
                           min=0, max=1 << 20)
     skip_layers: str = param("", SKIP_LAYERS_HELP)
+    raw_heads: str = param("", RAW_HEADS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         channels = min(self.channels, config.head_dim)  # a whole head when the head is narrower

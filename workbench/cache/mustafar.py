@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.quantized import (
+    RAW_HEADS_HELP,
     SKIP_LAYERS_HELP,
     Codec,
     CompressedLayerCache,
     CompressedPolicy,
     pack_bits,
-    parse_layers,
     unpack_bits,
 )
 from workbench.errors import SpecError
@@ -66,6 +66,21 @@ class MustafarLayerCache(CompressedLayerCache):
 
     attends_itself = True
 
+    def _flush(self) -> None:
+        """The paper's dense window slides: after every commit exactly the `residual` most recent committed
+        tokens stay dense and every older one is pruned (its reference code prunes the token leaving the window
+        at each step). KIVI's flush, the shared default, would prune the whole window once full and so leave
+        only 0 to residual - 1 recent tokens dense."""
+        r, window = self.raw.n_committed, self.residual
+        if r <= window:
+            return
+        self.raw.n_committed, self.residual = r - window, 0  # the shared flush encodes all it is shown
+        try:
+            super()._flush()
+        finally:
+            self.residual = window
+        self.raw.n_committed = window
+
     def _sparse_scores(self, q: torch.Tensor) -> torch.Tensor:
         """q: [kv_heads, rows, dim] -> scores [kv_heads, rows, N] over the compressed keys."""
         idx = self.codec.channels(self.tok["k_bitmap"])  # [kv_heads, N, kept]
@@ -85,13 +100,22 @@ class MustafarLayerCache(CompressedLayerCache):
         index = idx.reshape(h, 1, n * kept).expand(-1, probs.shape[1], -1)
         return out.scatter_add_(2, index, contrib.reshape(h, probs.shape[1], n * kept))
 
+    def _compressed_scores(self, qg: torch.Tensor) -> torch.Tensor:
+        """Scores over the compressed slots: sparse for the coded heads, dense for the raw heads (raw_heads)."""
+        full = qg[self.full_heads] @ self.full["k"].float().transpose(1, 2) if self.n_full else None
+        return self.merge(self._sparse_scores(self.coded(qg)) if self.n_coded else None, full)
+
+    def _compressed_output(self, probs: torch.Tensor) -> torch.Tensor:
+        full = probs[self.full_heads] @ self.full["v"].float() if self.n_full else None
+        return self.merge(self._sparse_output(self.coded(probs)) if self.n_coded else None, full)
+
     def attend(self, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         heads, t, dim = q.shape
         group = heads // self.kv_heads
         n_c = self.n_compressed
         qg = (q.float() * dim**-0.5).reshape(self.kv_heads, group * t, dim)
         rk, rv = self.raw.view()
-        scores = torch.cat([self._sparse_scores(qg) if n_c else qg.new_empty(self.kv_heads, group * t, 0),
+        scores = torch.cat([self._compressed_scores(qg) if n_c else qg.new_empty(self.kv_heads, group * t, 0),
                             qg @ rk.float().transpose(1, 2)], dim=-1)
         if mask is None:  # a causal prompt with nothing before it
             mask = torch.ones(t, self.length, dtype=torch.bool, device=q.device).tril_(self.length - t)
@@ -99,7 +123,7 @@ class MustafarLayerCache(CompressedLayerCache):
         probs = torch.softmax(scores, dim=-1)
         out = probs[..., n_c:] @ rv.float()
         if n_c:
-            out = out + self._sparse_output(probs[..., :n_c])
+            out = out + self._compressed_output(probs[..., :n_c])
         return out.view(heads, t, dim).to(q.dtype)
 
 
@@ -109,26 +133,27 @@ class MustafarPolicy(CompressedPolicy):
     """Mustafar: unstructured sparsity for the KV cache.
 
     "Mustafar: Promoting Unstructured Sparsity for KV Cache Pruning in LLM Inference" (arXiv 2505.22913).
-    Every committed token's key and value vectors are pruned per token by magnitude to the target sparsity
-    (the paper finds per-token magnitude pruning as good as output-aware scores for both K and V), stored as
-    a bitmap plus the packed nonzeros, and attention is computed over that form (SpMV for q·K and for P·V).
-    The most recent `residual` tokens and every draft stay dense. Left out: the Triton/CUDA kernel (this is a
-    torch reference: it expands each bitmap to indices per call, so it is slow) and the paper's tiling of the
-    bitmap format for coalesced loads. The prompt attends to itself densely at prefill (its tokens are not
-    committed yet); later tokens see it pruned.
+    Each token's key (after RoPE, as cached) and value vector is pruned per kv head by magnitude over its
+    head_dim channels: the round(sparsity * head_dim) smallest |x| are dropped (the paper finds per-token
+    magnitude as good as output-aware scores for both K and V). What is left is stored as a bitmap plus the
+    packed nonzeros, and attention is computed over that form (SpMV for q·K and for P·V). As in the paper's
+    reference code, a dense window slides: the `residual` most recent committed tokens (32 there) stay dense
+    and each token is pruned as it leaves the window; the prompt attends to itself densely at prefill and is
+    then pruned except its last `residual` tokens; no sink tokens are kept; drafts stay dense until accepted.
+    Left out: the CUDA kernel (this is a torch reference: it expands each bitmap to indices per call, so it is
+    slow), the tiling of the bitmap format, and the kernel path's batching of compression 256 tokens at a
+    time. The reference's threshold (kthvalue, keep >=) keeps one channel more than (1 - sparsity) * head_dim;
+    here exactly head_dim - round(sparsity * head_dim) are kept, so the stated sparsity is the real one.
     """
 
     sparsity: float = param(0.5, "fraction of each token's K and V channels pruned", min=0.0, max=0.99)
     residual: int = param(32, "most recent committed tokens kept dense", min=0, max=1 << 20)
     skip_layers: str = param("", SKIP_LAYERS_HELP)
+    raw_heads: str = param("", RAW_HEADS_HELP)
+    layer_cache_class = MustafarLayerCache
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         if config.head_dim % 8:
             raise SpecError(f"mustafar: the bitmap needs head_dim divisible by 8, the model has {config.head_dim}")
         return MustafarCodec(config.head_dim, self.sparsity, dtype)
 
-    def make_layer_cache(self, layer, config, dtype, device, capacity):
-        if layer in parse_layers(self.skip_layers):
-            return None
-        return MustafarLayerCache(self.codec(layer, config, dtype), config.num_kv_heads, config.head_dim, dtype,
-                                  device, capacity, self.residual)

@@ -14,12 +14,21 @@ then a group index (int16, counted in the bytes) is held. `keep` gathers per-tok
 re-encodes, except after a per-head keep where heads keep different numbers of compressed tokens: the extra
 ones are decoded into the raw tail (and re-encoded at the next flush). Positions of compressed tokens are
 int32, held once per layer while every head holds the same tokens and per head after a per-head keep.
+
+Raw heads (a storage form per kv head). Chosen kv heads of a layer (`raw_heads`) hold their committed
+tokens uncompressed, in the model's dtype, while the layer's other heads use the codec. Heads differ in how
+much compression hurts: retrieval ("heavy") heads that copy from far back in the context are the most
+sensitive to KV error, which is why DuoAttention (arXiv 2410.10819) and RazorAttention (arXiv 2407.15891)
+treat heads differently. Here the user chooses the heads (the per-head byte heatmap of the app shows what each
+costs); nothing is calibrated. The codec encodes only the other heads, and the raw heads' K/V sit beside the
+codec's fields in the same slots, so positions, eviction, flushes and the raw tail stay one mechanism.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,19 +97,29 @@ def dequantize_minmax(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor
     return codes.float() * scale.float() + mn.float()
 
 
-def _nbytes_per_head(t: torch.Tensor | None, kv_heads: int) -> int:
-    return 0 if t is None else t.numel() * t.element_size() // kv_heads
+def _nbytes_per_head(t: torch.Tensor | None, heads: int) -> int:
+    """Bytes of t per head when `heads` heads share it (one row each, or one row for all)."""
+    return 0 if t is None or not heads else t.numel() * t.element_size() // heads
 
 
 class CompressedLayerCache(LayerCache):
     def __init__(self, codec: Codec, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 capacity: int, residual: int):
+                 capacity: int, residual: int, raw_heads: Iterable[int] = ()):
         self.codec, self.kv_heads, self.head_dim, self.dtype = codec, kv_heads, head_dim, dtype
         self.residual = residual
+        # Heads whose committed tokens stay in the model's dtype (`full`, [n_raw_heads, N, dim] "k" and "v"),
+        # and the heads the codec encodes (`tok`/`grp` rows are these heads only).
+        full = sorted(set(raw_heads))
+        self.full_heads = torch.tensor(full, dtype=torch.long, device=device)
+        self.coded_heads = torch.tensor([h for h in range(kv_heads) if h not in full], dtype=torch.long,
+                                        device=device)
+        self.n_full, self.n_coded = len(full), kv_heads - len(full)
+        self._full_list, self._coded_list = full, self.coded_heads.tolist()  # for the host-side byte counts
+        self.full: Fields = {}
         self.raw = DenseLayerCache(kv_heads, head_dim, dtype, device, min(capacity, residual + 2 * codec.group + 64))
         self.tok: Fields = {}
         self.grp: Fields = {}
-        self.gidx: torch.Tensor | None = None  # [1 or kv_heads, N] int16; None: slot // group
+        self.gidx: torch.Tensor | None = None  # [1 or coded heads, N] int16; None: slot // group
         self.device = device
         self._n = 0  # compressed tokens
         # Their positions: None while they are cpos_start, cpos_start + 1, ... in every head (nothing held),
@@ -136,15 +155,29 @@ class CompressedLayerCache(LayerCache):
         cpos = self._cpos().to(torch.long).expand(self.kv_heads, -1)
         return torch.cat([cpos, self.raw.positions], dim=1)
 
+    # -- raw and coded heads -------------------------------------------------------------------------------
+    def coded(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a [kv_heads, ...] tensor that belong to the coded heads (x itself when all are)."""
+        return x if not self.n_full else x[self.coded_heads]
+
+    def merge(self, coded: torch.Tensor | None, full: torch.Tensor | None) -> torch.Tensor:
+        """Per-head results of the coded heads and of the raw heads, back in kv-head order (None: no such heads)."""
+        if full is None or coded is None:
+            return coded if full is None else full.float()
+        out = coded.new_empty(self.kv_heads, *coded.shape[1:])
+        out[self.coded_heads] = coded
+        out[self.full_heads] = full.to(out.dtype)
+        return out
+
     # -- the compressed region -----------------------------------------------------------------------------
     def _group_fields(self) -> Fields:
-        """Each compressed token's group fields, [kv_heads, N, ...]."""
+        """Each compressed token's group fields, [coded heads, N, ...]."""
         n = self.n_compressed
         if self.gidx is None:
             return {name: t.repeat_interleave(self.codec.group, dim=1)[:, :n] for name, t in self.grp.items()}
         out = {}
         for name, t in self.grp.items():
-            idx = self.gidx.to(torch.long).expand(self.kv_heads, -1)
+            idx = self.gidx.to(torch.long).expand(self.n_coded, -1)
             out[name] = t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
         return out
 
@@ -153,7 +186,10 @@ class CompressedLayerCache(LayerCache):
         if not self.n_compressed:
             empty = torch.empty(self.kv_heads, 0, self.head_dim, device=self.device)
             return empty, empty
-        return self.codec.decode(self.tok, self._group_fields())
+        coded = self.codec.decode(self.tok, self._group_fields()) if self.n_coded else (None, None)
+        if not self.n_full:
+            return coded
+        return self.merge(coded[0], self.full["k"]), self.merge(coded[1], self.full["v"])
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.decoded()
@@ -168,8 +204,14 @@ class CompressedLayerCache(LayerCache):
         n = (r // g) * g
         k, v = self.raw.view()
         pos = self.raw.positions[:, :n]
-        tok, grp = self.codec.encode(k[:, :n].reshape(self.kv_heads, n // g, g, -1),
-                                     v[:, :n].reshape(self.kv_heads, n // g, g, -1))
+        tok, grp = {}, {}
+        if self.n_coded:
+            tok, grp = self.codec.encode(self.coded(k[:, :n]).reshape(self.n_coded, n // g, g, -1),
+                                         self.coded(v[:, :n]).reshape(self.n_coded, n // g, g, -1))
+        for name, x in (("k", k), ("v", v)):  # raw heads: copied as they are (indexing copies)
+            if self.n_full:
+                part = x[self.full_heads, :n]
+                self.full[name] = torch.cat([self.full[name], part], dim=1) if name in self.full else part
         n_groups = next(iter(self.grp.values())).shape[1] if self.grp else 0
         if self.gidx is None and self.n_compressed % g and grp:
             self.gidx = self._implicit_gidx()
@@ -187,8 +229,9 @@ class CompressedLayerCache(LayerCache):
         if not (self.cpos is None and consecutive):
             self.cpos = torch.cat([self._cpos().expand(pos.shape[0], -1), pos.to(torch.int32)], dim=1)
         self._n += n
-        if self.gidx is not None and self.gidx.shape[0] != pos.shape[0]:
-            self.gidx = self.gidx.expand(pos.shape[0], -1).contiguous()
+        rows = self.n_coded if pos.shape[0] > 1 else 1
+        if self.gidx is not None and self.gidx.shape[0] != rows:
+            self.gidx = self.gidx.expand(rows, -1).contiguous()
         for name, t in tok.items():
             self.tok[name] = torch.cat([self.tok[name], t], dim=1) if name in self.tok else t
         for name, t in grp.items():
@@ -205,11 +248,13 @@ class CompressedLayerCache(LayerCache):
         if self.gidx is None and self.grp:  # codecs without group fields need no index
             self.gidx = self._implicit_gidx()
         rows = index.shape[0]
-        full = index.expand(self.kv_heads, -1)
-        for name, t in self.tok.items():
-            self.tok[name] = t.gather(1, full.view(*full.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+        every = index.expand(self.kv_heads, -1)
+        for fields, idx in ((self.tok, self.coded(every)), (self.full, every[self.full_heads])):
+            for name, t in fields.items():
+                fields[name] = t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
         if self.gidx is not None:
-            self.gidx = self.gidx.expand(rows, -1).gather(1, index) if rows > 1 else self.gidx[:, index[0]]
+            coded = self.coded(every)
+            self.gidx = self.gidx.expand(self.n_coded, -1).gather(1, coded) if rows > 1 else self.gidx[:, index[0]]
         cpos = self._cpos()
         self.cpos = cpos.expand(rows, -1).gather(1, index) if rows > 1 else cpos[:, index[0]]
         self._n = index.shape[1]
@@ -272,17 +317,24 @@ class CompressedLayerCache(LayerCache):
         self._flush()
 
     def nbytes_per_head(self) -> torch.Tensor:
-        h = self.kv_heads
-        total = sum(_nbytes_per_head(t, h) for t in (*self.tok.values(), *self.grp.values()))
-        total += _nbytes_per_head(self.gidx, h) + _nbytes_per_head(self.cpos, h) + self.codec.extra_nbytes_per_head()
-        return self.raw.nbytes_per_head() + total
+        c = self.n_coded
+        coded = sum(_nbytes_per_head(t, c) for t in (*self.tok.values(), *self.grp.values()))
+        coded += _nbytes_per_head(self.gidx, c) + (self.codec.extra_nbytes_per_head() if c else 0)
+        out = self.raw.nbytes_per_head() + _nbytes_per_head(self.cpos, self.kv_heads)  # positions: every head's
+        if not self.n_full:
+            return out + coded
+        out[self._coded_list] += coded
+        out[self._full_list] += sum(_nbytes_per_head(t, self.n_full) for t in self.full.values())
+        return out
 
     def head_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         h, n = self.kv_heads, self.length
         total = self.nbytes_per_head()
-        index = _nbytes_per_head(self.gidx, h) + _nbytes_per_head(self.cpos, h) + self.raw.length * 8
-        held = (self.n_compressed * self.codec.held_fraction() + self.raw.length) / max(n, 1)
-        return torch.full((h,), n, dtype=torch.long), total, total - index, torch.full((h,), held)
+        index = torch.full((h,), _nbytes_per_head(self.cpos, h) + self.raw.length * 8, dtype=torch.long)
+        index[self._coded_list] += _nbytes_per_head(self.gidx, self.n_coded)
+        held = torch.full((h,), (self.n_compressed * self.codec.held_fraction() + self.raw.length) / max(n, 1))
+        held[self._full_list] = n / max(n, 1)  # raw heads hold every element of their tokens
+        return torch.full((h,), n, dtype=torch.long), total, total - index, held
 
 
 def parse_layers(text: str) -> set[int]:
@@ -300,18 +352,69 @@ def parse_layers(text: str) -> set[int]:
 
 
 SKIP_LAYERS_HELP = "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'"
+RAW_HEADS_HELP = ("kv heads kept raw (model dtype, uncompressed) in the compressed layers: '0' = head 0 of every "
+                  "layer, '1@3/0-2@5' = head 1 of layer 3 and heads 0-2 of layer 5")
+_RAW_HEADS_SYNTAX = ("write heads or heads@layers joined by '/', each an index or a range: '0' (head 0 of every "
+                     "compressed layer), '0-1@3' (heads 0 and 1 of layer 3), '2/1@3/0-2@5'")
+
+
+def _index_range(text: str) -> range:
+    lo, _, hi = text.partition("-")
+    out = range(int(lo), int(hi or lo) + 1)  # int() refuses '' and signs: ValueError
+    if not out:
+        raise ValueError(text)
+    return out
+
+
+def parse_heads(text: str) -> dict[int | None, set[int]]:
+    """raw_heads: '0/1@3/0-2@5' -> {None: {0}, 3: {1}, 5: {0, 1, 2}} (None: every compressed layer)."""
+    from workbench.errors import SpecError
+
+    out: dict[int | None, set[int]] = {}
+    for part in filter(None, re.split(r"[,/\s]+", text.strip())):
+        heads, at, layers = part.partition("@")
+        try:
+            for layer in _index_range(layers) if at else [None]:
+                out.setdefault(layer, set()).update(_index_range(heads))
+        except ValueError:
+            raise SpecError(f"raw_heads: {part!r} is not a head or heads@layers; {_RAW_HEADS_SYNTAX}") from None
+    return out
 
 
 class CompressedPolicy(CachePolicy):
     """Base of the compressed-form policies: layers listed in `skip_layers` keep the previous policy's form
-    (dense by default); every other layer gets a CompressedLayerCache with this policy's codec. Subclasses
-    declare `residual` and `skip_layers` params and implement `codec(layer, config, dtype)`."""
+    (dense by default); every other layer gets a `layer_cache_class` (CompressedLayerCache) with this policy's
+    codec, whose kv heads listed in `raw_heads` stay raw (see the module docstring). Subclasses declare
+    `residual`, `skip_layers` and `raw_heads` params and implement `codec(layer, config, dtype)`."""
 
     residual: int
     skip_layers: str
+    raw_heads: str
+    layer_cache_class = CompressedLayerCache
 
     def check(self) -> None:
-        parse_layers(self.skip_layers)
+        from workbench.errors import SpecError
+
+        skipped = parse_layers(self.skip_layers)
+        clash = sorted(skipped & {layer for layer in parse_heads(self.raw_heads) if layer is not None})
+        if clash:
+            raise SpecError(f"raw_heads names layer {clash[0]}, which skip_layers leaves in the previous form; "
+                            "name heads of compressed layers only")
+
+    def raw_heads_of(self, layer: int, config: ModelConfig) -> set[int]:
+        """The kv heads of `layer` kept raw; refuses heads and layers the model does not have."""
+        from workbench.errors import SpecError
+
+        chosen = parse_heads(self.raw_heads)
+        n_layers, n_heads = config.num_layers, config.num_kv_heads
+        for where, heads in chosen.items():
+            if where is not None and where >= n_layers:
+                raise SpecError(f"raw_heads: layer {where} does not exist; the model has {n_layers} layers "
+                                f"(0-{n_layers - 1})")
+            if max(heads) >= n_heads:
+                raise SpecError(f"raw_heads: kv head {max(heads)} does not exist; the model has {n_heads} kv heads "
+                                f"per layer (0-{n_heads - 1})")
+        return chosen.get(None, set()) | chosen.get(layer, set())
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
         raise NotImplementedError
@@ -320,6 +423,7 @@ class CompressedPolicy(CachePolicy):
                          capacity: int) -> LayerCache | None:
         if layer in parse_layers(self.skip_layers):
             return None
+        raw_heads = self.raw_heads_of(layer, config)
         codec = self.codec(layer, config, dtype)
-        return CompressedLayerCache(codec, config.num_kv_heads, config.head_dim, dtype, device, capacity,
-                                    self.residual)
+        return self.layer_cache_class(codec, config.num_kv_heads, config.head_dim, dtype, device, capacity,
+                                      self.residual, raw_heads)
