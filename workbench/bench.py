@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ def transformers_peer(loaded: LoadedModel, dtype: torch.dtype, layers: int | Non
 
 
 def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
-    from workbench.api import Workbench
+    from workbench.api import Workbench, hardware_description
 
     peers = [p for p in _peers(args) if p == "transformers"]
     if not 1 <= args.prompts <= len(BASELINE_PROMPTS):
@@ -96,7 +95,7 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     result: dict[str, Any] = {
         "model": loaded.name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
         "prompts": len(prompts), "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "machine": _device_name(loaded.device), "torch": torch.__version__,
+        "machine": hardware_description(loaded.device), "torch": torch.__version__,
         "tok_per_s": tok_s,
         "per_prompt": [{"prompt_tokens": len(ids), **{name: n / s for name, (n, s) in row.items()}}
                        for ids, row in zip(prompts, per_prompt)],
@@ -145,12 +144,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} {platform.processor()}".strip()
-
-
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of token positions where two engines' greedy outputs agree, up to the first divergence."""
     same = total = 0
@@ -173,7 +166,7 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     float32, while in bf16 batched verification rounds differently from one-token steps.
     Techniques run in turn on each prompt, the order alternating between prompts.
     """
-    from workbench.api import Workbench
+    from workbench.api import Workbench, hardware_description
     from workbench.eval.suite import suite, suite_hash
 
     decodes = list(dict.fromkeys(["plain", *args.decode]))
@@ -230,7 +223,7 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
                          "speedup": (tokens / seconds) / (base[0] / base[1]),
                          "agreement_with_plain": sum(same) / len(same)})
     device = wb.model(specs["plain"]).device
-    result = {"model": args.model, "dtype": args.dtype, "machine": _device_name(device),
+    result = {"model": args.model, "dtype": args.dtype, "machine": hardware_description(device),
               "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
@@ -273,7 +266,7 @@ def _plot_speedups(rows: list[dict[str, Any]], categories: list[str], engines: l
     import matplotlib.pyplot as plt
 
     shown = [e for e in engines if e != "plain"]
-    fig, ax = plt.subplots(figsize=(1.4 * len(categories) + 2, 4))
+    fig, ax = plt.subplots(figsize=(1.4 * len(categories) + 2, 4.5))
     width = 0.8 / max(1, len(shown))
     for j, engine in enumerate(shown):
         values = [next(r["speedup"] for r in rows if r["category"] == c and r["engine"] == engine) for c in categories]
@@ -281,6 +274,6 @@ def _plot_speedups(rows: list[dict[str, Any]], categories: list[str], engines: l
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(categories))], categories)
     ax.set_ylabel("speed-up over plain decoding")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(4, len(shown)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
