@@ -16,6 +16,7 @@ from workbench.models.attention import _grouped_attention
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import varied_model
+from .test_cache_quant import append_a_draft_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -115,11 +116,7 @@ def test_commit_rollback_tree_offsets_and_keep_with_mixed_heads(name):
 
 def test_mustafar_attends_raw_heads_densely_and_the_others_sparsely():
     cache, k, v = filled("mustafar", raw_heads=[1], n=50, residual=8)
-    cache.append(k[:, :3], v[:, :3], torch.arange(50, 53).expand(H, -1))  # drafts: raw
-    q = torch.randn(2 * H, 3, D, generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, cache.length, dtype=torch.bool)
-    mask[0, -2:] = False
-    mask[1, -1] = False
+    q, mask = append_a_draft_tree(cache, k, v)
     pk, pv = cache.view()
     assert torch.equal(pk[1], torch.cat([k[1], k[1, :3]]))
     assert torch.allclose(cache.attend(q, mask), _grouped_attention(q, pk, pv, mask), atol=1e-5)

@@ -158,13 +158,19 @@ def test_commit_rollback_tree_offsets_and_keep_never_reencode(name):
     assert before_v.shape[1] == 40
 
 
-def test_mustafar_compressed_attention_equals_dense_attention_over_the_pruned_cache():
-    cache, k, v = filled(MustafarCodec(D, 0.5, torch.float32), n=50, residual=8, cls=MustafarLayerCache)
-    cache.append(k[:, :3], v[:, :3], torch.arange(50, 53).expand(H, -1))  # drafts: raw
+def append_a_draft_tree(cache, k, v, n: int = 50):
+    """Three raw draft tokens after `n` committed ones, and queries with a tree mask over everything held."""
+    cache.append(k[:, :3], v[:, :3], torch.arange(n, n + 3).expand(H, -1))  # drafts: raw
     q = torch.randn(2 * H, 3, D, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, cache.length, dtype=torch.bool)
     mask[0, -2:] = False
     mask[1, -1] = False
+    return q, mask
+
+
+def test_mustafar_compressed_attention_equals_dense_attention_over_the_pruned_cache():
+    cache, k, v = filled(MustafarCodec(D, 0.5, torch.float32), n=50, residual=8, cls=MustafarLayerCache)
+    q, mask = append_a_draft_tree(cache, k, v)
     pk, pv = cache.view()
     assert torch.allclose(cache.attend(q, mask), _grouped_attention(q, pk, pv, mask), atol=1e-5)
     fresh = MustafarLayerCache(cache.codec, H, D, torch.float32, CPU, 8, 0)
