@@ -71,15 +71,8 @@ class MustafarLayerCache(CompressedLayerCache):
         tokens stay dense and every older one is pruned (its reference code prunes the token leaving the window
         at each step). KIVI's flush, the shared default, would prune the whole window once full and so leave
         only 0 to residual - 1 recent tokens dense."""
-        r, window = self.raw.n_committed, self.residual
-        if r <= window:
-            return
-        self.raw.n_committed, self.residual = r - window, 0  # the shared flush encodes all it is shown
-        try:
-            super()._flush()
-        finally:
-            self.residual = window
-        self.raw.n_committed = window
+        if self.raw.n_committed > self.residual:
+            self._encode_oldest(self.raw.n_committed - self.residual)  # the codec's group is one token
 
     def _sparse_scores(self, q: torch.Tensor) -> torch.Tensor:
         """q: [kv_heads, rows, dim] -> scores [kv_heads, rows, N] over the compressed keys."""

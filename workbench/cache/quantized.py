@@ -197,11 +197,17 @@ class CompressedLayerCache(LayerCache):
         return torch.cat([k.to(self.dtype), rk], dim=1), torch.cat([v.to(self.dtype), rv], dim=1)
 
     def _flush(self) -> None:
+        """KIVI's rule: once the committed raw tail holds `residual` tokens (and a group), encode all of it
+        that fills whole groups. Forms with another rule override this and call `_encode_oldest`."""
         g = self.codec.group
         r = self.raw.n_committed
-        if r < max(self.residual, g):
-            return
-        n = (r // g) * g
+        if r >= max(self.residual, g):
+            self._encode_oldest((r // g) * g)
+
+    def _encode_oldest(self, n: int) -> None:
+        """Move the `n` oldest committed raw tokens (whole groups) into the compressed region."""
+        g = self.codec.group
+        r = self.raw.n_committed
         k, v = self.raw.view()
         pos = self.raw.positions[:, :n]
         tok, grp = {}, {}
