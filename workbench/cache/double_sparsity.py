@@ -54,15 +54,16 @@ class DoubleSparsityLayerCache(DenseLayerCache):
             return _dense(q, k, v, mask)
         # each row keeps kept_count of the keys it may see, as that query would decoding alone: a draft tree's
         # rows choose what plain decoding would, so lossless drafters stay lossless under this policy
-        tops = [kept_count(n, self.budget) for n in mask.sum(-1).tolist()]
-        if min(tops) == k.shape[1]:
-            return _dense(q, k, v, mask)
+        # (kept_count as tensor operations, so a GPU cache is not synchronised once per layer)
+        visible = mask.sum(-1, dtype=torch.float64)
+        tops = torch.minimum(visible, (self.budget * visible - 1e-9).ceil().clamp_min(1)).long()
         return torch.cat([self._sparse(q[:, i:i + ROW_CHUNK], k, v, mask[i:i + ROW_CHUNK], tops[i:i + ROW_CHUNK])
                           for i in range(0, q.shape[1], ROW_CHUNK)], 1)
 
     def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                tops: list[int]) -> torch.Tensor:
-        """q: [heads, T, dim]; mask: [T, S] -> [heads, T, dim], row t attending to tops[t] keys per query head."""
+                tops: torch.Tensor) -> torch.Tensor:
+        """q: [heads, T, dim]; mask: [T, S]; tops: [T] -> [heads, T, dim], row t attending to tops[t] keys per
+        query head."""
         heads, n_q, dim = q.shape
         kv_heads, n_k = k.shape[0], k.shape[1]
         group = heads // kv_heads
@@ -72,8 +73,9 @@ class DoubleSparsityLayerCache(DenseLayerCache):
         k_r = k.float().gather(2, self.channels[:, None].expand(-1, n_k, -1))
         approx = (q_r.reshape(kv_heads, group * n_q, -1) @ k_r.transpose(1, 2)).view(heads, n_q, n_k)
         approx.masked_fill_(~mask, float("-inf"))
-        chosen = approx.topk(max(tops), dim=-1).indices  # [heads, T, top], best first
-        beyond = torch.arange(max(tops), device=q.device) >= torch.tensor(tops, device=q.device)[:, None]
+        most = kept_count(n_k, self.budget)  # no row sees more than all n_k keys
+        chosen = approx.topk(most, dim=-1).indices  # [heads, T, most], best first
+        beyond = torch.arange(most, device=q.device) >= tops[:, None]  # past each row's own count
         # exact attention over the chosen keys only
         k_sel = k[kv_of[:, None, None], chosen].float()  # [heads, T, top, dim]
         v_sel = v[kv_of[:, None, None], chosen].float()
