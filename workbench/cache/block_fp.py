@@ -11,10 +11,10 @@ from workbench.cache.quantized import (
     SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
+    channels_per_block,
     pack_bits,
     unpack_bits,
 )
-from workbench.errors import SpecError
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
 
@@ -94,7 +94,5 @@ class BlockFPPolicy(CompressedPolicy):
     raw_heads: str = param("", RAW_HEADS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
-        block = min(self.block, config.head_dim)  # a whole head when the head is narrower
-        if config.head_dim % block:
-            raise SpecError(f"block_fp: block={self.block} must divide the model's head_dim {config.head_dim}")
+        block = channels_per_block("block_fp", "block", self.block, config.head_dim)
         return BlockFPCodec(self.bits, block, self.reorder)

@@ -11,12 +11,12 @@ from workbench.cache.quantized import (
     SKIP_LAYERS_HELP,
     Codec,
     CompressedPolicy,
+    channels_per_block,
     dequantize_minmax,
     pack_bits,
     quantize_minmax,
     unpack_bits,
 )
-from workbench.errors import SpecError
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
 
@@ -68,7 +68,5 @@ class KiviPolicy(CompressedPolicy):
     raw_heads: str = param("", RAW_HEADS_HELP)
 
     def codec(self, layer: int, config: ModelConfig, dtype: torch.dtype) -> Codec:
-        channels = min(self.channels, config.head_dim)  # a whole head when the head is narrower
-        if config.head_dim % channels:
-            raise SpecError(f"kivi: channels={self.channels} must divide the model's head_dim {config.head_dim}")
+        channels = channels_per_block("kivi", "channels", self.channels, config.head_dim)
         return KiviCodec(self.bits, self.group, channels)

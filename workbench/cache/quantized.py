@@ -357,6 +357,17 @@ def parse_layers(text: str) -> set[int]:
     return out
 
 
+def channels_per_block(policy: str, param_name: str, value: int, head_dim: int) -> int:
+    """`value` channels per block, or the whole head when the head is narrower; a block size that does not
+    divide head_dim is refused with a SpecError naming the policy's parameter."""
+    from workbench.errors import SpecError
+
+    block = min(value, head_dim)
+    if head_dim % block:
+        raise SpecError(f"{policy}: {param_name}={value} must divide the model's head_dim {head_dim}")
+    return block
+
+
 SKIP_LAYERS_HELP = "layers left in the previous policy's form (dense if none), e.g. '0/1' or '0-2'"
 RAW_HEADS_HELP = ("kv heads kept raw (model dtype, uncompressed) in the compressed layers: '0' = head 0 of every "
                   "layer, '1@3/0-2@5' = head 1 of layer 3 and heads 0-2 of layer 5")
