@@ -131,3 +131,32 @@ def test_bench_compares_draft_model_with_transformers_assisted_generation(tmp_pa
     # greedy self-speculation is lossless in transformers too: in bf16 its tokens agree with plain decoding's
     # up to rounding, so at least the first tokens are the same
     assert all(r["agreement_with_plain"] > 0 for r in rows)
+
+
+def test_bench_without_llama_cpp_python_says_how_to_get_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where it is not installed
+    code, _, err = run_cli(capsys, "bench", "--decode", "prompt_lookup", "--peers", "llama-cpp", *RANDOM,
+                           "--categories", "qa", "--per-category", "1", "--no-store")
+    assert code == 2 and "pip install llama-cpp-python" in err
+
+
+def test_bench_llama_cpp_needs_a_gguf_model(capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional; CI does not install it")
+    code, _, err = run_cli(capsys, "bench", "--decode", "prompt_lookup", "--peers", "llama-cpp-pld", *RANDOM,
+                           "--categories", "qa", "--per-category", "1", "--no-store")
+    assert code == 2 and "run a GGUF file" in err
+
+
+@pytest.mark.integration
+def test_bench_compressed_techniques_beside_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional; CI does not install it")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--decode", "prompt_lookup", "--compress", "int4:group=32,head=true", "--peers",
+                 "llama-cpp,llama-cpp-pld", "--categories", "code_edit", "--per-category", "1",
+                 "--max-new-tokens", "8", "--json", str(out), "--no-store", "--device", "cpu"])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["compress"] == "int4:group=32,head=true"
+    rows = {r["engine"]: r for r in result["rows"] if r["category"] == "all"}
+    assert {"plain", "prompt_lookup", "llama.cpp Q4_1", "llama.cpp Q4_1 prompt lookup"} <= set(rows)
+    # both engines run 4-bit weights of the same GGUF greedily: their first tokens agree
+    assert rows["llama.cpp Q4_1"]["agreement_with_plain"] > 0

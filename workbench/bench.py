@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from workbench.errors import WorkbenchError
+from workbench.eval.llama_cpp_peer import LLAMA_CPP_PEERS, llama_cpp_peer
 from workbench.eval.prompts import BASELINE_PROMPTS
 from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
@@ -27,8 +28,9 @@ from workbench.spec import RunSpec
 
 # plain generate; with --decode also its prompt lookup, and assisted generation with the target's first
 # --assistant-layers layers as the assistant (the same draft as draft_model:layers=N), and its early-exit
-# self-speculation exiting after that many layers (its version of layer_skip / early_exit)
-PEERS = ("transformers", "transformers-pld", "transformers-assisted", "transformers-early-exit")
+# self-speculation exiting after that many layers (its version of layer_skip / early_exit); and llama.cpp on
+# the same GGUF, plain and with its prompt lookup (eval/llama_cpp_peer.py)
+PEERS = ("transformers", "transformers-pld", "transformers-assisted", "transformers-early-exit", *LLAMA_CPP_PEERS)
 
 
 def transformers_peer(loaded: LoadedModel, dtype: torch.dtype, layers: int | None = None):
@@ -171,7 +173,8 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
 
     decodes = list(dict.fromkeys(["plain", *args.decode]))
     wb = Workbench(args.model, args.dtype, args.device, store=store)
-    specs = {d: wb.spec(f"decode={d}", max_new_tokens=args.max_new_tokens) for d in decodes}
+    compress = f";compress={args.compress}" if args.compress else ""
+    specs = {d: wb.spec(f"decode={d}{compress}", max_new_tokens=args.max_new_tokens) for d in decodes}
     try:
         prompts = suite(args.categories.split(",") if args.categories else None, args.per_category)
     except ValueError as err:
@@ -193,6 +196,13 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
             name = f"transformers early exit ({args.assistant_layers} layers)"
             engines[name] = lambda prompt: _transformers_generate(
                 peer, ids(prompt), args.max_new_tokens, assistant_early_exit=args.assistant_layers)
+    for name in [p for p in peers if p in LLAMA_CPP_PEERS]:
+        loaded = wb.model(specs["plain"])
+        gguf = embedded_gguf_path() if loaded.name.lower() in EMBEDDED_ALIASES else Path(loaded.source)
+        run = llama_cpp_peer(gguf, prompt_lookup=name == "llama-cpp-pld")
+        label = f"llama.cpp {gguf.stem.rsplit('.', 1)[-1]}" + (" prompt lookup" if name == "llama-cpp-pld" else "")
+        engines[label] = lambda prompt, run=run, loaded=loaded: run(wb.prompt_ids(loaded, prompt, None),
+                                                                     args.max_new_tokens)
 
     for run in engines.values():  # warm-up
         run(prompts[0].prompt)
@@ -223,7 +233,8 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
                          "speedup": (tokens / seconds) / (base[0] / base[1]),
                          "agreement_with_plain": sum(same) / len(same)})
     device = wb.model(specs["plain"]).device
-    result = {"model": args.model, "dtype": args.dtype, "machine": hardware_description(device),
+    result = {"model": args.model, "dtype": args.dtype, "compress": args.compress,
+              "machine": hardware_description(device),
               "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}

@@ -198,11 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="transformers",
                    help="comma-separated peers: transformers (plain); with --decode also transformers-pld (its "
                    "prompt lookup), transformers-assisted (assisted generation, the target's first layers as "
-                   "assistant) and transformers-early-exit (self-speculation exiting after the first layers)")
+                   "assistant), transformers-early-exit (self-speculation exiting after the first layers), llama-cpp "
+                   "and llama-cpp-pld (llama.cpp on the same GGUF, plain and with its prompt lookup; needs "
+                   "llama-cpp-python)")
     p.add_argument("--assistant-layers", type=int, default=8,
                    help="layers of the target that the transformers-assisted peer's assistant keeps, and where "
                    "the transformers-early-exit peer exits")
     p.add_argument("--decode", action="append", help="decoding technique to benchmark over the suite (repeatable)")
+    p.add_argument("--compress", help="with --decode: a compression chain applied to every technique's model, "
+                   "plain included (e.g. int4:group=32,head=true)")
     p.add_argument("--categories", help="comma-separated suite categories (default: all)")
     p.add_argument("--per-category", type=int, help="prompts per category (default: all 10)")
     p.add_argument("--plot", help="with --decode: save a speed-up-by-category bar chart here (PNG)")

@@ -10,10 +10,10 @@ import heapq
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
 from workbench.errors import SpecError
+from workbench.models.packed_linear import packed_product
 from workbench.registry import param, register
 
 MAX_CODE_BITS = 12  # longest Huffman code: the decoder's lookup table has 2^12 entries
@@ -150,7 +150,7 @@ class DFloat11Linear(CompressedLinear):
                           self.sign_mantissa.view(self.out_features, self.in_features)[ids])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return packed_product(x, self.dequantized_weight(), self.bias)  # bitwise the plain model's product
 
     def weight_nbytes(self) -> int:
         held = (self.sign_mantissa, self.words, self.offsets, self.first, self.entry)

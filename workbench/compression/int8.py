@@ -1,4 +1,4 @@
-"""int8: per-output-channel symmetric weight-only quantization, on torch's int8 CPU matmul.
+"""int8: per-output-channel symmetric weight-only quantization, on an int8 CPU matmul.
 
 Paper: LLM.int8()'s vector-wise weight quantization (Dettmers et al., arXiv 2208.07339), weight-only.
 """
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
+from workbench.kernels import cpu as cpu_kernels
 from workbench.registry import param, register
 
 
@@ -23,30 +24,42 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 class Int8Linear(CompressedLinear):
-    """Weight = code * scale[row]: `codes` int8 [out, in], `scales` [out] in the compute dtype.
+    """Weight = code * scale[row]: int8 codes of the [out, in] weight, `scales` [out] in the compute dtype.
 
-    On CPU forward is one `_weight_int8pack_mm` (int8 weights, activations in their own dtype, float
-    accumulation); elsewhere it dequantizes and runs a dense matmul (the reference path, marked simulated)."""
+    On CPU, bf16 activations go through the workbench's int8 kernel (`workbench.kernels.cpu`: codes held
+    in its blocked layout, float32 accumulation, a few rows of a draft tree for about the cost of one) or,
+    where that kernel cannot run, through torch's `_weight_int8pack_mm`. Elsewhere the layer dequantizes
+    and runs a dense product (the reference path, marked simulated)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.register_buffer("codes", codes)
+        self.own_kernel = (codes.is_cpu and scales.dtype == torch.bfloat16 and cpu_kernels.available()
+                           and cpu_kernels.fits(self.out_features, self.in_features))
+        self.register_buffer("codes", cpu_kernels.pack_int8(codes) if self.own_kernel else codes)
         self.register_buffer("scales", scales)
+        # the kernel applies float32 scales; 4 bytes a row, counted in weight_nbytes
+        self.register_buffer("scales_f32", scales.float() if self.own_kernel else None, persistent=False)
         self.bias = bias
 
     @property
-    def simulated(self) -> bool:  # the kernel runs on CPU only
+    def simulated(self) -> bool:  # the kernels run on CPU only
         return not self.codes.is_cpu
 
+    def dense_codes(self) -> torch.Tensor:
+        return cpu_kernels.unpack_int8(self.codes) if self.own_kernel else self.codes
+
     def dequantized_weight(self) -> torch.Tensor:
-        return (self.codes.float() * self.scales.float()[:, None]).to(self.scales.dtype)
+        return (self.dense_codes().float() * self.scales.float()[:, None]).to(self.scales.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.codes[ids].float() * self.scales[ids].float()[:, None]).to(self.scales.dtype)
+        codes = cpu_kernels.int8_rows(self.codes, ids) if self.own_kernel else self.codes[ids]
+        return (codes.float() * self.scales[ids].float()[:, None]).to(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == self.scales.dtype:  # the decode hot path: one kernel, no reshapes for 2-D x
+        if x.is_cpu and x.dtype == self.scales.dtype == torch.bfloat16 and self.own_kernel:
+            return cpu_kernels.gemm_int8(x, self.codes, self.scales_f32, self.bias)
+        if x.is_cpu and x.dtype == self.scales.dtype and not self.own_kernel:  # one kernel, no reshape for 2-D x
             y = torch.ops.aten._weight_int8pack_mm(x if x.dim() == 2 else x.reshape(-1, self.in_features),
                                                    self.codes, self.scales)
             if x.dim() != 2:
@@ -55,7 +68,8 @@ class Int8Linear(CompressedLinear):
         return super().forward(x)
 
     def weight_nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
+        extra = self.scales_f32.numel() * 4 if self.scales_f32 is not None else 0
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size() + extra
 
 
 @register("compression", "int8")
@@ -65,8 +79,8 @@ class Int8(WeightTransform):
     et al., arXiv 2208.07339, without its outlier decomposition, which concerns activations).
 
     Each output row's weights are scaled by its largest magnitude / 127 and rounded to nearest: one byte per
-    weight plus a scale per row, about 50% of bf16. On CPU the matmul runs in torch's int8 weight-only
-    kernel (`_weight_int8pack_mm`, bf16 activations), which reads half the bytes of bf16 decoding.
+    weight plus a scale per row, about 50% of bf16. On CPU the matmul runs in the workbench's int8 kernel (or torch's
+    `_weight_int8pack_mm` where it cannot run), which reads half the bytes of bf16 decoding.
     `head` (on by default here: int8 costs the head little quality and it is the largest matrix) also
     quantizes the LM head, and a tied embedding then reads its rows from the int8 copy.
     Left out: LLM.int8()'s mixed-precision outlier columns and int8 activations.

@@ -55,19 +55,42 @@ def attention(
         return out.reshape(1, heads * dim)
     q = q.transpose(0, 1)
     n_past = k.shape[1] - n_new
-    plain_causal = new_mask is None and n_past == 0  # a prompt with nothing cached before it
-    if new_mask is None and n_new > 1:
-        new_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril_()
-    mask = None if new_mask is None else F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
     if n_new <= SMALL_QUERY:
-        out = _grouped_attention(q, k, v, mask)
+        out = _grouped_sdpa(q, k, v, _tree_mask(new_mask, n_new, n_past, heads // k.shape[0], q.dtype, q.device))
     else:  # long queries (prefill): the fused kernel, which never materialises all the scores
+        plain_causal = new_mask is None and n_past == 0  # a prompt with nothing cached before it
+        if new_mask is None:
+            new_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril_()
+        mask = F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
         group = q.shape[0] // k.shape[0]
         if group > 1:
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain_causal else mask,
                                              is_causal=plain_causal)
     return out.transpose(0, 1).reshape(n_new, -1)
+
+
+# The last mask `_tree_mask` built, with what it was built from: every layer of a forward asks for the same
+# one (30 times per draft verification), and building it costs more than the attention it masks.
+_last_mask: tuple = (None, None, None)
+
+
+def _tree_mask(new_mask: torch.Tensor | None, n_new: int, n_past: int, group: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor | None:
+    """The additive mask [1, 1, group * T, S] of `_grouped_sdpa` for new tokens after `n_past` visible ones
+    (new_mask None: causal among the new tokens); None when every key is visible."""
+    global _last_mask
+    key = (n_new, n_past, group, dtype, device)
+    if _last_mask[0] is new_mask and _last_mask[1] == key:  # `is`: the memo holds the tensor, so ids stay unique
+        return _last_mask[2]
+    mask = new_mask
+    if mask is None and n_new > 1:
+        mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril_()
+    if mask is not None:
+        mask = _group_rows(F.pad(mask, (n_past, 0), value=True) if n_past else mask, group)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    _last_mask = (new_mask, key, mask)
+    return mask
 
 
 def _full_mask(new_mask: torch.Tensor | None, n_new: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -80,20 +103,29 @@ def _full_mask(new_mask: torch.Tensor | None, n_new: int, length: int, device: t
     return F.pad(new_mask, (n_past, 0), value=True) if n_past else new_mask
 
 
+def _group_rows(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[T, S] mask -> [1, 1, group * T, S]: the rows of one kv head's group of query heads (see below)."""
+    return mask.repeat(group, 1)[None, None]
+
+
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
     """Softmax attention for a few queries (a draft tree, a short chunk) with grouped kv heads, without
     copying k and v per query head.
 
     q: [heads, T, dim]; k, v: [kv_heads, S, dim]; mask: [T, S] bool or None. Returns [heads, T, dim].
+    """
+    return _grouped_sdpa(q, k, v, None if mask is None else _group_rows(mask, q.shape[0] // k.shape[0]))
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """`_grouped_attention` with the mask already expanded by `_group_rows` (bool, or additive in q's dtype).
+
     Query heads g * group .. (g + 1) * group - 1 share kv head g, as in transformers' repeat_kv: each kv
     head's group of query heads becomes group * T query rows of one fused SDPA call (4-D, so the CPU takes
     its fused kernel; 20-25% faster than float32 batched products here), the [T, S] mask repeated per head.
     """
     heads, n, dim = q.shape
     kv_heads = k.shape[0]
-    group = heads // kv_heads
-    rows = q.reshape(1, kv_heads, group * n, dim)
-    if mask is not None:
-        mask = mask.repeat(group, 1)[None, None]
+    rows = q.reshape(1, kv_heads, heads // kv_heads * n, dim)
     out = F.scaled_dot_product_attention(rows, k[None], v[None], attn_mask=mask)  # [1, kv_heads, group*T, dim]
     return out.reshape(heads, n, dim)  # the CUDA kernels may return a strided layout

@@ -1,0 +1,134 @@
+"""Small-batch CPU matrix products for decoding and draft verification (the C source is `cpu_gemm.c`).
+
+oneDNN's bf16 product costs about 0.55 ms more per extra row of a draft tree on this project's CPU, although
+a decode step's weights are streamed from memory once whatever the row count. The kernels here load each
+block of weights once and apply it to up to 8 rows held in registers, so verifying a handful of drafted
+tokens costs about what one token costs. They also run int8 weight-only products at memory speed.
+
+The C file is compiled with the system's C compiler the first time it is needed and cached under
+`~/.cache/workbench/kernels` (or `$WORKBENCH_KERNEL_CACHE`), keyed by the source's hash. Where there is no
+compiler, the CPU lacks AVX512-BF16, or `WORKBENCH_CPU_KERNELS=0` is set, `available()` is False and callers
+keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemm.c")
+MAX_ROWS = 16  # rows up to which these kernels beat oneDNN's (docs/performance.md); more go to oneDNN
+BLOCK = 16  # output features are worked in blocks of 16 rows
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("WORKBENCH_KERNEL_CACHE", Path.home() / ".cache" / "workbench" / "kernels"))
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", *os.environ.get("WORKBENCH_KERNEL_FLAGS", "").split()]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_gemm_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: no half-written .so
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                warnings.warn(f"workbench CPU kernels did not compile; using torch's products:\n{result.stderr}",
+                              stacklevel=3)
+                return None
+            built.replace(target)
+    # torch has loaded its OpenMP runtime already; the library binds to that one (same soname), so the two
+    # share one thread pool.
+    lib = ctypes.CDLL(str(target))
+    if not lib.workbench_cpu_supported():
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.workbench_gemm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.workbench_gemm_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.workbench_gemm_bf16.restype = lib.workbench_gemm_int8.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run here (built on first call)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("WORKBENCH_CPU_KERNELS", "1") != "0":
+            _lib = _build()
+    return _lib is not None
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether a weight of this shape has the layout the kernels need."""
+    return out_features % BLOCK == 0 and in_features % 2 == 0
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> [N/16, K/2, 16, 2]: per 16 output rows, each input pair's weights side by side."""
+    n, k = weight.shape
+    return weight.detach().to(torch.bfloat16).reshape(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] weight back from `pack_bf16`'s layout."""
+    blocks, pairs = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * 16, pairs * 2)
+
+
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 -> [N/16, K, 16]: per 16 output rows, each input column's codes side by side."""
+    n, k = codes.shape
+    return codes.reshape(n // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] codes back from `pack_int8`'s layout."""
+    blocks, k = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * 16, k)
+
+
+def int8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the dense codes [len(ids), K], read from `pack_int8`'s layout without unpacking the rest."""
+    return packed[ids // 16, :, ids % 16]
+
+
+def _output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return x2, torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+
+
+def gemm_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] bf16 @ W^T (+ bias) with W packed by `pack_bf16`; returns [..., N] bf16."""
+    n = packed.shape[0] * 16
+    x2, y = _output(x, n)
+    _lib.workbench_gemm_bf16(x2.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                             x2.shape[0], n, x2.shape[1], torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def gemm_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] bf16 @ (codes * scales[:, None])^T (+ bias), codes packed by `pack_int8` and scales float32 [N]."""
+    n = packed.shape[0] * 16
+    x2, y = _output(x, n)
+    _lib.workbench_gemm_int8(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                             0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
+                             torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)

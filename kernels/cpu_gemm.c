@@ -1,0 +1,166 @@
+// Small-batch matrix products for CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T for M = 1..MAX_ROWS rows.
+//
+// Why: decoding one token streams every weight once, and verifying a draft tree of M tokens should cost
+// about the same, since each weight byte loaded serves M rows. oneDNN's bf16 product instead grows by
+// ~0.55 ms per extra row on this project's 2-core CPU (docs/performance.md), which makes speculative
+// decoding barely pay. These kernels load each block of weights once and apply it to all M rows from
+// registers, so up to ~16 rows they stay bound by memory bandwidth, not by arithmetic.
+//
+// Every output row is computed in the same order whatever M is, so verifying a draft gives bit-for-bit the
+// products a one-token step gives.
+//
+// Layouts (packed once in Python, kernels/cpu.py):
+//   bf16: W as [N/16][K/2][16][2]: for each block of 16 output rows, each pair of input columns holds
+//         the 16 rows' two weights side by side, as AVX512-BF16's dot-product instruction consumes them.
+//   int8: codes as [N/16][K][16], one int8 per weight, with a float32 scale per output row.
+// N must be a multiple of 16 and K even.
+// Built by kernels/cpu.py with gcc -O3 -fopenmp; the AVX-512 code runs only where the CPU reports it.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define MAX_ROWS 8 // rows per pass over a weight block; more rows take several passes over the (cached) block
+#define MAX_BLOCKS 8
+#ifndef PREFETCH
+#define PREFETCH 16 // how far ahead (in 64-byte lines of each weight stream) to prefetch; measured best of 0, 8, 16, 32
+#endif
+
+int workbench_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16};
+    return bits.f;
+}
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define INLINE static inline __attribute__((always_inline))
+
+// Stores 16 float32 sums as bf16 (round to nearest even, as torch rounds), scaled and biased if asked.
+TARGET INLINE void store_bf16(uint16_t *out, __m512 acc, const float *scale, const uint16_t *bias) {
+    if (scale) acc = _mm512_mul_ps(acc, _mm512_loadu_ps(scale));
+    if (bias) {
+        __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)bias)), 16);
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(b));
+    }
+    _mm256_storeu_si256((void *)out, (__m256i)_mm512_cvtneps_pbh(acc));
+}
+
+// The weights of one tile: BLOCKS consecutive blocks of 16 output rows. Each block is one contiguous stream.
+typedef struct {
+    const uint16_t *x;   // activations [M, K] bf16
+    const void *w;       // packed weights
+    const float *scales; // int8 row scales [N], or 0
+    const uint16_t *bias;
+    uint16_t *y;         // [M, N] bf16
+    int64_t M, N, K;
+} Product;
+
+// Rows m0 .. m0 + ROWS - 1 against blocks nb .. nb + BLOCKS - 1. ROWS and BLOCKS are constants at each call
+// site, so the ROWS x BLOCKS accumulators live in registers; several blocks give the float pipelines
+// independent chains when there are few rows. Each output is summed in input order whatever the tile shape.
+TARGET INLINE void bf16_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
+    const int64_t KP = p->K / 2;
+    const int32_t *x_pairs = (const int32_t *)p->x;
+    const __m512i *w = (const __m512i *)p->w + nb * KP;
+    __m512 acc[MAX_ROWS][MAX_BLOCKS];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < KP; kp++) {
+        __m512bh wb[MAX_BLOCKS];
+        if (PREFETCH)
+            for (int b = 0; b < BLOCKS; b++) _mm_prefetch((const char *)(w + b * KP + kp + PREFETCH), _MM_HINT_T0);
+        for (int b = 0; b < BLOCKS; b++) wb[b] = (__m512bh)_mm512_loadu_si512(w + b * KP + kp);
+        for (int r = 0; r < ROWS; r++) {
+            __m512bh xr = (__m512bh)_mm512_set1_epi32(x_pairs[(m0 + r) * KP + kp]);
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, acc[r][b], 0, p->bias ? p->bias + col : 0);
+        }
+}
+
+// int8 codes, float32 accumulation: each code is widened to float32 in registers and multiplied by the
+// row's activation; the row scale is applied once to the sum.
+TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
+    const int64_t K = p->K;
+    const int8_t *w = (const int8_t *)p->w + nb * K * 16;
+    __m512 acc[MAX_ROWS][MAX_BLOCKS];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wb[MAX_BLOCKS];
+        if (PREFETCH && k % 4 == 0)
+            for (int b = 0; b < BLOCKS; b++) _mm_prefetch((const char *)(w + (b * K + k) * 16 + PREFETCH * 64), _MM_HINT_T0);
+        for (int b = 0; b < BLOCKS; b++)
+            wb[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(w + (b * K + k) * 16))));
+        for (int r = 0; r < ROWS; r++) {
+            __m512 xr = _mm512_set1_ps(bf16_to_float(p->x[(m0 + r) * K + k]));
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_fmadd_ps(xr, wb[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, acc[r][b], p->scales + col, p->bias ? p->bias + col : 0);
+        }
+}
+
+// Few rows take more blocks at once (ROWS x BLOCKS accumulators, at most 16 registers).
+#define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 4 ? 4 : 2)
+
+// Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (12 rows are two
+// passes of 6): the blocks' weights are read from memory once and stay in cache for the later passes. Each
+// pass works its blocks in the widest groups its row count allows.
+#define TILE_CASE(tile, p, m0, nb, blocks, ROWS)                                                               \
+    case ROWS: {                                                                                               \
+        int64_t b_ = 0;                                                                                        \
+        if (BLOCKS_FOR(ROWS) >= 8) for (; b_ + 8 <= (blocks); b_ += 8) tile(p, m0, (nb) + b_, ROWS, 8);        \
+        if (BLOCKS_FOR(ROWS) >= 4) for (; b_ + 4 <= (blocks); b_ += 4) tile(p, m0, (nb) + b_, ROWS, 4);        \
+        for (; b_ + 2 <= (blocks); b_ += 2) tile(p, m0, (nb) + b_, ROWS, 2);                                   \
+        for (; b_ < (blocks); b_++) tile(p, m0, (nb) + b_, ROWS, 1);                                           \
+    } break;
+
+#define ROW_TILES(tile, p, nb, blocks)                                                                         \
+    for (int64_t m0 = 0, per_pass = ((p)->M + MAX_ROWS - 1) / MAX_ROWS; m0 < (p)->M;) {                        \
+        int64_t rows = ((p)->M - m0 + per_pass - 1) / per_pass;                                                \
+        switch (rows) {                                                                                        \
+            TILE_CASE(tile, p, m0, nb, blocks, 1) TILE_CASE(tile, p, m0, nb, blocks, 2)                        \
+            TILE_CASE(tile, p, m0, nb, blocks, 3) TILE_CASE(tile, p, m0, nb, blocks, 4)                        \
+            TILE_CASE(tile, p, m0, nb, blocks, 5) TILE_CASE(tile, p, m0, nb, blocks, 6)                        \
+            TILE_CASE(tile, p, m0, nb, blocks, 7) TILE_CASE(tile, p, m0, nb, blocks, 8)                        \
+        }                                                                                                      \
+        m0 += rows;                                                                                            \
+        per_pass--;                                                                                            \
+    }
+
+// Each thread takes an equal, contiguous range of blocks (its own weight streams) and every row for them.
+#define PRODUCT(tile, p, threads)                                                                              \
+    _Pragma("omp parallel num_threads(threads)") {                                                             \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                                               \
+        int64_t blocks = (p)->N / 16, first = blocks * t / n, last = blocks * (t + 1) / n;                     \
+        int64_t step = 8;                                      \
+        for (int64_t nb = first; nb < last; nb += step) {                                                      \
+            int64_t count = last - nb < step ? last - nb : step;                                               \
+            ROW_TILES(tile, p, nb, count)                                                                      \
+        }                                                                                                      \
+    }
+
+TARGET void workbench_gemm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                                int64_t M, int64_t N, int64_t K, int threads) {
+    Product p = {x, w, 0, bias, y, M, N, K};
+    PRODUCT(bf16_tile, &p, threads)
+}
+
+TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const float *scales, const uint16_t *bias,
+                                uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    Product p = {x, codes, scales, bias, y, M, N, K};
+    PRODUCT(int8_tile, &p, threads)
+}

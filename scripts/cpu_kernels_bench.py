@@ -1,0 +1,68 @@
+"""The matrix products of one decode or verification step, each backend in turn on the same inputs.
+
+    .venv/bin/python scripts/cpu_kernels_bench.py            # rows 1, 2, 4, 8, 12, 16
+
+SmolLM2-135M's shapes: 30 layers' four products (q|k|v, o, gate|up, down) and the 576x49152 LM head, random
+weights, each layer its own matrices so they stream from memory as in a real step (243 MB in bf16). For M rows
+(1 = a decode step, more = a draft tree being verified): oneDNN's packed bf16 product (what PackedLinear used
+before the workbench's kernels), the workbench's bf16 kernel, torch's int8 weight-only kernel and the
+workbench's int8 kernel. Best of five 5-step means, backends alternating so drift hits them alike.
+"""
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from workbench.kernels import cpu
+
+LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in)
+HEAD = (49152, 576)
+
+
+def backends(layers: int) -> dict[str, list]:
+    calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "torch int8": [], "workbench int8": []}
+    for shape in [s for _ in range(layers) for s in LAYER] + [HEAD]:
+        n, k = shape
+        weight = nn.Linear(k, n, bias=False).weight.detach().to(torch.bfloat16)
+        onednn = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        ours = cpu.pack_bf16(weight)
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scales = torch.rand(n, dtype=torch.bfloat16) * 0.01
+        packed_codes, scales32 = cpu.pack_int8(codes), scales.float()
+        calls["oneDNN bf16"].append((k, lambda x, w=onednn: torch.ops.mkldnn._linear_pointwise(x, w, None, "none",
+                                                                                                 [], "")))
+        calls["workbench bf16"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
+        calls["torch int8"].append((k, lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)))
+        calls["workbench int8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None)))
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="*", type=int, default=[1, 2, 4, 8, 12, 16])
+    parser.add_argument("--layers", type=int, default=30)
+    args = parser.parse_args()
+    if not cpu.available():
+        raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
+    torch.manual_seed(0)
+    calls = backends(args.layers)
+    print(f"ms per step's products, {args.layers} layers + LM head, {torch.get_num_threads()} threads")
+    print(f"{'rows':>5}" + "".join(f"{name:>17}" for name in calls))
+    with torch.inference_mode():
+        for m in args.rows:
+            inputs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in (576, 1536)}
+            best = dict.fromkeys(calls, float("inf"))
+            for _ in range(5):
+                for name, fs in calls.items():
+                    start = time.perf_counter()
+                    for _ in range(5):
+                        for k, f in fs:
+                            f(inputs[k])
+                    best[name] = min(best[name], (time.perf_counter() - start) / 5)
+            print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>17.2f}" for name in calls), flush=True)
+
+
+if __name__ == "__main__":
+    main()

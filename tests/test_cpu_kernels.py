@@ -1,0 +1,122 @@
+"""The workbench's CPU matrix-product kernels (kernels/cpu_gemm.c): exact layouts, bf16-rounding accuracy, the
+same result for a row whatever the row count, and the layers that use them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.compression.int8 import Int8Linear, quantize_int8
+from workbench.kernels import cpu
+from workbench.models.packed_linear import PackedLinear
+
+# This project's machines have AVX512-BF16 and a C compiler; elsewhere the layers keep torch's paths and the
+# fallback test below covers them.
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason="no C compiler or no AVX512-BF16 on this CPU")
+
+SHAPES = [(960, 576), (576, 1536), (48, 34)]  # SmolLM2's qkv and down projections, and an odd small shape
+
+
+def reference(x, w, bias=None):
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16_product_is_as_accurate_as_torch(n, k):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    for m in (1, 5, 13):
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        y = cpu.gemm_bf16(x, cpu.pack_bf16(w), bias)
+        ours = (y.double() - reference(x, w, bias)).abs().max()
+        torch_err = (F.linear(x, w, bias).double() - reference(x, w, bias)).abs().max()
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        assert ours <= 1.5 * torch_err + 1e-6  # both are float32 sums rounded once to bf16
+
+
+@needs_kernels
+def test_a_row_gets_the_same_bits_whatever_the_row_count():
+    # what makes verifying a draft compute exactly the products a one-token step computes
+    torch.manual_seed(1)
+    w, bias = torch.randn(576, 1536, dtype=torch.bfloat16), torch.randn(576, dtype=torch.bfloat16)
+    packed = cpu.pack_bf16(w)
+    codes, scales = quantize_int8(w.float(), torch.bfloat16)
+    packed_codes = cpu.pack_int8(codes)
+    x = torch.randn(20, 1536, dtype=torch.bfloat16)
+    singles = torch.cat([cpu.gemm_bf16(x[i:i + 1], packed, bias) for i in range(20)])
+    singles8 = torch.cat([cpu.gemm_int8(x[i:i + 1], packed_codes, scales.float(), bias) for i in range(20)])
+    for m in range(2, 21):  # 1..8 rows in one pass, 9..20 split into balanced passes
+        assert torch.equal(cpu.gemm_bf16(x[:m], packed, bias), singles[:m]), m
+        assert torch.equal(cpu.gemm_int8(x[:m], packed_codes, scales.float(), bias), singles8[:m]), m
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8_product_matches_the_dequantized_weight(n, k):
+    torch.manual_seed(2)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n) * 0.01
+    x = torch.randn(3, 2, k, dtype=torch.bfloat16)  # leading dims are kept
+    y = cpu.gemm_int8(x, cpu.pack_int8(codes), scales, None)
+    ref = reference(x.reshape(6, k), codes.double() * scales.double()[:, None])
+    assert y.shape == (3, 2, n)
+    # float32 sums, one bf16 rounding: within a bf16 ulp of the largest output
+    assert (y.reshape(6, n).double() - ref).abs().max() <= ref.abs().max() * 2**-8
+
+
+def test_layouts_round_trip():
+    w = torch.randn(64, 10, dtype=torch.bfloat16)
+    codes = torch.randint(-127, 128, (64, 10), dtype=torch.int8)
+    assert torch.equal(cpu.unpack_bf16(cpu.pack_bf16(w)), w)
+    assert torch.equal(cpu.unpack_int8(cpu.pack_int8(codes)), codes)
+    ids = torch.tensor([0, 17, 63, 17])
+    assert torch.equal(cpu.int8_rows(cpu.pack_int8(codes), ids), codes[ids])
+    assert cpu.fits(64, 10) and not cpu.fits(60, 10) and not cpu.fits(64, 9)
+
+
+@needs_kernels
+def test_layers_use_the_kernels_and_keep_their_interface():
+    torch.manual_seed(3)
+    lin = nn.Linear(576, 960, bias=True).to(torch.bfloat16)
+    packed = PackedLinear(lin)
+    assert packed.own_kernel and torch.equal(packed.weight, lin.weight)
+    x = torch.randn(4, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert (packed(x).double() - reference(x, lin.weight, lin.bias)).abs().max() < 0.1
+        assert packed(x.float()).dtype == torch.float32  # another dtype takes a plain product
+
+    codes, scales = quantize_int8(lin.weight.detach(), torch.bfloat16)
+    layer = Int8Linear(codes, scales, None)
+    assert layer.own_kernel and torch.equal(layer.dense_codes(), codes)
+    assert layer.weight_nbytes() == 960 * 576 + 960 * (2 + 4)  # codes, bf16 scales, the kernel's float32 scales
+    ids = torch.tensor([5, 900])
+    assert torch.equal(layer.rows(ids), layer.dequantized_weight()[ids])
+    with torch.inference_mode():
+        torch_path = torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+        assert (layer(x).float() - torch_path.float()).abs().max() <= torch_path.abs().max() * 2**-7
+
+
+def test_without_the_kernels_the_layers_keep_torchs_paths(monkeypatch):
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_tried", True)
+    assert not cpu.available()
+    lin = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    codes, scales = quantize_int8(lin.weight.detach(), torch.bfloat16)
+    layer = Int8Linear(codes, scales, None)
+    assert not layer.own_kernel and torch.equal(layer.codes, codes)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.ops.aten._weight_int8pack_mm(x, codes, scales))
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            packed = PackedLinear(lin)
+            assert not packed.own_kernel and torch.equal(packed(x), F.linear(x, lin.weight))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "0")
+    assert not cpu.available()

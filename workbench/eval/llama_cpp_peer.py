@@ -1,0 +1,53 @@
+"""llama.cpp as a peer in `workbench bench --decode`, through llama-cpp-python, on the same GGUF file.
+
+llama.cpp runs the GGUF's own quantized weights (the embedded model is Q4_1: 4-bit codes with a scale and a
+minimum per 32 weights, the format `int4:group=32` reproduces), with as many threads as torch uses. Its
+prompt lookup is llama-cpp-python's `LlamaPromptLookupDecoding` (n-grams up to 2, 10 drafted tokens, the
+settings of the prompt-lookup reference code). Each prompt starts from an empty cache (no prefix reuse),
+greedy, and stops at EOS or after the same number of new tokens as the workbench's runs.
+
+llama-cpp-python is optional: `pip install llama-cpp-python` builds it from source (about 10 minutes on
+two cores). Without it, asking for these peers is a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+LLAMA_CPP_PEERS = ("llama-cpp", "llama-cpp-pld")
+
+
+def llama_cpp_peer(gguf: Path, prompt_lookup: bool) -> Callable[[list[int], int], tuple[int, float, int, list[int]]]:
+    """A function (prompt ids, max new tokens) -> (new tokens, seconds, 0, their ids) running llama.cpp."""
+    try:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        raise WorkbenchError("the llama.cpp peers need llama-cpp-python: pip install llama-cpp-python") from None
+    if gguf.suffix != ".gguf" or not gguf.exists():
+        raise WorkbenchError(f"the llama.cpp peers run a GGUF file; the model's source is {str(gguf)!r}")
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
+    threads = torch.get_num_threads()
+    llm = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, draft_model=draft,
+                verbose=False)
+    eos = llm.token_eos()
+
+    def run(ids: list[int], n: int) -> tuple[int, float, int, list[int]]:
+        llm.reset()  # no prefix reuse between prompts: every engine prefills every prompt
+        out: list[int] = []
+        t0 = time.perf_counter()
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            if token == eos:
+                break
+            out.append(token)
+            if len(out) == n:
+                break
+        return len(out), time.perf_counter() - t0, 0, out
+
+    return run
