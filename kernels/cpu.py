@@ -1,9 +1,10 @@
 """Small-batch CPU matrix products for decoding and draft verification (the C source is `cpu_gemm.c`).
 
-oneDNN's bf16 product costs about 0.55 ms more per extra row of a draft tree on this project's CPU, although
-a decode step's weights are streamed from memory once whatever the row count. The kernels here load each
+oneDNN's bf16 product slows with each extra row of a draft tree on this project's CPU (a step's products:
+7.3 ms for one row, 8.6 ms for 8), although the weights are streamed from memory once whatever the row count. The kernels here load each
 block of weights once and apply it to up to 8 rows held in registers, so verifying a handful of drafted
-tokens costs about what one token costs. They also run int8 weight-only products at memory speed.
+tokens costs about what one token costs, and one row is also faster than oneDNN's (docs/performance.md).
+The int8 kernel does the same for weight-only int8 codes.
 
 The C file is compiled with the system's C compiler the first time it is needed and cached under
 `~/.cache/workbench/kernels` (or `$WORKBENCH_KERNEL_CACHE`), keyed by the source's hash. Where there is no
@@ -25,7 +26,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
-MAX_ROWS = 16  # rows up to which these kernels beat oneDNN's (docs/performance.md); more go to oneDNN
 BLOCK = 16  # output features are worked in blocks of 16 rows
 
 _lib: ctypes.CDLL | None = None
