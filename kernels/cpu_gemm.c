@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 #include <omp.h>
+#include <math.h>
 #include <stdint.h>
 
 #define MAX_ROWS 8 // rows per pass over a weight block; more rows take several passes over the (cached) block
@@ -164,4 +165,94 @@ TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const fl
                                 uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
     Product p = {x, codes, scales, bias, y, M, N, K};
     PRODUCT(int8_tile, &p, threads)
+}
+
+// ---- Attention for a few query rows over a bf16 KV cache ----
+//
+// out[t, h] = softmax(scale * q[t, h] . k[g, :] + mask[t, :]) @ v[g, :] with g = h / (H / KVH) (grouped
+// kv heads). One task per (query row, head); scores, softmax and the weighted sum in float32, output rounded
+// once to bf16. mask: [T, S] bytes (1 = visible) or 0 for all visible. Rows of k and v are contiguous
+// (D values); heads and rows may have any stride, as a cache's view of its preallocated buffer has.
+
+TARGET INLINE __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a
+// degree-6 polynomial, relative error about 2e-7; below -87 it returns 0.
+TARGET INLINE __m512 exp_ps(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    p = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(~underflow, p);
+}
+
+#define MAX_HEAD_DIM 256
+
+TARGET void workbench_attention_bf16(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *k,
+                                     int64_t k_head, int64_t k_row, const uint16_t *v, int64_t v_head,
+                                     int64_t v_row, const uint8_t *mask, uint16_t *out, int64_t H, int64_t KVH,
+                                     int64_t T, int64_t S, int64_t D, float scale, float *scratch, int threads) {
+    const int64_t group = H / KVH, chunks = D / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = scratch + (int64_t)omp_get_thread_num() * ((S + 15) / 16 * 16);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < T * H; task++) {
+            const int64_t t = task / H, h = task % H, g = h / group;
+            const uint16_t *kg = k + g * k_head, *vg = v + g * v_head;
+            const uint8_t *visible = mask ? mask + t * S : 0;
+            __m512 qv[MAX_HEAD_DIM / 16];
+            for (int64_t c = 0; c < chunks; c++)
+                qv[c] = _mm512_mul_ps(load_bf16x16(q + t * q_row + h * q_head + c * 16), _mm512_set1_ps(scale));
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                if (visible && !visible[s]) {
+                    scores[s] = -INFINITY;
+                    continue;
+                }
+                __m512 acc = _mm512_mul_ps(qv[0], load_bf16x16(kg + s * k_row));
+                for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[c], load_bf16x16(kg + s * k_row + c * 16), acc);
+                float score = _mm512_reduce_add_ps(acc);
+                scores[s] = score;
+                top = score > top ? score : top;
+            }
+            __m512 total = _mm512_setzero_ps(), max = _mm512_set1_ps(top);
+            int64_t s = 0;
+            for (; s + 16 <= S; s += 16) {
+                __m512 p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + s), max));
+                _mm512_storeu_ps(scores + s, p);
+                total = _mm512_add_ps(total, p);
+            }
+            if (s < S) {
+                __mmask16 tail = (__mmask16)((1u << (S - s)) - 1);
+                __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + s), max));
+                p = _mm512_maskz_mov_ps(tail, p);
+                _mm512_mask_storeu_ps(scores + s, tail, p);
+                total = _mm512_add_ps(total, p);
+            }
+            __m512 acc[MAX_HEAD_DIM / 16];
+            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+            for (s = 0; s < S; s++) {
+                if (scores[s] == 0.0f) continue; // masked (or underflowed) keys
+                __m512 p = _mm512_set1_ps(scores[s]);
+                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vg + s * v_row + c * 16), acc[c]);
+            }
+            __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+            uint16_t *o = out + (t * H + h) * D;
+            for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[c], inv), 0, 0);
+        }
+    }
 }

@@ -120,3 +120,37 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(cpu, "_tried", False)
     monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "0")
     assert not cpu.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,rows", [(1, 1), (7, 3), (100, 1), (333, 11), (64, 64)])
+def test_attention_matches_float64_over_a_strided_cache_view(length, rows):
+    from workbench.models.attention import _grouped_attention
+
+    torch.manual_seed(4)
+    buffer_k, buffer_v = (torch.randn(3, 512, 64, dtype=torch.bfloat16) for _ in range(2))
+    k, v = buffer_k[:, :length], buffer_v[:, :length]  # as a cache's view of its preallocated buffer
+    q = torch.randn(rows, 15, 64, dtype=torch.bfloat16)[:, :9]  # q heads sliced out of a fused q|k|v output
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    mask[:, length - rows:] = torch.rand(rows, rows) > 0.5  # a draft tree among the new rows
+    mask[torch.arange(rows), length - rows + torch.arange(rows)] = True
+    exact = _grouped_attention(q.transpose(0, 1).double(), k.double(), v.double(), mask).transpose(0, 1)
+    ours = cpu.attention(q, k, v, mask)
+    torch_sdpa = _grouped_attention(q.transpose(0, 1), k, v, mask).transpose(0, 1)
+    assert ours.shape == (rows, 9 * 64)
+    ours_err = (ours.double() - exact.reshape(rows, -1)).abs().max()
+    assert ours_err <= 1.5 * (torch_sdpa.double() - exact).abs().max() + 1e-3
+    if rows == 1:  # no mask: every key visible
+        unmasked = _grouped_attention(q.transpose(0, 1).double(), k.double(), v.double(), None).transpose(0, 1)
+        assert (cpu.attention(q, k, v, None).double() - unmasked.reshape(1, -1)).abs().max() < 2e-2
+
+
+@needs_kernels
+def test_attention_sees_only_what_the_mask_allows():
+    # a wrong mask handling would mix in the hidden keys, whose values are huge here
+    k = torch.randn(1, 4, 16, dtype=torch.bfloat16)
+    v = torch.zeros(1, 4, 16, dtype=torch.bfloat16)
+    v[0, 1:] = 1000.0
+    q = torch.randn(1, 2, 16, dtype=torch.bfloat16)
+    mask = torch.tensor([[True, False, False, False]])
+    assert torch.equal(cpu.attention(q, k, v, mask), torch.zeros(1, 32, dtype=torch.bfloat16))

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from workbench.kernels import cpu as cpu_kernels
+
 if TYPE_CHECKING:
     from workbench.cache.base import LayerCache
 
@@ -47,6 +49,10 @@ def attention(
             if layer_cache.attends_itself:  # sparse or selected-token forms compute attention themselves
                 return layer_cache.attend(q.transpose(0, 1), full_mask).transpose(0, 1).reshape(n_new, -1)
         k, v = layer_cache.view()
+    n_past = k.shape[1] - n_new
+    if n_new <= SMALL_QUERY and q.is_cpu and cpu_kernels.available() and cpu_kernels.attention_fits(q, k, v):
+        # the workbench's CPU kernel: a few query rows, grouped kv heads, the cache's strided view as it is
+        return cpu_kernels.attention(q, k, v, _visible(new_mask, n_new, n_past, q.device))
     if n_new == 1 and new_mask is None:
         # One decoding step: the group of query heads sharing a kv head acts as that head's queries,
         # so one fused call does it with no copies of k and v.
@@ -54,9 +60,8 @@ def attention(
         out = F.scaled_dot_product_attention(q.view(1, k.shape[0], heads // k.shape[0], dim), k[None], v[None])
         return out.reshape(1, heads * dim)
     q = q.transpose(0, 1)
-    n_past = k.shape[1] - n_new
     if n_new <= SMALL_QUERY:
-        out = _grouped_sdpa(q, k, v, _tree_mask(new_mask, n_new, n_past, heads // k.shape[0], q.dtype, q.device))
+        out = _grouped_sdpa(q, k, v, _visible(new_mask, n_new, n_past, q.device, heads // k.shape[0], q.dtype))
     else:  # long queries (prefill): the fused kernel, which never materialises all the scores
         plain_causal = new_mask is None and n_past == 0  # a prompt with nothing cached before it
         if new_mask is None:
@@ -70,27 +75,34 @@ def attention(
     return out.transpose(0, 1).reshape(n_new, -1)
 
 
-# The last mask `_tree_mask` built, with what it was built from: every layer of a forward asks for the same
+# The masks `_visible` built last, with what they were built from: every layer of a forward asks for the same
 # one (30 times per draft verification), and building it costs more than the attention it masks.
-_last_mask: tuple = (None, None, None)
+_last_masks: tuple = (None, None, {})
 
 
-def _tree_mask(new_mask: torch.Tensor | None, n_new: int, n_past: int, group: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor | None:
-    """The additive mask [1, 1, group * T, S] of `_grouped_sdpa` for new tokens after `n_past` visible ones
-    (new_mask None: causal among the new tokens); None when every key is visible."""
-    global _last_mask
-    key = (n_new, n_past, group, dtype, device)
-    if _last_mask[0] is new_mask and _last_mask[1] == key:  # `is`: the memo holds the tensor, so ids stay unique
-        return _last_mask[2]
-    mask = new_mask
-    if mask is None and n_new > 1:
-        mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril_()
-    if mask is not None:
-        mask = _group_rows(F.pad(mask, (n_past, 0), value=True) if n_past else mask, group)
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-    _last_mask = (new_mask, key, mask)
-    return mask
+def _visible(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: torch.device,
+             group: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Which keys each new token sees: [T, S] bool over `n_past` earlier keys (all visible) and the new ones
+    (new_mask; None is causal), or None when every key is visible. With `group`, the additive mask
+    [1, 1, group * T, S] in `dtype` that `_grouped_sdpa` takes."""
+    global _last_masks
+    key = (n_new, n_past, device)
+    if not (_last_masks[0] is new_mask and _last_masks[1] == key):  # `is`: the memo holds the tensor
+        _last_masks = (new_mask, key, {})
+    forms = _last_masks[2]
+    if (group, dtype) not in forms:
+        if group is None:
+            mask = new_mask
+            if mask is None and n_new > 1:
+                mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril_()
+            forms[(group, dtype)] = None if mask is None else F.pad(mask, (n_past, 0), value=True) if n_past else mask
+        else:
+            mask = _visible(new_mask, n_new, n_past, device)
+            if mask is not None:
+                mask = _group_rows(mask, group)
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+            forms[(group, dtype)] = mask
+    return forms[(group, dtype)]
 
 
 def _full_mask(new_mask: torch.Tensor | None, n_new: int, length: int, device: torch.device) -> torch.Tensor | None:
