@@ -2,7 +2,7 @@
 
 - Matrix products, bf16 and int8 weights. oneDNN's bf16 product slows with each extra row of a draft tree on
   this project's CPU (a step's products: 7.3 ms for one row, 8.6 ms for 8), although the weights are streamed
-  from memory once whatever the row count. These load each block of weights once and apply it to up to 8
+  from memory once whatever the row count. These load each block of weights once and apply it to up to 12
   rows held in registers, so verifying a handful of drafted tokens costs about what one token costs, and one
   row is also faster than oneDNN's (docs/performance.md).
 - Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), 2-3x faster than
@@ -154,7 +154,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kv_heads, length = k.shape[0], k.shape[1]
     out = torch.empty(n, heads * dim, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
-    scratch = torch.empty(threads * ((length + 15) // 16 * 16), dtype=torch.float32)
+    scratch = torch.empty(threads * (heads // kv_heads) * ((length + 15) // 16 * 16), dtype=torch.float32)
     visible = None if mask is None else mask.contiguous()
     _lib.workbench_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                                   v.data_ptr(), v.stride(0), v.stride(1),

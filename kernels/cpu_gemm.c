@@ -22,7 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define MAX_ROWS 8 // rows per pass over a weight block; more rows take several passes over the (cached) block
+#define MAX_ROWS 12 // rows per pass over a weight block; more rows take several passes over the (cached) block
 #define MAX_BLOCKS 8
 #ifndef PREFETCH
 #define PREFETCH 16 // how far ahead (in 64-byte lines of each weight stream) to prefetch; measured best of 0, 8, 16, 32
@@ -118,8 +118,8 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
 // Few rows take more blocks at once (ROWS x BLOCKS accumulators, at most 16 registers).
 #define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 4 ? 4 : 2)
 
-// Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (12 rows are two
-// passes of 6): the blocks' weights are read from memory once and stay in cache for the later passes. Each
+// Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (16 rows are two
+// passes of 8): the blocks' weights are read from memory once and stay in cache for the later passes. Each
 // pass works its blocks in the widest groups its row count allows.
 #define TILE_CASE(tile, p, m0, nb, blocks, ROWS)                                                               \
     case ROWS: {                                                                                               \
@@ -138,6 +138,8 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
             TILE_CASE(tile, p, m0, nb, blocks, 3) TILE_CASE(tile, p, m0, nb, blocks, 4)                        \
             TILE_CASE(tile, p, m0, nb, blocks, 5) TILE_CASE(tile, p, m0, nb, blocks, 6)                        \
             TILE_CASE(tile, p, m0, nb, blocks, 7) TILE_CASE(tile, p, m0, nb, blocks, 8)                        \
+            TILE_CASE(tile, p, m0, nb, blocks, 9) TILE_CASE(tile, p, m0, nb, blocks, 10)                       \
+            TILE_CASE(tile, p, m0, nb, blocks, 11) TILE_CASE(tile, p, m0, nb, blocks, 12)                      \
         }                                                                                                      \
         m0 += rows;                                                                                            \
         per_pass--;                                                                                            \
@@ -200,59 +202,96 @@ TARGET INLINE __m512 exp_ps(__m512 x) {
 }
 
 #define MAX_HEAD_DIM 256
+#define MAX_SHARED 16 // zmm registers of a task's query heads: heads x (D / 16) at most this many share k and v
 
+// One query row t against kv head g for `heads` query heads h0 .. h0 + heads - 1 of its group: each key and
+// value row is loaded and widened once for all of them. scores: heads x S floats of scratch.
+TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *kg, int64_t k_row,
+                               const uint16_t *vg, int64_t v_row, const uint8_t *visible, uint16_t *out, int64_t H,
+                               int64_t t, int64_t h0, const int64_t heads, int64_t S, const int64_t chunks,
+                               float scale, float *scores) {
+    const int64_t D = chunks * 16;
+    const int64_t stride = (S + 15) / 16 * 16;
+    __m512 qv[MAX_HEAD_DIM / 16 > MAX_SHARED ? MAX_HEAD_DIM / 16 : MAX_SHARED];
+    float top[MAX_SHARED];
+    for (int64_t j = 0; j < heads; j++) {
+        top[j] = -INFINITY;
+        for (int64_t c = 0; c < chunks; c++)
+            qv[j * chunks + c] = _mm512_mul_ps(load_bf16x16(q + t * q_row + (h0 + j) * q_head + c * 16),
+                                               _mm512_set1_ps(scale));
+    }
+    for (int64_t s = 0; s < S; s++) {
+        if (visible && !visible[s]) {
+            for (int64_t j = 0; j < heads; j++) scores[j * stride + s] = -INFINITY;
+            continue;
+        }
+        __m512 key[MAX_HEAD_DIM / 16];
+        for (int64_t c = 0; c < chunks; c++) key[c] = load_bf16x16(kg + s * k_row + c * 16);
+        for (int64_t j = 0; j < heads; j++) {
+            __m512 acc = _mm512_mul_ps(qv[j * chunks], key[0]);
+            for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[j * chunks + c], key[c], acc);
+            float score = _mm512_reduce_add_ps(acc);
+            scores[j * stride + s] = score;
+            top[j] = score > top[j] ? score : top[j];
+        }
+    }
+    float inv[MAX_SHARED];
+    for (int64_t j = 0; j < heads; j++) { // softmax numerators in place, and their sum
+        float *row = scores + j * stride;
+        __m512 total = _mm512_setzero_ps(), max = _mm512_set1_ps(top[j]);
+        for (int64_t s = 0; s < S; s += 16) {
+            __mmask16 live = S - s >= 16 ? 0xFFFF : (__mmask16)((1u << (S - s)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), max)));
+            _mm512_mask_storeu_ps(row + s, live, e);
+            total = _mm512_add_ps(total, e);
+        }
+        inv[j] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    __m512 acc[MAX_HEAD_DIM / 16 > MAX_SHARED ? MAX_HEAD_DIM / 16 : MAX_SHARED];
+    for (int64_t i = 0; i < heads * chunks; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s++) {
+        if (visible && !visible[s]) continue;
+        __m512 value[MAX_HEAD_DIM / 16];
+        for (int64_t c = 0; c < chunks; c++) value[c] = load_bf16x16(vg + s * v_row + c * 16);
+        for (int64_t j = 0; j < heads; j++) {
+            __m512 p = _mm512_set1_ps(scores[j * stride + s]);
+            for (int64_t c = 0; c < chunks; c++) acc[j * chunks + c] = _mm512_fmadd_ps(p, value[c], acc[j * chunks + c]);
+        }
+    }
+    for (int64_t j = 0; j < heads; j++) {
+        uint16_t *o = out + (t * H + h0 + j) * D;
+        for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[j * chunks + c], _mm512_set1_ps(inv[j])), 0, 0);
+    }
+}
+
+// Tasks are (query row, kv head) with the whole group of query heads sharing its k and v loads when there
+// are enough of them to keep every thread busy and the group's registers fit; otherwise (query row, head).
 TARGET void workbench_attention_bf16(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *k,
                                      int64_t k_head, int64_t k_row, const uint16_t *v, int64_t v_head,
                                      int64_t v_row, const uint8_t *mask, uint16_t *out, int64_t H, int64_t KVH,
                                      int64_t T, int64_t S, int64_t D, float scale, float *scratch, int threads) {
-    const int64_t group = H / KVH, chunks = D / 16;
+    const int64_t group = H / KVH;
+    const int64_t per_task = (T * KVH >= 2 * threads && group * (D / 16) <= MAX_SHARED) ? group : 1;
+    const int64_t tasks = T * H / per_task;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = scratch + (int64_t)omp_get_thread_num() * ((S + 15) / 16 * 16);
+        float *scores = scratch + (int64_t)omp_get_thread_num() * per_task * ((S + 15) / 16 * 16);
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < T * H; task++) {
-            const int64_t t = task / H, h = task % H, g = h / group;
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t t = task / (H / per_task), h0 = task % (H / per_task) * per_task, g = h0 / group;
             const uint16_t *kg = k + g * k_head, *vg = v + g * v_head;
             const uint8_t *visible = mask ? mask + t * S : 0;
-            __m512 qv[MAX_HEAD_DIM / 16];
-            for (int64_t c = 0; c < chunks; c++)
-                qv[c] = _mm512_mul_ps(load_bf16x16(q + t * q_row + h * q_head + c * 16), _mm512_set1_ps(scale));
-            float top = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                if (visible && !visible[s]) {
-                    scores[s] = -INFINITY;
-                    continue;
-                }
-                __m512 acc = _mm512_mul_ps(qv[0], load_bf16x16(kg + s * k_row));
-                for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[c], load_bf16x16(kg + s * k_row + c * 16), acc);
-                float score = _mm512_reduce_add_ps(acc);
-                scores[s] = score;
-                top = score > top ? score : top;
-            }
-            __m512 total = _mm512_setzero_ps(), max = _mm512_set1_ps(top);
-            int64_t s = 0;
-            for (; s + 16 <= S; s += 16) {
-                __m512 p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + s), max));
-                _mm512_storeu_ps(scores + s, p);
-                total = _mm512_add_ps(total, p);
-            }
-            if (s < S) {
-                __mmask16 tail = (__mmask16)((1u << (S - s)) - 1);
-                __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + s), max));
-                p = _mm512_maskz_mov_ps(tail, p);
-                _mm512_mask_storeu_ps(scores + s, tail, p);
-                total = _mm512_add_ps(total, p);
-            }
-            __m512 acc[MAX_HEAD_DIM / 16];
-            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-            for (s = 0; s < S; s++) {
-                if (scores[s] == 0.0f) continue; // masked (or underflowed) keys
-                __m512 p = _mm512_set1_ps(scores[s]);
-                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vg + s * v_row + c * 16), acc[c]);
-            }
-            __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-            uint16_t *o = out + (t * H + h) * D;
-            for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[c], inv), 0, 0);
+            // constant head counts and sizes for the common shapes, so the loops unroll into registers
+#define ATTEND(HEADS, CHUNKS) attend_rows(q, q_row, q_head, kg, k_row, vg, v_row, visible, out, H, t, h0, HEADS, S, \
+                                          CHUNKS, scale, scores)
+            if (D == 64 && per_task == 1) ATTEND(1, 4);
+            else if (D == 64 && per_task == 2) ATTEND(2, 4);
+            else if (D == 64 && per_task == 3) ATTEND(3, 4);
+            else if (D == 64 && per_task == 4) ATTEND(4, 4);
+            else if (D == 128 && per_task == 1) ATTEND(1, 8);
+            else if (D == 128 && per_task == 2) ATTEND(2, 8);
+            else ATTEND(per_task, D / 16);
+#undef ATTEND
         }
     }
 }
