@@ -66,7 +66,8 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_gemm_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.workbench_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr,
                                              i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
-    lib.workbench_gemm_bf16.restype = lib.workbench_gemm_int8.restype = lib.workbench_attention_bf16.restype = None
+    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16):
+        fn.restype = None
     return lib
 
 

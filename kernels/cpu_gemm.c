@@ -42,6 +42,11 @@ static inline float bf16_to_float(uint16_t v) {
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
+// 16 bf16 values widened to float32 (exact: bf16 is float32's top half).
+TARGET INLINE __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+}
+
 // Stores 16 float32 sums as bf16 (round to nearest even, as torch rounds), scaled and biased if asked.
 TARGET INLINE void store_bf16(uint16_t *out, __m512 acc, const float *scale, const uint16_t *bias) {
     if (scale) acc = _mm512_mul_ps(acc, _mm512_loadu_ps(scale));
@@ -176,10 +181,6 @@ TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const fl
 // once to bf16. mask: [T, S] bytes (1 = visible) or 0 for all visible. Rows of k and v are contiguous
 // (D values); heads and rows may have any stride, as a cache's view of its preallocated buffer has.
 
-TARGET INLINE __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
-}
-
 // exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a
 // degree-6 polynomial, relative error about 2e-7; below -87 it returns 0.
 TARGET INLINE __m512 exp_ps(__m512 x) {
@@ -235,29 +236,33 @@ TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head,
             top[j] = score > top[j] ? score : top[j];
         }
     }
-    float inv[MAX_SHARED];
-    for (int64_t j = 0; j < heads; j++) { // softmax numerators in place, and their sum
+    for (int64_t j = 0; j < heads; j++) { // softmax numerators in place
         float *row = scores + j * stride;
-        __m512 total = _mm512_setzero_ps(), max = _mm512_set1_ps(top[j]);
+        __m512 max = _mm512_set1_ps(top[j]);
         for (int64_t s = 0; s < S; s += 16) {
             __mmask16 live = S - s >= 16 ? 0xFFFF : (__mmask16)((1u << (S - s)) - 1);
-            __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), max)));
-            _mm512_mask_storeu_ps(row + s, live, e);
-            total = _mm512_add_ps(total, e);
+            _mm512_mask_storeu_ps(row + s, live, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), max)));
         }
-        inv[j] = 1.0f / _mm512_reduce_add_ps(total);
     }
+    // The weighted sum of values and the softmax denominator, both added in key order over the visible keys
+    // only: a drafted token's row then gets the bits its one-token step would, wherever its keys sit.
     __m512 acc[MAX_HEAD_DIM / 16 > MAX_SHARED ? MAX_HEAD_DIM / 16 : MAX_SHARED];
+    float total[MAX_SHARED];
     for (int64_t i = 0; i < heads * chunks; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < heads; j++) total[j] = 0.0f;
     for (int64_t s = 0; s < S; s++) {
         if (visible && !visible[s]) continue;
         __m512 value[MAX_HEAD_DIM / 16];
         for (int64_t c = 0; c < chunks; c++) value[c] = load_bf16x16(vg + s * v_row + c * 16);
         for (int64_t j = 0; j < heads; j++) {
-            __m512 p = _mm512_set1_ps(scores[j * stride + s]);
+            float e = scores[j * stride + s];
+            total[j] += e;
+            __m512 p = _mm512_set1_ps(e);
             for (int64_t c = 0; c < chunks; c++) acc[j * chunks + c] = _mm512_fmadd_ps(p, value[c], acc[j * chunks + c]);
         }
     }
+    float inv[MAX_SHARED];
+    for (int64_t j = 0; j < heads; j++) inv[j] = 1.0f / total[j];
     for (int64_t j = 0; j < heads; j++) {
         uint16_t *o = out + (t * H + h0 + j) * D;
         for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[j * chunks + c], _mm512_set1_ps(inv[j])), 0, 0);

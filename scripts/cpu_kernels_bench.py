@@ -49,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     calls = backends(args.layers)
     print(f"ms per step's products, {args.layers} layers + LM head, {torch.get_num_threads()} threads")
-    print(f"{'rows':>5}" + "".join(f"{name:>17}" for name in calls))
+    print(f"{'rows':>5}" + "".join(f"{name:>16}" for name in calls))
     with torch.inference_mode():
         for m in args.rows:
             inputs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in (576, 1536)}
@@ -61,7 +61,7 @@ def main() -> None:
                         for k, f in fs:
                             f(inputs[k])
                     best[name] = min(best[name], (time.perf_counter() - start) / 5)
-            print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>17.2f}" for name in calls), flush=True)
+            print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>16.2f}" for name in calls), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from workbench import registry
 from workbench.decoding.base import Drafter
 from workbench.engine import Engine
+from workbench.kernels import cpu as cpu_kernels
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import varied_model
@@ -82,3 +83,25 @@ def test_embedded_greedy_output_equals_plain_decoding(embedded, name):
         ours = embedded.generate(prompt, f"max_new_tokens=24;decode={decode}")
         assert ours.token_ids == plain.token_ids
         assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
+
+
+@pytest.fixture(scope="module")
+def embedded_bf16():
+    from workbench import Workbench
+
+    return Workbench(dtype="bfloat16", device="cpu")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the workbench's CPU kernels (C compiler, AVX512-BF16)")
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_embedded_bf16_greedy_output_equals_plain_decoding_on_the_cpu_kernels(embedded_bf16, name):
+    """bf16 too, where the workbench's CPU kernels run: they compute each verified row exactly as a one-token
+    step would (products and attention alike), so batching a draft changes no rounding."""
+    prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+               "Write a Python function that adds two numbers."]
+    decode = EMBEDDED_PARAMS.get(name, name)
+    for prompt in prompts:
+        plain = embedded_bf16.generate(prompt, "max_new_tokens=32")
+        ours = embedded_bf16.generate(prompt, f"max_new_tokens=32;decode={decode}")
+        assert ours.token_ids == plain.token_ids
