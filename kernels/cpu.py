@@ -66,7 +66,10 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_gemm_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.workbench_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr,
                                              i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
-    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16):
+    lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
+    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16,
+               lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16):
         fn.restype = None
     return lib
 
@@ -161,4 +164,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                   v.data_ptr(), v.stride(0), v.stride(1),
                                   0 if visible is None else visible.data_ptr(), out.data_ptr(),
                                   heads, kv_heads, n, length, dim, dim**-0.5, scratch.data_ptr(), threads)
+    return out
+
+
+def rows_fit(x: torch.Tensor) -> bool:
+    """Whether `rms_norm` and `swiglu` take x: bf16 on the CPU, contiguous, last dim a multiple of 16."""
+    return x.is_cpu and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 16 == 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of each row of x [..., D] (of x + delta when given, for a residual add): returns
+    (x or x + delta, its norm), both bf16; float32 inside, one rounding."""
+    d = x.shape[-1]
+    total = x if delta is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    _lib.workbench_rms_norm_bf16(x.data_ptr(), 0 if delta is None else delta.contiguous().data_ptr(),
+                                 total.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    return total, y
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the fused gate|up product [..., 2I] -> [..., I] bf16."""
+    i = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], i, dtype=torch.bfloat16)
+    _lib.workbench_swiglu_bf16(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * i), i)
     return out

@@ -181,8 +181,8 @@ TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const fl
 // once to bf16. mask: [T, S] bytes (1 = visible) or 0 for all visible. Rows of k and v are contiguous
 // (D values); heads and rows may have any stride, as a cache's view of its preallocated buffer has.
 
-// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a
-// degree-6 polynomial, relative error about 2e-7; below -87 it returns 0.
+// exp(x) (attention's scores minus their maximum, SwiGLU's -gate): 2^n * p(r) with r = x - n ln2 in
+// [-ln2/2, ln2/2] and a degree-6 polynomial, relative error about 2e-7; below -87 it returns 0, above 88 inf.
 TARGET INLINE __m512 exp_ps(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
@@ -299,4 +299,42 @@ TARGET void workbench_attention_bf16(const uint16_t *q, int64_t q_row, int64_t q
 #undef ATTEND
         }
     }
+}
+
+// ---- The small per-layer work between the products, one call each instead of several torch calls ----
+
+// RMSNorm of each row of x [T, D] (D a multiple of 16): y = x / sqrt(mean(x^2) + eps) * weight, in float32,
+// rounded once to bf16. With `delta`, the row normalized is sum = x + delta (rounded to bf16 as torch's add
+// rounds it), also written to `sum`: the residual add and the next norm in one pass.
+TARGET void workbench_rms_norm_bf16(const uint16_t *x, const uint16_t *delta, uint16_t *sum, const uint16_t *weight,
+                                    uint16_t *y, int64_t T, int64_t D, float eps) {
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *row = x + t * D;
+        if (delta) {
+            for (int64_t d = 0; d < D; d += 16)
+                store_bf16(sum + t * D + d, _mm512_add_ps(load_bf16x16(row + d), load_bf16x16(delta + t * D + d)), 0, 0);
+            row = sum + t * D;
+        }
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 v = load_bf16x16(row + d);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)D + eps));
+        for (int64_t d = 0; d < D; d += 16)
+            store_bf16(y + t * D + d, _mm512_mul_ps(_mm512_mul_ps(load_bf16x16(row + d), inv),
+                                                     load_bf16x16(weight + d)), 0, 0);
+    }
+}
+
+// SwiGLU on the fused gate|up product [T, 2I] (I a multiple of 16): out [T, I] = silu(gate) * up in float32,
+// rounded once to bf16.
+TARGET void workbench_swiglu_bf16(const uint16_t *gate_up, uint16_t *out, int64_t T, int64_t I) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < I; i += 16) {
+            __m512 g = load_bf16x16(gate_up + t * 2 * I + i), u = load_bf16x16(gate_up + t * 2 * I + I + i);
+            __m512 sigmoid = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store_bf16(out + t * I + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u), 0, 0);
+        }
 }

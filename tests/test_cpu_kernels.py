@@ -154,3 +154,28 @@ def test_attention_sees_only_what_the_mask_allows():
     q = torch.randn(1, 2, 16, dtype=torch.bfloat16)
     mask = torch.tensor([[True, False, False, False]])
     assert torch.equal(cpu.attention(q, k, v, mask), torch.zeros(1, 32, dtype=torch.bfloat16))
+
+
+@needs_kernels
+def test_rms_norm_and_residual_add_match_float64():
+    torch.manual_seed(6)
+    x, delta = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(5, 576, dtype=torch.bfloat16)
+    weight = torch.rand(576, dtype=torch.bfloat16) + 0.5
+    total, y = cpu.rms_norm(x, weight, 1e-5, delta)
+    assert torch.equal(total, x + delta)  # the residual stream rounds as torch's add does
+    t = total.double()
+    exact = t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert (y.double() - exact).abs().max() <= exact.abs().max() * 2**-8  # one bf16 rounding
+    same, alone = cpu.rms_norm(x, weight, 1e-5)
+    assert same is x and torch.equal(alone[2:3], cpu.rms_norm(x[2:3], weight, 1e-5)[1])  # rows independent
+
+
+@needs_kernels
+def test_swiglu_matches_float64():
+    torch.manual_seed(7)
+    gate_up = torch.randn(3, 2 * 1536, dtype=torch.bfloat16) * 4  # silu's tails included
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    exact = gate * torch.sigmoid(gate) * up
+    out = cpu.swiglu(gate_up)
+    assert out.shape == (3, 1536)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()

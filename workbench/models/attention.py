@@ -87,9 +87,12 @@ def _visible(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: tor
     [1, 1, group * T, S] in `dtype` that `_grouped_sdpa` takes."""
     global _last_masks
     key = (n_new, n_past, device)
-    if not (_last_masks[0] is new_mask and _last_masks[1] == key):  # `is`: the memo holds the tensor
-        _last_masks = (new_mask, key, {})
-    forms = _last_masks[2]
+    last = _last_masks  # read once: another thread (the app's side-by-side runs) may replace it meanwhile
+    if last[0] is new_mask and last[1] == key:  # `is`: the memo holds the tensor, so its id is not reused
+        forms = last[2]
+    else:
+        forms = {}
+        _last_masks = (new_mask, key, forms)
     if (group, dtype) not in forms:
         if group is None:
             mask = new_mask

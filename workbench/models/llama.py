@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.cache.base import KVCache
+from workbench.kernels import cpu as cpu_kernels
 from workbench.models.attention import attention
 from workbench.models.config import ModelConfig
 
@@ -46,11 +47,30 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm [arXiv 1910.07467, eq. 4]: x / sqrt(mean(x^2) + eps) * weight.
 
-    Computed with the fused LayerNorm kernel: [x, -x] has mean 0 and variance mean(x^2), so LayerNorm of it
-    is RMSNorm of x in its first half. On the CPU this takes 4 kernels where `F.rms_norm` takes about 8 (a
-    decode step runs 61 norms); the results agree to rounding."""
+    On the CPU in bf16, one call of the workbench's kernel (`workbench.kernels.cpu`). Otherwise through the
+    fused LayerNorm kernel: [x, -x] has mean 0 and variance mean(x^2), so LayerNorm of it is RMSNorm of x in
+    its first half (4 kernels where `F.rms_norm` takes about 8); the results agree to rounding."""
+    if cpu_kernels.available() and cpu_kernels.rows_fit(x) and weight.dtype == x.dtype:
+        return cpu_kernels.rms_norm(x, weight, eps)[1]
     d = x.shape[-1]
     return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), None, None, eps)[..., :d] * weight
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (x + delta, rms_norm(x + delta)), in one kernel call where it runs."""
+    if cpu_kernels.available() and cpu_kernels.rows_fit(x) and weight.dtype == delta.dtype == x.dtype:
+        return cpu_kernels.rms_norm(x, weight, eps, delta)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU [arXiv 2002.05202, eq. 5] on the fused gate|up product: silu(gate) * up."""
+    if cpu_kernels.available() and cpu_kernels.rows_fit(gate_up):
+        return cpu_kernels.swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -88,10 +108,8 @@ class DecoderLayer(nn.Module):
             qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv], dim=1)
         out = attention(q, k, v, positions, layer_cache, new_mask)
-        x = x + self.o(out)
-        h = rms_norm(x, self.mlp_norm, self.eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)  # SwiGLU [arXiv 2002.05202, eq. 5]
+        x, h = add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
+        return x + self.down(swiglu(self.gate_up(h)))
 
 
 class LlamaModel(nn.Module):
