@@ -71,18 +71,22 @@ def embedded():
     return Workbench(dtype="float32")
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("name", LOSSLESS)
-def test_embedded_greedy_output_equals_plain_decoding(embedded, name):
-    """float32 on the real model: every lossless drafter reproduces plain decoding token for token."""
+def assert_embedded_matches_plain(wb, name: str, tokens: int) -> None:
     prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
                "Write a Python function that adds two numbers."]
     decode = EMBEDDED_PARAMS.get(name, name)
     for prompt in prompts:
-        plain = embedded.generate(prompt, "max_new_tokens=24")
-        ours = embedded.generate(prompt, f"max_new_tokens=24;decode={decode}")
+        plain = wb.generate(prompt, f"max_new_tokens={tokens}")
+        ours = wb.generate(prompt, f"max_new_tokens={tokens};decode={decode}")
         assert ours.token_ids == plain.token_ids
         assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_embedded_greedy_output_equals_plain_decoding(embedded, name):
+    """float32 on the real model: every lossless drafter reproduces plain decoding token for token."""
+    assert_embedded_matches_plain(embedded, name, 24)
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +102,4 @@ def embedded_bf16():
 def test_embedded_bf16_greedy_output_equals_plain_decoding_on_the_cpu_kernels(embedded_bf16, name):
     """bf16 too, where the workbench's CPU kernels run: they compute each verified row exactly as a one-token
     step would (products and attention alike), so batching a draft changes no rounding."""
-    prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-               "Write a Python function that adds two numbers."]
-    decode = EMBEDDED_PARAMS.get(name, name)
-    for prompt in prompts:
-        plain = embedded_bf16.generate(prompt, "max_new_tokens=32")
-        ours = embedded_bf16.generate(prompt, f"max_new_tokens=32;decode={decode}")
-        assert ours.token_ids == plain.token_ids
+    assert_embedded_matches_plain(embedded_bf16, name, 32)
