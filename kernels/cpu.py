@@ -68,8 +68,9 @@ def _build() -> ctypes.CDLL | None:
                                              i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
+    lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16,
-               lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16):
+               lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16):
         fn.restype = None
     return lib
 
@@ -189,4 +190,22 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     i = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], i, dtype=torch.bfloat16)
     _lib.workbench_swiglu_bf16(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * i), i)
+    return out
+
+
+def rope_fits(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """Whether `rope` takes x [T, heads, D] (heads contiguous within a row, D a multiple of 32) and the tables."""
+    t, heads, d = x.shape
+    return (x.is_cpu and x.dtype == cos.dtype == signed_sin.dtype == torch.bfloat16 and d % 32 == 0
+            and x.stride(2) == 1 and x.stride(1) == d and cos.is_contiguous() and signed_sin.is_contiguous()
+            and cos.numel() == signed_sin.numel() == t * d)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, D] in the half layout: x * cos + roll(x, D/2) * signed_sin, tables
+    [T, 1, D]; returns a new contiguous [T, heads, D] bf16."""
+    t, heads, d = x.shape
+    out = torch.empty(t, heads, d, dtype=torch.bfloat16)
+    _lib.workbench_rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
+                             t, heads, d)
     return out

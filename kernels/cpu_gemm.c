@@ -338,3 +338,20 @@ TARGET void workbench_swiglu_bf16(const uint16_t *gate_up, uint16_t *out, int64_
             store_bf16(out + t * I + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u), 0, 0);
         }
 }
+
+// RoPE in Hugging Face's half layout on x [T, heads, D] (rows `x_row` apart, heads contiguous; D a multiple of
+// 32): out[d] = x[d] * cos[d] + x[(d + D/2) mod D] * signed_sin[d], with cos and signed_sin [T, D] as the model
+// builds them (cos repeated, signed_sin = (-sin, sin)); float32 inside, one rounding; out [T, heads, D].
+TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t *cos, const uint16_t *signed_sin,
+                                uint16_t *out, int64_t T, int64_t heads, int64_t D) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *row = x + t * x_row + h * D;
+            uint16_t *o = out + (t * heads + h) * D;
+            for (int64_t d = 0; d < D; d += 16) {
+                __m512 v = _mm512_mul_ps(load_bf16x16(row + d), load_bf16x16(cos + t * D + d));
+                v = _mm512_fmadd_ps(load_bf16x16(row + (d + D / 2) % D), load_bf16x16(signed_sin + t * D + d), v);
+                store_bf16(o + d, v, 0, 0);
+            }
+        }
+}

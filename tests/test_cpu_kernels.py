@@ -179,3 +179,22 @@ def test_swiglu_matches_float64():
     out = cpu.swiglu(gate_up)
     assert out.shape == (3, 1536)
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+
+
+@needs_kernels
+def test_rope_matches_the_half_layout_rotation():
+    torch.manual_seed(8)
+    dim, half = 64, 32
+    positions = torch.tensor([0, 5, 300])
+    freqs = positions.double()[:, None, None] / 10000 ** (torch.arange(0, dim, 2).double() / dim)
+    cos, sin = freqs.cos().repeat(1, 1, 2), freqs.sin()
+    signed_sin = torch.cat((-sin, sin), dim=-1)
+    fused = torch.randn(3, 8, dim, dtype=torch.bfloat16)  # q|k|v heads of a fused product
+    x = fused[:, :6]  # q and k: rows 8 heads apart
+    assert cpu.rope_fits(x, cos.to(torch.bfloat16), signed_sin.to(torch.bfloat16))
+    assert not cpu.rope_fits(fused[..., :16], cos[..., :16].to(torch.bfloat16), signed_sin[..., :16].to(torch.bfloat16))
+    ours = cpu.rope(x, cos.to(torch.bfloat16), signed_sin.to(torch.bfloat16))
+    x1, x2 = x.double()[..., :half], x.double()[..., half:]
+    exact = torch.cat((x1 * cos[..., :half] - x2 * sin, x2 * cos[..., half:] + x1 * sin), dim=-1)
+    assert ours.shape == x.shape and ours.is_contiguous()
+    assert (ours.double() - exact).abs().max() <= exact.abs().max() * 2**-7  # bf16 tables and one rounding

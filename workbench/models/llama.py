@@ -76,7 +76,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout]:
     x * cos + (-x2, x1) * sin, written as x * cos + roll(x, dim/2) * (-sin, sin) to take three kernels.
-    x: [T, heads, dim]; cos, signed_sin: [T, 1, dim]."""
+    x: [T, heads, dim]; cos, signed_sin: [T, 1, dim]. On the CPU in bf16, one call of the workbench's kernel."""
+    if cpu_kernels.available() and cpu_kernels.rope_fits(x, cos, signed_sin):
+        return cpu_kernels.rope(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
