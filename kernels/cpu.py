@@ -7,6 +7,11 @@
   row is also faster than oneDNN's (docs/performance.md).
 - Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), 2-3x faster than
   torch's fused CPU attention at these sizes.
+- The small work between them, one call each instead of several torch calls: RMSNorm (with the residual add
+  folded in), SwiGLU and RoPE.
+
+Every kernel computes a row the same way whatever the other rows are, so a verified draft token gets exactly
+the bits its one-token step would: lossless drafters stay token-identical to plain decoding in bf16.
 
 The C file is compiled with the system's C compiler the first time it is needed and cached under
 `~/.cache/workbench/kernels` (or `$WORKBENCH_KERNEL_CACHE`), keyed by the source's hash. Where there is no
@@ -46,16 +51,19 @@ def _build() -> ctypes.CDLL | None:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_gemm_{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: no half-written .so
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                warnings.warn(f"workbench CPU kernels did not compile; using torch's products:\n{result.stderr}",
-                              stacklevel=3)
-                return None
-            built.replace(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: no half-written .so
+                built = Path(tmp) / target.name
+                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise OSError(result.stderr)
+                built.replace(target)
+        except OSError as err:  # no compiler that works, or nowhere to write: torch's paths still work
+            warnings.warn(f"workbench CPU kernels not built ({err}); using torch's paths "
+                          "(set WORKBENCH_KERNEL_CACHE to a writable folder, or WORKBENCH_CPU_KERNELS=0)", stacklevel=3)
+            return None
     # torch has loaded its OpenMP runtime already; the library binds to that one (same soname), so the two
     # share one thread pool.
     lib = ctypes.CDLL(str(target))

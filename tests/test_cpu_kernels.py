@@ -1,5 +1,7 @@
-"""The workbench's CPU matrix-product kernels (kernels/cpu_gemm.c): exact layouts, bf16-rounding accuracy, the
-same result for a row whatever the row count, and the layers that use them."""
+"""The workbench's CPU kernels (kernels/cpu_gemm.c): products, attention, norms, SwiGLU, RoPE; exact layouts, the
+accuracy of one bf16 rounding, the same result for a row whatever the row count, the layers, the fallbacks."""
+
+import shutil
 
 import pytest
 import torch
@@ -198,3 +200,14 @@ def test_rope_matches_the_half_layout_rotation():
     exact = torch.cat((x1 * cos[..., :half] - x2 * sin, x2 * cos[..., half:] + x1 * sin), dim=-1)
     assert ours.shape == x.shape and ours.is_contiguous()
     assert (ours.double() - exact).abs().max() <= exact.abs().max() * 2**-7  # bf16 tables and one rounding
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("WORKBENCH_KERNEL_CACHE", str(blocked / "kernels"))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_tried", False)
+    with pytest.warns(UserWarning, match="not built"):
+        assert not cpu.available()
