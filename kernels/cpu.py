@@ -94,8 +94,8 @@ def available() -> bool:
 
 
 def fits(out_features: int, in_features: int) -> bool:
-    """Whether a weight of this shape has the layout the kernels need."""
-    return out_features % BLOCK == 0 and in_features % 2 == 0
+    """Whether the kernels run here and a weight of this shape has the layout they need."""
+    return available() and out_features % BLOCK == 0 and in_features % 2 == 0
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,11 @@ def gemm_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias:
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` takes these: bf16, head size a multiple of 16 up to 256, rows of k and v contiguous."""
+    """Whether `attention` runs here and takes these: bf16 on the CPU, head size a multiple of 16 up to 256,
+    rows of k and v contiguous."""
     dim = q.shape[-1]
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= 256
+    return (available() and q.is_cpu and q.dtype == k.dtype == v.dtype == torch.bfloat16 and dim % 16 == 0
+            and dim <= 256
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
@@ -177,8 +179,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def rows_fit(x: torch.Tensor) -> bool:
-    """Whether `rms_norm` and `swiglu` take x: bf16 on the CPU, contiguous, last dim a multiple of 16."""
-    return x.is_cpu and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 16 == 0
+    """Whether `rms_norm` and `swiglu` run here and take x: bf16 on the CPU, contiguous, last dim a multiple of 16."""
+    return available() and x.is_cpu and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 16 == 0
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -202,9 +204,10 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_fits(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
-    """Whether `rope` takes x [T, heads, D] (heads contiguous within a row, D a multiple of 32) and the tables."""
+    """Whether `rope` runs here and takes x [T, heads, D] (heads contiguous within a row, D a multiple of 32)
+    and the tables."""
     t, heads, d = x.shape
-    return (x.is_cpu and x.dtype == cos.dtype == signed_sin.dtype == torch.bfloat16 and d % 32 == 0
+    return (available() and x.is_cpu and x.dtype == cos.dtype == signed_sin.dtype == torch.bfloat16 and d % 32 == 0
             and x.stride(2) == 1 and x.stride(1) == d and cos.is_contiguous() and signed_sin.is_contiguous()
             and cos.numel() == signed_sin.numel() == t * d)
 

@@ -76,12 +76,12 @@ def test_layouts_round_trip():
     assert torch.equal(cpu.unpack_int8(cpu.pack_int8(codes)), codes)
     ids = torch.tensor([0, 17, 63, 17])
     assert torch.equal(cpu.int8_rows(cpu.pack_int8(codes), ids), codes[ids])
-    assert cpu.fits(64, 10) and not cpu.fits(60, 10) and not cpu.fits(64, 9)
 
 
 @needs_kernels
 def test_layers_use_the_kernels_and_keep_their_interface():
     torch.manual_seed(3)
+    assert cpu.fits(64, 10) and not cpu.fits(60, 10) and not cpu.fits(64, 9)
     lin = nn.Linear(576, 960, bias=True).to(torch.bfloat16)
     packed = PackedLinear(lin)
     assert packed.own_kernel and torch.equal(packed.weight, lin.weight)
@@ -104,7 +104,7 @@ def test_layers_use_the_kernels_and_keep_their_interface():
 def test_without_the_kernels_the_layers_keep_torchs_paths(monkeypatch):
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_tried", True)
-    assert not cpu.available()
+    assert not cpu.available() and not cpu.fits(64, 32)
     lin = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     codes, scales = quantize_int8(lin.weight.detach(), torch.bfloat16)
     layer = Int8Linear(codes, scales, None)

@@ -34,7 +34,7 @@ class Int8Linear(CompressedLinear):
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.own_kernel = (codes.is_cpu and scales.dtype == torch.bfloat16 and cpu_kernels.available()
+        self.own_kernel = (codes.is_cpu and scales.dtype == torch.bfloat16
                            and cpu_kernels.fits(self.out_features, self.in_features))
         self.register_buffer("codes", cpu_kernels.pack_int8(codes) if self.own_kernel else codes)
         self.register_buffer("scales", scales)

@@ -50,7 +50,7 @@ def attention(
                 return layer_cache.attend(q.transpose(0, 1), full_mask).transpose(0, 1).reshape(n_new, -1)
         k, v = layer_cache.view()
     n_past = k.shape[1] - n_new
-    if n_new <= SMALL_QUERY and q.is_cpu and cpu_kernels.available() and cpu_kernels.attention_fits(q, k, v):
+    if n_new <= SMALL_QUERY and cpu_kernels.attention_fits(q, k, v):
         # the workbench's CPU kernel: a few query rows, grouped kv heads, the cache's strided view as it is
         return cpu_kernels.attention(q, k, v, _visible(new_mask, n_new, n_past, q.device))
     if n_new == 1 and new_mask is None:

@@ -50,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     On the CPU in bf16, one call of the workbench's kernel (`workbench.kernels.cpu`). Otherwise through the
     fused LayerNorm kernel: [x, -x] has mean 0 and variance mean(x^2), so LayerNorm of it is RMSNorm of x in
     its first half (4 kernels where `F.rms_norm` takes about 8); the results agree to rounding."""
-    if cpu_kernels.available() and cpu_kernels.rows_fit(x) and weight.dtype == x.dtype:
+    if cpu_kernels.rows_fit(x) and weight.dtype == x.dtype:
         return cpu_kernels.rms_norm(x, weight, eps)[1]
     d = x.shape[-1]
     return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), None, None, eps)[..., :d] * weight
@@ -59,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm: (x + delta, rms_norm(x + delta)), in one kernel call where it runs."""
-    if cpu_kernels.available() and cpu_kernels.rows_fit(x) and weight.dtype == delta.dtype == x.dtype:
+    if cpu_kernels.rows_fit(x) and weight.dtype == delta.dtype == x.dtype:
         return cpu_kernels.rms_norm(x, weight, eps, delta)
     x = x + delta
     return x, rms_norm(x, weight, eps)
@@ -67,7 +67,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU [arXiv 2002.05202, eq. 5] on the fused gate|up product: silu(gate) * up."""
-    if cpu_kernels.available() and cpu_kernels.rows_fit(gate_up):
+    if cpu_kernels.rows_fit(gate_up):
         return cpu_kernels.swiglu(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -77,7 +77,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """Rotate pairs (i, i + dim/2) [RoFormer, arXiv 2104.09864, eq. 34; Hugging Face's half layout]:
     x * cos + (-x2, x1) * sin, written as x * cos + roll(x, dim/2) * (-sin, sin) to take three kernels.
     x: [T, heads, dim]; cos, signed_sin: [T, 1, dim]. On the CPU in bf16, one call of the workbench's kernel."""
-    if cpu_kernels.available() and cpu_kernels.rope_fits(x, cos, signed_sin):
+    if cpu_kernels.rope_fits(x, cos, signed_sin):
         return cpu_kernels.rope(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 

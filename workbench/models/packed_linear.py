@@ -22,10 +22,9 @@ from workbench.kernels import cpu as cpu_kernels
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return False
-    return cpu_kernels.available() or (torch.backends.mkldnn.is_available()
-                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # the workbench's kernels need AVX512-BF16, where oneDNN's bf16 path (for the shapes they skip) runs too
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
@@ -34,7 +33,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.own_kernel = cpu_kernels.available() and cpu_kernels.fits(self.out_features, self.in_features)
+        self.own_kernel = cpu_kernels.fits(self.out_features, self.in_features)
         weight = linear.weight.detach()
         if self.own_kernel:
             self.packed = cpu_kernels.pack_bf16(weight)
@@ -62,8 +61,7 @@ class PackedLinear(nn.Module):
 def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T (+ bias) computed bit for bit as a PackedLinear of `weight` would: for layers that hold
     their weight in another form and must match the plain model exactly (DFloat11)."""
-    if (x.is_cpu and x.dtype == weight.dtype == torch.bfloat16 and cpu_kernels.available()
-            and cpu_kernels.fits(*weight.shape)):
+    if x.is_cpu and x.dtype == weight.dtype == torch.bfloat16 and cpu_kernels.fits(*weight.shape):
         return cpu_kernels.gemm_bf16(x, cpu_kernels.pack_bf16(weight), None if bias is None else bias.detach())
     return F.linear(x, weight, bias)  # bitwise what oneDNN's packed layout gives
 
