@@ -120,8 +120,11 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
         }
 }
 
-// Few rows take more blocks at once (ROWS x BLOCKS accumulators, at most 16 registers).
-#define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 4 ? 4 : 2)
+// Few rows take more blocks at once: more weight streams in flight keep memory busy while the rows' dot
+// products stay under the arithmetic limit (ROWS x BLOCKS accumulators plus BLOCKS weights in the 32 registers).
+#ifndef BLOCKS_FOR
+#define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 6 ? 4 : (rows) <= 8 ? 3 : 2)
+#endif
 
 // Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (16 rows are two
 // passes of 8): the blocks' weights are read from memory once and stay in cache for the later passes. Each
@@ -131,6 +134,7 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
         int64_t b_ = 0;                                                                                        \
         if (BLOCKS_FOR(ROWS) >= 8) for (; b_ + 8 <= (blocks); b_ += 8) tile(p, m0, (nb) + b_, ROWS, 8);        \
         if (BLOCKS_FOR(ROWS) >= 4) for (; b_ + 4 <= (blocks); b_ += 4) tile(p, m0, (nb) + b_, ROWS, 4);        \
+        if (BLOCKS_FOR(ROWS) == 3) for (; b_ + 3 <= (blocks); b_ += 3) tile(p, m0, (nb) + b_, ROWS, 3);        \
         for (; b_ + 2 <= (blocks); b_ += 2) tile(p, m0, (nb) + b_, ROWS, 2);                                   \
         for (; b_ < (blocks); b_++) tile(p, m0, (nb) + b_, ROWS, 1);                                           \
     } break;

@@ -23,6 +23,9 @@ fi
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+# kernels/, store/ and apps/ install as subpackages of workbench (pyproject's package-dir); from the bare
+# source tree that the device gets, links give the same import paths.
+for sub in kernels store apps; do [ -e workbench/$sub ] || ln -s ../$sub workbench/$sub; done
 workbench() { python3 -m workbench.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
