@@ -209,40 +209,66 @@ TARGET INLINE __m512 exp_ps(__m512 x) {
 #define MAX_HEAD_DIM 256
 #define MAX_SHARED 16 // zmm registers of a task's query heads: heads x (D / 16) at most this many share k and v
 
-// One query row t against kv head g for `heads` query heads h0 .. h0 + heads - 1 of its group: each key and
-// value row is loaded and widened once for all of them. scores: heads x S floats of scratch.
+// Up to 32 bf16 values (a pair chunk of a head), zeros past n: AVX512-BF16's dot product consumes them as pairs.
+TARGET INLINE __m512bh load_pairs(const uint16_t *p, int64_t n) {
+    return (__m512bh)(n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p));
+}
+
+// Scores of 16 keys (rows key0 .. key0 + 15 of k, row indices clamped to `last`) for one query head: each key's
+// dot product as bf16 pairs (exact products, float32 sums) into 16 lanes, then the lanes of the 16 vectors
+// added in a tree. Each tree step adds lane l to lane l + half of both its inputs alike, so every key's lanes
+// are summed in one fixed order whatever its slot: a key's score does not depend on the other keys of its
+// block. Feeding key KEY_LANE[i] as input i puts key i's score in lane i.
+static const int KEY_LANE[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+TARGET INLINE __m512 key_dots(const __m512bh *qp, const int64_t pair_chunks, const int64_t D, const uint16_t *k,
+                              int64_t k_row, int64_t key0, int64_t last) {
+#define DOT(i) ({                                                                                              \
+        const uint16_t *row_ = k + (key0 + KEY_LANE[i] < last ? key0 + KEY_LANE[i] : last) * k_row;             \
+        __m512 acc_ = _mm512_setzero_ps();                                                                     \
+        for (int64_t c = 0; c < pair_chunks; c++) acc_ = _mm512_dpbf16_ps(acc_, qp[c], load_pairs(row_ + c * 32, D - c * 32)); \
+        acc_; })
+    __m512 w[8];
+    for (int i = 0; i < 8; i++) { // halves of 256 bits: input i in the low half, input i + 8 in the high one
+        __m512 a = DOT(i), b = DOT(i + 8);
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+#undef DOT
+    for (int i = 0; i < 4; i++) // quarters of 128 bits
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++) // pairs of lanes two apart
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(w[i], w[i + 2], 0x44), _mm512_shuffle_ps(w[i], w[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
+
+// One query row t against kv head g for `heads` query heads h0 .. h0 + heads - 1 of its group. Scores: 16 keys
+// at a time (key_dots); masked keys and those past S score -inf. The weighted sum of values loads and widens each value row
+// once for all the heads. scores: heads x S floats of scratch.
 TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *kg, int64_t k_row,
                                const uint16_t *vg, int64_t v_row, const uint8_t *visible, uint16_t *out, int64_t H,
                                int64_t t, int64_t h0, const int64_t heads, int64_t S, const int64_t chunks,
                                float scale, float *scores) {
-    const int64_t D = chunks * 16;
+    const int64_t D = chunks * 16, pair_chunks = (chunks + 1) / 2;
     const int64_t stride = (S + 15) / 16 * 16;
-    __m512 qv[MAX_HEAD_DIM / 16 > MAX_SHARED ? MAX_HEAD_DIM / 16 : MAX_SHARED];
-    float top[MAX_SHARED];
-    for (int64_t j = 0; j < heads; j++) {
-        top[j] = -INFINITY;
-        for (int64_t c = 0; c < chunks; c++)
-            qv[j * chunks + c] = _mm512_mul_ps(load_bf16x16(q + t * q_row + (h0 + j) * q_head + c * 16),
-                                               _mm512_set1_ps(scale));
-    }
-    for (int64_t s = 0; s < S; s++) {
-        if (visible && !visible[s]) {
-            for (int64_t j = 0; j < heads; j++) scores[j * stride + s] = -INFINITY;
-            continue;
-        }
-        __m512 key[MAX_HEAD_DIM / 16];
-        for (int64_t c = 0; c < chunks; c++) key[c] = load_bf16x16(kg + s * k_row + c * 16);
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    __m512bh qp[MAX_HEAD_DIM / 32];
+    __m512 top[MAX_SHARED];
+    for (int64_t j = 0; j < heads; j++) top[j] = minus_inf;
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+        const int64_t n = S - s0 < 16 ? S - s0 : 16;
+        __mmask16 live = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+        if (visible) live &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(live, visible + s0), _mm_set1_epi8(1));
         for (int64_t j = 0; j < heads; j++) {
-            __m512 acc = _mm512_mul_ps(qv[j * chunks], key[0]);
-            for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[j * chunks + c], key[c], acc);
-            float score = _mm512_reduce_add_ps(acc);
-            scores[j * stride + s] = score;
-            top[j] = score > top[j] ? score : top[j];
+            const uint16_t *qj = q + t * q_row + (h0 + j) * q_head;
+            for (int64_t c = 0; c < pair_chunks; c++) qp[c] = load_pairs(qj + c * 32, D - c * 32);
+            __m512 block = _mm512_mask_mov_ps(minus_inf, live,
+                                              _mm512_mul_ps(key_dots(qp, pair_chunks, D, kg, k_row, s0, S - 1), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(scores + j * stride + s0, block);
+            top[j] = _mm512_max_ps(top[j], block);
         }
     }
     for (int64_t j = 0; j < heads; j++) { // softmax numerators in place
         float *row = scores + j * stride;
-        __m512 max = _mm512_set1_ps(top[j]);
+        __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top[j]));
         for (int64_t s = 0; s < S; s += 16) {
             __mmask16 live = S - s >= 16 ? 0xFFFF : (__mmask16)((1u << (S - s)) - 1);
             _mm512_mask_storeu_ps(row + s, live, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), max)));
