@@ -34,6 +34,15 @@ def test_stream_yields_the_events_of_the_trace(wb):
     assert out[0].events == events and out[0].status == "done"
 
 
+def test_a_run_can_keep_its_own_memory_instead_of_the_models(wb):
+    spec = "max_new_tokens=6;decode=token_recycling"
+    own: dict = {}
+    wb.generate("5 6 7 8", spec, memory=own)
+    assert "token_recycling" in own and "token_recycling" not in wb.memory(wb.spec(spec))
+    wb.generate("5 6 7 8", spec)
+    assert wb.memory(wb.spec(spec))["token_recycling"] is not own["token_recycling"]
+
+
 def test_a_run_that_fails_midway_is_marked_failed(wb):
     out = []
     with pytest.raises(RuntimeError, match="drafter broke"):

@@ -114,13 +114,16 @@ class Workbench:
         return tokenizer(prompt)["input_ids"]
 
     def stream(self, prompt: Prompt, spec: RunSpec | str | None = None, trace_out: list[Trace] | None = None,
-               **overrides: Any) -> Iterator[StepEvent]:
-        """Yield StepEvents as the run goes; the finished Trace is appended to `trace_out` if given."""
+               memory: dict | None = None, **overrides: Any) -> Iterator[StepEvent]:
+        """Yield StepEvents as the run goes; the finished Trace is appended to `trace_out` if given.
+
+        `memory`: what techniques keep across runs (token recycling's matrix, calibrations); by default the
+        one the model's runs share (`Workbench.memory`). A benchmark gives each technique its own."""
         spec = self.spec(spec, **overrides)
         loaded = self.model(spec)
         ids = self.prompt_ids(loaded, prompt, spec.chat)
         engine = Engine(loaded.model, spec, [] if spec.ignore_eos else loaded.eos_token_ids, loaded.detokenize,
-                        memory=self.memory(spec), tokenizer=loaded.tokenizer)
+                        memory=self.memory(spec) if memory is None else memory, tokenizer=loaded.tokenizer)
         trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
                       weight_bytes=loaded.weight_bytes())
@@ -147,10 +150,12 @@ class Workbench:
                 self.store.finish(trace)
 
     def generate(self, prompt: Prompt, spec: RunSpec | str | None = None,
-                 on_event: Callable[[StepEvent], None] | None = None, **overrides: Any) -> Trace:
-        """Run to the end and return the Trace; `on_event` sees each StepEvent as it happens."""
+                 on_event: Callable[[StepEvent], None] | None = None, memory: dict | None = None,
+                 **overrides: Any) -> Trace:
+        """Run to the end and return the Trace; `on_event` sees each StepEvent as it happens (`memory`: as
+        in `stream`)."""
         out: list[Trace] = []
-        for event in self.stream(prompt, spec, trace_out=out, **overrides):
+        for event in self.stream(prompt, spec, trace_out=out, memory=memory, **overrides):
             if on_event is not None:
                 on_event(event)
         return out[0]

@@ -30,6 +30,7 @@ from workbench.spec import RunSpec
 # --assistant-layers layers as the assistant (the same draft as draft_model:layers=N), and its early-exit
 # self-speculation exiting after that many layers (its version of layer_skip / early_exit); and llama.cpp on
 # the same GGUF, plain and with its prompt lookup (eval/llama_cpp_peer.py)
+WARMUP_PROMPT = "Write two sentences about a lighthouse keeper and the first storm of winter."  # not in the suite
 PEERS = ("transformers", "transformers-pld", "transformers-assisted", "transformers-early-exit", *LLAMA_CPP_PEERS)
 
 
@@ -179,7 +180,11 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
         prompts = suite(args.categories.split(",") if args.categories else None, args.per_category)
     except ValueError as err:
         raise WorkbenchError(str(err)) from None
-    engines: dict[str, Any] = {d: (lambda prompt, s=specs[d]: _suite_run(wb, prompt, s)) for d in decodes}
+    # Each technique keeps its own cross-run memory (token recycling's hot-started matrix), so no technique
+    # drafts from what another just generated for the same prompt.
+    memories: dict[str, dict] = {d: {} for d in decodes}
+    engines: dict[str, Any] = {d: (lambda prompt, s=specs[d], m=memories[d]: _suite_run(wb, prompt, s, m))
+                               for d in decodes}
     peers = _peers(args)
     if {"transformers-pld", "transformers-assisted", "transformers-early-exit"} & set(peers):
         loaded = wb.model(specs["plain"])
@@ -204,8 +209,8 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
         engines[label] = lambda prompt, run=run, loaded=loaded: run(wb.prompt_ids(loaded, prompt, None),
                                                                      args.max_new_tokens)
 
-    for run in engines.values():  # warm-up
-        run(prompts[0].prompt)
+    for run in engines.values():  # warm-up, on a text outside the suite: a run on prompt 0 would leak its output
+        run(WARMUP_PROMPT)       # into the drafts of prompt 0's measured run
     totals: dict[tuple[str, str], list[float]] = {}
     outputs: dict[tuple[str, str], list[int]] = {}
     bar = tqdm(total=len(prompts) * len(engines), desc="bench", unit="run")
@@ -251,8 +256,8 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     return 0
 
 
-def _suite_run(wb, prompt, spec: RunSpec) -> tuple[int, float, int, list[int]]:
-    trace = wb.generate(prompt, spec)
+def _suite_run(wb, prompt, spec: RunSpec, memory: dict) -> tuple[int, float, int, list[int]]:
+    trace = wb.generate(prompt, spec, memory=memory)
     summary = trace.summary()
     return summary["n_new_tokens"], summary["total_s"], summary["target_forwards"], trace.token_ids
 
