@@ -40,6 +40,8 @@ bench)
     cat /tmp/wbmodel/part_a .gpu_model/part_b > /tmp/wbmodel/$GGUF
     echo "$SHA256  /tmp/wbmodel/$GGUF" | sha256sum -c - || exit 1
     model=/tmp/wbmodel/$GGUF
+    # first, where a plain step's time goes (launches, copies, syncs per token) beside transformers
+    python3 scripts/gpu_profile.py --model $model --device cuda 2>&1 | grep -v "it/s" | tee "$OUT/profile_gpu.txt" | head -40
     workbench bench --model $model --device cuda --peers transformers --peer-dtypes bfloat16 --prompts 4 \
         --repeats 1 --no-store \
         --json "$OUT/baseline_gpu.json" 2>&1 | grep -v "bench:" | tail -12

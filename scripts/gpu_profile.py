@@ -1,0 +1,72 @@
+"""Where a plain decode step's time goes, the workbench beside transformers' `generate`, on any device.
+
+Written after the H200 lease of 2026-11-28, where plain decoding of the real model ran at 0.57x transformers
+(docs/performance.md, "GPU"): a host-bound engine is slowed by kernel launches, host-device copies and
+synchronizations, so this counts them per generated token, and splits the engine's step into its forward
+(`verify`) and what follows it (`accept`: sampling, trace, cache statistics).
+
+    python scripts/gpu_profile.py --model PATH.gguf --device cuda      # on a GPU machine (gpu_check.sh bench)
+    python scripts/gpu_profile.py                                      # the embedded model on this CPU
+"""
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from workbench import Workbench
+from workbench.bench import transformers_peer
+
+PROMPT = "Write a short story about a robot who learns to paint, in five sentences."
+WATCHED = ("cudaLaunchKernel", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+           "aten::item", "aten::_local_scalar_dense", "aten::copy_", "aten::to")
+
+
+def report(name: str, prof, tokens: int, top: int) -> None:
+    events = prof.key_averages()
+    print(f"\n== {name}: per generated token ({tokens} tokens)")
+    for key in WATCHED:
+        count = sum(e.count for e in events if e.key == key)
+        if count:
+            print(f"  {key:<28}{count / tokens:8.1f}")
+    print(f"  {'op':<44}{'calls/token':>12}{'self CPU us/token':>19}")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"  {e.key[:43]:<44}{e.count / tokens:12.1f}{e.self_cpu_time_total / tokens:19.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    wb = Workbench(args.model, "bfloat16", args.device)
+    spec = wb.spec("decode=plain;ignore_eos=true", max_new_tokens=args.tokens)
+    wb.generate(PROMPT, spec)  # warm-up
+    trace = wb.generate(PROMPT, spec)
+    steps = trace.events[1:]
+    ms = {part: statistics.median(getattr(e, f"{part}_ns") for e in steps) / 1e6
+          for part in ("draft", "verify", "accept")}
+    print("workbench plain, median ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+          + f"; {trace.summary()['tok_per_s']:.1f} tok/s")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        wb.generate(PROMPT, spec)
+    report("workbench", prof, args.tokens, args.top)
+
+    loaded = wb.model(spec)
+    peer = transformers_peer(loaded, loaded.dtype)
+    ids = torch.tensor([wb.prompt_ids(loaded, PROMPT, None)], device=peer.device)
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
+                   min_new_tokens=args.tokens)
+    with torch.inference_mode():
+        peer.generate(ids, **options)  # warm-up
+        with profile(activities=activities) as prof:
+            peer.generate(ids, **options)
+    report("transformers generate", prof, args.tokens, args.top)
+
+
+if __name__ == "__main__":
+    main()
