@@ -77,8 +77,12 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.workbench_layer_bf16.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
+                                         i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ptr,
+                                         ctypes.c_int]
     for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16,
-               lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16):
+               lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
+               lib.workbench_layer_bf16):
         fn.restype = None
     return lib
 
@@ -219,4 +223,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     out = torch.empty(t, heads, d, dtype=torch.bfloat16)
     _lib.workbench_rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
                              t, heads, d)
+    return out
+
+
+def decoder_layer(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
+                  packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], heads: int, kv_heads: int,
+                  cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  past: int, visible: torch.Tensor | None) -> torch.Tensor:
+    """A Llama decoder layer on x [T, Dm] in one call, bit for bit what its separate kernel calls give.
+
+    norms: (attention, MLP) RMSNorm weights; packed: the q|k|v, o, gate|up and down weights in `pack_bf16`'s
+    layout, no biases; cos, signed_sin: [T, D] RoPE tables; k_cache, v_cache: [kv_heads, capacity, D] buffers
+    whose slots past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool or None
+    (all visible). Returns the layer's output [T, Dm] bf16."""
+    t, dm = x.shape
+    dim, inter = k_cache.shape[2], packed[3].shape[1] * 2
+    out = torch.empty_like(x)
+    scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    keys = past + t
+    attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
+    _lib.workbench_layer_bf16(x.data_ptr(), out.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps,
+                              *(w.data_ptr() for w in packed), t, dm, heads, kv_heads, dim, inter, cos.data_ptr(),
+                              signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                              k_cache.stride(1), past, 0 if visible is None else visible.data_ptr(), dim**-0.5,
+                              scratch.data_ptr(), attention_scratch.data_ptr(), threads)
     return out

@@ -385,3 +385,43 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
             }
         }
 }
+
+// ---- A whole decoder layer in one call (a few rows, a dense bf16 cache) ----
+//
+// The same kernels as the layer's separate calls, in the same order on the same values, so its output is
+// bit for bit what those calls give: RMSNorm, the fused q|k|v product, RoPE on q and k, the new k and v rows
+// written into the cache's buffers at slots past .. past + T - 1, attention over the S = past + T keys, the
+// output product with the residual add and the next RMSNorm, gate|up, SwiGLU, down, and the second residual
+// add (rounded once to bf16, as torch's add rounds). It saves the ~15 Python-level calls of a layer.
+// scratch: T * (2 * Dm + 3 * (H + KVH) * D + 3 * I) bf16 values; k_cache, v_cache: [KVH, capacity, D] buffers.
+TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_t *attn_norm,
+                                 const uint16_t *mlp_norm, float eps, const uint16_t *w_qkv, const uint16_t *w_o,
+                                 const uint16_t *w_gate_up, const uint16_t *w_down, int64_t T, int64_t Dm,
+                                 int64_t H, int64_t KVH, int64_t D, int64_t I, const uint16_t *cos,
+                                 const uint16_t *signed_sin, uint16_t *k_cache, uint16_t *v_cache, int64_t kv_head,
+                                 int64_t kv_row, int64_t past, const uint8_t *mask, float scale, uint16_t *scratch,
+                                 float *attention_scratch, int threads) {
+    const int64_t qkv_width = (H + 2 * KVH) * D, S = past + T;
+    uint16_t *h = scratch, *qkv = h + T * Dm, *qk = qkv + T * qkv_width, *attended = qk + T * (H + KVH) * D;
+    uint16_t *o = attended + T * H * D, *gate_up = o + T * Dm, *act = gate_up + T * 2 * I;
+    workbench_rms_norm_bf16(x, 0, 0, attn_norm, h, T, Dm, eps);
+    workbench_gemm_bf16(h, w_qkv, 0, qkv, T, qkv_width, Dm, threads);
+    workbench_rope_bf16(qkv, qkv_width, cos, signed_sin, qk, T, H + KVH, D);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < KVH; g++) {
+            uint16_t *k_slot = k_cache + g * kv_head + (past + t) * kv_row, *v_slot = v_cache + g * kv_head + (past + t) * kv_row;
+            for (int64_t d = 0; d < D; d++) {
+                k_slot[d] = qk[(t * (H + KVH) + H + g) * D + d];
+                v_slot[d] = qkv[t * qkv_width + (H + KVH + g) * D + d];
+            }
+        }
+    workbench_attention_bf16(qk, (H + KVH) * D, D, k_cache, kv_head, kv_row, v_cache, kv_head, kv_row, mask, attended,
+                             H, KVH, T, S, D, scale, attention_scratch, threads);
+    workbench_gemm_bf16(attended, w_o, 0, o, T, Dm, H * D, threads);
+    workbench_rms_norm_bf16(x, o, out, mlp_norm, h, T, Dm, eps); // out = x + o; h = its norm
+    workbench_gemm_bf16(h, w_gate_up, 0, gate_up, T, 2 * I, Dm, threads);
+    workbench_swiglu_bf16(gate_up, act, T, I);
+    workbench_gemm_bf16(act, w_down, 0, o, T, Dm, I, threads);
+    for (int64_t i = 0; i < T * Dm; i += 16)
+        store_bf16(out + i, _mm512_add_ps(load_bf16x16(out + i), load_bf16x16(o + i)), 0, 0);
+}

@@ -211,3 +211,45 @@ def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeyp
     monkeypatch.setattr(cpu, "_tried", False)
     with pytest.warns(UserWarning, match="not built"):
         assert not cpu.available()
+
+
+@needs_kernels
+def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch):
+    """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
+    logits and the cache of the one-call layer equal those of the layer's separate kernel calls."""
+    import workbench.models.llama as llama
+    from workbench.decoding.base import DraftTree
+    from workbench.engine import build_cache
+    from workbench.models.packed_linear import pack_linears
+    from workbench.models.random import random_model
+
+    model = random_model("smollm", dtype=torch.bfloat16, vocab_size=512, hidden_size=192, intermediate_size=256,
+                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
+    pack_linears(model)
+    calls = []
+    one_call = cpu.decoder_layer
+    monkeypatch.setattr(cpu, "decoder_layer", lambda *a: calls.append(1) or one_call(*a))
+
+    def run(fused: bool):
+        if not fused:
+            monkeypatch.setattr(llama.DecoderLayer, "_fused", lambda self, *args: None)
+        cache, logits = build_cache(model, [], 24), []
+        with torch.inference_mode():
+            logits.append(model(torch.arange(20), torch.arange(20), cache).logits)
+            cache.commit()
+            tree = DraftTree([3, 4, 5, 6], [-1, 0, 0, 2])
+            logits.append(model(torch.tensor([9, *tree.tokens]), tree.positions(20), cache,
+                                mask=tree.attention_mask()).logits)
+            cache.commit([0, 2])  # the root and one branch: the other's slots are dropped
+            for i in range(8):
+                logits.append(model(torch.tensor([11 + i]), torch.tensor([22 + i]), cache).logits)
+                cache.commit()
+        return logits, cache
+
+    fused_logits, fused_cache = run(True)
+    assert len(calls) == 3 * 10  # every layer of every forward went through the one call
+    plain_logits, plain_cache = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, plain_logits))
+    for a, b in zip(fused_cache.layers, plain_cache.layers):
+        assert torch.equal(a.view()[0], b.view()[0]) and torch.equal(a.view()[1], b.view()[1])
+        assert torch.equal(a.positions, b.positions)

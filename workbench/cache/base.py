@@ -53,6 +53,13 @@ class LayerCache(ABC):
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense k, v [kv_heads, length, head_dim] of every held token, for attention."""
 
+    def writable_buffers(self, positions: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For a cache that holds plain k, v buffers [kv_heads, capacity, head_dim] of `dtype` with nothing else
+        to update: reserve slots for len(positions) new tokens and return (k, v, first slot), so that a fused
+        kernel writes their keys and values itself. None (the default): append through `append`."""
+        return None
+
     @abstractmethod
     def keep(self, slots: torch.Tensor) -> None:
         """Keep only `slots`, compacted in order; all kept tokens become committed.

@@ -48,13 +48,26 @@ class DenseLayerCache(LayerCache):
             setattr(self, name, new)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        start, end = self._length, self._length + k.shape[1]
+        start = self._reserve(positions)
+        self.k[:, start: start + k.shape[1]] = k
+        self.v[:, start: start + k.shape[1]] = v
+
+    def writable_buffers(self, positions: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        if type(self) is not DenseLayerCache or self.observer is not None or self.k.dtype != dtype:
+            # subclasses keep more per token; an observer must see the keys
+            return None
+        start = self._reserve(positions)  # first: it may grow (replace) the buffers
+        return self.k, self.v, start
+
+    def _reserve(self, positions: torch.Tensor) -> int:
+        """Slots for the new tokens at `positions`; returns the first."""
+        start, end = self._length, self._length + positions.shape[-1]  # positions: [T] or [kv_heads, T]
         if end > self.capacity:
             self._grow(end)
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
         self.pos[:, start:end] = positions
         self._length = end
+        return start
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, : self._length], self.v[:, : self._length]

@@ -52,7 +52,7 @@ def attention(
     n_past = k.shape[1] - n_new
     if n_new <= SMALL_QUERY and cpu_kernels.attention_fits(q, k, v):
         # the workbench's CPU kernel: a few query rows, grouped kv heads, the cache's strided view as it is
-        return cpu_kernels.attention(q, k, v, _visible(new_mask, n_new, n_past, q.device))
+        return cpu_kernels.attention(q, k, v, visible_keys(new_mask, n_new, n_past, q.device))
     if n_new == 1 and new_mask is None:
         # One decoding step: the group of query heads sharing a kv head acts as that head's queries,
         # so one fused call does it with no copies of k and v.
@@ -61,7 +61,7 @@ def attention(
         return out.reshape(1, heads * dim)
     q = q.transpose(0, 1)
     if n_new <= SMALL_QUERY:
-        out = _grouped_sdpa(q, k, v, _visible(new_mask, n_new, n_past, q.device, heads // k.shape[0], q.dtype))
+        out = _grouped_sdpa(q, k, v, visible_keys(new_mask, n_new, n_past, q.device, heads // k.shape[0], q.dtype))
     else:  # long queries (prefill): the fused kernel, which never materialises all the scores
         plain_causal = new_mask is None and n_past == 0  # a prompt with nothing cached before it
         if new_mask is None:
@@ -75,12 +75,12 @@ def attention(
     return out.transpose(0, 1).reshape(n_new, -1)
 
 
-# The masks `_visible` built last, with what they were built from: every layer of a forward asks for the same
+# The masks `visible_keys` built last, with what they were built from: every layer of a forward asks for the same
 # one (30 times per draft verification), and building it costs more than the attention it masks.
 _last_masks: tuple = (None, None, {})
 
 
-def _visible(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: torch.device,
+def visible_keys(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: torch.device,
              group: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Which keys each new token sees: [T, S] bool over `n_past` earlier keys (all visible) and the new ones
     (new_mask; None is causal), or None when every key is visible. With `group`, the additive mask
@@ -100,7 +100,7 @@ def _visible(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: tor
                 mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril_()
             forms[(group, dtype)] = None if mask is None else F.pad(mask, (n_past, 0), value=True) if n_past else mask
         else:
-            mask = _visible(new_mask, n_new, n_past, device)
+            mask = visible_keys(new_mask, n_new, n_past, device)
             if mask is not None:
                 mask = _group_rows(mask, group)
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from workbench.cache.base import KVCache
 from workbench.kernels import cpu as cpu_kernels
-from workbench.models.attention import attention
+from workbench.models.attention import SMALL_QUERY, attention, visible_keys
 from workbench.models.config import ModelConfig
 
 
@@ -99,6 +99,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, positions, layer_cache, new_mask):
         n = x.shape[0]
+        fused = self._fused(x, cos, sin, positions, layer_cache, new_mask)
+        if fused is not None:
+            return fused
         h = rms_norm(x, self.attn_norm, self.eps)
         qkv = self.qkv(h).view(n, self.n_heads + 2 * self.n_kv, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
@@ -112,6 +115,26 @@ class DecoderLayer(nn.Module):
         out = attention(q, k, v, positions, layer_cache, new_mask)
         x, h = add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
         return x + self.down(swiglu(self.gate_up(h)))
+
+
+    def _fused(self, x, cos, sin, positions, layer_cache, new_mask) -> torch.Tensor | None:
+        """The whole layer in one call of the CPU kernels (`cpu.decoder_layer`), where its weights, rows and cache
+        allow: the same kernels on the same values as `forward`'s path, so the same bits. None otherwise."""
+        n = x.shape[0]
+        linears = (self.qkv, self.o, self.gate_up, self.down)
+        if (layer_cache is None or n > SMALL_QUERY or self.q_norm is not None or not cpu_kernels.rows_fit(x)
+                or self.head_dim % 32 or self.head_dim > 256 or self.down.in_features % 16
+                or not (cos.is_contiguous() and sin.is_contiguous())
+                or not (self.attn_norm.dtype == self.mlp_norm.dtype == torch.bfloat16)
+                or not all(type(m).__name__ == "PackedLinear" and m.own_kernel and m.bias is None for m in linears)):
+            return None
+        buffers = layer_cache.writable_buffers(positions, torch.bfloat16)
+        if buffers is None:
+            return None
+        k, v, past = buffers
+        return cpu_kernels.decoder_layer(x, (self.attn_norm, self.mlp_norm), self.eps, tuple(m.packed for m in linears),
+                                         self.n_heads, self.n_kv, cos, sin, k, v, past,
+                                         visible_keys(new_mask, n, past, x.device))
 
 
 class LlamaModel(nn.Module):
