@@ -77,9 +77,9 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
-    lib.workbench_layer_bf16.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
-                                         i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ptr,
-                                         ctypes.c_int]
+    lib.workbench_layer_bf16.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                         i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
+                                         ctypes.c_float, ptr, ptr, ctypes.c_int]
     for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16,
                lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
                lib.workbench_layer_bf16):
@@ -227,25 +227,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 
 
 def decoder_layer(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                  packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], heads: int, kv_heads: int,
+                  weights: list[tuple[torch.Tensor, torch.Tensor | None]], heads: int, kv_heads: int,
                   cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   past: int, visible: torch.Tensor | None) -> torch.Tensor:
     """A Llama decoder layer on x [T, Dm] in one call, bit for bit what its separate kernel calls give.
 
-    norms: (attention, MLP) RMSNorm weights; packed: the q|k|v, o, gate|up and down weights in `pack_bf16`'s
-    layout, no biases; cos, signed_sin: [T, D] RoPE tables; k_cache, v_cache: [kv_heads, capacity, D] buffers
-    whose slots past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool or None
-    (all visible). Returns the layer's output [T, Dm] bf16."""
+    norms: (attention, MLP) RMSNorm weights; weights: for the q|k|v, o, gate|up and down products, (weight in
+    `pack_bf16`'s layout, None) or (int8 codes in `pack_int8`'s layout, float32 row scales), no biases;
+    cos, signed_sin: [T, D] RoPE tables; k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
+    past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool or None (all visible).
+    Returns the layer's output [T, Dm] bf16."""
     t, dm = x.shape
-    dim, inter = k_cache.shape[2], packed[3].shape[1] * 2
+    dim, inter = k_cache.shape[2], weights[2][0].shape[0] * 8  # gate|up: 2I outputs in blocks of 16
     out = torch.empty_like(x)
     scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     keys = past + t
     attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
-    _lib.workbench_layer_bf16(x.data_ptr(), out.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps,
-                              *(w.data_ptr() for w in packed), t, dm, heads, kv_heads, dim, inter, cos.data_ptr(),
-                              signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-                              k_cache.stride(1), past, 0 if visible is None else visible.data_ptr(), dim**-0.5,
-                              scratch.data_ptr(), attention_scratch.data_ptr(), threads)
+    visible = None if visible is None else visible.contiguous()  # named: it must outlive the call
+    products = [w.data_ptr() for w, _ in weights] + [0 if s is None else s.data_ptr() for _, s in weights]
+    _lib.workbench_layer_bf16(x.data_ptr(), out.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, *products,
+                              t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(),
+                              k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
+                              0 if visible is None else visible.data_ptr(), dim**-0.5, scratch.data_ptr(),
+                              attention_scratch.data_ptr(), threads)
     return out

@@ -386,7 +386,7 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
         }
 }
 
-// ---- A whole decoder layer in one call (a few rows, a dense bf16 cache) ----
+// ---- A whole decoder layer in one call (a few rows, bf16 or int8 weights, a dense bf16 cache) ----
 //
 // The same kernels as the layer's separate calls, in the same order on the same values, so its output is
 // bit for bit what those calls give: RMSNorm, the fused q|k|v product, RoPE on q and k, the new k and v rows
@@ -394,9 +394,17 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
 // output product with the residual add and the next RMSNorm, gate|up, SwiGLU, down, and the second residual
 // add (rounded once to bf16, as torch's add rounds). It saves the ~15 Python-level calls of a layer.
 // scratch: T * (2 * Dm + 3 * (H + KVH) * D + 3 * I) bf16 values; k_cache, v_cache: [KVH, capacity, D] buffers.
+// One of the layer's products: int8 codes when it has row scales, else bf16.
+TARGET INLINE void layer_product(const uint16_t *x, const void *w, const float *scales, uint16_t *y, int64_t M,
+                                 int64_t N, int64_t K, int threads) {
+    if (scales) workbench_gemm_int8(x, (const int8_t *)w, scales, 0, y, M, N, K, threads);
+    else workbench_gemm_bf16(x, (const uint16_t *)w, 0, y, M, N, K, threads);
+}
+
 TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_t *attn_norm,
-                                 const uint16_t *mlp_norm, float eps, const uint16_t *w_qkv, const uint16_t *w_o,
-                                 const uint16_t *w_gate_up, const uint16_t *w_down, int64_t T, int64_t Dm,
+                                 const uint16_t *mlp_norm, float eps, const void *w_qkv, const void *w_o,
+                                 const void *w_gate_up, const void *w_down, const float *s_qkv, const float *s_o,
+                                 const float *s_gate_up, const float *s_down, int64_t T, int64_t Dm,
                                  int64_t H, int64_t KVH, int64_t D, int64_t I, const uint16_t *cos,
                                  const uint16_t *signed_sin, uint16_t *k_cache, uint16_t *v_cache, int64_t kv_head,
                                  int64_t kv_row, int64_t past, const uint8_t *mask, float scale, uint16_t *scratch,
@@ -405,7 +413,7 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
     uint16_t *h = scratch, *qkv = h + T * Dm, *qk = qkv + T * qkv_width, *attended = qk + T * (H + KVH) * D;
     uint16_t *o = attended + T * H * D, *gate_up = o + T * Dm, *act = gate_up + T * 2 * I;
     workbench_rms_norm_bf16(x, 0, 0, attn_norm, h, T, Dm, eps);
-    workbench_gemm_bf16(h, w_qkv, 0, qkv, T, qkv_width, Dm, threads);
+    layer_product(h, w_qkv, s_qkv, qkv, T, qkv_width, Dm, threads);
     workbench_rope_bf16(qkv, qkv_width, cos, signed_sin, qk, T, H + KVH, D);
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < KVH; g++) {
@@ -417,11 +425,11 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
         }
     workbench_attention_bf16(qk, (H + KVH) * D, D, k_cache, kv_head, kv_row, v_cache, kv_head, kv_row, mask, attended,
                              H, KVH, T, S, D, scale, attention_scratch, threads);
-    workbench_gemm_bf16(attended, w_o, 0, o, T, Dm, H * D, threads);
+    layer_product(attended, w_o, s_o, o, T, Dm, H * D, threads);
     workbench_rms_norm_bf16(x, o, out, mlp_norm, h, T, Dm, eps); // out = x + o; h = its norm
-    workbench_gemm_bf16(h, w_gate_up, 0, gate_up, T, 2 * I, Dm, threads);
+    layer_product(h, w_gate_up, s_gate_up, gate_up, T, 2 * I, Dm, threads);
     workbench_swiglu_bf16(gate_up, act, T, I);
-    workbench_gemm_bf16(act, w_down, 0, o, T, Dm, I, threads);
+    layer_product(act, w_down, s_down, o, T, Dm, I, threads);
     for (int64_t i = 0; i < T * Dm; i += 16)
         store_bf16(out + i, _mm512_add_ps(load_bf16x16(out + i), load_bf16x16(o + i)), 0, 0);
 }

@@ -214,7 +214,8 @@ def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeyp
 
 
 @needs_kernels
-def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch):
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch, weights):
     """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
     logits and the cache of the one-call layer equal those of the layer's separate kernel calls."""
     import workbench.models.llama as llama
@@ -225,6 +226,10 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
 
     model = random_model("smollm", dtype=torch.bfloat16, vocab_size=512, hidden_size=192, intermediate_size=256,
                          num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
+    if weights == "int8":  # the layers' products; the LM head stays bf16
+        for layer in model.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, Int8Linear(*quantize_int8(getattr(layer, name).weight, torch.bfloat16), None))
     pack_linears(model)
     calls = []
     one_call = cpu.decoder_layer

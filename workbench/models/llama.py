@@ -118,21 +118,23 @@ class DecoderLayer(nn.Module):
 
 
     def _fused(self, x, cos, sin, positions, layer_cache, new_mask) -> torch.Tensor | None:
-        """The whole layer in one call of the CPU kernels (`cpu.decoder_layer`), where its weights, rows and cache
-        allow: the same kernels on the same values as `forward`'s path, so the same bits. None otherwise."""
+        """The whole layer in one call of the CPU kernels (`cpu.decoder_layer`), where its weights (bf16 or int8
+        in the kernels' layouts: `kernel_weights()`), rows and cache allow: the same kernels on the same values
+        as `forward`'s path, so the same bits. None otherwise."""
         n = x.shape[0]
-        linears = (self.qkv, self.o, self.gate_up, self.down)
         if (layer_cache is None or n > SMALL_QUERY or self.q_norm is not None or not cpu_kernels.rows_fit(x)
                 or self.head_dim % 32 or self.head_dim > 256 or self.down.in_features % 16
                 or not (cos.is_contiguous() and sin.is_contiguous())
-                or not (self.attn_norm.dtype == self.mlp_norm.dtype == torch.bfloat16)
-                or not all(type(m).__name__ == "PackedLinear" and m.own_kernel and m.bias is None for m in linears)):
+                or not (self.attn_norm.dtype == self.mlp_norm.dtype == torch.bfloat16)):
+            return None
+        weights = [getattr(m, "kernel_weights", lambda: None)() for m in (self.qkv, self.o, self.gate_up, self.down)]
+        if None in weights:
             return None
         buffers = layer_cache.writable_buffers(positions, torch.bfloat16)
         if buffers is None:
             return None
         k, v, past = buffers
-        return cpu_kernels.decoder_layer(x, (self.attn_norm, self.mlp_norm), self.eps, tuple(m.packed for m in linears),
+        return cpu_kernels.decoder_layer(x, (self.attn_norm, self.mlp_norm), self.eps, weights,
                                          self.n_heads, self.n_kv, cos, sin, k, v, past,
                                          visible_keys(new_mask, n, past, x.device))
 

@@ -48,6 +48,10 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def kernel_weights(self) -> tuple[torch.Tensor, None] | None:
+        """(packed weight, no scales) for the one-call decoder layer, or None where its kernel does not run."""
+        return (self.packed, None) if self.own_kernel and self.bias is None else None
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt from the packed copy (for inspection and weight transforms)."""
