@@ -26,11 +26,12 @@ from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
 from workbench.spec import RunSpec
 
+WARMUP_PROMPT = "Write two sentences about a lighthouse keeper and the first storm of winter."  # not in the suite
+
 # plain generate; with --decode also its prompt lookup, and assisted generation with the target's first
 # --assistant-layers layers as the assistant (the same draft as draft_model:layers=N), and its early-exit
 # self-speculation exiting after that many layers (its version of layer_skip / early_exit); and llama.cpp on
 # the same GGUF, plain and with its prompt lookup (eval/llama_cpp_peer.py)
-WARMUP_PROMPT = "Write two sentences about a lighthouse keeper and the first storm of winter."  # not in the suite
 PEERS = ("transformers", "transformers-pld", "transformers-assisted", "transformers-early-exit", *LLAMA_CPP_PEERS)
 
 

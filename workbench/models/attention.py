@@ -75,13 +75,13 @@ def attention(
     return out.transpose(0, 1).reshape(n_new, -1)
 
 
-# The masks `visible_keys` built last, with what they were built from: every layer of a forward asks for the same
-# one (30 times per draft verification), and building it costs more than the attention it masks.
+# The masks `visible_keys` built last, with what they were built from: every layer of a forward asks for the
+# same one (30 times per draft verification), and building it costs more than the attention it masks.
 _last_masks: tuple = (None, None, {})
 
 
 def visible_keys(new_mask: torch.Tensor | None, n_new: int, n_past: int, device: torch.device,
-             group: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+                 group: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Which keys each new token sees: [T, S] bool over `n_past` earlier keys (all visible) and the new ones
     (new_mask; None is causal), or None when every key is visible. With `group`, the additive mask
     [1, 1, group * T, S] in `dtype` that `_grouped_sdpa` takes."""

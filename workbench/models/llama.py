@@ -116,7 +116,6 @@ class DecoderLayer(nn.Module):
         x, h = add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
         return x + self.down(swiglu(self.gate_up(h)))
 
-
     def _fused(self, x, cos, sin, positions, layer_cache, new_mask) -> torch.Tensor | None:
         """The whole layer in one call of the CPU kernels (`cpu.decoder_layer`), where its weights (bf16 or int8
         in the kernels' layouts: `kernel_weights()`), rows and cache allow: the same kernels on the same values
