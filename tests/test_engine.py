@@ -1,5 +1,6 @@
 """The engine loop on tiny random models: plain decoding, tree verification, sampling, stopping."""
 
+import math
 import random
 
 import pytest
@@ -166,7 +167,12 @@ def test_step_events_carry_token_statistics(model):
     assert e.positions == [len(PROMPT) + 1]
     assert e.logprobs[0] <= 0 and e.entropies[0] > 0
     top_ids = [t for t, _ in e.alternatives[0]]
+    top_probs = [p for _, p in e.alternatives[0]]
     assert top_ids[0] == e.tokens[0]  # greedy picks the most probable token
+    assert all(type(t) is int for t in top_ids) and len(set(top_ids)) == len(top_ids)
+    assert top_probs == sorted(top_probs, reverse=True)
+    assert math.isclose(math.exp(e.logprobs[0]), top_probs[0], rel_tol=1e-5)  # the same row, the same token
+    assert e.entropies[0] <= math.log(model.config.vocab_size)
     assert e.verify_ns > 0 and e.elapsed_ns >= events[0].elapsed_ns
 
 

@@ -191,8 +191,9 @@ class Engine:
             tree = self.drafter.propose(state)
             tree.root = state.pending
             t1 = time.perf_counter_ns()
-            tree_tokens = torch.tensor(tree.forward_tokens(), device=device)
-            positions = tree.positions(state.pending_position, device)
+            # tokens and positions in one host-to-device copy (on a GPU each one waits for the device)
+            step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
+            tree_tokens, positions = step_ids[0], step_ids[1]
             mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
             all_logits = model(tree_tokens, positions, cache, mask=mask).logits
             _sync(device)
@@ -239,15 +240,19 @@ class Engine:
             del state.generated[len(state.generated) - drop:]
             new_tokens, sources, rows, finish = new_tokens[:stop_at], sources[:stop_at], rows[:stop_at], "stop"
         row_probs = probs[rows]
-        picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])[:, 0]
-        entropy = torch.special.entr(row_probs).sum(-1)
+        picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])
         top = row_probs.topk(TOP_ALTERNATIVES, dim=-1)
+        # One host transfer for all the event reports (on a GPU each transfer waits for the device): per token
+        # its log-probability, entropy, and top alternatives' probabilities and ids (float32: exact below 2^24).
+        summary = torch.cat([picked.clamp_min(1e-30).log(), torch.special.entr(row_probs).sum(-1, keepdim=True),
+                             top.values, top.indices.to(top.values.dtype)], dim=1).tolist()
+        k = TOP_ALTERNATIVES
         first_pos = len(state.prompt_ids) + len(state.generated) - len(new_tokens)
         end = time.perf_counter_ns()
         return StepEvent(
             step=state.step, tokens=new_tokens, sources=sources,
-            logprobs=picked.clamp_min(1e-30).log().tolist(), entropies=entropy.tolist(),
-            alternatives=[list(zip(i, p)) for i, p in zip(top.indices.tolist(), top.values.tolist())],
+            logprobs=[row[0] for row in summary], entropies=[row[1] for row in summary],
+            alternatives=[list(zip(map(int, row[2 + k:]), row[2: 2 + k])) for row in summary],
             positions=list(range(first_pos, first_pos + len(new_tokens))), text=added, tree=tree,
             draft_ns=draft_ns, verify_ns=verify_ns, accept_ns=end - t_verified, elapsed_ns=end - start,
             finish_reason=finish,

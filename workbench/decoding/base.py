@@ -99,10 +99,14 @@ class DraftTree:
             mask[n:] = self.aux.mask
         return mask.to(device)
 
-    def positions(self, root_position: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[N + 1 (+ A)] logical positions of root + nodes (+ aux): the root's, plus each node's depth."""
+    def position_ids(self, root_position: int) -> list[int]:
+        """Logical positions of root + nodes (+ aux): the root's, plus each node's depth."""
         aux = [root_position + o for o in self.aux.offsets] if self.aux else []
-        return torch.tensor([root_position] + [root_position + d for d in self.depths()] + aux, device=device)
+        return [root_position] + [root_position + d for d in self.depths()] + aux
+
+    def positions(self, root_position: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[N + 1 (+ A)] `position_ids` as a tensor."""
+        return torch.tensor(self.position_ids(root_position), device=device)
 
     def forward_tokens(self) -> list[int]:
         """What the target runs this step: root, nodes, then aux tokens."""
