@@ -283,7 +283,14 @@ TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head,
     for (int64_t s = 0; s < S; s++) {
         if (visible && !visible[s]) continue;
         __m512 value[MAX_HEAD_DIM / 16];
-        for (int64_t c = 0; c < chunks; c++) value[c] = load_bf16x16(vg + s * v_row + c * 16);
+        if (chunks % 2 == 0) // 32 values widened by unpacking: one load and two operations, lanes in an order
+            for (int64_t c = 0; c < chunks; c += 2) { // that the stores below undo
+                __m512i pair = _mm512_loadu_si512(vg + s * v_row + c * 16);
+                value[c] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), pair));
+                value[c + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), pair));
+            }
+        else
+            for (int64_t c = 0; c < chunks; c++) value[c] = load_bf16x16(vg + s * v_row + c * 16);
         for (int64_t j = 0; j < heads; j++) {
             float e = scores[j * stride + s];
             total[j] += e;
@@ -295,7 +302,17 @@ TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head,
     for (int64_t j = 0; j < heads; j++) inv[j] = 1.0f / total[j];
     for (int64_t j = 0; j < heads; j++) {
         uint16_t *o = out + (t * H + h0 + j) * D;
-        for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[j * chunks + c], _mm512_set1_ps(inv[j])), 0, 0);
+        const __m512 scale_j = _mm512_set1_ps(inv[j]);
+        if (chunks % 2 == 0)
+            for (int64_t c = 0; c < chunks; c += 2) {
+                // unpacked lanes: 128-bit quarter q of the low half holds values 8q .. 8q + 3, of the high 8q + 4 ..
+                const __m512 lo = acc[j * chunks + c], hi = acc[j * chunks + c + 1];
+                const __m512 first = _mm512_shuffle_f32x4(lo, hi, 0x44), second = _mm512_shuffle_f32x4(lo, hi, 0xEE);
+                store_bf16(o + c * 16, _mm512_mul_ps(_mm512_shuffle_f32x4(first, first, 0xD8), scale_j), 0, 0);
+                store_bf16(o + c * 16 + 16, _mm512_mul_ps(_mm512_shuffle_f32x4(second, second, 0xD8), scale_j), 0, 0);
+            }
+        else
+            for (int64_t c = 0; c < chunks; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[j * chunks + c], scale_j), 0, 0);
     }
 }
 
