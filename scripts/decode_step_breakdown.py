@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from workbench.decoding.base import DraftTree
 from workbench.engine import build_cache
 from workbench.models import llama
 from workbench.models.packed_linear import pack_linears
@@ -17,6 +18,38 @@ from workbench.models.random import random_model
 
 SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+
+
+def cached_model(cached: int = 100):
+    """Random weights of SmolLM2-135M's shapes in bf16, packed as the Workbench runs them, with `cached` tokens
+    committed to a dense cache: (model, cache)."""
+    model = random_model("smollm", dtype=torch.bfloat16, **SHAPES)
+    pack_linears(model)
+    cache = build_cache(model, [], 1024)
+    with torch.inference_mode():
+        model(torch.arange(cached), torch.arange(cached), cache)
+        cache.commit()
+    return model, cache
+
+
+def chain_inputs(drafted: int, cached: int):
+    """Tokens, positions and mask of a verification forward: the pending token and a chain of `drafted`."""
+    tree = DraftTree.chain(list(range(5, 5 + drafted)))
+    return torch.tensor([7, *tree.tokens]), tree.positions(cached), tree.attention_mask() if drafted else None
+
+
+@torch.inference_mode()
+def forward_ms(model, cache, tokens, positions, mask, repeats: int = 15) -> float:
+    """Mean ms of a forward over `tokens` after the cache's committed tokens (rolled back each time), after two
+    warm-up forwards."""
+    for _ in range(2):
+        model(tokens, positions, cache, mask=mask)
+        cache.rollback()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(tokens, positions, cache, mask=mask)
+        cache.rollback()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def step_ms(model: llama.LlamaModel) -> float:

@@ -1,60 +1,46 @@
-"""One of the workbench's small CPU kernels on and off in the same process, alternating: forward time of 1 and
-11 tokens (a prompt-lookup draft) after 100 cached ones, random weights of SmolLM2-135M's shapes, bf16.
+"""One of the workbench's CPU kernel paths on and off in the same process, alternating: the time of a forward of
+1 and 11 tokens (a prompt-lookup draft) after 100 cached ones, random weights of SmolLM2-135M's shapes, bf16.
 
     cd scripts && python kernel_ab.py rows    # RMSNorm (with the residual add) and SwiGLU
     cd scripts && python kernel_ab.py rope    # RoPE
+    cd scripts && python kernel_ab.py layer --cached 300 --drafted 0 5 10   # the one-call decoder layer
 
-Off means the layer takes its torch path (the check that picks the kernel answers no). Best of five 15-forward
-means per side.
+Off means the layer takes its other path (the check that picks the kernel answers no; for `layer`, the
+layer's separate calls). Best of five 15-forward means per side.
 """
 
 import argparse
-import time
 
-import torch
-from decode_step_breakdown import SHAPES
+from decode_step_breakdown import cached_model, chain_inputs, forward_ms
 
-from workbench.decoding.base import DraftTree
-from workbench.engine import build_cache
 from workbench.kernels import cpu
-from workbench.models.packed_linear import pack_linears
-from workbench.models.random import random_model
+from workbench.models.llama import DecoderLayer
 
-CHECKS = {"rows": "rows_fit", "rope": "rope_fits"}
+# what each name switches: the owner, the attribute, and what stands in for it when off
+SWITCHES = {"rows": (cpu, "rows_fit", lambda *a: False), "rope": (cpu, "rope_fits", lambda *a: False),
+            "layer": (DecoderLayer, "_fused", lambda *a: None)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", choices=sorted(CHECKS))
+    parser.add_argument("kernel", choices=sorted(SWITCHES))
+    parser.add_argument("--cached", type=int, default=100)
+    parser.add_argument("--drafted", type=int, nargs="+", default=[0, 10])
     args = parser.parse_args()
     if not cpu.available():
         raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
-    check = CHECKS[args.kernel]
-    on = getattr(cpu, check)
-    model = random_model("smollm", dtype=torch.bfloat16, **SHAPES)
-    pack_linears(model)
-    cache = build_cache(model, [], 1024)
-    with torch.inference_mode():
-        model(torch.arange(100), torch.arange(100), cache)
-        cache.commit()
-        for drafted in (0, 10):
-            tree = DraftTree.chain(list(range(5, 5 + drafted)))
-            tokens, positions = torch.tensor([7, *tree.tokens]), tree.positions(100)
-            mask = tree.attention_mask() if drafted else None
-            best = {"kernel": float("inf"), "torch": float("inf")}
-            for _ in range(5):
-                for side in best:
-                    setattr(cpu, check, on if side == "kernel" else (lambda *a: False))
-                    for _ in range(2):
-                        model(tokens, positions, cache, mask=mask)
-                        cache.rollback()
-                    start = time.perf_counter()
-                    for _ in range(15):
-                        model(tokens, positions, cache, mask=mask)
-                        cache.rollback()
-                    best[side] = min(best[side], (time.perf_counter() - start) / 15 * 1e3)
-            setattr(cpu, check, on)
-            print(f"{drafted + 1:>2} tokens: kernel {best['kernel']:.2f} ms, torch {best['torch']:.2f} ms")
+    owner, name, off = SWITCHES[args.kernel]
+    on = getattr(owner, name)
+    model, cache = cached_model(args.cached)
+    for drafted in args.drafted:
+        inputs = chain_inputs(drafted, args.cached)
+        best = {"kernel": float("inf"), "other path": float("inf")}
+        for _ in range(5):
+            for side in best:
+                setattr(owner, name, on if side == "kernel" else off)
+                best[side] = min(best[side], forward_ms(model, cache, *inputs))
+        setattr(owner, name, on)
+        print(f"{drafted + 1:>2} tokens: kernel {best['kernel']:.2f} ms, other path {best['other path']:.2f} ms")
 
 
 if __name__ == "__main__":

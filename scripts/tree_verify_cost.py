@@ -6,16 +6,11 @@ ones, random weights of SmolLM2-135M's shapes, bf16, packed linears (best of thr
 """
 
 import argparse
-import time
 
 import torch
-from decode_step_breakdown import SHAPES
+from decode_step_breakdown import cached_model, chain_inputs, forward_ms
 
 import workbench.models.attention as attention
-from workbench.decoding.base import DraftTree
-from workbench.engine import build_cache
-from workbench.models.packed_linear import pack_linears
-from workbench.models.random import random_model
 
 
 def float32_grouped_attention(q, k, v, mask):
@@ -38,29 +33,15 @@ def main() -> None:
     variants = {"fused SDPA": attention._grouped_attention}
     if args.compare:
         variants["float32 products"] = float32_grouped_attention
-    model = random_model("smollm", dtype=torch.bfloat16, **SHAPES)
-    pack_linears(model)
-    cache = build_cache(model, [], 1024)
-    with torch.inference_mode():
-        model(torch.arange(100), torch.arange(100), cache)
-        cache.commit()
-        for n in (0, 1, 3, 7, 15, 31):
-            tree = DraftTree.chain(list(range(5, 5 + n)))
-            tokens, positions = torch.tensor([7, *tree.tokens]), tree.positions(100)
-            mask = tree.attention_mask() if n else None
-            best = {name: float("inf") for name in variants}
-            for _ in range(3):
-                for name, fn in variants.items():  # alternating, so drift hits both alike
-                    attention._grouped_attention = fn
-                    for _ in range(2):
-                        model(tokens, positions, cache, mask=mask)
-                        cache.rollback()
-                    start = time.perf_counter()
-                    for _ in range(15):
-                        model(tokens, positions, cache, mask=mask)
-                        cache.rollback()
-                    best[name] = min(best[name], (time.perf_counter() - start) / 15 * 1e3)
-            print(f"{n + 1:>3} tokens: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in best.items()))
+    model, cache = cached_model(100)
+    for n in (0, 1, 3, 7, 15, 31):
+        inputs = chain_inputs(n, 100)
+        best = {name: float("inf") for name in variants}
+        for _ in range(3):
+            for name, fn in variants.items():  # alternating, so drift hits both alike
+                attention._grouped_attention = fn
+                best[name] = min(best[name], forward_ms(model, cache, *inputs))
+        print(f"{n + 1:>3} tokens: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in best.items()))
 
 
 if __name__ == "__main__":
