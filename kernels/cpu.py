@@ -1,6 +1,6 @@
 """CPU kernels for decoding and draft verification (the C source is `cpu_gemm.c`).
 
-- Matrix products, bf16 and int8 weights. oneDNN's bf16 product slows with each extra row of a draft tree on
+- Matrix products, bf16, int8 and int4 weights. oneDNN's bf16 product slows with each extra row of a draft tree on
   this project's CPU (a step's products: 7.3 ms for one row, 8.6 ms for 8), although the weights are streamed
   from memory once whatever the row count. These load each block of weights once and apply it to up to 12
   rows held in registers, so verifying a handful of drafted tokens costs about what one token costs, and one
@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -72,15 +73,16 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.workbench_gemm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.workbench_gemm_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.workbench_gemm_int4.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.workbench_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr,
                                              i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.workbench_layer_bf16.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                         i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
-                                         ctypes.c_float, ptr, ptr, ctypes.c_int]
-    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_attention_bf16,
+                                         i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
+                                         i64, i64, i64, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
+    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_gemm_int4, lib.workbench_attention_bf16,
                lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
                lib.workbench_layer_bf16):
         fn.restype = None
@@ -131,6 +133,50 @@ def int8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return packed[ids // 16, :, ids % 16]
 
 
+# int4 chunks: byte P of a block's 64-byte chunk of 8 inputs holds, in its low and high nibble, the codes of
+# output NIBBLE_OUTPUT[P] for inputs NIBBLE_INPUT[0][P] and NIBBLE_INPUT[1][P] of the chunk: the order in which
+# the C kernel's byte interleaves (within 128-bit lanes) turn them into bf16 pairs.
+_P = torch.arange(64)
+NIBBLE_OUTPUT = 4 * (_P // 16) + (_P % 8) // 2
+NIBBLE_INPUT = tuple(2 * (2 * n + (_P % 16) // 8) + _P % 2 for n in (0, 1))
+
+
+def int4_fits(out_features: int, in_features: int, group: int) -> bool:
+    """Whether the kernels run here and take an int4 weight of this shape and group."""
+    return fits(out_features, in_features) and in_features % 8 == 0 and group % 8 == 0
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 [N, K] in 0..15, scales and offsets [N, K / group] (weight = scale * code + offset) ->
+    (codes [N/16, K/8, 64] uint8, two per byte in the kernel's order; params [N/16, K/group, 2, 16] bf16)."""
+    n, k = codes.shape
+    chunks = codes.reshape(n // 16, 16, k // 8, 8).transpose(1, 2)  # [N/16, K/8, output, input]
+    packed = chunks[:, :, NIBBLE_OUTPUT, NIBBLE_INPUT[0]] | (chunks[:, :, NIBBLE_OUTPUT, NIBBLE_INPUT[1]] << 4)
+    params = torch.stack([scales, offsets]).to(torch.bfloat16).reshape(2, n // 16, 16, -1).permute(1, 3, 0, 2)
+    return packed.contiguous(), params.contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K] back from `pack_int4`'s layout ([B, K/8, 64] for B blocks of 16 outputs)."""
+    blocks, k_chunks = packed.shape[:2]
+    chunks = torch.empty(blocks, k_chunks, 16, 8, dtype=torch.uint8)
+    chunks[:, :, NIBBLE_OUTPUT, NIBBLE_INPUT[0]] = packed & 15
+    chunks[:, :, NIBBLE_OUTPUT, NIBBLE_INPUT[1]] = packed >> 4
+    return chunks.transpose(1, 2).reshape(blocks * 16, k_chunks * 8)
+
+
+def int4_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Codes of rows `ids` [len(ids), K], unpacking only their blocks."""
+    blocks = unpack_int4(packed[ids // 16]).view(len(ids), 16, -1)
+    return blocks[torch.arange(len(ids)), ids % 16]
+
+
+def int4_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, offsets) [N, K / group] back from `pack_int4`'s params."""
+    both = params.permute(2, 0, 3, 1).reshape(2, params.shape[0] * 16, params.shape[1])
+    return both[0], both[1]
+
+
 def _output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     return x2, torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
@@ -150,6 +196,17 @@ def gemm_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias:
     n = packed.shape[0] * 16
     x2, y = _output(x, n)
     _lib.workbench_gemm_int8(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                             0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
+                             torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def gemm_int4(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] bf16 @ (scale * code + offset)^T (+ bias), codes and params packed by `pack_int4`."""
+    n = packed.shape[0] * 16
+    x2, y = _output(x, n)
+    _lib.workbench_gemm_int4(x2.data_ptr(), packed.data_ptr(), params.data_ptr(), group,
                              0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
                              torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
@@ -226,26 +283,35 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     return out
 
 
+class KernelWeight(NamedTuple):
+    """A product's weight as `decoder_layer` takes it: packed by `pack_bf16` (no aux), `pack_int8` (aux: the
+    float32 row scales) or `pack_int4` (aux: its params; group: inputs per scale and offset)."""
+
+    packed: torch.Tensor
+    aux: torch.Tensor | None = None
+    group: int = 0
+
+
 def decoder_layer(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                  weights: list[tuple[torch.Tensor, torch.Tensor | None]], heads: int, kv_heads: int,
+                  weights: list[KernelWeight], heads: int, kv_heads: int,
                   cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   past: int, visible: torch.Tensor | None) -> torch.Tensor:
     """A Llama decoder layer on x [T, Dm] in one call, bit for bit what its separate kernel calls give.
 
-    norms: (attention, MLP) RMSNorm weights; weights: for the q|k|v, o, gate|up and down products, (weight in
-    `pack_bf16`'s layout, None) or (int8 codes in `pack_int8`'s layout, float32 row scales), no biases;
+    norms: (attention, MLP) RMSNorm weights; weights: the q|k|v, o, gate|up and down products' (no biases);
     cos, signed_sin: [T, D] RoPE tables; k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
     past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool or None (all visible).
     Returns the layer's output [T, Dm] bf16."""
     t, dm = x.shape
-    dim, inter = k_cache.shape[2], weights[2][0].shape[0] * 8  # gate|up: 2I outputs in blocks of 16
+    dim, inter = k_cache.shape[2], weights[2].packed.shape[0] * 8  # gate|up: 2I outputs in blocks of 16
     out = torch.empty_like(x)
     scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     keys = past + t
     attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
     visible = None if visible is None else visible.contiguous()  # named: it must outlive the call
-    products = [w.data_ptr() for w, _ in weights] + [0 if s is None else s.data_ptr() for _, s in weights]
+    products = ([w.packed.data_ptr() for w in weights] + [0 if w.aux is None else w.aux.data_ptr() for w in weights]
+                + [w.group for w in weights])
     _lib.workbench_layer_bf16(x.data_ptr(), out.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, *products,
                               t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(),
                               k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,

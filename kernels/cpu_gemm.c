@@ -14,13 +14,16 @@
 //   bf16: W as [N/16][K/2][16][2]: for each block of 16 output rows, each pair of input columns holds
 //         the 16 rows' two weights side by side, as AVX512-BF16's dot-product instruction consumes them.
 //   int8: codes as [N/16][K][16], one int8 per weight, with a float32 scale per output row.
-// N must be a multiple of 16 and K even.
+//   int4: codes as [N/16][K/8][64 bytes], two 4-bit codes per byte in the order int4_tile unpacks them, with a
+//         bf16 scale and offset per output row and group of inputs as [N/16][K/group][2][16].
+// N must be a multiple of 16 and K even (int4: K and the group multiples of 8).
 // Built by kernels/cpu.py with gcc -O3 -fopenmp; the AVX-512 code runs only where the CPU reports it.
 
 #include <immintrin.h>
 #include <omp.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MAX_ROWS 12 // rows per pass over a weight block; more rows take several passes over the (cached) block
 #define MAX_BLOCKS 8
@@ -62,6 +65,9 @@ typedef struct {
     const uint16_t *x;   // activations [M, K] bf16
     const void *w;       // packed weights
     const float *scales; // int8 row scales [N], or 0
+    const uint16_t *params; // int4: per block and group, 16 bf16 scales then 16 bf16 offsets
+    const float *x_sums; // int4: each row's sum of x over each group [M, K / group]
+    int64_t group;       // int4: inputs per scale and offset
     const uint16_t *bias;
     uint16_t *y;         // [M, N] bf16
     int64_t M, N, K;
@@ -120,6 +126,54 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
         }
 }
 
+// int4 codes in `pack_int4`'s layout: each 64-byte chunk of a block holds 8 inputs of its 16 outputs, two codes
+// per byte. A code c becomes the bf16 number 128 + c by interleaving its byte with 0x43 (the exponent of 128),
+// so the codes feed AVX512-BF16 dot products straight from the nibbles. Per group the dot products sum
+// x * (128 + c); the group then adds scale * dot + (offset - 128 * scale) * sum(x over the group), which is
+// sum(x * (scale * c + offset)). Group sums go into `total` in group order, so each row's result is the same
+// whatever the tile.
+TARGET INLINE void int4_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
+    const int64_t KC = p->K / 8, KP = p->K / 2, G = p->K / p->group, per_group = p->group / 8;
+    const __m512i *w = (const __m512i *)p->w + nb * KC;
+    const uint16_t *params = p->params + nb * G * 32;
+    const int32_t *x_pairs = (const int32_t *)p->x;
+    const __m512i nibble = _mm512_set1_epi8(0x0F), exponent = _mm512_set1_epi8(0x43);
+    __m512 total[MAX_ROWS][MAX_BLOCKS];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) total[r][b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[MAX_ROWS][MAX_BLOCKS];
+        for (int r = 0; r < ROWS; r++)
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_ps();
+        for (int64_t kc = g * per_group; kc < (g + 1) * per_group; kc++)
+            for (int b = 0; b < BLOCKS; b++) {
+                if (PREFETCH) _mm_prefetch((const char *)(w + b * KC + kc + PREFETCH), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(w + b * KC + kc);
+                const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                const __m512bh pairs[4] = {(__m512bh)_mm512_unpacklo_epi8(lo, exponent),
+                                           (__m512bh)_mm512_unpackhi_epi8(lo, exponent),
+                                           (__m512bh)_mm512_unpacklo_epi8(hi, exponent),
+                                           (__m512bh)_mm512_unpackhi_epi8(hi, exponent)};
+                for (int r = 0; r < ROWS; r++)
+                    for (int z = 0; z < 4; z++)
+                        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_set1_epi32(x_pairs[(m0 + r) * KP + kc * 4 + z]),
+                                                     pairs[z]);
+            }
+        for (int b = 0; b < BLOCKS; b++) {
+            const __m512 scale = load_bf16x16(params + (b * G + g) * 32);
+            const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), scale, load_bf16x16(params + (b * G + g) * 32 + 16));
+            for (int r = 0; r < ROWS; r++)
+                total[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(p->x_sums[(m0 + r) * G + g]), shift,
+                                              _mm512_fmadd_ps(acc[r][b], scale, total[r][b]));
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], 0, p->bias ? p->bias + col : 0);
+        }
+}
+
 // Few rows take more blocks at once: more weight streams in flight keep memory busy while the rows' dot
 // products stay under the arithmetic limit (ROWS x BLOCKS accumulators plus BLOCKS weights in the 32 registers).
 #ifndef BLOCKS_FOR
@@ -168,14 +222,29 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
 
 TARGET void workbench_gemm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                                 int64_t M, int64_t N, int64_t K, int threads) {
-    Product p = {x, w, 0, bias, y, M, N, K};
+    Product p = {x, w, 0, 0, 0, 0, bias, y, M, N, K};
     PRODUCT(bf16_tile, &p, threads)
 }
 
 TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const float *scales, const uint16_t *bias,
                                 uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
-    Product p = {x, codes, scales, bias, y, M, N, K};
+    Product p = {x, codes, scales, 0, 0, 0, bias, y, M, N, K};
     PRODUCT(int8_tile, &p, threads)
+}
+
+TARGET void workbench_gemm_int4(const uint16_t *x, const uint8_t *codes, const uint16_t *params, int64_t group,
+                                const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t G = K / group;
+    float *x_sums = malloc(M * G * sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float sum = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) sum += bf16_to_float(x[m * K + k]);
+            x_sums[m * G + g] = sum;
+        }
+    Product p = {x, codes, 0, params, x_sums, group, bias, y, M, N, K};
+    PRODUCT(int4_tile, &p, threads)
+    free(x_sums);
 }
 
 // ---- Attention for a few query rows over a bf16 KV cache ----
@@ -403,7 +472,7 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
         }
 }
 
-// ---- A whole decoder layer in one call (a few rows, bf16 or int8 weights, a dense bf16 cache) ----
+// ---- A whole decoder layer in one call (a few rows, bf16, int8 or int4 weights, a dense bf16 cache) ----
 //
 // The same kernels as the layer's separate calls, in the same order on the same values, so its output is
 // bit for bit what those calls give: RMSNorm, the fused q|k|v product, RoPE on q and k, the new k and v rows
@@ -411,17 +480,20 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
 // output product with the residual add and the next RMSNorm, gate|up, SwiGLU, down, and the second residual
 // add (rounded once to bf16, as torch's add rounds). It saves the ~15 Python-level calls of a layer.
 // scratch: T * (2 * Dm + 3 * (H + KVH) * D + 3 * I) bf16 values; k_cache, v_cache: [KVH, capacity, D] buffers.
-// One of the layer's products: int8 codes when it has row scales, else bf16.
-TARGET INLINE void layer_product(const uint16_t *x, const void *w, const float *scales, uint16_t *y, int64_t M,
-                                 int64_t N, int64_t K, int threads) {
-    if (scales) workbench_gemm_int8(x, (const int8_t *)w, scales, 0, y, M, N, K, threads);
+// One of the layer's products: int4 codes when it has a group (aux: their scales and offsets), int8 codes when
+// it has only aux (float32 row scales), else bf16.
+TARGET INLINE void layer_product(const uint16_t *x, const void *w, const void *aux, int64_t group, uint16_t *y,
+                                 int64_t M, int64_t N, int64_t K, int threads) {
+    if (group) workbench_gemm_int4(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
+    else if (aux) workbench_gemm_int8(x, (const int8_t *)w, (const float *)aux, 0, y, M, N, K, threads);
     else workbench_gemm_bf16(x, (const uint16_t *)w, 0, y, M, N, K, threads);
 }
 
 TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_t *attn_norm,
                                  const uint16_t *mlp_norm, float eps, const void *w_qkv, const void *w_o,
-                                 const void *w_gate_up, const void *w_down, const float *s_qkv, const float *s_o,
-                                 const float *s_gate_up, const float *s_down, int64_t T, int64_t Dm,
+                                 const void *w_gate_up, const void *w_down, const void *a_qkv, const void *a_o,
+                                 const void *a_gate_up, const void *a_down, int64_t g_qkv, int64_t g_o,
+                                 int64_t g_gate_up, int64_t g_down, int64_t T, int64_t Dm,
                                  int64_t H, int64_t KVH, int64_t D, int64_t I, const uint16_t *cos,
                                  const uint16_t *signed_sin, uint16_t *k_cache, uint16_t *v_cache, int64_t kv_head,
                                  int64_t kv_row, int64_t past, const uint8_t *mask, float scale, uint16_t *scratch,
@@ -430,7 +502,7 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
     uint16_t *h = scratch, *qkv = h + T * Dm, *qk = qkv + T * qkv_width, *attended = qk + T * (H + KVH) * D;
     uint16_t *o = attended + T * H * D, *gate_up = o + T * Dm, *act = gate_up + T * 2 * I;
     workbench_rms_norm_bf16(x, 0, 0, attn_norm, h, T, Dm, eps);
-    layer_product(h, w_qkv, s_qkv, qkv, T, qkv_width, Dm, threads);
+    layer_product(h, w_qkv, a_qkv, g_qkv, qkv, T, qkv_width, Dm, threads);
     workbench_rope_bf16(qkv, qkv_width, cos, signed_sin, qk, T, H + KVH, D);
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < KVH; g++) {
@@ -442,11 +514,11 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
         }
     workbench_attention_bf16(qk, (H + KVH) * D, D, k_cache, kv_head, kv_row, v_cache, kv_head, kv_row, mask, attended,
                              H, KVH, T, S, D, scale, attention_scratch, threads);
-    layer_product(attended, w_o, s_o, o, T, Dm, H * D, threads);
+    layer_product(attended, w_o, a_o, g_o, o, T, Dm, H * D, threads);
     workbench_rms_norm_bf16(x, o, out, mlp_norm, h, T, Dm, eps); // out = x + o; h = its norm
-    layer_product(h, w_gate_up, s_gate_up, gate_up, T, 2 * I, Dm, threads);
+    layer_product(h, w_gate_up, a_gate_up, g_gate_up, gate_up, T, 2 * I, Dm, threads);
     workbench_swiglu_bf16(gate_up, act, T, I);
-    layer_product(act, w_down, s_down, o, T, Dm, I, threads);
+    layer_product(act, w_down, a_down, g_down, o, T, Dm, I, threads);
     for (int64_t i = 0; i < T * Dm; i += 16)
         store_bf16(out + i, _mm512_add_ps(load_bf16x16(out + i), load_bf16x16(o + i)), 0, 0);
 }

@@ -6,7 +6,8 @@ SmolLM2-135M's shapes: 30 layers' four products (q|k|v, o, gate|up, down) and th
 weights, each layer its own matrices so they stream from memory as in a real step (243 MB in bf16). For M rows
 (1 = a decode step, more = a draft tree being verified): oneDNN's packed bf16 product (what PackedLinear used
 before the workbench's kernels), the workbench's bf16 kernel, torch's int8 weight-only kernel and the
-workbench's int8 kernel. Best of five 5-step means, backends alternating so drift hits them alike.
+workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the workbench's. Best of five 5-step
+means, backends alternating so drift hits them alike.
 """
 
 import argparse
@@ -22,7 +23,8 @@ HEAD = (49152, 576)
 
 
 def backends(layers: int) -> dict[str, list]:
-    calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "torch int8": [], "workbench int8": []}
+    calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "torch int8": [], "workbench int8": [],
+                              "torch int4": [], "workbench int4": []}
     for shape in [s for _ in range(layers) for s in LAYER] + [HEAD]:
         n, k = shape
         weight = nn.Linear(k, n, bias=False).weight.detach().to(torch.bfloat16)
@@ -36,6 +38,13 @@ def backends(layers: int) -> dict[str, list]:
         calls["workbench bf16"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
         calls["torch int8"].append((k, lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)))
         calls["workbench int8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None)))
+        codes4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        scale_zeros = torch.rand(k // 64, n, 2, dtype=torch.bfloat16) * 0.01  # torch's (scale, zero) per group
+        torch4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4.to(torch.int32), 1)
+        ours4, params = cpu.pack_int4(codes4, scale_zeros[..., 0].T, scale_zeros[..., 1].T)
+        calls["torch int4"].append((k, lambda x, c=torch4, sz=scale_zeros:
+                                    torch.ops.aten._weight_int4pack_mm_for_cpu(x, c, 64, sz)))
+        calls["workbench int4"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4(x, c, p, 64, None)))
     return calls
 
 

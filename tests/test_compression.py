@@ -107,6 +107,23 @@ def test_int4_codes_round_trip_and_rows(out_features):
     assert (m.dequantized_weight() - w).abs().max() <= (scales.max() * 0.5 + 0.02)
 
 
+def test_int4_in_bf16_holds_the_workbench_layout_and_matches_its_dequantized_weight():
+    from workbench.kernels import cpu
+    if not cpu.available():
+        pytest.skip("no C compiler or no AVX512-BF16 on this CPU")
+    w = torch.randn(96, 128)
+    codes, scales, offsets = quantize_rtn_int4(w, 32, torch.bfloat16)
+    m = Int4Linear.from_affine(codes, scales, offsets, 32, None, torch.bfloat16)
+    assert m.own_kernel and m.packed.shape == (6, 16, 64) and torch.equal(m.codes(), codes)
+    expected = (codes.float() * scales.float().repeat_interleave(32, 1) + offsets.float().repeat_interleave(32, 1))
+    assert torch.equal(m.dequantized_weight(), expected.bfloat16())
+    ids = torch.tensor([0, 5, 95, 5])
+    assert torch.equal(m.rows(ids), m.dequantized_weight()[ids])
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(m(x).float(), x.float() @ expected.T, atol=0.05, rtol=2e-2)
+    assert m.weight_nbytes() == 96 * 128 // 2 + 96 * 4 * 2 * 2  # codes, bf16 scales and offsets per group
+
+
 @pytest.mark.parametrize("group", [32, 64])
 def test_int4_bytes_at_most_35_percent_of_bf16(group):
     codes, scales, offsets = quantize_rtn_int4(torch.randn(576, 1536), group)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.compression.int4 import Int4Linear, quantize_rtn_int4
 from workbench.compression.int8 import Int8Linear, quantize_int8
 from workbench.kernels import cpu
 from workbench.models.packed_linear import PackedLinear
@@ -50,9 +51,12 @@ def test_a_row_gets_the_same_bits_whatever_the_row_count():
     x = torch.randn(20, 1536, dtype=torch.bfloat16)
     singles = torch.cat([cpu.gemm_bf16(x[i:i + 1], packed, bias) for i in range(20)])
     singles8 = torch.cat([cpu.gemm_int8(x[i:i + 1], packed_codes, scales.float(), bias) for i in range(20)])
+    codes4, params = cpu.pack_int4(*quantize_rtn_int4(w.float(), 32, torch.bfloat16))
+    singles4 = torch.cat([cpu.gemm_int4(x[i:i + 1], codes4, params, 32, bias) for i in range(20)])
     for m in range(2, 21):  # 1..12 rows in one pass, 13..20 split into balanced passes
         assert torch.equal(cpu.gemm_bf16(x[:m], packed, bias), singles[:m]), m
         assert torch.equal(cpu.gemm_int8(x[:m], packed_codes, scales.float(), bias), singles8[:m]), m
+        assert torch.equal(cpu.gemm_int4(x[:m], codes4, params, 32, bias), singles4[:m]), m
 
 
 @needs_kernels
@@ -69,6 +73,23 @@ def test_int8_product_matches_the_dequantized_weight(n, k):
     assert (y.reshape(6, n).double() - ref).abs().max() <= ref.abs().max() * 2**-8
 
 
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("n,k", SHAPES[:2])
+def test_int4_product_matches_the_dequantized_weight(n, k, group):
+    torch.manual_seed(2)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // group) * 0.01).bfloat16()
+    offsets = (-8 * scales.float() + torch.randn(n, k // group) * 1e-3).bfloat16()
+    x = torch.randn(3, 2, k, dtype=torch.bfloat16)
+    y = cpu.gemm_int4(x, *cpu.pack_int4(codes, scales, offsets), group, None)
+    w = codes.double() * scales.double().repeat_interleave(group, 1) + offsets.double().repeat_interleave(group, 1)
+    ref = reference(x.reshape(6, k), w)
+    assert y.shape == (3, 2, n)
+    # float32 sums of x * (128 + code), less 128 * sum(x) per group: still within a bf16 ulp of the largest output
+    assert (y.reshape(6, n).double() - ref).abs().max() <= ref.abs().max() * 2**-8
+
+
 def test_layouts_round_trip():
     w = torch.randn(64, 10, dtype=torch.bfloat16)
     codes = torch.randint(-127, 128, (64, 10), dtype=torch.int8)
@@ -76,6 +97,12 @@ def test_layouts_round_trip():
     assert torch.equal(cpu.unpack_int8(cpu.pack_int8(codes)), codes)
     ids = torch.tensor([0, 17, 63, 17])
     assert torch.equal(cpu.int8_rows(cpu.pack_int8(codes), ids), codes[ids])
+    codes4 = torch.randint(0, 16, (64, 96), dtype=torch.uint8)
+    scales, offsets = torch.randn(2, 64, 3, dtype=torch.bfloat16)
+    packed, params = cpu.pack_int4(codes4, scales, offsets)
+    assert packed.shape == (4, 12, 64) and params.shape == (4, 3, 2, 16)
+    assert torch.equal(cpu.unpack_int4(packed), codes4) and torch.equal(cpu.int4_rows(packed, ids), codes4[ids])
+    assert all(torch.equal(a, b) for a, b in zip(cpu.int4_params(params), (scales, offsets)))
 
 
 @needs_kernels
@@ -214,7 +241,7 @@ def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeyp
 
 
 @needs_kernels
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch, weights):
     """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
     logits and the cache of the one-call layer equal those of the layer's separate kernel calls."""
@@ -226,10 +253,12 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
 
     model = random_model("smollm", dtype=torch.bfloat16, vocab_size=512, hidden_size=192, intermediate_size=256,
                          num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
-    if weights == "int8":  # the layers' products; the LM head stays bf16
-        for layer in model.layers:
-            for name in ("qkv", "o", "gate_up", "down"):
-                setattr(layer, name, Int8Linear(*quantize_int8(getattr(layer, name).weight, torch.bfloat16), None))
+    for layer in model.layers if weights != "bf16" else []:  # the layers' products; the LM head stays bf16
+        for name in ("qkv", "o", "gate_up", "down"):
+            w = getattr(layer, name).weight
+            setattr(layer, name, Int8Linear(*quantize_int8(w, torch.bfloat16), None) if weights == "int8" else
+                    Int4Linear.from_affine(*quantize_rtn_int4(w, 32, torch.bfloat16), 32, None, torch.bfloat16))
+            assert getattr(layer, name).kernel_weights() is not None
     pack_linears(model)
     calls = []
     one_call = cpu.decoder_layer

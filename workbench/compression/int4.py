@@ -1,4 +1,5 @@
-"""int4: group-wise asymmetric weight-only quantization, round to nearest, on torch's packed int4 CPU kernel.
+"""int4: group-wise asymmetric weight-only quantization, round to nearest, on the workbench's int4 CPU kernel
+(or torch's packed int4 kernel where that cannot run).
 
 Paper: the group-wise asymmetric int4 format of GPTQ's and AWQ's kernels (Frantar et al., arXiv 2210.17323;
 Lin et al., "AWQ", arXiv 2306.00978), here with round-to-nearest codes (the usual "RTN" baseline).
@@ -18,6 +19,7 @@ from workbench.compression.base import (
     dense_weight,
     linear_sites,
 )
+from workbench.kernels import cpu as cpu_kernels
 from workbench.registry import param, register
 
 KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -44,28 +46,41 @@ def quantize_rtn_int4(w: torch.Tensor, group: int, param_dtype: torch.dtype = to
 
 
 class Int4Linear(CompressedLinear):
-    """Weight = (code - 8) * scale + zero per group of `group` inputs; codes packed two per byte.
+    """Weight = scale * code + offset per group of `group` inputs, codes 0..15 packed two per byte.
 
-    Stored as torch's CPU int4 kernel wants it: `packed` uint8 [out, in/2] in the kernel's tiled layout
-    (when out is a multiple of 64; plain nibble pairs otherwise) and `scale_zeros` [in/group, out, 2] in the
-    compute dtype. On CPU the product runs in `_weight_int4pack_mm_for_cpu`; elsewhere (or for shapes and
-    groups the kernel does not take) forward dequantizes and runs a dense matmul, marked `simulated`."""
+    Held in one of three layouts, chosen when built:
+    - bf16 on CPU where the workbench's kernels run (`workbench.kernels.cpu`): their int4 layout (`pack_int4`),
+      a few rows of a draft tree for about the cost of one, each row's result the same whatever the row count;
+      the one-call decoder layer takes it too (`kernel_weights`);
+    - otherwise torch's CPU int4 kernel's (`packed` uint8 [out, in/2] tiled, `scale_zeros` [in/group, out, 2]
+      in the compute dtype, weight = (code - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu`;
+    - plain nibble pairs for shapes that kernel does not take.
+    Elsewhere (or for shapes and groups no kernel takes) forward dequantizes and runs a dense matmul, marked
+    `simulated`."""
 
-    def __init__(self, codes: torch.Tensor, scale_zeros: torch.Tensor, group: int, bias: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group, self.bias = group, bias
-        self.tiled = self.out_features % _TILE == 0
-        self.kernel = self.tiled and group in KERNEL_GROUPS
-        if self.tiled:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32), 1)
+        self.own_kernel = (codes.is_cpu and dtype == torch.bfloat16
+                           and cpu_kernels.int4_fits(self.out_features, self.in_features, group))
+        self.tiled = not self.own_kernel and self.out_features % _TILE == 0
+        self.kernel = self.own_kernel or (self.tiled and group in KERNEL_GROUPS)
+        if self.own_kernel:
+            packed, scale_zeros = cpu_kernels.pack_int4(codes, scales.to(dtype), offsets.to(dtype))
         else:
-            packed = codes[:, ::2] | (codes[:, 1::2] << 4)
+            zeros = offsets.float() + 8 * scales.float()  # torch's form: (code - 8) * scale + zero
+            scale_zeros = torch.stack([scales.float().T, zeros.T], dim=-1).to(dtype).contiguous()
+            if self.tiled:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32), 1)
+            else:
+                packed = codes[:, ::2] | (codes[:, 1::2] << 4)
         self.register_buffer("packed", packed.to(codes.device))
-        self.register_buffer("scale_zeros", scale_zeros)
+        self.register_buffer("scale_zeros", scale_zeros.to(codes.device))  # own layout: pack_int4's params
 
     @property
-    def simulated(self) -> bool:  # the kernel runs on CPU only
+    def simulated(self) -> bool:  # the kernels run on CPU only
         return not (self.kernel and self.packed.is_cpu)
 
     @classmethod
@@ -74,13 +89,19 @@ class Int4Linear(CompressedLinear):
         """From codes uint8 [out, in] in 0..15 with w_hat = scale * code + offset (scales, offsets [out, in // group]).
         `dtype` is the compute dtype (default: the bias's, else bfloat16); parameters are stored in it."""
         dtype = dtype or (bias.dtype if bias is not None else torch.bfloat16)
-        zeros = offsets.float() + 8 * scales.float()  # the kernel's form: (code - 8) * scale + zero
-        scale_zeros = torch.stack([scales.float().T, zeros.T], dim=-1).to(dtype).contiguous()
-        return cls(codes.to(torch.uint8), scale_zeros, group, bias)
+        return cls(codes.to(torch.uint8), scales, offsets, group, bias, dtype)
+
+    def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
+        """Packed codes, scales and offsets for the one-call decoder layer, or None where its kernel does not run."""
+        if self.own_kernel and self.bias is None:
+            return cpu_kernels.KernelWeight(self.packed, self.scale_zeros, self.group)
+        return None
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Unpacked codes uint8 [out, in] (or [len(rows), in] for the given rows)."""
         p = self.packed
+        if self.own_kernel:
+            return cpu_kernels.unpack_int4(p) if rows is None else cpu_kernels.int4_rows(p, rows)
         if not self.tiled:
             p = p if rows is None else p[rows]
             return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
@@ -93,10 +114,18 @@ class Int4Linear(CompressedLinear):
         return torch.where((r < _TILE // 2)[:, None], byte & 15, byte >> 4)
 
     def _weight(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        sz = self.scale_zeros if rows is None else self.scale_zeros[:, rows]
-        scale = sz[..., 0].T.float().repeat_interleave(self.group, dim=1)
-        zero = sz[..., 1].T.float().repeat_interleave(self.group, dim=1)
-        return ((codes.float() - 8) * scale + zero).to(self.scale_zeros.dtype)
+        if self.own_kernel:
+            scale, offset = cpu_kernels.int4_params(self.scale_zeros)
+            levels = codes.float()
+        else:
+            sz = self.scale_zeros.transpose(0, 1)  # [out, in/group, 2]
+            scale, offset = sz[..., 0], sz[..., 1]
+            levels = codes.float() - 8
+        if rows is not None:
+            scale, offset = scale[rows], offset[rows]
+        scale = scale.float().repeat_interleave(self.group, dim=1)
+        offset = offset.float().repeat_interleave(self.group, dim=1)
+        return (levels * scale + offset).to(self.scale_zeros.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._weight(self.codes(), None)
@@ -105,7 +134,9 @@ class Int4Linear(CompressedLinear):
         return self._weight(self.codes(ids), ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
+        if self.own_kernel and x.is_cpu and x.dtype == torch.bfloat16:
+            return cpu_kernels.gemm_int4(x, self.packed, self.scale_zeros, self.group, self.bias)
+        if self.kernel and not self.own_kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
                                                           self.group, self.scale_zeros)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -123,9 +154,10 @@ class Int4(WeightTransform):
     arXiv 2210.17323, and AWQ, arXiv 2306.00978).
 
     Each run of `group` consecutive inputs of a row gets a scale and offset spanning its minimum to its
-    maximum; weights round to the nearest of 16 levels. Held as torch's packed int4 CPU format: half a byte
-    per weight plus a (scale, zero) pair per group, 28% of bf16 at group 64. Runs in
-    `_weight_int4pack_mm_for_cpu` on CPU (bf16 or float32 activations); elsewhere it dequantizes (simulated).
+    maximum; weights round to the nearest of 16 levels: half a byte per weight plus a (scale, offset) pair per
+    group, 28% of bf16 at group 64. On CPU it runs in the workbench's int4 kernel (bf16, which the one-call
+    decoder layer also takes) or torch's `_weight_int4pack_mm_for_cpu` (other dtypes, or where the workbench's
+    kernels do not build); elsewhere it dequantizes (simulated).
     Left out: activation-aware scaling (AWQ) and error compensation (see `gptq`, `eora`).
     """
 

@@ -46,9 +46,9 @@ class Int8Linear(CompressedLinear):
     def simulated(self) -> bool:  # the kernels run on CPU only
         return not self.codes.is_cpu
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(packed codes, float32 row scales) for the one-call decoder layer, or None where its kernel does not run."""
-        return (self.codes, self.scales_f32) if self.own_kernel and self.bias is None else None
+    def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
+        """Packed codes and float32 row scales for the one-call decoder layer, or None where its kernel does not run."""
+        return cpu_kernels.KernelWeight(self.codes, self.scales_f32) if self.own_kernel and self.bias is None else None
 
     def dense_codes(self) -> torch.Tensor:
         return cpu_kernels.unpack_int8(self.codes) if self.own_kernel else self.codes

@@ -48,9 +48,9 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def kernel_weights(self) -> tuple[torch.Tensor, None] | None:
-        """(packed weight, no scales) for the one-call decoder layer, or None where its kernel does not run."""
-        return (self.packed, None) if self.own_kernel and self.bias is None else None
+    def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
+        """The packed weight for the one-call decoder layer, or None where its kernel does not run."""
+        return cpu_kernels.KernelWeight(self.packed) if self.own_kernel and self.bias is None else None
 
     @property
     def weight(self) -> torch.Tensor:
