@@ -179,57 +179,59 @@ TARGET INLINE void int4_tile(const Product *p, int64_t m0, int64_t nb, const int
 #ifndef BLOCKS_FOR
 #define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 6 ? 4 : (rows) <= 8 ? 3 : 2)
 #endif
+// int4 tiles also hold each group's running totals: 5-8 rows take 2 blocks (4 spilled: 6 rows 4.1 -> 3.3 ms)
+#define INT4_BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 4 ? 4 : 2)
 
 // Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (16 rows are two
 // passes of 8): the blocks' weights are read from memory once and stay in cache for the later passes. Each
 // pass works its blocks in the widest groups its row count allows.
-#define TILE_CASE(tile, p, m0, nb, blocks, ROWS)                                                               \
-    case ROWS: {                                                                                               \
-        int64_t b_ = 0;                                                                                        \
-        if (BLOCKS_FOR(ROWS) >= 8) for (; b_ + 8 <= (blocks); b_ += 8) tile(p, m0, (nb) + b_, ROWS, 8);        \
-        if (BLOCKS_FOR(ROWS) >= 4) for (; b_ + 4 <= (blocks); b_ += 4) tile(p, m0, (nb) + b_, ROWS, 4);        \
-        if (BLOCKS_FOR(ROWS) == 3) for (; b_ + 3 <= (blocks); b_ += 3) tile(p, m0, (nb) + b_, ROWS, 3);        \
-        for (; b_ + 2 <= (blocks); b_ += 2) tile(p, m0, (nb) + b_, ROWS, 2);                                   \
-        for (; b_ < (blocks); b_++) tile(p, m0, (nb) + b_, ROWS, 1);                                           \
+#define TILE_CASE(tile, FOR, p, m0, nb, blocks, ROWS)                                                           \
+    case ROWS: {                                                                                                \
+        int64_t b_ = 0;                                                                                         \
+        if (FOR(ROWS) >= 8) for (; b_ + 8 <= (blocks); b_ += 8) tile(p, m0, (nb) + b_, ROWS, 8);                \
+        if (FOR(ROWS) >= 4) for (; b_ + 4 <= (blocks); b_ += 4) tile(p, m0, (nb) + b_, ROWS, 4);                \
+        if (FOR(ROWS) == 3) for (; b_ + 3 <= (blocks); b_ += 3) tile(p, m0, (nb) + b_, ROWS, 3);                \
+        for (; b_ + 2 <= (blocks); b_ += 2) tile(p, m0, (nb) + b_, ROWS, 2);                                    \
+        for (; b_ < (blocks); b_++) tile(p, m0, (nb) + b_, ROWS, 1);                                            \
     } break;
 
-#define ROW_TILES(tile, p, nb, blocks)                                                                         \
-    for (int64_t m0 = 0, per_pass = ((p)->M + MAX_ROWS - 1) / MAX_ROWS; m0 < (p)->M;) {                        \
-        int64_t rows = ((p)->M - m0 + per_pass - 1) / per_pass;                                                \
-        switch (rows) {                                                                                        \
-            TILE_CASE(tile, p, m0, nb, blocks, 1) TILE_CASE(tile, p, m0, nb, blocks, 2)                        \
-            TILE_CASE(tile, p, m0, nb, blocks, 3) TILE_CASE(tile, p, m0, nb, blocks, 4)                        \
-            TILE_CASE(tile, p, m0, nb, blocks, 5) TILE_CASE(tile, p, m0, nb, blocks, 6)                        \
-            TILE_CASE(tile, p, m0, nb, blocks, 7) TILE_CASE(tile, p, m0, nb, blocks, 8)                        \
-            TILE_CASE(tile, p, m0, nb, blocks, 9) TILE_CASE(tile, p, m0, nb, blocks, 10)                       \
-            TILE_CASE(tile, p, m0, nb, blocks, 11) TILE_CASE(tile, p, m0, nb, blocks, 12)                      \
-        }                                                                                                      \
-        m0 += rows;                                                                                            \
-        per_pass--;                                                                                            \
+#define ROW_TILES(tile, FOR, p, nb, blocks)                                                                     \
+    for (int64_t m0 = 0, per_pass = ((p)->M + MAX_ROWS - 1) / MAX_ROWS; m0 < (p)->M;) {                         \
+        int64_t rows = ((p)->M - m0 + per_pass - 1) / per_pass;                                                 \
+        switch (rows) {                                                                                         \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 1) TILE_CASE(tile, FOR, p, m0, nb, blocks, 2)               \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 3) TILE_CASE(tile, FOR, p, m0, nb, blocks, 4)               \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 5) TILE_CASE(tile, FOR, p, m0, nb, blocks, 6)               \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 7) TILE_CASE(tile, FOR, p, m0, nb, blocks, 8)               \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 9) TILE_CASE(tile, FOR, p, m0, nb, blocks, 10)              \
+            TILE_CASE(tile, FOR, p, m0, nb, blocks, 11) TILE_CASE(tile, FOR, p, m0, nb, blocks, 12)             \
+        }                                                                                                       \
+        m0 += rows;                                                                                             \
+        per_pass--;                                                                                             \
     }
 
 // Each thread takes an equal, contiguous range of blocks (its own weight streams) and every row for them.
-#define PRODUCT(tile, p, threads)                                                                              \
-    _Pragma("omp parallel num_threads(threads)") {                                                             \
-        int t = omp_get_thread_num(), n = omp_get_num_threads();                                               \
-        int64_t blocks = (p)->N / 16, first = blocks * t / n, last = blocks * (t + 1) / n;                     \
-        int64_t step = 8;                                      \
-        for (int64_t nb = first; nb < last; nb += step) {                                                      \
-            int64_t count = last - nb < step ? last - nb : step;                                               \
-            ROW_TILES(tile, p, nb, count)                                                                      \
-        }                                                                                                      \
+#define PRODUCT(tile, FOR, p, threads)                                                                          \
+    _Pragma("omp parallel num_threads(threads)") {                                                              \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                                                \
+        int64_t blocks = (p)->N / 16, first = blocks * t / n, last = blocks * (t + 1) / n;                      \
+        int64_t step = 8;                                                                                       \
+        for (int64_t nb = first; nb < last; nb += step) {                                                       \
+            int64_t count = last - nb < step ? last - nb : step;                                                \
+            ROW_TILES(tile, FOR, p, nb, count)                                                                  \
+        }                                                                                                       \
     }
 
 TARGET void workbench_gemm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                                 int64_t M, int64_t N, int64_t K, int threads) {
     Product p = {x, w, 0, 0, 0, 0, bias, y, M, N, K};
-    PRODUCT(bf16_tile, &p, threads)
+    PRODUCT(bf16_tile, BLOCKS_FOR, &p, threads)
 }
 
 TARGET void workbench_gemm_int8(const uint16_t *x, const int8_t *codes, const float *scales, const uint16_t *bias,
                                 uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
     Product p = {x, codes, scales, 0, 0, 0, bias, y, M, N, K};
-    PRODUCT(int8_tile, &p, threads)
+    PRODUCT(int8_tile, BLOCKS_FOR, &p, threads)
 }
 
 TARGET void workbench_gemm_int4(const uint16_t *x, const uint8_t *codes, const uint16_t *params, int64_t group,
@@ -243,7 +245,7 @@ TARGET void workbench_gemm_int4(const uint16_t *x, const uint8_t *codes, const u
             x_sums[m * G + g] = sum;
         }
     Product p = {x, codes, 0, params, x_sums, group, bias, y, M, N, K};
-    PRODUCT(int4_tile, &p, threads)
+    PRODUCT(int4_tile, INT4_BLOCKS_FOR, &p, threads)
     free(x_sums);
 }
 
