@@ -79,12 +79,11 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
-    lib.workbench_layer_bf16.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                         i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
-                                         i64, i64, i64, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.workbench_layers_bf16.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64,
+                                          ptr, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
     for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_gemm_int4, lib.workbench_attention_bf16,
                lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
-               lib.workbench_layer_bf16):
+               lib.workbench_layers_bf16):
         fn.restype = None
     return lib
 
@@ -284,7 +283,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 
 
 class KernelWeight(NamedTuple):
-    """A product's weight as `decoder_layer` takes it: packed by `pack_bf16` (no aux), `pack_int8` (aux: the
+    """A product's weight as `decoder_layers` takes it: packed by `pack_bf16` (no aux), `pack_int8` (aux: the
     float32 row scales) or `pack_int4` (aux: its params; group: inputs per scale and offset)."""
 
     packed: torch.Tensor
@@ -292,29 +291,34 @@ class KernelWeight(NamedTuple):
     group: int = 0
 
 
-def decoder_layer(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                  weights: list[KernelWeight], heads: int, kv_heads: int,
-                  cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  past: int, visible: torch.Tensor | None) -> torch.Tensor:
-    """A Llama decoder layer on x [T, Dm] in one call, bit for bit what its separate kernel calls give.
+LAYER_ARGS = 20  # int64 values per layer in `decoder_layers`' table (C: LAYER_ARGS)
 
-    norms: (attention, MLP) RMSNorm weights; weights: the q|k|v, o, gate|up and down products' (no biases);
-    cos, signed_sin: [T, D] RoPE tables; k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
-    past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool or None (all visible).
-    Returns the layer's output [T, Dm] bf16."""
+
+def layer_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight], k_cache: torch.Tensor,
+               v_cache: torch.Tensor, past: int, visible: torch.Tensor | None) -> list[int]:
+    """One layer's row of `decoder_layers`' table. norms: (attention, MLP) RMSNorm weights; weights: the q|k|v,
+    o, gate|up and down products' (no biases); k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
+    past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool, contiguous, or None (all
+    visible). The tensors must stay alive until the call."""
+    return [norms[0].data_ptr(), norms[1].data_ptr(), *(w.packed.data_ptr() for w in weights),
+            *(0 if w.aux is None else w.aux.data_ptr() for w in weights), *(w.group for w in weights),
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
+            0 if visible is None else visible.data_ptr()]
+
+
+def decoder_layers(x: torch.Tensor, layers: list[list[int]], eps: float, heads: int, kv_heads: int, dim: int,
+                   inter: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Consecutive Llama decoder layers on x [T, Dm] in one call (rows from `layer_args`), bit for bit what
+    each layer's separate kernel calls give: the same kernels in the same order, without returning to Python
+    between layers. cos, signed_sin: [T, D] RoPE tables. Returns the last layer's output [T, Dm] bf16."""
     t, dm = x.shape
-    dim, inter = k_cache.shape[2], weights[2].packed.shape[0] * 8  # gate|up: 2I outputs in blocks of 16
-    out = torch.empty_like(x)
+    out, spare = torch.empty_like(x), torch.empty_like(x)
     scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)
     threads = torch.get_num_threads()
-    keys = past + t
+    keys = max(row[18] for row in layers) + t  # the longest cache's keys
     attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
-    visible = None if visible is None else visible.contiguous()  # named: it must outlive the call
-    products = ([w.packed.data_ptr() for w in weights] + [0 if w.aux is None else w.aux.data_ptr() for w in weights]
-                + [w.group for w in weights])
-    _lib.workbench_layer_bf16(x.data_ptr(), out.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, *products,
-                              t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(),
-                              k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
-                              0 if visible is None else visible.data_ptr(), dim**-0.5, scratch.data_ptr(),
-                              attention_scratch.data_ptr(), threads)
+    table = torch.tensor(layers, dtype=torch.int64)
+    _lib.workbench_layers_bf16(x.data_ptr(), out.data_ptr(), spare.data_ptr(), len(layers), table.data_ptr(), eps,
+                               t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(), dim**-0.5,
+                               scratch.data_ptr(), attention_scratch.data_ptr(), threads)
     return out

@@ -524,3 +524,28 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
     for (int64_t i = 0; i < T * Dm; i += 16)
         store_bf16(out + i, _mm512_add_ps(load_bf16x16(out + i), load_bf16x16(o + i)), 0, 0);
 }
+
+// ---- Consecutive decoder layers in one call ----
+//
+// Row l of `layers` (LAYER_ARGS int64 values) holds layer l's own arguments to workbench_layer_bf16: its two
+// norm weights; its four products' weights, aux pointers and groups (q|k|v, o, gate|up, down); its cache's
+// k and v buffers, their head and row strides, the keys already cached (past) and its mask (or 0). Layers
+// alternate between `out` and `spare` as output, the last one writing `out`: the same calls in the same
+// order as calling the layers one by one, without a return to Python between them.
+#define LAYER_ARGS 20
+TARGET void workbench_layers_bf16(const uint16_t *x, uint16_t *out, uint16_t *spare, int64_t n_layers,
+                                  const int64_t *layers, float eps, int64_t T, int64_t Dm, int64_t H, int64_t KVH,
+                                  int64_t D, int64_t I, const uint16_t *cos, const uint16_t *signed_sin,
+                                  float scale, uint16_t *scratch, float *attention_scratch, int threads) {
+    const uint16_t *in = x;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const int64_t *a = layers + l * LAYER_ARGS;
+        uint16_t *dst = (n_layers - 1 - l) % 2 == 0 ? out : spare;
+        workbench_layer_bf16(in, dst, (const uint16_t *)a[0], (const uint16_t *)a[1], eps, (const void *)a[2],
+                             (const void *)a[3], (const void *)a[4], (const void *)a[5], (const void *)a[6],
+                             (const void *)a[7], (const void *)a[8], (const void *)a[9], a[10], a[11], a[12], a[13],
+                             T, Dm, H, KVH, D, I, cos, signed_sin, (uint16_t *)a[14], (uint16_t *)a[15], a[16], a[17],
+                             a[18], (const uint8_t *)a[19], scale, scratch, attention_scratch, threads);
+        in = dst;
+    }
+}

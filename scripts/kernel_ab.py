@@ -18,7 +18,7 @@ from workbench.models.llama import DecoderLayer
 
 # what each name switches: the owner, the attribute, and what stands in for it when off
 SWITCHES = {"rows": (cpu, "rows_fit", lambda *a: False), "rope": (cpu, "rope_fits", lambda *a: False),
-            "layer": (DecoderLayer, "_fused", lambda *a: None)}
+            "layer": (DecoderLayer, "kernel_args", lambda *a: None)}
 
 
 def main() -> None:

@@ -241,10 +241,11 @@ def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeyp
 
 
 @needs_kernels
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4", "mixed"])
 def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch, weights):
     """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
-    logits and the cache of the one-call layer equal those of the layer's separate kernel calls."""
+    logits and the cache of the one-call layers equal those of the layers' separate kernel calls. "mixed": the
+    middle layer's q|k|v has a bias, which the one-call layer does not take, so the others run one call each."""
     import workbench.models.llama as llama
     from workbench.decoding.base import DraftTree
     from workbench.engine import build_cache
@@ -253,20 +254,22 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
 
     model = random_model("smollm", dtype=torch.bfloat16, vocab_size=512, hidden_size=192, intermediate_size=256,
                          num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
-    for layer in model.layers if weights != "bf16" else []:  # the layers' products; the LM head stays bf16
+    if weights == "mixed":
+        model.layers[1].qkv.bias = nn.Parameter(torch.randn(model.layers[1].qkv.out_features, dtype=torch.bfloat16))
+    for layer in model.layers if weights in ("int8", "int4") else []:  # the layers' products; the head stays bf16
         for name in ("qkv", "o", "gate_up", "down"):
             w = getattr(layer, name).weight
             setattr(layer, name, Int8Linear(*quantize_int8(w, torch.bfloat16), None) if weights == "int8" else
                     Int4Linear.from_affine(*quantize_rtn_int4(w, 32, torch.bfloat16), 32, None, torch.bfloat16))
             assert getattr(layer, name).kernel_weights() is not None
     pack_linears(model)
-    calls = []
-    one_call = cpu.decoder_layer
-    monkeypatch.setattr(cpu, "decoder_layer", lambda *a: calls.append(1) or one_call(*a))
+    calls = []  # layers per call
+    one_call = cpu.decoder_layers
+    monkeypatch.setattr(cpu, "decoder_layers", lambda x, rows, *a: calls.append(len(rows)) or one_call(x, rows, *a))
 
     def run(fused: bool):
         if not fused:
-            monkeypatch.setattr(llama.DecoderLayer, "_fused", lambda self, *args: None)
+            monkeypatch.setattr(llama.DecoderLayer, "kernel_args", lambda self, *args: None)
         cache, logits = build_cache(model, [], 24), []
         with torch.inference_mode():
             logits.append(model(torch.arange(20), torch.arange(20), cache).logits)
@@ -281,7 +284,7 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
         return logits, cache
 
     fused_logits, fused_cache = run(True)
-    assert len(calls) == 3 * 10  # every layer of every forward went through the one call
+    assert calls == ([1, 1] if weights == "mixed" else [3]) * 10  # every forward's kernel layers in one call
     plain_logits, plain_cache = run(False)
     assert all(torch.equal(a, b) for a, b in zip(fused_logits, plain_logits))
     for a, b in zip(fused_cache.layers, plain_cache.layers):

@@ -104,6 +104,11 @@ class LayerCache(ABC):
         kv = torch.full((heads,), 2 * n * dim * k.element_size(), dtype=torch.long)
         return torch.full((heads,), n, dtype=torch.long), self.nbytes_per_head(), kv, torch.ones(heads)
 
+    def stats_key(self) -> tuple | None:
+        """A value that equals another layer's exactly when the two report the same `head_stats` (the stats
+        then are computed once per step for all such layers), or None when no such shortcut holds."""
+        return None
+
     def commit(self, offsets: list[int] | None = None) -> None:
         """Keep the uncommitted tokens at `offsets` (relative to the first uncommitted slot; None = all)."""
         n_new = self.length - self.n_committed

@@ -104,6 +104,12 @@ class DenseLayerCache(LayerCache):
         data = 2 * self._length * dim * self.k.element_size()
         return [self._length] * heads, [self.nbytes() // heads] * heads, [data] * heads, [1.0] * heads
 
+    def stats_key(self) -> tuple | None:
+        # the stats depend on the length and shapes alone; subclasses keep more per token
+        if type(self) is not DenseLayerCache:
+            return None
+        return self._length, self.k.shape, self.k.dtype, self.pos.dtype
+
     def nbytes_per_head(self) -> torch.Tensor:
         return torch.full((self.k.shape[0],), self.nbytes() // self.k.shape[0], dtype=torch.long)
 

@@ -49,18 +49,29 @@ def cache_stats(cache: KVCache, context: int, simulated: bool, with_kept: bool) 
     """Stats of every layer; `context` = tokens of text the cache has seen (committed prompt + generated)."""
     tokens, nbytes, bits, sparsity = [], [], [], []
     context = max(context, 1)
+    same: dict[tuple, tuple] = {}  # stats_key -> the row of the first layer with it
     for layer in cache.layers:
-        # plain lists: a handful of numbers per layer, read every step, cost less than tensor ops
-        n, total, kv, held = (t.tolist() if isinstance(t, torch.Tensor) else t for t in layer.head_stats())
-        dim = _head_dim(layer)
-        tokens.append(n)
-        nbytes.append(total)
-        bits.append([8 * b / max(2 * dim * x, 1) for b, x in zip(kv, n)])
-        sparsity.append([min(max(1 - x * h / context, 0.0), 1.0) for x, h in zip(n, held)])
+        key = layer.stats_key()
+        row = same.get(key) if key is not None else None
+        if row is None:
+            row = _layer_row(layer, context)
+            if key is not None:
+                same[key] = row
+        for column, value in zip((tokens, nbytes, bits, sparsity), row):
+            column.append(list(value))  # a copy per layer: no two layers share a list
     kept = None
     if with_kept and sum(sum(t) for t in tokens) <= KEPT_MAX_INTS:
         kept = [layer.positions.tolist() for layer in cache.layers]
     return CacheStats(tokens, nbytes, bits, sparsity, kept, simulated)
+
+
+def _layer_row(layer, context: int) -> tuple[list, list, list, list]:
+    """One layer's tokens, bytes, bits and sparsity per head."""
+    # plain lists: a handful of numbers per layer, read every step, cost less than tensor ops
+    n, total, kv, held = (t.tolist() if isinstance(t, torch.Tensor) else t for t in layer.head_stats())
+    dim = _head_dim(layer)
+    return (n, total, [8 * b / max(2 * dim * x, 1) for b, x in zip(kv, n)],
+            [min(max(1 - x * h / context, 0.0), 1.0) for x, h in zip(n, held)])
 
 
 def _head_dim(layer) -> int:

@@ -99,9 +99,6 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, positions, layer_cache, new_mask):
         n = x.shape[0]
-        fused = self._fused(x, cos, sin, positions, layer_cache, new_mask)
-        if fused is not None:
-            return fused
         h = rms_norm(x, self.attn_norm, self.eps)
         qkv = self.qkv(h).view(n, self.n_heads + 2 * self.n_kv, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
@@ -116,26 +113,25 @@ class DecoderLayer(nn.Module):
         x, h = add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
         return x + self.down(swiglu(self.gate_up(h)))
 
-    def _fused(self, x, cos, sin, positions, layer_cache, new_mask) -> torch.Tensor | None:
-        """The whole layer in one call of the CPU kernels (`cpu.decoder_layer`), where its weights (bf16 or int8
-        in the kernels' layouts: `kernel_weights()`), rows and cache allow: the same kernels on the same values
-        as `forward`'s path, so the same bits. None otherwise."""
-        n = x.shape[0]
-        if (layer_cache is None or n > SMALL_QUERY or self.q_norm is not None or not cpu_kernels.rows_fit(x)
-                or self.head_dim % 32 or self.head_dim > 256 or self.down.in_features % 16
-                or not (cos.is_contiguous() and sin.is_contiguous())
-                or not (self.attn_norm.dtype == self.mlp_norm.dtype == torch.bfloat16)):
+    def kernel_args(self, positions, layer_cache, new_mask, keep: list) -> list[int] | None:
+        """This layer's row for the CPU kernels' one-call layers (`cpu.decoder_layers`), or None where they do
+        not take it: its weights must be in the kernels' layouts (`kernel_weights()`: bf16, int8 or int4) and its
+        cache must offer its buffers (only then are slots reserved in it, so None changes nothing). Tensors the
+        row points into are appended to `keep`. The caller checks what all layers share (x, the RoPE tables)."""
+        if (layer_cache is None or self.q_norm is not None or self.head_dim % 32 or self.head_dim > 256
+                or self.down.in_features % 16 or not (self.attn_norm.dtype == self.mlp_norm.dtype == torch.bfloat16)):
             return None
         weights = [getattr(m, "kernel_weights", lambda: None)() for m in (self.qkv, self.o, self.gate_up, self.down)]
         if None in weights:
             return None
-        buffers = layer_cache.writable_buffers(positions, torch.bfloat16)
+        buffers = layer_cache.writable_buffers(positions, torch.bfloat16)  # last: it reserves the slots
         if buffers is None:
             return None
         k, v, past = buffers
-        return cpu_kernels.decoder_layer(x, (self.attn_norm, self.mlp_norm), self.eps, weights,
-                                         self.n_heads, self.n_kv, cos, sin, k, v, past,
-                                         visible_keys(new_mask, n, past, x.device))
+        visible = visible_keys(new_mask, positions.shape[-1], past, positions.device)
+        visible = None if visible is None else visible.contiguous()
+        keep.append(visible)
+        return cpu_kernels.layer_args((self.attn_norm, self.mlp_norm), weights, k, v, past, visible)
 
 
 class LlamaModel(nn.Module):
@@ -191,15 +187,37 @@ class LlamaModel(nn.Module):
         sin = torch.cat((-sin, sin), dim=-1)
         plan = range(len(self.layers)) if layers is None else layers
         states = [] if hidden_states else None
+        # Consecutive layers that the CPU kernels take run in one call (`cpu.decoder_layers`): the same kernels
+        # in the same order as their separate calls, so the same bits, without Python between layers.
+        fusable = (cache is not None and states is None and x.shape[0] <= SMALL_QUERY and cpu_kernels.rows_fit(x)
+                   and cos.is_contiguous() and sin.is_contiguous())
+        rows: list[list[int]] = []
+        keep: list = []  # what the rows point into
         for i in plan:
+            row = self.layers[i].kernel_args(positions, cache[i], mask, keep) if fusable else None
+            if row is not None:
+                rows.append(row)
+                continue
+            x = self._run_fused(x, rows, cos, sin)
             if states is not None:
                 states.append(x)
             x = self.layers[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask)
+        x = self._run_fused(x, rows, cos, sin)
         if states is not None:
             states.append(x)
         if last_only:
             x = x[-1:]
         return ModelOutput(self.logits(x), states)
+
+    def _run_fused(self, x: torch.Tensor, rows: list[list[int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The layers collected in `rows` (emptied), in one kernel call; x unchanged when there are none."""
+        if not rows:
+            return x
+        c = self.config
+        x = cpu_kernels.decoder_layers(x, rows, c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.head_dim,
+                                       c.intermediate_size, cos, sin)
+        rows.clear()
+        return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on residual-stream states [T, hidden] -> float32 logits [T, vocab]."""
