@@ -52,12 +52,35 @@ def test_hot_start_keeps_the_matrix_across_runs_of_a_model():
 
     model, memory = varied_model(), {}
     prompt = [5, 6, 7, 8, 9, 10, 5, 6]
-    spec = RunSpec(max_new_tokens=12, decode=TechniqueSpec("token_recycling"))
+    spec = RunSpec(max_new_tokens=12, decode=TechniqueSpec("token_recycling", {"prompt": False}))
     first = list(Engine(model, spec, memory=memory).run(prompt))
     second = list(Engine(model, spec, memory=memory).run(prompt))
     cold = list(Engine(model, spec.__class__(max_new_tokens=12, decode=TechniqueSpec(
-        "token_recycling", {"hot_start": False})), memory=memory).run(prompt))
+        "token_recycling", {"hot_start": False, "prompt": False})), memory=memory).run(prompt))
     assert first[1].tree is None and cold[1].tree is None  # nothing recycled yet at the first decode step
     assert second[1].tree is not None  # the matrix came from the first run
     tokens = lambda events: [t for e in events for t in e.tokens]  # noqa: E731
     assert tokens(second) == tokens(first)  # the output does not depend on it
+
+
+def test_the_prompts_candidates_are_recycled_from_the_prefill():
+    from workbench.engine import Engine, build_cache
+    from workbench.spec import TechniqueSpec
+
+    from .helpers import varied_model
+
+    model = varied_model()
+    prompt = [5, 6, 7, 8, 9, 10, 5, 11]
+    with torch.inference_mode():  # the target's top candidates after each prompt token
+        top = model(torch.tensor(prompt), torch.arange(len(prompt)), build_cache(model, [], 16)).logits.topk(8).indices
+    memory = {}
+    spec = RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"widths": "3"}))
+    prefill = next(Engine(model, spec, memory=memory).run(prompt))  # the matrix is filled by now
+    matrix = memory["token_recycling"]
+    assert torch.equal(matrix[6], top[1]) and torch.equal(matrix[11], top[7])
+    assert torch.equal(matrix[5], top[6])  # a repeated token keeps its last occurrence's candidates
+    assert prefill.tokens == [int(top[7][0])]  # the prefill's own choice is unchanged
+    off = {}
+    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"prompt": False})),
+                memory=off).run(prompt))
+    assert (off["token_recycling"] == -1).all()

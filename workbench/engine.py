@@ -167,10 +167,12 @@ class Engine:
         text = _TextStream(self.detokenize, spec.stop)
         start = time.perf_counter_ns()
 
-        # Prefill: the whole prompt, logits for its last token only.
+        # Prefill: the whole prompt, logits for its last token only (for every token if the drafter learns from them).
         t0 = time.perf_counter_ns()
         tokens = torch.tensor(prompt_ids, device=device)
-        logits = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True).logits
+        every = self.drafter.wants_prompt_logits()
+        prompt_logits = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=not every).logits
+        logits = prompt_logits[-1:]
         _sync(device)
         t1 = time.perf_counter_ns()
         probs = self.sampler.probs(logits)
@@ -179,6 +181,8 @@ class Engine:
         for policy in self.policies:
             policy.on_prefill_end(cache)
         self.drafter.begin(state)
+        if every:
+            self.drafter.observe_prompt(state, prompt_logits)
         event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t1, start, text, budget)
         self._record_cache(event, state)
         yield event

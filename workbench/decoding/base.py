@@ -133,6 +133,14 @@ class Drafter:
     def begin(self, state: DecodeState) -> None:
         """Set up per-run state (the prompt and the target model are on `state`)."""
 
+    def wants_prompt_logits(self) -> bool:
+        """Whether the prefill should compute logits for every prompt token for `observe_prompt` (the LM head
+        over the whole prompt instead of its last token)."""
+        return False
+
+    def observe_prompt(self, state: DecodeState, logits: torch.Tensor) -> None:
+        """The prefill's logits [prompt tokens, vocab], after `begin`, when `wants_prompt_logits` says so."""
+
     def propose(self, state: DecodeState) -> DraftTree:
         raise NotImplementedError
 
