@@ -292,6 +292,7 @@ class KernelWeight(NamedTuple):
 
 
 LAYER_ARGS = 20  # int64 values per layer in `decoder_layers`' table (C: LAYER_ARGS)
+_PAST = 18  # where a row holds its layer's cached keys
 
 
 def layer_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight], k_cache: torch.Tensor,
@@ -315,9 +316,10 @@ def decoder_layers(x: torch.Tensor, layers: list[list[int]], eps: float, heads: 
     out, spare = torch.empty_like(x), torch.empty_like(x)
     scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)
     threads = torch.get_num_threads()
-    keys = max(row[18] for row in layers) + t  # the longest cache's keys
-    attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
     table = torch.tensor(layers, dtype=torch.int64)
+    assert table.shape[1] == LAYER_ARGS
+    keys = int(table[:, _PAST].max()) + t  # the longest cache's keys
+    attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
     _lib.workbench_layers_bf16(x.data_ptr(), out.data_ptr(), spare.data_ptr(), len(layers), table.data_ptr(), eps,
                                t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(), dim**-0.5,
                                scratch.data_ptr(), attention_scratch.data_ptr(), threads)
