@@ -54,3 +54,17 @@ def test_draws_follow_the_distribution_and_the_seed():
 def test_filters_that_leave_one_token_are_deterministic(kwargs):
     s = Sampler(temperature=1.0, seed=3, **kwargs)
     assert s.sample(LOGITS.expand(50, -1)).unique().tolist() == [0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0.7}, {"temperature": 1.3, "top_k": 50},
+                                    {"temperature": 0.9, "top_p": 0.8}, {"temperature": 1.0, "min_p": 0.05}])
+def test_entropy_without_a_log_per_token_equals_the_definition(kwargs):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 1000) * 4).bfloat16()
+    logits[2, 7] = 60.0  # a near-certain row
+    sampler = Sampler(**kwargs)
+    probs = sampler.probs(logits)
+    h = sampler.entropy(logits, probs, probs.argmax(-1, keepdim=True))
+    expected = torch.special.entr(probs.double()).sum(-1, keepdim=True)
+    assert h.shape == (3, 1) and (h >= 0).all()
+    torch.testing.assert_close(h.double(), expected, atol=2e-5, rtol=1e-5)

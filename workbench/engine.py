@@ -183,7 +183,7 @@ class Engine:
         self.drafter.begin(state)
         if every:
             self.drafter.observe_prompt(state, prompt_logits)
-        event = self._event(state, [first], ["bonus"], probs, [0], None, 0, t1 - t0, t1, start, text, budget)
+        event = self._event(state, [first], ["bonus"], logits, probs, [0], None, 0, t1 - t0, t1, start, text, budget)
         self._record_cache(event, state)
         yield event
         if event.finish_reason:
@@ -210,7 +210,7 @@ class Engine:
             rows = [0] + [n + 1 for n in acceptance.accepted]  # the row each new token was chosen from
             record = _tree_record(tree, acceptance.accepted, probs) if len(tree) else None
             sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
-            event = self._event(state, new_tokens, sources, probs, rows, record, t1 - t0, t2 - t1, t2, start,
+            event = self._event(state, new_tokens, sources, logits, probs, rows, record, t1 - t0, t2 - t1, t2, start,
                                 text, budget)  # commits the tokens to the state
             self.drafter.observe(state, tree, acceptance, all_logits)
             for policy in self.policies:
@@ -222,7 +222,7 @@ class Engine:
             if event.finish_reason:
                 return
 
-    def _event(self, state, new_tokens, sources, probs, rows, tree, draft_ns, verify_ns, t_verified, start,
+    def _event(self, state, new_tokens, sources, logits, probs, rows, tree, draft_ns, verify_ns, t_verified, start,
                text, budget) -> StepEvent:
         """Commit new tokens to the state (cut at EOS, stop strings or the budget) and describe the step."""
         finish = None
@@ -246,10 +246,11 @@ class Engine:
         row_probs = probs[rows]
         picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])
         top = row_probs.topk(TOP_ALTERNATIVES, dim=-1)
+        entropy = self.sampler.entropy(logits[rows], row_probs, top.indices[:, :1])
         # One host transfer for all the event reports (on a GPU each transfer waits for the device): per token
         # its log-probability, entropy, and top alternatives' probabilities and ids (float32: exact below 2^24).
-        summary = torch.cat([picked.clamp_min(1e-30).log(), torch.special.entr(row_probs).sum(-1, keepdim=True),
-                             top.values, top.indices.to(top.values.dtype)], dim=1).tolist()
+        summary = torch.cat([picked.clamp_min(1e-30).log(), entropy, top.values, top.indices.to(top.values.dtype)],
+                            dim=1).tolist()
         k = TOP_ALTERNATIVES
         first_pos = len(state.prompt_ids) + len(state.generated) - len(new_tokens)
         end = time.perf_counter_ns()

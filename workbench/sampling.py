@@ -55,6 +55,16 @@ class Sampler:
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs
 
+    def entropy(self, logits: torch.Tensor, probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Entropy in nats of each row of `probs` = `self.probs(logits)`, [..., 1], given each row's most
+        probable token `top` [..., 1]: without a logarithm per token.
+
+        Every filter here keeps p proportional to exp(z / T) on the tokens it keeps, so
+        H = log Z - sum(p * z) / T, where log Z = z_top / T - log p_top from any kept token."""
+        z = logits.float() / (1.0 if self.greedy else self.temperature)
+        h = z.gather(-1, top) - probs.gather(-1, top).log() - (probs * z).sum(-1, keepdim=True)
+        return h.clamp_min(0.0)  # float32 rounding can leave -1e-6 for a certain token
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of logits [..., vocab] -> [...] int64."""
         if self.greedy:
