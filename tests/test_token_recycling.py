@@ -63,12 +63,14 @@ def test_hot_start_keeps_the_matrix_across_runs_of_a_model():
     assert tokens(second) == tokens(first)  # the output does not depend on it
 
 
-def test_the_prompts_candidates_are_recycled_from_the_prefill():
+def test_the_prompts_candidates_are_recycled_from_the_prefill(monkeypatch):
+    import workbench.decoding.token_recycling as token_recycling
     from workbench.engine import Engine, build_cache
     from workbench.spec import TechniqueSpec
 
     from .helpers import varied_model
 
+    monkeypatch.setattr(token_recycling, "PROMPT_CHUNK", 3)  # the prompt's 7 distinct tokens in three chunks
     model = varied_model()
     prompt = [5, 6, 7, 8, 9, 10, 5, 11]
     with torch.inference_mode():  # the target's top candidates after each prompt token

@@ -167,12 +167,13 @@ class Engine:
         text = _TextStream(self.detokenize, spec.stop)
         start = time.perf_counter_ns()
 
-        # Prefill: the whole prompt, logits for its last token only (for every token if the drafter learns from them).
+        # Prefill: the whole prompt, logits for its last token only (and every token's last-layer state for a
+        # drafter that learns from them).
         t0 = time.perf_counter_ns()
         tokens = torch.tensor(prompt_ids, device=device)
-        every = self.drafter.wants_prompt_logits()
-        prompt_logits = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=not every).logits
-        logits = prompt_logits[-1:]
+        learns = self.drafter.wants_prompt_states()
+        out = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True, final_hidden=learns)
+        logits = out.logits
         _sync(device)
         t1 = time.perf_counter_ns()
         probs = self.sampler.probs(logits)
@@ -181,8 +182,8 @@ class Engine:
         for policy in self.policies:
             policy.on_prefill_end(cache)
         self.drafter.begin(state)
-        if every:
-            self.drafter.observe_prompt(state, prompt_logits)
+        if learns:
+            self.drafter.observe_prompt(state, out.final_hidden)
         event = self._event(state, [first], ["bonus"], logits, probs, [0], None, 0, t1 - t0, t1, start, text, budget)
         self._record_cache(event, state)
         yield event

@@ -133,13 +133,13 @@ class Drafter:
     def begin(self, state: DecodeState) -> None:
         """Set up per-run state (the prompt and the target model are on `state`)."""
 
-    def wants_prompt_logits(self) -> bool:
-        """Whether the prefill should compute logits for every prompt token for `observe_prompt` (the LM head
-        over the whole prompt instead of its last token)."""
+    def wants_prompt_states(self) -> bool:
+        """Whether `observe_prompt` should get the prefill's last-layer states for every prompt token."""
         return False
 
-    def observe_prompt(self, state: DecodeState, logits: torch.Tensor) -> None:
-        """The prefill's logits [prompt tokens, vocab], after `begin`, when `wants_prompt_logits` says so."""
+    def observe_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:
+        """The prefill's last-layer output [prompt tokens, hidden], after `begin`, when `wants_prompt_states`
+        says so: `state.model.logits(hidden[rows])` gives those rows' logits."""
 
     def propose(self, state: DecodeState) -> DraftTree:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from workbench.models.config import ModelConfig
 class ModelOutput:
     logits: torch.Tensor  # [T, vocab] float32 (or [1, vocab] with last_only)
     hidden_states: list[torch.Tensor] | None = None  # input to each layer run, then the final output
+    final_hidden: torch.Tensor | None = None  # the last layer's output for every token [T, hidden], if asked
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -169,6 +170,7 @@ class LlamaModel(nn.Module):
         layers: list[int] | None = None,
         hidden_states: bool = False,
         last_only: bool = False,
+        final_hidden: bool = False,
     ) -> ModelOutput:
         """Run the model over new tokens.
 
@@ -179,6 +181,8 @@ class LlamaModel(nn.Module):
         layers: the layer plan, a subset of layer indices to run in order (None = all), for layer skipping.
         hidden_states: also return the residual stream before each layer run and after the last.
         last_only: compute logits for the last token only (prefill).
+        final_hidden: also return the last layer's output for every token (`logits` of any rows of it give
+            their logits, a few rows at a time where the whole [T, vocab] would be too large).
         """
         x = self.embed(tokens)
         freqs = positions.to(torch.float32)[:, None, None] * self.inv_freq  # [T, 1, dim / 2]
@@ -205,9 +209,10 @@ class LlamaModel(nn.Module):
         x = self._run_fused(x, rows, cos, sin)
         if states is not None:
             states.append(x)
+        final = x if final_hidden else None
         if last_only:
             x = x[-1:]
-        return ModelOutput(self.logits(x), states)
+        return ModelOutput(self.logits(x), states, final)
 
     def _run_fused(self, x: torch.Tensor, rows: list[list[int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layers collected in `rows` (emptied), in one kernel call; x unchanged when there are none."""
