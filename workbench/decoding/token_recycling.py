@@ -60,7 +60,7 @@ class TokenRecycling(Drafter):
     k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
     hot_start: bool = param(True, "keep the matrix across runs of the same model (the paper's hot start)")
     prompt: bool = param(True, "also recycle the prefill's candidates for every prompt token (costs the LM head "
-                         "over the whole prompt)")
+                         "over the prompt's distinct tokens)")
     _template: list[tuple[int, int]] = field(init=False, default_factory=list)
     _matrix: torch.Tensor | None = field(init=False, default=None, repr=False)  # [vocab, k] int64
 
