@@ -81,9 +81,10 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.workbench_layers_bf16.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64,
                                           ptr, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.workbench_topk_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_gemm_int4, lib.workbench_attention_bf16,
                lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
-               lib.workbench_layers_bf16):
+               lib.workbench_layers_bf16, lib.workbench_topk_f32):
         fn.restype = None
     return lib
 
@@ -253,6 +254,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _lib.workbench_rms_norm_bf16(x.data_ptr(), 0 if delta is None else delta.contiguous().data_ptr(),
                                  total.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
     return total, y
+
+
+def topk_fits(x: torch.Tensor, k: int) -> bool:
+    """Whether `topk` runs here and takes x: 2-D float32 on the CPU, contiguous, at least k columns."""
+    return (available() and x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+            and 0 < k <= x.shape[1])
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of x [R, V] float32 (no NaN), descending, and their indices; equal values
+    in index order, so k = 1 gives torch.argmax's index."""
+    rows, n = x.shape
+    values = torch.empty(rows, k, dtype=torch.float32)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    _lib.workbench_topk_f32(x.data_ptr(), rows, n, k, values.data_ptr(), indices.data_ptr())
+    return values, indices
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -549,3 +549,40 @@ TARGET void workbench_layers_bf16(const uint16_t *x, uint16_t *out, uint16_t *sp
         in = dst;
     }
 }
+
+// ---- Top-k of each row of float32 logits or probabilities -------------------------------------------------
+// torch.topk and torch.argmax over a 49152-token vocabulary take 15-30 us a row on this CPU; a decoding step
+// runs several of them (the greedy choice, the views' alternatives, token recycling's candidates). This
+// keeps the k best seen so far, sorted, and skips each 16-value vector with nothing above the k-th best, so a
+// row costs about one read. Values come out descending; equal values keep index order, so k = 1 is
+// torch.argmax's first maximum. Rows must hold no NaN.
+
+TARGET static void topk_row(const float *x, int64_t n, int64_t k, float *values, int64_t *indices) {
+    int64_t held = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        int64_t lanes = n - i < 16 ? n - i : 16;
+        __mmask16 valid = lanes == 16 ? 0xFFFF : (__mmask16)((1u << lanes) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+        __mmask16 above = held < k ? valid
+                                   : _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(values[k - 1]), _CMP_GT_OQ);
+        while (above) {
+            int lane = __builtin_ctz(above);
+            above &= above - 1;
+            float value = x[i + lane];
+            if (held == k && !(value > values[k - 1])) continue; // an earlier lane of this vector raised the bar
+            int64_t at = held < k ? held++ : k - 1;
+            while (at > 0 && values[at - 1] < value) { // after every equal value: index order among ties
+                values[at] = values[at - 1];
+                indices[at] = indices[at - 1];
+                at--;
+            }
+            values[at] = value;
+            indices[at] = i + lane;
+        }
+    }
+}
+
+TARGET void workbench_topk_f32(const float *x, int64_t rows, int64_t n, int64_t k, float *values, int64_t *indices) {
+    #pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) topk_row(x + r * n, n, k, values + r * k, indices + r * k);
+}

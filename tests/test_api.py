@@ -1,5 +1,6 @@
 """The Python API: traces, streaming, run status, and the embedded model end to end."""
 
+import gc
 
 import pytest
 
@@ -16,6 +17,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def wb():
     return Workbench("random:llama", dtype="float32")
+
+
+def test_loading_a_model_takes_what_is_alive_out_of_the_collectors_walks():
+    gc.unfreeze()
+    Workbench("random:llama", dtype="float32")
+    assert gc.get_freeze_count() > 1000  # the modules and libraries loaded so far
 
 
 def test_generate_returns_a_complete_trace(wb):

@@ -36,6 +36,22 @@ def test_commit_keeps_chosen_new_tokens_in_order():
     assert cache.positions[0].tolist() == [100, 101, 102, 103, 104, 105]
 
 
+def test_commit_of_a_tree_path_moves_only_what_the_gather_would():
+    for offsets in ([0, 2], [0, 1, 3, 5], [1, 4], [0, 2, 3, 4]):
+        fast, _ = filled(5)
+        fast.commit()
+        new = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3) + 1000
+        fast.append(new, -new, torch.tensor([105, 106, 106, 107, 107, 108]))
+        slots = torch.tensor(list(range(5)) + [5 + o for o in offsets])
+        expected_k, expected_v = (t[:, slots].clone() for t in fast.view())
+        expected_pos = fast.positions[:, slots].clone()
+        fast.commit(offsets)
+        keys, values = fast.view()
+        assert fast.length == fast.n_committed == 5 + len(offsets)
+        assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+        assert torch.equal(fast.positions, expected_pos)
+
+
 def test_rollback_drops_uncommitted_tokens():
     cache, _ = filled(5)
     cache.commit()

@@ -290,3 +290,39 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
     for a, b in zip(fused_cache.layers, plain_cache.layers):
         assert torch.equal(a.view()[0], b.view()[0]) and torch.equal(a.view()[1], b.view()[1])
         assert torch.equal(a.positions, b.positions)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [49152, 1000, 7])  # a vocabulary, a width not a multiple of 16, a short row
+def test_topk_matches_torch_and_argmax(n):
+    torch.manual_seed(0)
+    x = torch.randn(9, n)
+    x[3] = torch.arange(n, dtype=torch.float32)  # ascending: every value displaces one kept before
+    x[4, -1] = float("-inf")
+    for k in sorted({k for k in (1, 5, 8, n) if k <= n}):
+        values, indices = cpu.topk(x, k)
+        expected = torch.topk(x, k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(x.gather(1, indices), values)
+        if k <= 8:  # random values tie only deep in a sorted row, where torch's order among ties is its own
+            assert torch.equal(indices, expected.indices)
+    assert torch.equal(cpu.topk(x, 1)[1][:, 0], x.argmax(-1))
+
+
+@needs_kernels
+def test_topk_keeps_equal_values_in_index_order():
+    x = torch.tensor([[0.0, 3.0, 1.0, 3.0, float("-inf"), 3.0, 2.0],
+                      [float("-inf")] * 5 + [1.0, float("-inf")]])
+    values, indices = cpu.topk(x, 5)
+    assert indices[0].tolist() == [1, 3, 5, 6, 2] and values[0].tolist() == [3.0, 3.0, 3.0, 2.0, 1.0]
+    assert indices[1].tolist() == [5, 0, 1, 2, 3]  # -inf rows still fill k, first indices first
+    assert cpu.topk(x, 1)[1][:, 0].tolist() == x.argmax(-1).tolist()
+
+
+def test_top_k_falls_back_to_torch_where_the_kernel_does_not_take_the_tensor():
+    from workbench.sampling import argmax_rows, top_k
+    x = torch.randn(4, 300, dtype=torch.float64)  # not float32
+    values, indices = top_k(x, 3)
+    assert torch.equal(indices, torch.topk(x, 3).indices) and torch.equal(values, torch.topk(x, 3).values)
+    y = torch.randn(300, 4).T  # not contiguous
+    assert not cpu.topk_fits(y, 3)
+    assert argmax_rows(y) == y.argmax(-1).tolist()

@@ -11,8 +11,10 @@ from workbench.spec import RunSpec
 
 
 def test_template_is_imbalanced_toward_first_ranked_nodes():
-    # depth 1: 3 children of the root; depth 2: rank 0 gets 2, rank 1 gets 1, rank 2 none
-    assert tree_template([3, 2]) == [(-1, 0), (-1, 1), (-1, 2), (0, 0), (0, 1), (1, 0)]
+    # depth 1: 3 children of the root; depth 2: rank 0 gets 2, rank 1 gets 1, rank 2 none; depth first, so the
+    # first-ranked chain takes consecutive slots
+    assert tree_template([3, 2]) == [(-1, 0), (0, 0), (0, 1), (-1, 1), (3, 0), (-1, 2)]
+    assert [rank for _, rank in tree_template([2, 1, 1, 1])[:4]] == [0, 0, 0, 0]
 
 
 class _Model:

@@ -27,7 +27,7 @@ from workbench.cache.stats import CacheStats, cache_stats, kept_sampled
 from workbench.decoding.base import Acceptor, Drafter, DraftTree
 from workbench.errors import PromptError
 from workbench.models.llama import LlamaModel
-from workbench.sampling import Sampler
+from workbench.sampling import Sampler, top_k
 from workbench.spec import RunSpec, TechniqueSpec
 
 TOP_ALTERNATIVES = 5  # alternatives kept per generated token, for hovers in the views
@@ -246,11 +246,11 @@ class Engine:
             new_tokens, sources, rows, finish = new_tokens[:stop_at], sources[:stop_at], rows[:stop_at], "stop"
         row_probs = probs[rows]
         picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])
-        top = row_probs.topk(TOP_ALTERNATIVES, dim=-1)
-        entropy = self.sampler.entropy(logits[rows], row_probs, top.indices[:, :1])
+        top_values, top_ids = top_k(row_probs, TOP_ALTERNATIVES)
+        entropy = self.sampler.entropy(logits[rows], row_probs, top_ids[:, :1])
         # One host transfer for all the event reports (on a GPU each transfer waits for the device): per token
         # its log-probability, entropy, and top alternatives' probabilities and ids (float32: exact below 2^24).
-        summary = torch.cat([picked.clamp_min(1e-30).log(), entropy, top.values, top.indices.to(top.values.dtype)],
+        summary = torch.cat([picked.clamp_min(1e-30).log(), entropy, top_values, top_ids.to(top_values.dtype)],
                             dim=1).tolist()
         k = TOP_ALTERNATIVES
         first_pos = len(state.prompt_ids) + len(state.generated) - len(new_tokens)

@@ -119,10 +119,15 @@ class LayerCache(ABC):
         if offsets == list(range(len(offsets))):
             self.truncate(self.n_committed + len(offsets))  # a prefix: no data moves
         else:
-            base = torch.arange(self.n_committed)
-            new = torch.tensor(offsets, dtype=torch.long) + self.n_committed
-            self.keep(torch.cat([base, new]))
+            self.keep_uncommitted(offsets)
         self.n_committed = self.length
+
+    def keep_uncommitted(self, offsets: list[int]) -> None:
+        """Keep every committed token and the uncommitted ones at `offsets` (ascending, not a prefix), compacted.
+        Subclasses override with something cheaper than a gather over the whole cache."""
+        base = torch.arange(self.n_committed)
+        new = torch.tensor(offsets, dtype=torch.long) + self.n_committed
+        self.keep(torch.cat([base, new]))
 
     def rollback(self) -> None:
         """Drop every uncommitted token."""

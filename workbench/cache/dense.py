@@ -92,6 +92,17 @@ class DenseLayerCache(LayerCache):
         self._length = n
         self.n_committed = n
 
+    def keep_uncommitted(self, offsets: list[int]) -> None:
+        # only the slots after the first one that moves are copied (a tree's accepted path: a few tokens)
+        start = self.n_committed
+        first = next(i for i, offset in enumerate(offsets) if offset != i)
+        src = torch.tensor(offsets[first:], device=self.pos.device) + start
+        dst = slice(start + first, start + len(offsets))
+        self.k[:, dst] = self.k[:, src]  # the right side is a copy, so overlapping slots are safe
+        self.v[:, dst] = self.v[:, src]
+        self.pos[:, dst] = self.pos[:, src]
+        self._length = start + len(offsets)
+
     def truncate(self, length: int) -> None:
         self._length = min(length, self._length)
 

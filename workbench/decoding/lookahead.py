@@ -38,6 +38,7 @@ import torch
 
 from workbench.decoding.base import ROOT, AuxBlock, Drafter, DraftTree
 from workbench.registry import param, register
+from workbench.sampling import argmax_rows
 
 
 @register("decoding", "lookahead", lossless=True)
@@ -175,6 +176,6 @@ class Lookahead(Drafter):
         """One token per row: argmax under greedy decoding, else a draw (with its distribution) from the
         run's processed distribution, on the drafter's own generator so the target's stream is untouched."""
         if state.sampler.greedy:
-            return logits.argmax(dim=-1).tolist(), None
+            return argmax_rows(logits), None
         probs = state.sampler.probs(logits)
         return torch.multinomial(probs, 1, generator=self._generator)[:, 0].tolist(), probs

@@ -18,7 +18,7 @@ import torch
 
 from workbench.decoding.base import ROOT, Acceptance, Acceptor, DraftTree
 from workbench.registry import register
-from workbench.sampling import Sampler
+from workbench.sampling import Sampler, argmax_rows
 
 
 @register("acceptance", "match", lossless=True)
@@ -30,7 +30,7 @@ class MatchAcceptor(Acceptor):
         children = tree.children()
         # Greedy: every row's choice at once, one host transfer. Sampling: one draw per visited row,
         # in walk order, so the random stream is consumed exactly as plain decoding consumes it.
-        choices = logits.argmax(dim=-1).tolist() if sampler.greedy else None
+        choices = argmax_rows(logits) if sampler.greedy else None
         accepted: list[int] = []
         node = ROOT
         while True:

@@ -4,7 +4,7 @@ Paper: Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large
 Token Recycling" (arXiv 2408.08696). Every verification computes a full distribution for every token it
 runs; the top-k tokens of each are kept in an adjacency matrix M[token] -> k likely next tokens, updated
 online (the newest verification of a token overwrites its row). To draft, a tree of fixed shape is
-filled breadth-first from the pending token: the child of rank r under a node holding token t is
+filled from the pending token: the child of rank r under a node holding token t is
 M[t][r]. The target verifies the whole tree in one forward; matching keeps the output exactly plain
 decoding's.
 
@@ -31,22 +31,26 @@ import torch
 
 from workbench.decoding.base import ROOT, Drafter, DraftTree
 from workbench.registry import param, register
+from workbench.sampling import top_k
 
 EMPTY = -1
 PROMPT_CHUNK = 256  # prompt rows per LM-head call when recycling the prompt's candidates
 
 
 def tree_template(widths: list[int]) -> list[tuple[int, int]]:
-    """(parent template index or ROOT, rank) for every node of the imbalanced tree, breadth first."""
+    """(parent template index or ROOT, rank) for every node of the imbalanced tree, depth first with the
+    first-ranked child first: the chain of first-ranked candidates, the path most often accepted, then fills
+    consecutive cache slots, and committing it moves no cache data."""
     nodes: list[tuple[int, int]] = []
-    level = [(ROOT, 0)]  # (template index, rank) of the nodes at the current depth; the root has rank 0
-    for width in widths:
-        next_level = []
-        for index, rank in level:
-            for child_rank in range(max(0, width - rank)):
-                nodes.append((index, child_rank))
-                next_level.append((len(nodes) - 1, child_rank))
-        level = next_level
+
+    def grow(parent: int, rank: int, depth: int) -> None:
+        if depth == len(widths):
+            return
+        for child_rank in range(max(0, widths[depth] - rank)):
+            nodes.append((parent, child_rank))
+            grow(len(nodes) - 1, child_rank, depth + 1)
+
+    grow(ROOT, 0, 0)  # the root has rank 0
     return nodes
 
 
@@ -94,7 +98,7 @@ class TokenRecycling(Drafter):
         for start in range(0, len(rows), PROMPT_CHUNK):
             chunk = slice(start, start + PROMPT_CHUNK)
             logits = state.model.logits(hidden[rows[chunk]])
-            self._matrix[tokens[chunk]] = logits.topk(self.k, dim=-1).indices.cpu()
+            self._matrix[tokens[chunk]] = top_k(logits, self.k)[1].cpu()
 
     def propose(self, state) -> DraftTree:
         tokens: list[int] = []
@@ -121,4 +125,4 @@ class TokenRecycling(Drafter):
     def observe(self, state, tree, acceptance, logits) -> None:
         # Recycle: every token that went through the target gets its newest top-k successors.
         inputs = torch.tensor([tree.root, *tree.tokens])
-        self._matrix[inputs] = logits.topk(self.k, dim=-1).indices.cpu()
+        self._matrix[inputs] = top_k(logits, self.k)[1].cpu()
