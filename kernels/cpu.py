@@ -9,6 +9,8 @@
   torch's fused CPU attention at these sizes.
 - The small work between them, one call each instead of several torch calls: RMSNorm (with the residual add
   folded in), SwiGLU and RoPE.
+- The top-k of each row of float32 logits (the greedy choice, the views' alternatives, token recycling's
+  candidates), 6-8x faster than torch's topk over a 49152-token vocabulary.
 
 Every kernel computes a row the same way whatever the other rows are, so a verified draft token gets exactly
 the bits its one-token step would: lossless drafters stay token-identical to plain decoding in bf16.
