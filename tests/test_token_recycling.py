@@ -40,6 +40,38 @@ def test_drafts_from_recycled_candidates():
     assert drafter.propose(state).tokens == [5, 6]
 
 
+def test_with_pairs_a_seen_pair_drafts_from_its_own_candidates():
+    drafter = TokenRecycling(widths="2", k=2, pairs=True)
+    state = DecodeState(_Model(), None, None, [1, 2], [3])
+    drafter.begin(state)
+    drafter._matrix[3] = torch.tensor([5, 6])  # what followed 3 last time, whatever came before it
+    assert drafter.propose(state).tokens == [5, 6]  # the pair (2, 3) was never seen: the matrix's row
+    # a verification over root 3 (after 2) and nodes 7, 8: 3 -> (9, 4); 7 and 8 (each after 3) -> (10, 11)
+    logits = torch.zeros(3, 20)
+    logits[0, 9], logits[0, 4] = 2.0, 1.0
+    logits[1:, 10], logits[1:, 11] = 2.0, 1.0
+    tree = drafter.propose(state)
+    tree.tokens, tree.root = [7, 8], 3
+    drafter.observe(state, tree, Acceptance([], 9), logits)
+    assert drafter._pairs[(2, 3)] == (9, 4) and drafter._pairs[(3, 7)] == (10, 11)
+    state.prompt_ids, state.generated = [1, 2], [3]
+    assert drafter.propose(state).tokens == [9, 4]  # the pair's candidates
+    state.prompt_ids = [1, 8]  # 3 after 8: a pair never seen, so the matrix's row (now 9, 4 too)
+    drafter._matrix[3] = torch.tensor([6, 5])
+    assert drafter.propose(state).tokens == [6, 5]
+
+
+def test_the_pairs_table_keeps_the_most_recently_updated(monkeypatch):
+    import workbench.decoding.token_recycling as token_recycling
+
+    monkeypatch.setattr(token_recycling, "MAX_PAIRS", 3)
+    drafter = TokenRecycling(k=2, pairs=True, hot_start=False)
+    drafter.begin(DecodeState(_Model(), None, None, [1], [2]))
+    drafter._remember_pairs([(1, 2), (2, 3), (3, 4)], [[5, 6]] * 3)
+    drafter._remember_pairs([(1, 2), (4, 5)], [[7, 8], [9, 10]])  # (1, 2) updated, so (2, 3) is the oldest
+    assert list(drafter._pairs) == [(3, 4), (1, 2), (4, 5)] and drafter._pairs[(1, 2)] == (7, 8)
+
+
 @pytest.mark.parametrize("widths", ["", "2-x", "0-1", "9"])
 def test_bad_widths_are_refused(widths):
     with pytest.raises(SpecError, match="widths"):
@@ -88,3 +120,10 @@ def test_the_prompts_candidates_are_recycled_from_the_prefill(monkeypatch):
     next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"prompt": False})),
                 memory=off).run(prompt))
     assert (off["token_recycling"] == -1).all()
+    with_pairs = {}
+    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"pairs": True})),
+                memory=with_pairs).run(prompt))
+    assert torch.equal(with_pairs["token_recycling"], matrix)  # the same rows per token
+    pairs = with_pairs["token_recycling:pairs"]
+    assert set(pairs) == {(a, b) for a, b in zip(prompt, prompt[1:])}
+    assert pairs[(5, 6)] == tuple(top[1].tolist()) and pairs[(10, 5)] == tuple(top[6].tolist())
