@@ -3,10 +3,10 @@
 A lossless drafter's output is plain decoding's, so once the plain outputs are known, each step's accepted
 length follows from the drafting rule alone. This script generates them once (greedy, bf16, the embedded
 model), then replays prompt lookup's rule (`workbench/decoding/prompt_lookup.py`: the longest of the last
-3..1 tokens found earlier, its first occurrence, the next k tokens) and variants of it, and reports per
-category: steps, the share whose first drafted token is rejected, tokens per forward, and a modelled
-speed-up with each verified row costing `--row-cost` of a one-token forward and each drafted step
-`--draft-cost` more (decode only, prefill excluded).
+3..1 tokens found earlier, its first occurrence, the next 7, 5 or 3 tokens after a 3-, 2- or 1-token match)
+and variants of it, and reports per category: steps, the share whose first drafted token is rejected, tokens
+per forward, and a modelled speed-up with each verified row costing `--row-cost` of a one-token forward and
+each drafted step `--draft-cost` more (decode only, prefill excluded).
 
     python scripts/prompt_lookup_replay.py --categories summarization,code_edit
 """
@@ -18,17 +18,19 @@ from workbench import Workbench
 from workbench.eval.suite import suite
 
 
-def candidates(context: list[int], k: int, count: int, max_n: int = 3) -> list[tuple[int, ...]]:
-    """Up to `count` distinct continuations of length <= k after earlier occurrences of the longest matching
-    n-gram (n = max_n .. 1), first occurrences first: count = 1 is prompt lookup's own rule."""
+def candidates(context: list[int], k: int, count: int, shrink: int = 0, max_n: int = 3) -> list[tuple[int, ...]]:
+    """Up to `count` distinct continuations of length <= k - shrink * (max_n - n) (at least 1) after earlier
+    occurrences of the longest matching n-gram (n = max_n .. 1), first occurrences first: count = 1 is prompt
+    lookup's own rule."""
     found: list[tuple[int, ...]] = []
     for n in range(max_n, 0, -1):
         if n > len(context) - 1:
             continue
         gram = context[-n:]
+        length = max(1, k - shrink * (max_n - n))
         for start in range(len(context) - n):
             if context[start: start + n] == gram:
-                follow = tuple(context[start + n: start + n + k])
+                follow = tuple(context[start + n: start + n + length])
                 if follow and follow not in found:
                     found.append(follow)
                 if len(found) == count:
@@ -38,14 +40,15 @@ def candidates(context: list[int], k: int, count: int, max_n: int = 3) -> list[t
     return found
 
 
-def replay(prompt: list[int], output: list[int], k: int, count: int, row_cost: float, draft_cost: float):
+def replay(prompt: list[int], output: list[int], k: int, count: int, shrink: int, row_cost: float,
+           draft_cost: float):
     """(steps, steps whose first drafted token is rejected, tokens generated, modelled cost in one-token forwards)."""
     sequence = prompt + output
     at = len(prompt) + 1  # the prefill chose the first output token
     steps = rejected = 0
     cost = 0.0
     while at < len(sequence):
-        drafts = candidates(sequence[:at], k, count)
+        drafts = candidates(sequence[:at], k, count, shrink)
         nodes = len({c[: i + 1] for c in drafts for i in range(len(c))})
         accepted = 0
         for draft in drafts:
@@ -73,14 +76,15 @@ def main() -> None:
     for item in suite(args.categories.split(",")):
         trace = wb.generate(item.prompt, "decode=plain")
         outputs[item.category].append((trace.prompt_ids, trace.token_ids))
-    variants = {"k=10 (the papers')": (10, 1), "k=5 (default)": (5, 1), "k=16": (16, 1),
-                "3 matches, k=6": (6, 3), "8 matches, k=8": (8, 8)}
-    print(f"{'category':<15}{'rule':<22}{'steps':>7}{'first rejected':>16}{'tokens/forward':>16}{'modelled':>10}")
+    variants = {"k=10 (the papers')": (10, 1, 0), "k=5": (5, 1, 0), "k=7, shrink=2 (default)": (7, 1, 2),
+                "k=16": (16, 1, 0), "3 matches, k=6": (6, 3, 0), "8 matches, k=8": (8, 8, 0)}
+    print(f"{'category':<15}{'rule':<26}{'steps':>7}{'first rejected':>16}{'tokens/forward':>16}{'modelled':>10}")
     for category, runs in outputs.items():
-        for name, (k, count) in variants.items():
-            totals = [sum(r) for r in zip(*(replay(p, o, k, count, args.row_cost, args.draft_cost) for p, o in runs))]
+        for name, (k, count, shrink) in variants.items():
+            totals = [sum(r) for r in zip(*(replay(p, o, k, count, shrink, args.row_cost, args.draft_cost)
+                                            for p, o in runs))]
             steps, rejected, tokens, cost = totals
-            print(f"{category:<15}{name:<22}{steps:>7}{rejected / steps:>16.0%}{tokens / steps:>16.2f}"
+            print(f"{category:<15}{name:<26}{steps:>7}{rejected / steps:>16.0%}{tokens / steps:>16.2f}"
                   f"{tokens / cost:>9.2f}x")
 
 

@@ -19,19 +19,30 @@ def test_copies_what_followed_the_longest_matching_ngram():
     #        0  1  2  3  4  5  6  7  8  9
     tokens = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]
     # the 3-gram (6, 2, 3) never occurred, (2, 3) did, at 1 and 5: the first is followed by 4 9 2 ...
-    assert propose(PromptLookup(k=3), tokens).tokens == [4, 9, 2]
-    assert propose(PromptLookup(k=3, prefer="recent"), tokens).tokens == [5, 6, 2]
+    assert propose(PromptLookup(k=3, shrink=0), tokens).tokens == [4, 9, 2]
+    assert propose(PromptLookup(k=3, shrink=0, prefer="recent"), tokens).tokens == [5, 6, 2]
     assert propose(PromptLookup(k=3, max_ngram=3, min_ngram=3), tokens).tokens == []
+
+
+def test_shorter_matches_propose_shorter_drafts_with_shrink():
+    #        0  1  2  3  4  5  6  7  8  9 10 11 12 13
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
+    long_match = tokens[:-2] + [1, 2, 3]  # the 3-gram (1, 2, 3) occurred at 0: followed by 4 5 6 7 8 ...
+    assert propose(PromptLookup(k=5, shrink=2), long_match).tokens == [4, 5, 6, 7, 8]
+    one_token = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2]  # only the 1-gram (2) matches: 5 - 2 * 2 tokens
+    assert propose(PromptLookup(k=5, shrink=2), one_token).tokens == [3]
+    assert propose(PromptLookup(k=5, shrink=9), one_token).tokens == [3]  # at least one
+    assert propose(PromptLookup(k=5, shrink=0), one_token).tokens == [3, 4, 5, 6, 7]
 
 
 def test_chain_stops_at_the_end_of_the_text():
     tokens = [7, 8, 7]
-    tree = propose(PromptLookup(k=5), tokens)
+    tree = propose(PromptLookup(k=5, shrink=0), tokens)
     assert tree.tokens == [8, 7] and tree.is_chain()
 
 
 def test_index_is_updated_incrementally():
-    drafter = PromptLookup(k=2)
+    drafter = PromptLookup(k=2, shrink=0)
     state = DecodeState(None, None, None, [1, 2, 3], [4])
     drafter.begin(state)
     assert drafter.propose(state).tokens == []

@@ -8,10 +8,12 @@ positions of prompt and output; on the first n that matches, propose the (up to)
 the match as a chain. The target verifies them, so the output is exactly plain decoding's.
 
 An index from each n-gram to its occurrences is kept up to date as tokens are committed, so a lookup costs
-O(1) instead of a scan. The default `k` (5, where Saxena's and transformers' default is 10) is sized for
-CPUs: up to 6 rows verify at about the cost of one, while the 9th-11th rows make the products
-arithmetic-bound; on the suite k=5 ran 1.53x plain decoding against 1.35x for k=10 in the same run
-(docs/performance.md). Left out: IAD's rule of aligning to the input's position after a mismatch (this
+O(1) instead of a scan. The draft length is sized for CPUs, where every verified row costs compute (Saxena's
+and transformers' default is 10 tokens; on the suite k=5 ran 1.53x plain decoding against 1.35x for k=10 in
+the same run, docs/performance.md). With `shrink` (an addition to the papers) a shorter match, a weaker
+guess, drafts fewer tokens: by default 7 after a 3-token match, 5 after 2 and 3 after 1. On the suite's
+outputs a 1-token match's draft is accepted for 0.4-0.6 tokens on average, a 3-token match's for 2.4-3.9.
+Left out: IAD's rule of aligning to the input's position after a mismatch (this
 version looks the n-gram up again each step, which finds the same continuation when the output tracks
 the input), and any learned drafting.
 """
@@ -29,11 +31,14 @@ from workbench.registry import param, register
 class PromptLookup(Drafter):
     """Draft the tokens that followed the latest n-gram's earlier occurrence in prompt or output."""
 
-    k: int = param(5, "tokens to propose per step (the papers use 10; 5 is measured best on CPU)", min=1, max=64)
+    k: int = param(7, "tokens to propose after a max_ngram match (the papers use 10 whatever the match)", min=1,
+                   max=64)
     max_ngram: int = param(3, "longest n-gram to match", min=1, max=16)
     min_ngram: int = param(1, "shortest n-gram to match", min=1, max=16)
     prefer: str = param("first", "which earlier occurrence to copy from when there are several",
                         choices=["first", "recent"])
+    shrink: int = param(2, "tokens fewer to propose for each token the match is shorter than max_ngram (a "
+                        "shorter match is a weaker guess)", min=0, max=64)
     # n -> n-gram -> start positions of its occurrences, ascending (first occurrence first)
     _index: dict[int, dict[tuple[int, ...], list[int]]] = field(init=False, default_factory=dict)
     _indexed: int = field(init=False, default=0)  # tokens[:_indexed] are in the index
@@ -64,6 +69,7 @@ class PromptLookup(Drafter):
             starts = self._index[n].get(tuple(tokens[-n:]))
             if starts:
                 start = starts[0] if self.prefer == "first" else starts[-1]
-                follow = tokens[start + n: start + n + self.k]
+                length = max(1, self.k - self.shrink * (self.max_ngram - n))
+                follow = tokens[start + n: start + n + length]
                 return DraftTree.chain(follow)
         return DraftTree()
