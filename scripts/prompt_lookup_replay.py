@@ -40,9 +40,19 @@ def candidates(context: list[int], k: int, count: int, shrink: int = 0, max_n: i
     return found
 
 
+def match_length(context: list[int], max_n: int = 3) -> int:
+    """The longest n <= max_n whose last n tokens occurred earlier in the context, or 0."""
+    for n in range(max_n, 0, -1):
+        gram = context[-n:]
+        if n < len(context) and any(context[s: s + n] == gram for s in range(len(context) - n)):
+            return n
+    return 0
+
+
 def replay(prompt: list[int], output: list[int], k: int, count: int, shrink: int, row_cost: float,
-           draft_cost: float):
-    """(steps, steps whose first drafted token is rejected, tokens generated, modelled cost in one-token forwards)."""
+           draft_cost: float, by_length: dict | None = None):
+    """(steps, steps whose first drafted token is rejected, tokens generated, modelled cost in one-token forwards);
+    with `by_length`, also adds [steps, drafted tokens accepted] per match length there."""
     sequence = prompt + output
     at = len(prompt) + 1  # the prefill chose the first output token
     steps = rejected = 0
@@ -58,6 +68,10 @@ def replay(prompt: list[int], output: list[int], k: int, count: int, shrink: int
             accepted = max(accepted, m)
         steps += 1
         rejected += accepted == 0
+        if by_length is not None:
+            entry = by_length.setdefault(match_length(sequence[:at]), [0, 0])
+            entry[0] += 1
+            entry[1] += accepted
         cost += 1 + row_cost * nodes + (draft_cost if drafts else 0.0)
         at += accepted + 1
     return steps, rejected, len(output) - 1, cost
@@ -86,6 +100,13 @@ def main() -> None:
             steps, rejected, tokens, cost = totals
             print(f"{category:<15}{name:<26}{steps:>7}{rejected / steps:>16.0%}{tokens / steps:>16.2f}"
                   f"{tokens / cost:>9.2f}x")
+    print("\ndrafted tokens accepted per step, by the length of the match (k=10 drafts, one match)")
+    for category, runs in outputs.items():
+        by_length: dict = {}
+        for p, o in runs:
+            replay(p, o, 10, 1, 0, args.row_cost, args.draft_cost, by_length)
+        print(f"{category:<15}" + "  ".join(f"{n}-token match: {count} steps, {total / count:.2f}"
+                                           for n, (count, total) in sorted(by_length.items()) if n))
 
 
 if __name__ == "__main__":
