@@ -40,7 +40,7 @@ def _freeze_loaded_objects() -> None:
     """Move every object alive now (the model's, torch's, transformers'...) out of the garbage collector's
     reach. They stay alive as long as the process, yet each full collection walked all of them: about 350k
     objects and 200 ms on the project's CPU, a pause that landed in a decoding step at random and, with
-    smaller collections, cost a step about 0.3 ms on average (docs/performance.md)."""
+    smaller collections, cost a step 0.2-0.4 ms on average (docs/performance.md)."""
     gc.collect()
     gc.freeze()
 

@@ -73,13 +73,13 @@ class TokenRecycling(Drafter):
     k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
     hot_start: bool = param(True, "keep the matrix across runs of the same model (the paper's hot start)")
     prompt: bool = param(True, "also recycle the prefill's candidates for every prompt token (costs the LM head "
-                         "over the prompt's distinct tokens)")
+                         "over the prompt's distinct tokens, or over every position with pairs)")
     pairs: bool = param(True, "also keep each pair of tokens' newest candidates, and draft from the pair's where "
                         "that pair was seen (an addition to the paper)")
     _template: list[tuple[int, int]] = field(init=False, default_factory=list)
     _matrix: torch.Tensor | None = field(init=False, default=None, repr=False)  # [vocab, k] int64
     _pairs: dict | None = field(init=False, default=None, repr=False)  # (token before, token) -> k candidates
-    _before_root: int | None = field(init=False, default=None)  # the token before this step's pending token
+    _before_root: int = field(init=False, default=EMPTY)  # the token before this step's pending token
 
     def check(self) -> None:
         try:
@@ -130,7 +130,7 @@ class TokenRecycling(Drafter):
         tokens: list[int] = []
         parents: list[int] = []
         placed: dict[int, int] = {}  # template index -> node index in the tree
-        rows: dict[tuple[int | None, int], list[int]] = {}  # (token before, token) -> candidates, read once
+        rows: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> candidates, read once per step
         generated = state.generated
         self._before_root = generated[-2] if len(generated) > 1 else state.prompt_ids[-1]
         for index, (parent, rank) in enumerate(self._template):
