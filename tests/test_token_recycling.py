@@ -40,8 +40,8 @@ def test_drafts_from_recycled_candidates():
     assert drafter.propose(state).tokens == [5, 6]
 
 
-def test_with_pairs_a_seen_pair_drafts_from_its_own_candidates():
-    drafter = TokenRecycling(widths="2", k=2, pairs=True)
+def test_with_context_a_seen_pair_drafts_from_its_own_candidates():
+    drafter = TokenRecycling(widths="2", k=2, context=2)
     state = DecodeState(_Model(), None, None, [1, 2], [3])
     drafter.begin(state)
     drafter._matrix[3] = torch.tensor([5, 6])  # what followed 3 last time, whatever came before it
@@ -53,7 +53,7 @@ def test_with_pairs_a_seen_pair_drafts_from_its_own_candidates():
     tree = drafter.propose(state)
     tree.tokens, tree.root = [7, 8], 3
     drafter.observe(state, tree, Acceptance([], 9), logits)
-    assert drafter._pairs[(2, 3)] == (9, 4) and drafter._pairs[(3, 7)] == (10, 11)
+    assert drafter._contexts[(2, 3)] == (9, 4) and drafter._contexts[(3, 7)] == (10, 11)
     state.prompt_ids, state.generated = [1, 2], [3]
     assert drafter.propose(state).tokens == [9, 4]  # the pair's candidates
     state.prompt_ids = [1, 8]  # 3 after 8: a pair never seen, so the matrix's row (now 9, 4 too)
@@ -61,15 +61,28 @@ def test_with_pairs_a_seen_pair_drafts_from_its_own_candidates():
     assert drafter.propose(state).tokens == [6, 5]
 
 
-def test_the_pairs_table_keeps_the_most_recently_updated(monkeypatch):
+def test_the_context_table_keeps_the_most_recently_updated(monkeypatch):
     import workbench.decoding.token_recycling as token_recycling
 
-    monkeypatch.setattr(token_recycling, "MAX_PAIRS", 3)
-    drafter = TokenRecycling(k=2, pairs=True, hot_start=False)
+    monkeypatch.setattr(token_recycling, "MAX_CONTEXTS", 3)
+    drafter = TokenRecycling(k=2, context=2, hot_start=False)
     drafter.begin(DecodeState(_Model(), None, None, [1], [2]))
-    drafter._remember_pairs([(1, 2), (2, 3), (3, 4)], [[5, 6]] * 3)
-    drafter._remember_pairs([(1, 2), (4, 5)], [[7, 8], [9, 10]])  # (1, 2) updated, so (2, 3) is the oldest
-    assert list(drafter._pairs) == [(3, 4), (1, 2), (4, 5)] and drafter._pairs[(1, 2)] == (7, 8)
+    drafter._remember([(1, 2), (2, 3), (3, 4)], [[5, 6]] * 3)
+    drafter._remember([(1, 2), (4, 5)], [[7, 8], [9, 10]])  # (1, 2) updated, so (2, 3) is the oldest
+    assert list(drafter._contexts) == [(3, 4), (1, 2), (4, 5)] and drafter._contexts[(1, 2)] == (7, 8)
+
+
+def test_a_longer_context_backs_off_to_shorter_ones_then_to_the_matrix():
+    drafter = TokenRecycling(widths="1", k=2, context=3)
+    state = DecodeState(_Model(), None, None, [1, 2], [3])  # tail (1, 2, 3)
+    drafter.begin(state)
+    drafter._matrix[3] = torch.tensor([5, 6])
+    assert drafter.propose(state).tokens == [5]  # nothing seen: the matrix
+    drafter._remember([(9, 2, 3)], [[7, 8]])  # stores (2, 3) and (9, 2, 3)
+    assert drafter.propose(state).tokens == [7]  # (1, 2, 3) unseen, (2, 3) seen
+    drafter._remember([(1, 2, 3)], [[4, 8]])
+    assert drafter.propose(state).tokens == [4]  # the longest run seen wins
+    assert set(drafter._contexts) == {(2, 3), (9, 2, 3), (1, 2, 3)}
 
 
 @pytest.mark.parametrize("widths", ["", "2-x", "0-1", "9"])
@@ -121,9 +134,9 @@ def test_the_prompts_candidates_are_recycled_from_the_prefill(monkeypatch):
                 memory=off).run(prompt))
     assert (off["token_recycling"] == -1).all()
     with_pairs = {}
-    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"pairs": True})),
+    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"context": 2})),
                 memory=with_pairs).run(prompt))
     assert torch.equal(with_pairs["token_recycling"], matrix)  # the same rows per token
-    pairs = with_pairs["token_recycling:pairs"]
+    pairs = with_pairs["token_recycling:contexts"]
     assert set(pairs) == {(a, b) for a, b in zip(prompt, prompt[1:])}
     assert pairs[(5, 6)] == tuple(top[1].tolist()) and pairs[(10, 5)] == tuple(top[6].tolist())

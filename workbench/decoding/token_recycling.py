@@ -22,12 +22,13 @@ copies from the prompt (summaries, edits, retrieved passages) then drafts from t
 prompt suite it raised the tokens per forward from 1.39 to 1.52 (docs/performance.md), for the LM head over
 the prompt's distinct tokens.
 
-A second addition (`pairs`, on by default): each verified row's candidates are also kept under the pair (the
-token before, the token), and a node whose pair was seen drafts from the pair's candidates, else from the
-matrix's row. Two tokens of context predict the next far better where text repeats; over the prompt suite the
-tokens per forward rose from 1.53 to 1.61 (docs/performance.md). With `prompt` too, the prefill's rows cover
-every prompt position instead of the distinct tokens. The pairs' table keeps the MAX_PAIRS most recently
-updated pairs, and `hot_start` keeps it across runs with M. `pairs=false,prompt=false` is the paper's method.
+A second addition (`context`, 2 by default): each verified row's candidates are also kept under the last
+2..`context` tokens ending at its token, and a node drafts from the candidates of the longest such run of
+tokens that has been seen, else from M's row. Two tokens of context predict the next far better where text
+repeats; over the prompt suite the tokens per forward rose from 1.53 to 1.61 with pairs (docs/performance.md).
+With `prompt` too, the prefill's rows cover every prompt position instead of the distinct tokens. The table
+keeps the MAX_CONTEXTS most recently updated runs, and `hot_start` keeps it across runs with M.
+`context=1,prompt=false` is the paper's method.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from workbench.sampling import top_k
 
 EMPTY = -1
 PROMPT_CHUNK = 256  # prompt rows per LM-head call when recycling the prompt's candidates
-MAX_PAIRS = 1 << 17  # pairs of tokens whose candidates are kept (about 64 MB at k = 8; the suite makes ~50k)
+MAX_CONTEXTS = 1 << 17  # runs of tokens whose candidates are kept (about 64 MB at k = 8; the suite makes ~50k pairs)
 
 
 def tree_template(widths: list[int]) -> list[tuple[int, int]]:
@@ -73,13 +74,14 @@ class TokenRecycling(Drafter):
     k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
     hot_start: bool = param(True, "keep the matrix across runs of the same model (the paper's hot start)")
     prompt: bool = param(True, "also recycle the prefill's candidates for every prompt token (costs the LM head "
-                         "over the prompt's distinct tokens, or over every position with pairs)")
-    pairs: bool = param(True, "also keep each pair of tokens' newest candidates, and draft from the pair's where "
-                        "that pair was seen (an addition to the paper)")
+                         "over the prompt's distinct tokens, or over every position with context > 1)")
+    context: int = param(2, "tokens that key the candidates: 1 is the paper's matrix alone; n also keeps the newest "
+                         "candidates of every run of 2..n tokens and drafts from the longest seen (an addition)",
+                         min=1, max=4)
     _template: list[tuple[int, int]] = field(init=False, default_factory=list)
     _matrix: torch.Tensor | None = field(init=False, default=None, repr=False)  # [vocab, k] int64
-    _pairs: dict | None = field(init=False, default=None, repr=False)  # (token before, token) -> k candidates
-    _before_root: int = field(init=False, default=EMPTY)  # the token before this step's pending token
+    _contexts: dict | None = field(init=False, default=None, repr=False)  # run of 2+ tokens -> k candidates
+    _root_tail: tuple[int, ...] = field(init=False, default=())  # the last `context` tokens, up to the pending one
 
     def check(self) -> None:
         try:
@@ -97,22 +99,22 @@ class TokenRecycling(Drafter):
             if kept is None or kept.shape != shape:
                 kept = state.memory["token_recycling"] = torch.full(shape, EMPTY, dtype=torch.long)
             self._matrix = kept
-            self._pairs = state.memory.setdefault("token_recycling:pairs", {}) if self.pairs else None
+            self._contexts = state.memory.setdefault("token_recycling:contexts", {}) if self.context > 1 else None
         else:
             self._matrix = torch.full(shape, EMPTY, dtype=torch.long)
-            self._pairs = {} if self.pairs else None
+            self._contexts = {} if self.context > 1 else None
 
     def wants_prompt_states(self) -> bool:
         return self.prompt
 
     def observe_prompt(self, state, hidden) -> None:
         # each prompt token's row from its last occurrence, as if the prompt had been decoded in order (with
-        # pairs, every position's row also goes to its pair); the LM head a chunk of rows at a time, so a long
-        # prompt never holds [prompt, vocab] logits
+        # context, every position's row also goes to the runs of tokens ending there); the LM head a chunk of rows
+        # at a time, so a long prompt never holds [prompt, vocab] logits
         ids = state.prompt_ids
         last = {token: i for i, token in enumerate(ids)}
         positions = set(last.values())
-        if self._pairs is not None:
+        if self._contexts is not None:
             positions |= {i for i in range(1, len(ids))}
         positions = sorted(positions)
         for start in range(0, len(positions), PROMPT_CHUNK):
@@ -120,55 +122,64 @@ class TokenRecycling(Drafter):
             top = top_k(state.model.logits(hidden[torch.tensor(chunk, device=hidden.device)]), self.k)[1].cpu()
             unigram = [j for j, i in enumerate(chunk) if last[ids[i]] == i]
             self._matrix[torch.tensor([ids[chunk[j]] for j in unigram], dtype=torch.long)] = top[unigram]
-            if self._pairs is not None:
-                after_first = [(j, i) for j, i in enumerate(chunk) if i]  # position 0 has no token before it
-                candidates = top.tolist()
-                self._remember_pairs([(ids[i - 1], ids[i]) for _, i in after_first],
-                                     [candidates[j] for j, _ in after_first])
+            if self._contexts is not None:
+                self._remember([tuple(ids[max(0, i + 1 - self.context): i + 1]) for i in chunk], top.tolist())
 
     def propose(self, state) -> DraftTree:
         tokens: list[int] = []
         parents: list[int] = []
         placed: dict[int, int] = {}  # template index -> node index in the tree
-        rows: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> candidates, read once per step
-        generated = state.generated
-        self._before_root = generated[-2] if len(generated) > 1 else state.prompt_ids[-1]
+        tails: list[tuple[int, ...]] = []  # per node: the last `context` tokens up to it
+        rows: dict[tuple[int, ...], list[int]] = {}  # tail -> candidates, read once per step
+        recent = state.generated[-self.context:]
+        self._root_tail = tuple(state.prompt_ids[max(0, len(state.prompt_ids) - self.context + len(recent)):] + recent)
         for index, (parent, rank) in enumerate(self._template):
             if parent == ROOT:
-                parent_token, parent_node, before = state.pending, ROOT, self._before_root
+                parent_node, tail = ROOT, self._root_tail
             elif parent in placed:
                 parent_node = placed[parent]
-                parent_token = tokens[parent_node]
-                grandparent = parents[parent_node]
-                before = state.pending if grandparent == ROOT else tokens[grandparent]
+                tail = tails[parent_node]
             else:
                 continue  # the parent was not drafted, so neither is its subtree
-            key = (before, parent_token)
-            if key not in rows:
-                pair = self._pairs.get(key) if self._pairs is not None else None
-                rows[key] = pair if pair is not None else self._matrix[parent_token].tolist()
-            candidate = rows[key][rank]
+            if tail not in rows:
+                rows[tail] = self._candidates(tail)
+            candidate = rows[tail][rank]
             if candidate != EMPTY:
                 placed[index] = len(tokens)
                 tokens.append(candidate)
                 parents.append(parent_node)
+                tails.append((tail + (candidate,))[-self.context:])
         return DraftTree(tokens, parents)
+
+    def _candidates(self, tail: tuple[int, ...]) -> list[int]:
+        """The candidates after `tail`: those of its longest ending run of 2+ tokens seen, else M's row."""
+        if self._contexts is not None:
+            for n in range(len(tail), 1, -1):
+                found = self._contexts.get(tail[-n:])
+                if found is not None:
+                    return found
+        return self._matrix[tail[-1]].tolist()
 
     def observe(self, state, tree, acceptance, logits) -> None:
         # Recycle: every token that went through the target gets its newest top-k successors.
         inputs = [tree.root, *tree.tokens]
         top = top_k(logits, self.k)[1].cpu()
         self._matrix[torch.tensor(inputs)] = top
-        if self._pairs is not None:
-            befores = [self._before_root] + [tree.root if p == ROOT else tree.tokens[p] for p in tree.parents]
-            self._remember_pairs(list(zip(befores, inputs)), top.tolist())
+        if self._contexts is not None:
+            tails = [self._root_tail]
+            for token, parent in zip(tree.tokens, tree.parents):
+                tails.append((tails[parent + 1] + (token,))[-self.context:])  # row parent + 1 is the parent's
+            self._remember(tails, top.tolist())
 
-    def _remember_pairs(self, keys: list[tuple[int, int]], rows: list[list[int]]) -> None:
-        """Each pair's newest candidates, as tuples (ints in tuples cost the garbage collector nothing once
-        seen); past MAX_PAIRS pairs, the least recently updated go."""
-        pairs = self._pairs
-        for key, row in zip(keys, rows):
-            pairs.pop(key, None)  # re-inserted last: the dict's order is the order of updates
-            pairs[key] = tuple(row)
-        for key in list(islice(pairs, max(0, len(pairs) - MAX_PAIRS))):
-            del pairs[key]
+    def _remember(self, tails: list[tuple[int, ...]], rows: list[list[int]]) -> None:
+        """Each row's candidates under every run of 2+ tokens ending its tail, as tuples (ints in tuples cost the
+        garbage collector nothing once seen); past MAX_CONTEXTS runs, the least recently updated go."""
+        table = self._contexts
+        for tail, row in zip(tails, rows):
+            row = tuple(row)
+            for n in range(2, len(tail) + 1):
+                key = tail[-n:]
+                table.pop(key, None)  # re-inserted last: the dict's order is the order of updates
+                table[key] = row
+        for key in list(islice(table, max(0, len(table) - MAX_CONTEXTS))):
+            del table[key]
