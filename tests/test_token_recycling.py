@@ -85,6 +85,18 @@ def test_a_longer_context_backs_off_to_shorter_ones_then_to_the_matrix():
     assert set(drafter._contexts) == {(2, 3), (9, 2, 3), (1, 2, 3)}
 
 
+def test_another_k_starts_both_tables_again():
+    memory = {}
+    small = TokenRecycling(k=2, context=2)
+    small.begin(DecodeState(_Model(), None, None, [1], [2], memory=memory))
+    small._remember([(1, 2)], [[5, 6]])
+    wide = TokenRecycling(widths="3", k=4, context=2)
+    state = DecodeState(_Model(), None, None, [1], [2], memory=memory)
+    wide.begin(state)
+    assert memory["token_recycling"].shape == (20, 4) and memory["token_recycling:contexts"] == {}
+    assert wide.propose(state).tokens == []  # no 2-candidate row left to read a third rank from
+
+
 @pytest.mark.parametrize("widths", ["", "2-x", "0-1", "9"])
 def test_bad_widths_are_refused(widths):
     with pytest.raises(SpecError, match="widths"):

@@ -96,8 +96,9 @@ class TokenRecycling(Drafter):
         shape = (state.model.config.vocab_size, self.k)
         if self.hot_start:
             kept = state.memory.get("token_recycling")
-            if kept is None or kept.shape != shape:
+            if kept is None or kept.shape != shape:  # a new model or another k: both tables start again
                 kept = state.memory["token_recycling"] = torch.full(shape, EMPTY, dtype=torch.long)
+                state.memory["token_recycling:contexts"] = {}
             self._matrix = kept
             self._contexts = state.memory.setdefault("token_recycling:contexts", {}) if self.context > 1 else None
         else:
