@@ -1,26 +1,19 @@
 """The workbench's top-k kernel against torch's topk and argmax on float32 logits rows of SmolLM2's vocabulary
-(49152), in microseconds (best of five 300-call means).
+(49152), in microseconds (after three warm-up calls, the best of three means of 300 calls, 10 for 256 rows).
 
     python scripts/topk_bench.py
 """
 
-import time
-
 import torch
+from self_speculation_bound import mean_ms
 
 from workbench.kernels import cpu
 
 VOCAB = 49152
 
 
-def best_us(fn, calls: int = 300) -> float:
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-    return best
+def best_us(fn, calls: int) -> float:
+    return mean_ms(fn, calls) * 1e3
 
 
 def main() -> None:
