@@ -104,21 +104,28 @@ def tokens_html(trace: Trace | None, label: Label, error: str | None = None, sho
             parts.append(_span(label(token), "wb-prompt", token_title(token, "prompt", None, [], label, None, None,
                                                                     held(pos))))
     for event in trace.events:
-        accepted_nodes = []
-        if event.tree is not None:
-            accepted_nodes = sorted((d, i) for i, (d, a) in enumerate(zip(event.tree.depths, event.tree.accepted))
-                                    if a)
-        for i, token in enumerate(event.tokens):
-            draft = target = None
-            if event.sources[i] == "accepted" and i < len(accepted_nodes):
-                node = accepted_nodes[i][1]
-                draft, target = event.tree.draft_probs[node], event.tree.target_probs[node]
-            alternatives = event.alternatives[i] if i < len(event.alternatives) else []
-            title = token_title(token, event.sources[i], event.logprobs[i], alternatives, label, draft, target,
-                                held(event.positions[i]))
-            parts.append(_span(label(token), f"wb-{event.sources[i]}", title))
+        parts += event_spans(event, label, held)
     parts.append("</div>")
     return "".join(parts)
+
+
+def event_spans(event, label: Label, held: Callable[[int], str]) -> list[str]:
+    """One hoverable span per token a step committed (the live race appends these as steps arrive)."""
+    parts = []
+    accepted_nodes = []
+    if event.tree is not None:
+        accepted_nodes = sorted((d, i) for i, (d, a) in enumerate(zip(event.tree.depths, event.tree.accepted))
+                                if a)
+    for i, token in enumerate(event.tokens):
+        draft = target = None
+        if event.sources[i] == "accepted" and i < len(accepted_nodes):
+            node = accepted_nodes[i][1]
+            draft, target = event.tree.draft_probs[node], event.tree.target_probs[node]
+        alternatives = event.alternatives[i] if i < len(event.alternatives) else []
+        title = token_title(token, event.sources[i], event.logprobs[i], alternatives, label, draft, target,
+                            held(event.positions[i]))
+        parts.append(_span(label(token), f"wb-{event.sources[i]}", title))
+    return parts
 
 
 def kept_mask_html(trace: Trace | None, label: Label, layer: int, head: int) -> str:
