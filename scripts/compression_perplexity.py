@@ -3,7 +3,7 @@
     .venv/bin/python scripts/compression_perplexity.py int4:group=64 gptq:group=64 int4:group=64+eora:rank=32
 
 The uncompressed model is always the first row. Each chain is applied to a fresh copy of the model; the text
-(`workbench.eval.text.evaluation_text()`, hash printed) is cut into windows of `--window` tokens, each run from
+(`workbench.text.evaluation_text()`, hash printed) is cut into windows of `--window` tokens, each run from
 position 0, and every token after a window's first is scored. Faster than `workbench eval` (one forward per
 window instead of one decoding step per scored token) and so able to score many more tokens: use it to
 separate methods whose perplexities are close (GPTQ against round-to-nearest).
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from workbench.compression.base import apply_compression
-from workbench.eval.text import evaluation_text, text_hash
 from workbench.models import load_model
 from workbench.spec import TechniqueSpec
+from workbench.text import evaluation_text, text_hash
 
 
 @torch.no_grad()

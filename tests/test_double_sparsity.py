@@ -135,7 +135,7 @@ def test_a_tokenizer_calibrates_on_the_calibration_text_not_the_evaluation_text(
         return {"input_ids": [ord(ch) % 500 for ch in text]}
 
     ids, source = ds.calibration_ids(model, tokenizer)
-    from workbench.eval.text import calibration_text, evaluation_text
+    from workbench.text import calibration_text, evaluation_text
 
     assert len(ids) == ds.CALIBRATION_TOKENS and "calibration_text()" in source
     assert calibration_text().startswith(seen[0]) and seen[0] not in evaluation_text()

@@ -1,4 +1,4 @@
-"""The engine: one loop for every decoding technique (see DESIGN.md).
+"""The engine: one loop for every decoding technique (docs/architecture.md).
 
     state = prefill(prompt)
     while not done:
@@ -24,7 +24,7 @@ import torch
 from workbench.cache.base import CachePolicy, KVCache
 from workbench.cache.dense import DensePolicy
 from workbench.cache.stats import CacheStats, cache_stats, kept_sampled
-from workbench.decoding.base import Acceptor, Drafter, DraftTree
+from workbench.decoding.base import Acceptor, DecodeState, Drafter, DraftTree
 from workbench.errors import PromptError
 from workbench.models.llama import LlamaModel
 from workbench.sampling import Sampler, top_k
@@ -32,35 +32,6 @@ from workbench.spec import RunSpec, TechniqueSpec
 
 TOP_ALTERNATIVES = 5  # alternatives kept per generated token, for hovers in the views
 DRAFT_HEADROOM = 64  # cache slots reserved beyond prompt + max_new_tokens for trees in flight
-
-
-@dataclass
-class DecodeState:
-    """What drafters see: the model, its cache, the sampler and the tokens so far."""
-
-    model: LlamaModel
-    cache: KVCache
-    sampler: Sampler
-    prompt_ids: list[int]
-    generated: list[int] = field(default_factory=list)  # the last one is pending: its KV is not cached yet
-    step: int = 0
-    # Kept across the runs of one loaded model (the Workbench owns it): drafters that learn from earlier runs
-    # (token recycling's hot start) and cache policies' calibrations (CachePolicy.prepare) keep their state
-    # here, under their own name.
-    memory: dict = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> list[int]:
-        """Prompt and generated tokens, in order."""
-        return self.prompt_ids + self.generated
-
-    @property
-    def pending(self) -> int:
-        return self.generated[-1]
-
-    @property
-    def pending_position(self) -> int:
-        return len(self.prompt_ids) + len(self.generated) - 1
 
 
 @dataclass
@@ -131,7 +102,11 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
         memory: dict | None = None,
         tokenizer: Any = None,
+        acceptor: Acceptor | None = None,
+        policies: list[CachePolicy] | None = None,
     ):
+        """`acceptor` and `policies`, when given, replace the spec's (the teacher-forced quality pass in
+        `workbench.eval.quality` forces each token through an acceptor and takes policy objects)."""
         self.model = model
         self.tokenizer = tokenizer  # for policies' `prepare` (an offline calibration); None for random models
         self.spec = spec.validated()
@@ -140,8 +115,8 @@ class Engine:
         self.memory = {} if memory is None else memory
         self.drafter: Drafter = self.spec.decode.build("decoding")
         accept = self.spec.accept or TechniqueSpec(self.drafter.default_acceptor)
-        self.acceptor: Acceptor = accept.build("acceptance")
-        self.policies: list[CachePolicy] = [t.build("cache") for t in self.spec.cache]
+        self.acceptor: Acceptor = acceptor or accept.build("acceptance")
+        self.policies: list[CachePolicy] = [t.build("cache") for t in self.spec.cache] if policies is None else policies
         self.sampler = Sampler(self.spec.temperature, self.spec.top_k, self.spec.top_p, self.spec.min_p,
                                self.spec.seed, device=model.device)
 

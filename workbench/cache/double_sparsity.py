@@ -12,9 +12,9 @@ from workbench.cache.base import CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.cache.scores import check_budget, kept_count
 from workbench.errors import SpecError
-from workbench.eval.text import calibration_text, text_hash
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
+from workbench.text import calibration_text, text_hash
 
 if TYPE_CHECKING:
     from workbench.models.llama import LlamaModel

@@ -150,13 +150,13 @@ class CompressionContext:
         return self.original[name]
 
     def calibration_ids(self, n_tokens: int) -> torch.Tensor:
-        """The first `n_tokens` tokens [n] of the standard-library calibration text (`eval.text`), on the
+        """The first `n_tokens` tokens [n] of the standard-library calibration text (`workbench.text`), on the
         model's device; a model without a tokenizer gets seeded random ids instead."""
         if self.tokenizer is None:
             g = torch.Generator().manual_seed(0)
             return torch.randint(0, self.vocab_size, (n_tokens,), generator=g).to(self.device)
         if self._calibration is None:
-            from workbench.eval.text import calibration_text
+            from workbench.text import calibration_text
 
             self._calibration = torch.tensor(self.tokenizer(calibration_text())["input_ids"], dtype=torch.long)
         if n_tokens > len(self._calibration):

@@ -21,7 +21,8 @@ import torch
 from workbench.sampling import Sampler
 
 if TYPE_CHECKING:
-    from workbench.engine import DecodeState
+    from workbench.cache.base import KVCache
+    from workbench.models.llama import LlamaModel
 
 ROOT = -1  # parent index of a node drafted directly after the pending token
 
@@ -111,6 +112,35 @@ class DraftTree:
     def forward_tokens(self) -> list[int]:
         """What the target runs this step: root, nodes, then aux tokens."""
         return [self.root, *self.tokens, *(self.aux.tokens if self.aux else [])]
+
+
+@dataclass
+class DecodeState:
+    """What drafters see: the model, its cache, the sampler and the tokens so far."""
+
+    model: LlamaModel
+    cache: KVCache
+    sampler: Sampler
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)  # the last one is pending: its KV is not cached yet
+    step: int = 0
+    # Kept across the runs of one loaded model (the Workbench owns it): drafters that learn from earlier runs
+    # (token recycling's hot start) and cache policies' calibrations (CachePolicy.prepare) keep their state
+    # here, under their own name.
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens, in order."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def pending(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def pending_position(self) -> int:
+        return len(self.prompt_ids) + len(self.generated) - 1
 
 
 @dataclass

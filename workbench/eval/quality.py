@@ -2,11 +2,12 @@
 
 The protocol (docs/quality.md), the same for KV-cache policies, weight transforms and the kvpress peer:
 
-1. Take L consecutive tokens of the evaluation text (`workbench.eval.text.evaluation_text`; L = context).
+1. Take L consecutive tokens of the evaluation text (`workbench.text.evaluation_text`; L = context).
 2. Prefill the first P = L - S tokens in one forward and commit them; the policies then run
    `on_prefill_end`, which is where they compress or evict. The prefill's last row scores token P.
-3. Feed tokens P .. L-2 one per step, exactly as decoding does (append, forward with the cache,
-   `cache.commit()`, every policy's `on_step_end`); step i's logits score token i + 1.
+3. Feed tokens P .. L-2 one per step through the engine's own decoding loop (forward with the cache,
+   `cache.commit()`, every policy's `on_step_end`), each step's token forced to the text's; step i's
+   logits score token i + 1.
 
 So S tokens are scored, each from a forward that read the compressed cache (except the first, which the
 prefill produced before compressing, as in the engine). With the dense cache this equals one full forward
@@ -18,19 +19,21 @@ the reference run's: the dense cache on the uncompressed model, same dtype.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from workbench.cache.base import CachePolicy
-from workbench.engine import DRAFT_HEADROOM, build_cache
+from workbench.decoding.base import Acceptance, Acceptor, DraftTree
+from workbench.engine import Engine
 from workbench.errors import ModelError, PromptError
-from workbench.eval.text import evaluation_text
 from workbench.models import LoadedModel
 from workbench.models.llama import LlamaModel
+from workbench.sampling import Sampler
+from workbench.spec import RunSpec
+from workbench.text import evaluation_text
 
 BYTE_VOCAB = 256  # models without a tokenizer (tiny random ones) read text as UTF-8 bytes
 
@@ -47,7 +50,7 @@ class Forced:
     targets: torch.Tensor
     cache_bytes_prefill: int
     cache_bytes_end: int
-    decode_s: float  # wall time of the S - 1 one-token steps (forward, commit, policy hooks)
+    decode_s: float  # wall time of the S - 1 one-token engine steps (forward, commit, policy hooks, step event)
 
 
 def encode(loaded: LoadedModel, text: str) -> list[int]:
@@ -85,42 +88,37 @@ def evaluation_windows(loaded: LoadedModel, context: int, windows: int) -> list[
     return [ids[w * context:(w + 1) * context] for w in range(windows)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class _ForcedAcceptor(Acceptor):
+    """Teacher forcing inside the engine: each step's token is the text's next token, whatever the model
+    predicts; the row that scores it ([1, vocab] logits) is kept."""
+
+    targets: list[int]
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
+        self.rows.append(logits[:1])
+        return Acceptance([], self.targets[len(self.rows) - 1])
 
 
-@torch.inference_mode()
 def teacher_forced(model: LlamaModel, policies: list[CachePolicy], ids: Sequence[int], prefill: int,
                    tokenizer: Any = None, memory: dict | None = None) -> Forced:
     """Run the protocol (module docstring) on one window: prefill `prefill` tokens, then one token per step.
 
-    The policies are prepared first (`CachePolicy.prepare`, e.g. double sparsity's offline calibration) with
-    `tokenizer` and `memory`; pass the Workbench's per-model memory so that is done once, not per window."""
+    This is the engine's own loop (`Engine.run`: policies prepared, cache built, prefill, commit, policy
+    hooks) with plain decoding and every token forced. The policies are prepared first (`CachePolicy.prepare`,
+    e.g. double sparsity's offline calibration) with `tokenizer` and `memory`; pass the Workbench's
+    per-model memory so that is done once, not per window."""
     if not 0 < prefill < len(ids):
         raise ValueError(f"prefill must be in [1, {len(ids) - 1}], got {prefill}")
-    device = model.device
-    tokens = torch.tensor(list(ids), device=device)
-    positions = torch.arange(len(ids), device=device)
-    for policy in policies:
-        policy.prepare(model, tokenizer, {} if memory is None else memory)
-    cache = build_cache(model, policies, len(ids) + DRAFT_HEADROOM)
-    rows = [model(tokens[:prefill], positions[:prefill], cache, last_only=True).logits]
-    cache.commit()
-    for policy in policies:
-        policy.on_prefill_end(cache)
-    bytes_prefill = cache.nbytes()
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(prefill, len(ids) - 1):
-        rows.append(model(tokens[i:i + 1], positions[i:i + 1], cache).logits)
-        cache.commit()
-        for policy in policies:
-            policy.on_step_end(cache)
-    _sync(device)
-    decode_s = time.perf_counter() - t0
-    logprobs = torch.log_softmax(torch.cat(rows).float(), dim=-1).cpu()
-    return Forced(logprobs, tokens[prefill:].cpu(), bytes_prefill, cache.nbytes(), decode_s)
+    targets = list(ids[prefill:])
+    forced = _ForcedAcceptor(targets)
+    engine = Engine(model, RunSpec(max_new_tokens=len(targets)), memory=memory, tokenizer=tokenizer,
+                    acceptor=forced, policies=policies)
+    events = list(engine.run(list(ids[:prefill])))
+    decode_s = (events[-1].elapsed_ns - events[0].elapsed_ns) / 1e9
+    logprobs = torch.log_softmax(torch.cat(forced.rows).float(), dim=-1).cpu()
+    return Forced(logprobs, torch.tensor(targets), events[0].cache_bytes, events[-1].cache_bytes, decode_s)
 
 
 def nll(run: Forced) -> torch.Tensor:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from workbench import registry
 from workbench.errors import PromptError, SpecError
 from workbench.eval import retrieval
-from workbench.eval.text import evaluation_text, text_hash
 from workbench.spec import DEFAULT_MODEL, RunSpec, TechniqueSpec
+from workbench.text import evaluation_text, text_hash
 
 if TYPE_CHECKING:
     from workbench.eval.quality import Forced
