@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import duckdb
@@ -16,7 +17,8 @@ from workbench.errors import StoreError
 
 from .schema import SCHEMA_VERSION
 
-SEALED = {"enable_external_access": False, "lock_configuration": True}
+SEALED = {"enable_external_access": False, "lock_configuration": True, "temp_directory": ""}  # no spilling to disk
+DEFAULT_MEMORY_MIB = 1024  # DuckDB's working memory per store file opened (the console's memory limit)
 _DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
 
 
@@ -40,12 +42,27 @@ def _describe_foreign(head: bytes) -> str:
         return "an unknown binary file"
 
 
+def is_empty(path: Path) -> bool:
+    """No store yet: the path does not exist or is an empty regular file (both are initialised by a writer
+    and reported as "no run recorded yet" by a reader, the same way)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+
+
 def check_file(path: Path) -> None:
-    """Refuse a file that is not a DuckDB database, before DuckDB can touch it."""
-    if not path.exists() or path.stat().st_size == 0:
+    """Refuse a file that is not a DuckDB database, before DuckDB can touch it (or block on it)."""
+    if is_empty(path):
         return
-    if path.is_dir():
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
         raise StoreError(f"the store path {path} is a folder; give a file path such as {path / 'runs.duckdb'}")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise StoreError(f"the store path {path} is {kind}, not a regular file; give the path of a store file "
+                         "(or of one to create)")
     with open(path, "rb") as f:
         head = f.read(64)
     if len(head) < 12 or head[8:12] != _DUCKDB_MAGIC:
@@ -53,16 +70,16 @@ def check_file(path: Path) -> None:
                          "it was left untouched: pass --store with another path or move the file away")
 
 
-def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def connect(path: Path, read_only: bool, memory_mib: int = DEFAULT_MEMORY_MIB) -> duckdb.DuckDBPyConnection:
     """A sealed connection to the store file, or a StoreError saying why it cannot be opened."""
-    if read_only and (not path.exists() or path.stat().st_size == 0):
+    if read_only and is_empty(path):
         raise StoreError(f"no store at {path}: no run has been recorded there yet "
                          "(`workbench generate` records runs; --store or WORKBENCH_STORE pick the file)")
     check_file(path)
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return duckdb.connect(str(path), read_only=read_only, config=dict(SEALED))
+        return duckdb.connect(str(path), read_only=read_only, config={**SEALED, "memory_limit": f"{memory_mib}MiB"})
     except duckdb.IOException as err:
         if "lock" in str(err).lower():
             pid = re.search(r"PID (\d+)", str(err))

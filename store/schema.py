@@ -53,6 +53,14 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE cache_stats ADD COLUMN kept INTEGER[]",
         "ALTER TABLE cache_stats ADD COLUMN simulated BOOLEAN",
     ],
+    4: [  # simulated speed, warm starts, the cache's live bytes beside its allocated bytes, provenance (JSON)
+        "ALTER TABLE runs ADD COLUMN simulated VARCHAR[]",
+        "ALTER TABLE runs ADD COLUMN warm_start BOOLEAN",
+        "ALTER TABLE runs ADD COLUMN cache_live_bytes BIGINT",
+        "ALTER TABLE runs ADD COLUMN peak_cache_live_bytes BIGINT",
+        "ALTER TABLE runs ADD COLUMN provenance VARCHAR",
+        "ALTER TABLE steps ADD COLUMN cache_live_bytes BIGINT",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -70,6 +78,11 @@ _ONE_TECHNIQUE = """CASE WHEN json_extract(spec_json, '$.{field}') IS NULL
             list_transform(map_entries(from_json(json_extract(spec_json, '$.{field}.params'),
             '"MAP(VARCHAR, VARCHAR)"')), lambda e: e.key || '=' || e.value), ','), ':'), '') END"""
 
+# provenance's backends ({operation: backend}) as one sortable string `operation=backend,...`, for GROUP BY.
+_BACKENDS = """CASE WHEN json_type(json_extract(provenance, '$.backends')) = 'OBJECT' THEN array_to_string(list_sort(
+        list_transform(map_entries(from_json(json_extract(provenance, '$.backends'), '"MAP(VARCHAR, VARCHAR)"')),
+        lambda e: e.key || '=' || e.value)), ',') END"""
+
 VIEWS = [
     f"""CREATE OR REPLACE VIEW run_summary AS SELECT
         run_id, created_at, status, model, dtype, device, hardware,
@@ -82,7 +95,10 @@ VIEWS = [
         CAST(json_extract(spec_json, '$.max_new_tokens') AS INTEGER) AS max_new_tokens,
         spec, prompt, n_prompt_tokens, n_new_tokens, tok_per_s, decode_tok_per_s, ttft_s, total_s,
         target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
-        finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step
+        finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step,
+        simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance,
+        json_extract_string(provenance, '$.commit') AS commit,
+        {_BACKENDS} AS backend
     FROM runs""",
     # Matching rule (docs/store.md): a run is compared with the finished plain runs (plain decoding, no
     # acceptor override, no cache policy, no compression) of the same prompt, model, dtype, device,

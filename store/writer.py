@@ -6,13 +6,17 @@
 - The writer holds DuckDB's file lock while open, so only one process writes a file. A run still marked
   `running` when a writer opens the file was therefore left by a process that died (killed, crashed): the
   writer marks it `interrupted`.
-- `StoreThread` serialises writes from many threads through one thread and a queue (the app's case).
+- `StoreThread` serialises writes from many threads through one thread and a queue (the app's case);
+  console queries run on the caller's thread, on their own connection, so a slow query never holds up a write.
+- A write that fails (disk full, the WAL not creatable) is a one-line StoreError naming the cause, and the run
+  is kept as `failed` with that reason where the file still takes the small update.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,11 +29,13 @@ import pyarrow as pa
 
 from workbench.errors import StoreError
 
-from .database import connect, default_store_path, stored_version
+from .database import connect, default_store_path, is_empty, stored_version
 from .schema import MIGRATIONS, SCHEMA_VERSION, VIEWS
 
 if TYPE_CHECKING:  # the store reads traces but never needs torch to do so
     from workbench.trace import Trace
+
+    from .console import Cancel, Limits
 
 CACHE_SAMPLE_STEPS = 32  # cache_stats keeps at most this many steps per run, evenly spaced, first and last included
 KEPT_STORE_STEPS = 8  # of the steps whose kept positions the engine sampled, at most this many are stored
@@ -77,7 +83,22 @@ def run_row(trace: Trace) -> dict[str, Any]:
                     "peak_cache_bytes", "finish_reason", "lossless", "alpha", "predicted_tokens_per_step",
                     "tokens_per_step"):
             row[key] = summary[key]
+        for key in ("simulated", "warm_start", "cache_live_bytes", "peak_cache_live_bytes"):
+            row[key] = summary.get(key)  # NULL until the trace's summary carries them
+        provenance = summary.get("provenance")
+        row["provenance"] = None if provenance is None else json.dumps(provenance, default=str)
     return row
+
+
+def failure_cause(err: Exception) -> str:
+    """A write error in one line: "no space left on device writing /x/runs.duckdb.wal" for an OS error on a
+    named file, else DuckDB's first line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    file = re.search(r'"([^"]+)"', text)
+    if isinstance(err, duckdb.IOException) and file and ": " in text:
+        cause = text.rsplit(": ", 1)[1].rstrip(".")
+        return f"{cause[:1].lower()}{cause[1:]} writing {file.group(1)}"
+    return text
 
 
 def detail_tables(trace: Trace) -> dict[str, pa.Table]:
@@ -85,7 +106,8 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
     rid = trace.run_id
     steps: dict[str, list] = {k: [] for k in ("run_id", "step", "draft_ns", "verify_ns", "accept_ns", "elapsed_ns",
                                               "nodes_drafted", "tokens_accepted", "bonus_token", "n_tokens",
-                                              "cache_bytes", "cache_tokens", "text", "finish_reason")}
+                                              "cache_bytes", "cache_tokens", "text", "finish_reason",
+                                              "cache_live_bytes")}
     tokens: dict[str, list] = {k: [] for k in ("run_id", "position", "token_id", "text", "source", "logprob",
                                                "entropy", "step")}
     nodes: dict[str, list] = {k: [] for k in ("run_id", "step", "node", "parent", "token_id", "depth", "draft_prob",
@@ -101,7 +123,8 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
     sampled |= kept_steps
     for e in trace.events:
         values = (rid, e.step, e.draft_ns, e.verify_ns, e.accept_ns, e.elapsed_ns, e.n_drafted, e.n_accepted,
-                  "bonus" in e.sources, len(e.tokens), e.cache_bytes, sum(e.cache_tokens), e.text, e.finish_reason)
+                  "bonus" in e.sources, len(e.tokens), e.cache_bytes, sum(e.cache_tokens), e.text, e.finish_reason,
+                  getattr(e, "cache_live_bytes", None))
         for key, value in zip(steps, values):
             steps[key].append(value)
         alone = e.text if len(e.tokens) == 1 else None  # a token's own text is known only when it is alone
@@ -153,6 +176,16 @@ def _kept_steps(trace: Trace) -> set[int]:
     return out
 
 
+def _check_before_writing(path: Path) -> None:
+    """Run the file's checks on a read-only connection first, so a writer never rewrites (replays a WAL into,
+    checkpoints) a file it then refuses: a foreign database, a newer store."""
+    con = connect(path, read_only=True)
+    try:
+        stored_version(con, path)
+    finally:
+        con.close()
+
+
 class Store:
     """The writer of one store file (default: `default_store_path()`). Use from one thread, or via StoreThread."""
 
@@ -162,11 +195,17 @@ class Store:
             if self.path in _open_writers:
                 raise StoreError(f"{self.path} is already open for writing in this process; share that Store "
                                  "(or a StoreThread) instead of opening a second writer")
+            if is_empty(self.path):
+                self.path.unlink(missing_ok=True)  # an empty file is a store with no runs yet: DuckDB creates it
+            else:
+                _check_before_writing(self.path)
             self.con = connect(self.path, read_only=False)
             _open_writers.add(self.path)
         try:
             self._migrate()
             self.interrupted = self._mark_interrupted()
+            self._queries = self.con.cursor()  # the parent of the console's own connections
+            self._queries_lock = threading.Lock()
         except BaseException:
             self.close()
             raise
@@ -186,8 +225,15 @@ class Store:
                 self.con.execute(statement)
             self.con.execute("COMMIT")
         except duckdb.Error as err:
+            self._rollback()
+            raise StoreError(f"could not bring {self.path} to store schema version {SCHEMA_VERSION}: "
+                             f"{failure_cause(err)}") from None
+
+    def _rollback(self) -> None:
+        try:
             self.con.execute("ROLLBACK")
-            raise StoreError(f"could not bring {self.path} to store schema version {SCHEMA_VERSION}: {err}") from None
+        except duckdb.Error:
+            pass  # the failed statement already ended the transaction
 
     def _mark_interrupted(self) -> list[str]:
         """Runs left `running` by a writer that is gone (we hold the lock, so it is) become `interrupted`."""
@@ -199,7 +245,10 @@ class Store:
 
     def begin(self, trace: Trace) -> None:
         """Record the run as `running`, so a crash leaves a trace of it."""
-        self._insert_run({**run_row(trace), "status": "running"})
+        try:
+            self._insert_run({**run_row(trace), "status": "running"})
+        except duckdb.Error as err:
+            raise StoreError(f"could not record run {trace.run_id} in {self.path}: {failure_cause(err)}") from None
 
     def _insert_run(self, row: dict[str, Any]) -> None:
         columns = ", ".join(row)
@@ -212,22 +261,41 @@ class Store:
                              "interrupted")
         row = run_row(trace)
         tables = detail_tables(trace)
-        self.con.execute("BEGIN")
         try:
-            exists = self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [trace.run_id]).fetchall()[0][0]
-            if exists:
-                for name in tables:
-                    self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [trace.run_id])
-                sets = ", ".join(f"{k} = ?" for k in row if k != "run_id")
-                self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?",
-                                 [v for k, v in row.items() if k != "run_id"] + [trace.run_id])
-            else:
-                self._insert_run(row)
-            self._append(tables)
+            self.con.execute("BEGIN")
+            self._write_run(row, tables)
             self.con.execute("COMMIT")
         except duckdb.Error as err:
-            self.con.execute("ROLLBACK")
-            raise StoreError(f"could not record run {trace.run_id} in {self.path}: {err}") from None
+            self._rollback()
+            cause = failure_cause(err)
+            kept = self._keep_as_failed(row, cause)
+            raise StoreError(f"could not record run {trace.run_id} in {self.path}: {cause}; {kept}") from None
+
+    def _write_run(self, row: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        status = self.con.execute("SELECT status FROM runs WHERE run_id = ?", [row["run_id"]]).fetchall()
+        if status:
+            if status[0][0] != "running":  # finished before: its details are replaced (a begun run has none)
+                for name in tables:
+                    self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [row["run_id"]])
+            self._update_run(row)
+        else:
+            self._insert_run(row)
+        self._append(tables)
+
+    def _update_run(self, row: dict[str, Any]) -> None:
+        sets = ", ".join(f"{k} = ?" for k in row if k != "run_id")
+        self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?",
+                         [v for k, v in row.items() if k != "run_id"] + [row["run_id"]])
+
+    def _keep_as_failed(self, row: dict[str, Any], cause: str) -> str:
+        """After a failed write, keep the run's row (metrics and text, no details) as `failed` with the cause."""
+        failed = {**row, "status": "failed", "error": f"the store could not record this run: {cause}"}
+        try:
+            exists = self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [row["run_id"]]).fetchall()[0][0]
+            (self._update_run if exists else self._insert_run)(failed)
+        except duckdb.Error as err:
+            return f"marking it failed did not work either ({failure_cause(err)})"
+        return "it is kept as failed, with its metrics and text but without its steps"
 
     def _append(self, tables: dict[str, pa.Table]) -> None:
         for name, table in tables.items():
@@ -240,28 +308,33 @@ class Store:
 
     def append_tables(self, tables: dict[str, pa.Table]) -> None:
         """Insert whole tables (an import) in one transaction."""
-        self.con.execute("BEGIN")
         try:
+            self.con.execute("BEGIN")
             self._append(tables)
             self.con.execute("COMMIT")
         except duckdb.Error as err:
-            self.con.execute("ROLLBACK")
-            raise StoreError(f"could not import into {self.path}: {err}") from None
+            self._rollback()
+            raise StoreError(f"could not import into {self.path}: {failure_cause(err)}; nothing was imported") \
+                from None
 
-    def query(self, sql: str) -> pa.Table:
-        """A console query in the writer's process (the app's case): vetted like `Reader.query`, and run in a
-        transaction that is rolled back, so it cannot change the store even if the check missed something."""
-        from .console import check_query, run_sealed
+    def query(self, sql: str, limits: Limits | None = None, cancel: Cancel | None = None) -> pa.Table:
+        """A console query in the writer's process (the app's case), from any thread: vetted like `Reader.query`
+        and run on a connection of its own in a READ ONLY transaction, under `limits`, so it never waits for
+        or holds up a write."""
+        from .console import Limits, check_query, run_limited
 
-        check_query(self.con, sql)
-        self.con.execute("BEGIN")
+        with self._queries_lock:
+            con = self._queries.cursor()
         try:
-            return run_sealed(self.con, sql)
+            check_query(con, sql)
+            return run_limited(con, sql, None, limits or Limits(), cancel)
         finally:
-            self.con.execute("ROLLBACK")
+            con.close()
 
     def close(self) -> None:
         if self.con is not None:
+            if getattr(self, "_queries", None) is not None:
+                self._queries.close()
             self.con.close()
             self.con = None  # type: ignore[assignment]
             with _open_lock:
@@ -293,6 +366,7 @@ class StoreThread:
         except BaseException as err:
             opened.set_exception(err)
             return
+        self._store = store
         opened.set_result(store.path)
         try:
             while (item := self._queue.get()) is not None:
@@ -311,9 +385,11 @@ class StoreThread:
         self._queue.put((work, done))
         return done.result()
 
-    def query(self, sql: str) -> pa.Table:
-        """`Store.query`, run on the writer thread between writes."""
-        return self._submit(lambda store: store.query(sql))
+    def query(self, sql: str, limits: Limits | None = None, cancel: Cancel | None = None) -> pa.Table:
+        """`Store.query`, on the caller's thread (never queued behind writes)."""
+        if not self._thread.is_alive():
+            raise StoreError(f"the writer thread of {self.path} has been closed")
+        return self._store.query(sql, limits, cancel)
 
     def begin(self, trace: Trace) -> None:
         self._submit(lambda store: store.begin(trace))

@@ -9,7 +9,7 @@ import pytest
 from workbench.cli import main
 from workbench.store import default_store_path
 
-from .test_store import REFUSED
+from .test_store_console import HOSTILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +79,7 @@ def test_sql_prints_a_table_json_or_csv(capsys, recorded):
     assert list(csv.reader(io.StringIO(out))) == [["n_new_tokens", "status"], ["3", "done"], ["5", "done"]]
 
 
-@pytest.mark.parametrize("sql, message", REFUSED)
+@pytest.mark.parametrize("sql, message", HOSTILE)
 def test_sql_refusals_are_one_line_errors(capsys, recorded, sql, message):
     code, out, err = run_cli(capsys, "sql", sql)
     assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err
