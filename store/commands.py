@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +49,19 @@ def format_table(table: pa.Table, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+# Control characters (C0, DEL, C1) and bidirectional overrides: printed raw, stored text could drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped as `\\xNN` / `\\uNNNN` (a newline as `\\n`)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _cell(value: Any, width: int) -> str:
     if value is None:
         return ""
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    text = text.replace("\n", " ")
+    text = printable(f"{value:.4g}" if isinstance(value, float) else str(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -62,7 +72,7 @@ def _print_result(table: pa.Table, as_json: bool, as_csv: bool) -> None:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(table.column_names)
         for row in table.to_pylist():
-            writer.writerow(["" if v is None else v for v in row.values()])
+            writer.writerow(["" if v is None else printable(str(v)) for v in row.values()])
     else:
         print(format_table(table))
 
@@ -78,19 +88,58 @@ def cmd_runs(args: argparse.Namespace) -> int:
             else:
                 for key, value in run.items():
                     if key not in ("text", "spec_json"):
-                        print(f"{key:>22}  {'' if value is None else value}")
-                print(f"\n{run['text'] or ''}")
+                        print(f"{key:>22}  {'' if value is None else printable(str(value))}")
+                text = "\n".join(printable(line) for line in (run["text"] or "").split("\n"))
+                print(f"\n{text}")  # the output's own line breaks are kept
             return 0
         _print_result(reader.runs(args.limit), args.json, False)
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from .console import Reader
+    from workbench.errors import StoreError
 
-    with Reader(args.store) as reader:
-        _print_result(reader.query(args.query), args.json, args.csv)
+    from .console import Limits, Reader, row_limit_note
+
+    limits = Limits(args.timeout, args.max_rows, args.memory_mib)
+    try:
+        with Reader(args.store, limits) as reader:
+            table = _query_interruptibly(reader, args.query)
+            _print_result(table, args.json, args.csv)
+    except KeyboardInterrupt:
+        raise StoreError("query cancelled (Ctrl-C)") from None
+    if (note := row_limit_note(table)) is not None:
+        print(note, file=sys.stderr)
     return 0
+
+
+def _query_interruptibly(reader: Any, sql: str) -> pa.Table:
+    """Run the query on a worker thread, so Ctrl-C (delivered to this thread) cancels it at once."""
+    from workbench.errors import StoreError
+
+    from .console import Cancel
+
+    cancel, out, done = Cancel(), {}, threading.Event()
+
+    def work() -> None:
+        try:
+            out["table"] = reader.query(sql, cancel=cancel)
+        except BaseException as err:  # handed to the main thread
+            out["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="workbench-sql", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        cancel.cancel()
+        done.wait(10)  # the interrupted query returns at once; the reader closes after it
+        raise StoreError("query cancelled (Ctrl-C)") from None
+    if "error" in out:
+        raise out["error"]
+    return out["table"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -127,6 +176,11 @@ def add_commands(sub: Any) -> None:
                                    "draft_nodes, cache_stats; views: run_summary, technique_comparison)")
     p.add_argument("query")
     p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="stop the query after this long (default 10; 0: no limit)")
+    p.add_argument("--max-rows", type=int, default=10_000, help="return at most this many rows (default 10000)")
+    p.add_argument("--memory-mib", type=int, default=1024,
+                   help="DuckDB's working memory, and the most result held, in MiB (default 1024)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON array of row objects")
     fmt.add_argument("--csv", action="store_true")
