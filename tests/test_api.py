@@ -19,10 +19,15 @@ def wb():
     return Workbench("random:llama", dtype="float32")
 
 
-def test_loading_a_model_takes_what_is_alive_out_of_the_collectors_walks():
+def test_freezing_the_collector_is_the_callers_choice():
+    """`freeze_gc=True` takes what is alive out of the collector's walks; the default leaves the process's
+    collector as it was."""
     gc.unfreeze()
     Workbench("random:llama", dtype="float32")
+    assert gc.get_freeze_count() == 0
+    Workbench("random:llama", dtype="float32", freeze_gc=True)
     assert gc.get_freeze_count() > 1000  # the modules and libraries loaded so far
+    gc.unfreeze()
 
 
 def test_generate_returns_a_complete_trace(wb):

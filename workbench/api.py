@@ -38,9 +38,9 @@ def hardware_description(device: torch.device) -> str:
 
 def _freeze_loaded_objects() -> None:
     """Move every object alive now (the model's, torch's, transformers'...) out of the garbage collector's
-    reach. They stay alive as long as the process, yet each full collection walked all of them: about 350k
-    objects and 200 ms on the project's CPU, a pause that landed in a decoding step at random and, with
-    smaller collections, cost a step 0.2-0.4 ms on average (docs/performance.md)."""
+    reach. They stay alive as long as the process, yet each full collection walks all of them, a pause that
+    lands in a decoding step at random (docs/performance.md). `gc.freeze` acts on the whole process: objects
+    frozen are never collected, so a program that frees them later keeps their memory."""
     gc.collect()
     gc.freeze()
 
@@ -50,12 +50,17 @@ class Workbench:
 
     With `store` (a `workbench.store.Store` or `StoreThread`), every run is recorded: begun as `running`
     when it starts and finished with its final status (done, failed or interrupted) however it ends.
+
+    With `freeze_gc` (off by default), every model load ends with `gc.freeze()`: the objects alive then are
+    never walked by the garbage collector again, which keeps its pauses out of decoding steps but applies to
+    the whole process. The CLI, the app and `workbench bench` turn it on; a library user decides.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-                 store: Recorder | None = None):
+                 store: Recorder | None = None, freeze_gc: bool = False):
         self.default = RunSpec(model=model, dtype=dtype, device=device)
         self.store = store
+        self.freeze_gc = freeze_gc
         self._models: dict[tuple[str, str, str, str], LoadedModel] = {}
         self._memory: dict[tuple[str, str, str, str], dict] = {}  # per model: what techniques keep across runs
         self.model(self.default)
@@ -69,7 +74,8 @@ class Workbench:
             if can_pack(loaded.dtype, loaded.device):  # the last step: a runtime layout, after any transform
                 pack_linears(loaded.model)
             self._models[key] = loaded
-            _freeze_loaded_objects()
+            if self.freeze_gc:
+                _freeze_loaded_objects()
         return self._models[key]
 
     def memory(self, spec: RunSpec) -> dict:

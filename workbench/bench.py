@@ -59,7 +59,7 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     peers = [p for p in _peers(args) if p == "transformers"]
     if not 1 <= args.prompts <= len(BASELINE_PROMPTS):
         raise WorkbenchError(f"--prompts must be between 1 and {len(BASELINE_PROMPTS)}")
-    wb = Workbench(args.model, args.dtype, args.device, store=store)
+    wb = Workbench(args.model, args.dtype, args.device, store=store, freeze_gc=True)
     spec = wb.spec(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     loaded = wb.model(spec)
     peer_models = {}
@@ -174,7 +174,7 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     from workbench.eval.suite import suite, suite_hash
 
     decodes = list(dict.fromkeys(["plain", *args.decode]))
-    wb = Workbench(args.model, args.dtype, args.device, store=store)
+    wb = Workbench(args.model, args.dtype, args.device, store=store, freeze_gc=True)
     compress = f";compress={args.compress}" if args.compress else ""
     specs = {d: wb.spec(f"decode={d}{compress}", max_new_tokens=args.max_new_tokens) for d in decodes}
     try:

@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     store = open_recorder(args)
     try:
-        wb = Workbench(spec.model, spec.dtype, spec.device, store=store)
+        wb = Workbench(spec.model, spec.dtype, spec.device, store=store, freeze_gc=True)
         stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
         trace = wb.generate(prompt, spec, on_event=stream)
     finally:

@@ -158,7 +158,7 @@ def evaluate(options: EvalOptions, progress: bool = True) -> dict[str, Any]:
 
     runs = plan_runs(options)
     t0 = time.perf_counter()
-    wb = Workbench(options.model, options.dtype, options.device)
+    wb = Workbench(options.model, options.dtype, options.device, freeze_gc=True)
     base_load_s = time.perf_counter() - t0
     base = wb.model(wb.spec())
     window = base.config.context_window
