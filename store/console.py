@@ -87,31 +87,34 @@ class Reader:
     def __init__(self, path: str | Path | None = None, limits: Limits | None = None):
         self.path = Path(path).expanduser().resolve() if path is not None else default_store_path().resolve()
         self.limits = (limits or Limits()).checked()
-        self._open()
-        if self._has_running_runs():
-            # We could open the file, so no other process is writing it: its `running` runs were left by a
-            # writer that died. A writer marks them interrupted on open; do that once, then read on.
+        version = self._open()
+        if version < SCHEMA_VERSION or self._has_running_runs():
+            # An older store is migrated, and `running` runs are marked interrupted, by opening it once as a
+            # writer. We could open the file, so no other process is writing it: its `running` runs were left
+            # by a writer that died.
             self.close()
             from .writer import Store
 
             try:
                 Store(self.path).close()
             except StoreError:
-                pass  # e.g. a read-only file: show the runs as stored
-            self._open()
-
-    def _open(self) -> None:
-        self.con = connect(self.path, read_only=True, memory_mib=self.limits.memory_mib)
-        try:
-            version = stored_version(self.con, self.path)
-        except BaseException:
-            self.close()
-            raise
+                if version < SCHEMA_VERSION:
+                    raise
+                # e.g. a read-only file: show the runs as stored
+            version = self._open()
         if version != SCHEMA_VERSION:
             self.close()
             raise StoreError(f"{self.path} has store schema version {version}, this workbench reads "
-                             f"{SCHEMA_VERSION}; record one run into it (`workbench generate --store ...`) to "
+                             f"{SCHEMA_VERSION}; open it for writing once (`workbench generate --store ...`) to "
                              "migrate it")
+
+    def _open(self) -> int:
+        self.con = connect(self.path, read_only=True, memory_mib=self.limits.memory_mib)
+        try:
+            return stored_version(self.con, self.path)
+        except BaseException:
+            self.close()
+            raise
 
     def _has_running_runs(self) -> bool:
         return self.con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchall()[0][0] > 0

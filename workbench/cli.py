@@ -63,12 +63,18 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from workbench.api import Workbench
     from workbench.store.commands import open_recorder
 
-    spec = spec_from_args(args)
+    store = open_recorder(args)  # first: a second writer is refused before the spec's technique code loads
+    try:
+        spec = spec_from_args(args)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    from workbench.api import Workbench
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    store = open_recorder(args)
     try:
         wb = Workbench(spec.model, spec.dtype, spec.device, store=store, freeze_gc=True)
         stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
