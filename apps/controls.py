@@ -2,8 +2,9 @@
 
 The spec box is the one truth: the generate button reads it. Controls are an editor for it: a user's
 change to a control rewrites the spec box (`.input`, which programmatic updates do not fire), and any
-change of the spec box (typed, a preset, a permalink) sets the controls (`.change`). A spec the controls
-cannot show (several composed cache policies, say) stays in the box as typed.
+change of the spec box (typed, a preset, a permalink, a replay) sets the controls and the preset menu, which
+reads "(custom)" unless the box equals a preset (`.change`). A spec the controls cannot show (several
+composed cache policies, say) stays in the box as typed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from workbench.errors import WorkbenchError
 from workbench.registry import Param
 from workbench.spec import RunSpec, TechniqueSpec
 
-from .presets import available_presets
+from .about import spec_about
+from .presets import CUSTOM, available_presets, preset_for
 
 # Spec field, registry category, label, what "none" means (None: a technique must be chosen).
 FIELDS = (("decode", "decoding", "decoding", None), ("accept", "acceptance", "acceptance rule", "(drafter's own)"),
           ("cache", "cache", "KV-cache policy", "(dense)"), ("compress", "compression", "weight transform", "(none)"))
 SAMPLING = ("temperature", "top_k", "top_p", "seed")
-CUSTOM = "(custom)"
 
 
 def listed(category: str) -> list[registry.Technique]:
@@ -54,6 +55,7 @@ class ColumnControls:
     groups: dict[str, dict[str, gr.Group]] = field(default_factory=dict)
     params: dict[str, dict[str, list[tuple[Param, Any]]]] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
+    about: gr.Markdown | None = None  # each technique's summary and paper (about.spec_about)
 
     def editors(self) -> list[Any]:
         """Every control that edits the spec, in a fixed order (inputs of `to_spec`, outputs of `from_spec`)."""
@@ -133,11 +135,10 @@ class ColumnControls:
 def build_column_controls(index: int, spec_text: str) -> ColumnControls:
     """The controls of one column, laid out in the current Blocks context."""
     presets = available_presets()
-    preset_name = next((n for n, s in presets.items() if s == spec_text), CUSTOM)
-    preset = gr.Dropdown(choices=[CUSTOM, *presets], value=preset_name, label="preset", interactive=True)
+    preset = gr.Dropdown(choices=[CUSTOM, *presets], value=preset_for(spec_text), label="preset", interactive=True)
     spec = gr.Textbox(value=spec_text, label="spec (short string; the controls below edit it)", max_lines=2,
                       elem_classes=["wb-spec"])
-    cc = ColumnControls(index, preset, spec)
+    cc = ColumnControls(index, preset, spec, about=gr.Markdown(spec_about(spec_text), elem_classes=["wb-about"]))
     with gr.Accordion("techniques and sampling", open=False):
         for name, category, label, none in FIELDS:
             techniques = listed(category)
@@ -161,10 +162,11 @@ def wire_column_controls(cc: ColumnControls) -> None:
     editors = cc.editors()
     gr.on([c.input for c in editors], cc.to_spec, inputs=editors, outputs=cc.spec, show_progress="hidden",
           api_visibility="private")
-    gr.on([c.input for c in editors], lambda: CUSTOM, outputs=cc.preset, show_progress="hidden",
-          api_visibility="private")
     cc.spec.change(cc.from_spec, inputs=cc.spec, outputs=editors + cc.group_list(), show_progress="hidden",
                    api_visibility="private")
+    # The menu follows the box, however it changed (typed, a control, a preset, a link, a replay).
+    cc.spec.change(preset_for, inputs=cc.spec, outputs=cc.preset, show_progress="hidden", api_visibility="private")
+    cc.spec.change(spec_about, inputs=cc.spec, outputs=cc.about, show_progress="hidden", api_visibility="private")
     presets = available_presets()
     cc.preset.input(lambda name: presets.get(name, gr.skip()), inputs=cc.preset, outputs=cc.spec,
                     show_progress="hidden", api_visibility="private")

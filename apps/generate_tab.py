@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -18,12 +19,15 @@ from . import views
 from .context import MAX_COLUMNS, MAX_PROMPT_CHARS, AppContext
 from .controls import ColumnControls, build_column_controls, wire_column_controls
 from .kv import METRICS, shape
-from .live import race
+from .live import LiveText, race
 from .tokens import kept_mask_html, stats_markdown, tokens_html
 
 DEFAULT_SPECS = ["decode=plain", "decode=prompt_lookup", "decode=token_recycling", "decode=plain;temperature=0.7"]
-FIGURE_EVERY_S = 0.6  # live figures are redrawn at most this often; text every round
-TEXT_EVERY_S = 0.1
+TEXT_EVERY_S = 0.25  # at most four screen updates a second while tokens stream
+# While tokens stream, each update redraws one group of views in turn (indexes into `view_outputs`: tree and
+# slider, acceptance, tokens per step, speed and memory, KV heatmap and kept mask), so no update carries
+# more than one figure for the browser to draw; after the race each group comes as its own update.
+VIEW_GROUPS = ((0, 6), (1,), (2,), (3,), (4, 5))
 
 
 @dataclass
@@ -73,8 +77,25 @@ class GenerateTab:
         return [self.runs, self.view_column, self.step, self.metric, self.layer, self.head]
 
 
+MAX_LINK_PROMPT = 6000  # characters of the URL-encoded prompt a comparison link carries
+
+
 def spec_link(spec_text: str) -> str:
     return f"?spec={quote(spec_text, safe='')}"
+
+
+def comparison_link(prompt_text: str, chat: bool, specs: list[str], max_new_tokens: int) -> str:
+    """Markdown: the link that reopens this comparison (prompt, chat setting, every column's spec, max new
+    tokens), or says why the prompt is left out of it."""
+    prompt = quote(prompt_text or "", safe="")
+    params = [f"spec={quote(s, safe='')}" for s in specs] + [f"chat={int(bool(chat))}",
+                                                                 f"max_new_tokens={int(max_new_tokens)}"]
+    note = ""
+    if len(prompt) <= MAX_LINK_PROMPT:
+        params.insert(0, f"prompt={prompt}")
+    else:
+        note = f" (without the prompt: {len(prompt_text)} characters is too long for a link)"
+    return f"[link to this comparison](?{'&'.join(params)}){note}"
 
 
 def column_links(entry: dict[str, Any]) -> str:
@@ -118,9 +139,10 @@ def event_at(trace: Trace, step: int | None):
 
 def render_views(ctx: AppContext, entries: list[dict[str, Any]], view_column: int | str | None,
                  step: float | None, metric: str, layer: float | None, head: float | None,
-                 live: bool = False) -> list[Any]:
-    """Figures for the views, the step slider's update last."""
-    named = [(e["label"], e["trace"]) for e in entries if e.get("trace") is not None]
+                 live: bool = False, only: Sequence[int] | None = None) -> list[Any]:
+    """Figures for the views, the step slider's update last; with `only` (indexes into the views), the
+    others are left as they are (skipped, and not computed)."""
+    named = [(e["label"], e.get("trace")) for e in entries]  # every column, so each keeps its colour
     index = int(view_column or 1) - 1
     entry = entries[index] if 0 <= index < len(entries) else None
     trace: Trace | None = entry.get("trace") if entry else None
@@ -129,23 +151,58 @@ def render_views(ctx: AppContext, entries: list[dict[str, Any]], view_column: in
     event = event_at(trace, at) if trace is not None else None
     step_now = event.step if event is not None else 0
     layer_i, head_i = int(layer or 0), int(head or 0)
-    if trace is None or event is None:
-        tree = views._empty("draft tree", "run a configuration (or open a run) to see its draft trees")
-        kv = views.kv_heatmap(None, metric)
-        kept = kept_mask_html(None, ctx.label, layer_i, head_i)
-    else:
+
+    def tree():
+        if event is None:
+            return views._empty("draft tree", "run a configuration (or open a run) to see its draft trees")
         previous = next((e for e in reversed(trace.events) if e.step < step_now), None)
         root = previous.tokens[-1] if previous is not None and previous.tokens else None
-        label = label_for(ctx, trace)
-        tree = views.tree_figure(event.tree, label, step_now, root, title=f"{entry['label']}: draft tree")
-        kv = views.kv_heatmap(event, metric, title=f"{entry['label']}: KV {metric}")
+        return views.tree_figure(event.tree, label_for(ctx, trace), step_now, root,
+                                 title=f"{entry['label']}: draft tree")
+
+    def kv():
+        if event is None:
+            return views.kv_heatmap(None, metric)
+        return views.kv_heatmap(event, metric, title=f"{entry['label']}: KV {metric}")
+
+    def kept():
+        if event is None:
+            return kept_mask_html(None, ctx.label, layer_i, head_i)
         layers, heads = shape(event)
-        layer_i, head_i = min(layer_i, max(layers - 1, 0)), min(head_i, max(heads - 1, 0))
         upto = Trace(**{**trace.__dict__, "events": [e for e in trace.events if e.step <= step_now]})
-        kept = kept_mask_html(upto, label, layer_i, head_i)
-    slider = gr.update(maximum=max(n_steps - 1, 1), value=step_now, interactive=not live)
-    return [tree, views.acceptance_figure(named), views.accepted_length_figure(named), views.timeline_figure(named),
-            kv, kept, slider]
+        return kept_mask_html(upto, label_for(ctx, trace), min(layer_i, max(layers - 1, 0)),
+                              min(head_i, max(heads - 1, 0)))
+
+    makers = [tree, lambda: views.acceptance_figure(named), lambda: views.accepted_length_figure(named),
+              lambda: views.timeline_figure(named), kv, kept,
+              lambda: gr.update(maximum=max(n_steps - 1, 1), value=step_now, interactive=not live)]
+    return [make() if only is None or i in only else gr.skip() for i, make in enumerate(makers)]
+
+
+def live_column_values(ctx: AppContext, entries: list[dict[str, Any]], texts: list[LiveText]) -> list[Any]:
+    """`column_values` while the race runs: each column's tokens as its LiveText (only new tokens are sent)."""
+    out = column_values(ctx, [{**e, "trace": None} for e in entries])
+    for i, (entry, text) in enumerate(zip(entries, texts)):
+        if entry.get("trace") is not None and not entry.get("error"):
+            out[3 * i] = text.update(entry["trace"])
+            out[3 * i + 1] = stats_markdown(entry["trace"], entry["status"])
+    return out
+
+
+class Screen:
+    """What each output of a generation shows now. Gradio streams each yield as its difference from the
+    previous one, so a value sent again unchanged costs nothing on the wire or in the browser, while every
+    yield stays complete (a client that reads only the last one, such as gradio_client, gets everything)."""
+
+    def __init__(self, n: int):
+        self.values: list[Any] = [gr.skip()] * n
+
+    def show(self, values: list[Any]) -> list[Any]:
+        """`values` with each gr.skip() replaced by what that output shows already."""
+        for i, value in enumerate(values):
+            if not (isinstance(value, dict) and value == {"__type__": "update"}):
+                self.values[i] = value
+        return list(self.values)
 
 
 def parse_prompt(text: str) -> str | list[dict[str, str]]:
@@ -200,7 +257,9 @@ def make_generate(ctx: AppContext):
                 gr.Warning(f"{entry['label']}: {entry['error']}")
         runnable = [i for i, e in enumerate(entries) if not e["error"]]
         chat_override = {} if chat else {"chat": False}
-        last_text = last_fig = 0.0
+        last_text, turn = 0.0, 0
+        screen = Screen(3 * MAX_COLUMNS + 9)
+        texts = [LiveText(label_for(ctx, None)) for _ in entries]
         stream = race(ctx.wb, prompt, [lanes_specs[i] for i in runnable],
                       lambda lane: ctx.stopped(session, runnable[lane]),
                       max_new_tokens=int(max_new_tokens), **chat_override)
@@ -213,11 +272,12 @@ def make_generate(ctx: AppContext):
             if now - last_text < TEXT_EVERY_S:
                 continue
             last_text = now
-            figures = [gr.skip()] * 7
-            if now - last_fig >= FIGURE_EVERY_S:
-                last_fig = now
-                figures = render_views(ctx, entries, view_column, None, metric, layer, head, live=True)
-            yield column_values(ctx, entries) + figures + [entries, f"{status}…"]
+            group = VIEW_GROUPS[turn % len(VIEW_GROUPS)]
+            turn += 1
+            yield screen.show(live_column_values(ctx, entries, texts)
+                              + render_views(ctx, entries, view_column, None, metric, layer, head, live=True,
+                                             only=group)
+                              + [entries, f"{status}…"])
         for entry in entries:
             if entry["error"]:
                 gr.Warning(f"{entry['label']}: {entry['error']}")
@@ -228,10 +288,14 @@ def make_generate(ctx: AppContext):
             status += f"; {stopped} stopped early"
         if failed:
             status += f"; {failed} failed (see the column)"
-        specs_link = "&".join(f"spec={quote(e['spec'], safe='')}" for e in entries)
-        status += f" · [link to this comparison](?{specs_link}&max_new_tokens={int(max_new_tokens)})"
-        yield (column_values(ctx, entries) + render_views(ctx, entries, view_column, None, metric, layer, head)
-               + [entries, status])
+        status += " · " + comparison_link(prompt_text, chat, [e["spec"] for e in entries], max_new_tokens)
+        # The final text first (it says which KV entries are held), then one update per group of views.
+        yield screen.show(column_values(ctx, entries) + [gr.skip()] * 7 + [entries, "drawing the views…"])
+        for k, group in enumerate(VIEW_GROUPS):
+            last = k == len(VIEW_GROUPS) - 1
+            yield screen.show([gr.skip()] * (3 * MAX_COLUMNS)
+                              + render_views(ctx, entries, view_column, None, metric, layer, head, only=group)
+                              + [entries, status if last else gr.skip()])
 
     return generate
 
@@ -266,18 +330,21 @@ def build_generate_tab(ctx: AppContext) -> GenerateTab:
                                elem_id="wb-view-column")
         step = gr.Slider(0, 1, value=0, step=1, label="step (replay after the run)", interactive=False,
                          elem_id="wb-step")
+    # The views open with their empty figures, so the browser loads the plotting library with the page
+    # rather than in the middle of the first race.
+    empty = render_views(ctx, [], 1, None, "tokens", 0, 0, only=range(5))
     with gr.Row():
-        tree = gr.Plot(label="draft tree", elem_id="wb-tree")
-        acceptance = gr.Plot(label="acceptance", elem_id="wb-acceptance")
+        tree = gr.Plot(empty[0], label="draft tree", elem_id="wb-tree")
+        acceptance = gr.Plot(empty[1], label="acceptance", elem_id="wb-acceptance")
     with gr.Row():
-        lengths = gr.Plot(label="tokens per step", elem_id="wb-lengths")
-        timeline = gr.Plot(label="speed and memory", elem_id="wb-timeline")
+        lengths = gr.Plot(empty[2], label="tokens per step", elem_id="wb-lengths")
+        timeline = gr.Plot(empty[3], label="speed and memory", elem_id="wb-timeline")
     with gr.Row():
         metric = gr.Radio(list(METRICS), value="tokens", label="KV heatmap shows")
         layer = gr.Number(value=0, precision=0, minimum=0, label="layer (kept-token mask)")
         head = gr.Number(value=0, precision=0, minimum=0, label="kv head (kept-token mask)")
     with gr.Row():
-        kv = gr.Plot(label="KV cache", elem_id="wb-kv")
+        kv = gr.Plot(empty[4], label="KV cache", elem_id="wb-kv")
         kept = gr.HTML(elem_id="wb-kept")
     runs = gr.State([])
     return GenerateTab(prompt, chat, max_new_tokens, n_columns, run, stop_all, status, columns, view_column, step,
@@ -293,7 +360,7 @@ def wire_generate_tab(ctx: AppContext, tab: GenerateTab) -> None:
         tab.view_column, tab.metric, tab.layer, tab.head]
     # One engine call at a time: every generation shares the "engine" queue slot; other tabs use their own.
     tab.run.click(make_generate(ctx), inputs=inputs, outputs=tab.run_outputs(), api_name="generate",
-                  concurrency_limit=1, concurrency_id="engine", show_progress="minimal")
+                  concurrency_limit=1, concurrency_id="engine", show_progress="hidden")
 
     def stop_one(i: int):
         def stop(request: gr.Request):
@@ -312,6 +379,12 @@ def wire_generate_tab(ctx: AppContext, tab: GenerateTab) -> None:
     def redraw(runs, view_column, step, metric, layer, head):
         return render_views(ctx, runs or [], view_column, step, metric, layer, head)
 
-    for trigger in (tab.view_column.change, tab.step.release, tab.metric.change, tab.layer.change, tab.head.change):
+    def show_column(runs, view_column, step, metric, layer, head):  # another column opens at its last step
+        return render_views(ctx, runs or [], view_column, None, metric, layer, head)
+
+    tab.view_column.change(show_column, inputs=tab.view_inputs(), outputs=tab.view_outputs(),
+                           api_visibility="private", show_progress="hidden", concurrency_id="views",
+                           concurrency_limit=4)
+    for trigger in (tab.step.release, tab.metric.change, tab.layer.change, tab.head.change):
         trigger(redraw, inputs=tab.view_inputs(), outputs=tab.view_outputs(), api_visibility="private",
                 show_progress="hidden", concurrency_id="views", concurrency_limit=4)

@@ -18,6 +18,28 @@ from workbench.errors import WorkbenchError
 from workbench.spec import RunSpec
 from workbench.trace import Trace
 
+from .tokens import LEGEND, Label, event_spans
+
+KV_LATER = "shown when the run ends"  # a token's KV entry may be evicted later: the live text does not say
+
+
+class LiveText:
+    """A column's tokens while its race runs, as a string that only grows: each update adds the spans of the
+    steps that arrived since the last one, so Gradio (which streams a string that extends the previous one as
+    an append) sends only the new tokens. Whether a token's KV entry is still held changes as a cache evicts,
+    so the live spans leave it to the final text (`tokens.tokens_html`)."""
+
+    def __init__(self, label: Label):
+        self.label = label
+        self.parts = [LEGEND, '<div class="wb-text">']  # left open: the final text closes it
+        self.seen = 0  # steps rendered
+
+    def update(self, trace: Trace) -> str:
+        for event in trace.events[self.seen:]:
+            self.parts += event_spans(event, self.label, lambda pos: KV_LATER)
+        self.seen = len(trace.events)
+        return "".join(self.parts)
+
 
 @dataclass
 class Lane:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from workbench.errors import WorkbenchError
 from workbench.spec import RunSpec
 
+CUSTOM = "(custom)"  # the preset menu's entry for a spec that equals no preset
 PRESETS: dict[str, str] = {
     "plain": "decode=plain",
     "prompt lookup": "decode=prompt_lookup",
@@ -28,3 +29,17 @@ def available_presets() -> dict[str, str]:
             continue
         out[name] = text
     return out
+
+
+def _canonical(text: str) -> RunSpec:
+    return RunSpec.parse(text or "").validated()
+
+
+def preset_for(text: str) -> str:
+    """The name of the offered preset whose spec equals `text` (parameters compared after validation, so
+    `k=4` and `k=04` or an empty box and `decode=plain` are equal), else CUSTOM."""
+    try:
+        spec = _canonical(text)
+    except WorkbenchError:
+        return CUSTOM
+    return next((name for name, preset in available_presets().items() if _canonical(preset) == spec), CUSTOM)

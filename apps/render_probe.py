@@ -1,8 +1,9 @@
 """How smoothly a race renders in a real browser: a probe the browser tests and scripts/app_render_bench.py share.
 
 In the page, a PerformanceObserver collects 'longtask' entries (main-thread tasks over 50 ms) and a
-MutationObserver counts screen updates: one per observer callback that changed a column's tokens. A race
-is started from the page's own controls, so what is measured is what a user's browser does.
+MutationObserver counts screen updates: one per observer callback that changed a column's tokens; Chromium's
+DevTools protocol counts the bytes of the server's update stream. A race is started from the page's own
+controls, so what is measured is what a user's browser does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ INSTALL = """() => {
       const el = (r.target.nodeType === 1 ? r.target : r.target.parentElement)?.closest('[id^="wb-tokens-"]');
       if (el) ids.add(el.id);
     }
-    if (ids.size) probe.updates.push([performance.now(), [...ids]]);
+    if (ids.size) probe.updates.push([performance.now(), [...ids], probe.tokens()]);
   });
   for (const el of document.querySelectorAll('[id^="wb-tokens-"]'))
     observer.observe(el, {childList: true, subtree: true, characterData: true, attributes: true});
@@ -49,7 +50,9 @@ class RenderReport:
     longest_gap_ms: float  # the longest time between two screen updates
     longest_task_ms: float  # the longest browser task (0: none over 50 ms)
     long_tasks_ms: float  # the time spent in tasks over 50 ms, all together
-    stop_ms: float | None = None  # Stop all click to the last screen update of the tokens
+    received_kb: float = 0.0  # what the page received from the server's update stream during the race
+    stop_ms: float | None = None  # Stop all click to the last screen update that changed the number of tokens
+    stop_done_ms: float | None = None  # Stop all click to the status saying done (every view drawn)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,9 +74,16 @@ def set_up(page, url: str, columns: int, max_new_tokens: int, prompt: str | None
 def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, prompt: str | None = None,
                  stop_after_tokens: int | None = None, timeout_ms: int = 600_000) -> RenderReport:
     """Run one race in `page` and report its rendering. With `stop_after_tokens`, click Stop all once that
-    many tokens are on screen and report how long the tokens kept changing after the click."""
+    many tokens are on screen and report how long tokens kept appearing after the click."""
     set_up(page, url, columns, max_new_tokens, prompt)
     page.evaluate(INSTALL)
+    received, streams = [0], set()
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.on("Network.requestWillBeSent",
+           lambda e: streams.add(e["requestId"]) if "/queue/data" in e["request"]["url"] else None)
+    cdp.on("Network.dataReceived", lambda e: received.__setitem__(0, received[0] + e.get("dataLength", 0))
+           if e["requestId"] in streams else None)
     start = page.evaluate("performance.now()")
     page.locator("#wb-generate").click()
     if stop_after_tokens is not None:
@@ -82,9 +92,12 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
     page.wait_for_function(DONE, timeout=timeout_ms)
     end = page.evaluate("performance.now()")
     page.wait_for_timeout(1000)  # the final render's tasks and mutations land
+    cdp.detach()
     probe = page.evaluate("({longtasks: window.__wbProbe.longtasks, updates: window.__wbProbe.updates,"
                           " clicks: window.__wbProbe.clicks})")
-    times = [t for t, _ in probe["updates"] if t >= start]
+    updates = [(t, n) for t, _, n in probe["updates"] if t >= start]
+    times = [t for t, _ in updates]
+    grew = [t for (t, n), (_, before) in zip(updates, [(start, -1)] + updates) if n != before]
     tasks = [d for t, d in probe["longtasks"] if t + d >= start]
     gaps = [b - a for a, b in zip(times, times[1:])]
     race_s = (end - start) / 1000
@@ -93,5 +106,6 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
         columns=columns, max_new_tokens=max_new_tokens, race_ms=round(end - start, 1), updates=len(times),
         updates_per_s=round(len(times) / race_s, 2) if race_s > 0 else 0.0,
         longest_gap_ms=round(max(gaps, default=0.0), 1), longest_task_ms=round(max(tasks, default=0.0), 1),
-        long_tasks_ms=round(sum(tasks), 1),
-        stop_ms=None if stop is None else round(max([t - stop for t in times if t >= stop], default=0.0), 1))
+        long_tasks_ms=round(sum(tasks), 1), received_kb=round(received[0] / 1024, 1),
+        stop_ms=None if stop is None else round(max([t - stop for t in grew if t >= stop], default=0.0), 1),
+        stop_done_ms=None if stop is None else round(end - stop, 1))

@@ -20,7 +20,7 @@ from workbench.spec import DEFAULT_MODEL
 
 from .context import AppContext
 from .generate_tab import build_generate_tab, wire_generate_tab
-from .permalinks import link_outputs, open_run, wire_permalinks
+from .permalinks import RUN_ADDRESS_JS, link_outputs, open_run, wire_permalinks
 from .runs_tab import build_runs_tab, wire_runs_tab
 from .sql_tab import build_sql_tab, wire_sql_tab
 from .tokens import CSS
@@ -51,7 +51,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             return open_run(ctx, generate, run_id)
 
         runs.open.click(open_from_runs, inputs=runs.open_id, outputs=link_outputs(generate, tabs),
-                        api_name="open_run", concurrency_id="store", concurrency_limit=4)
+                        api_name="open_run", concurrency_id="store", concurrency_limit=4,
+                        ).then(None, inputs=generate.status, js=RUN_ADDRESS_JS, api_visibility="private")
     demo.queue(max_size=ctx.queue_size, default_concurrency_limit=4)
     return demo
 

@@ -6,7 +6,8 @@
 Starts the app on a free port with a throwaway store, runs a race of the first `--columns` default columns
 (plain, prompt lookup, token recycling) from the page's own controls, and reports screen updates per
 second, the longest gap between them, the longest browser task and, with `--stop-after N`, a second race
-stopped with "Stop all" once N tokens are on screen: the time from the click to the last screen update.
+stopped with "Stop all" once N tokens are on screen: the time from the click to the last screen update that
+added tokens, and to the status saying done.
 The measuring code is `workbench.apps.render_probe`, which the browser tests use too.
 """
 
@@ -24,6 +25,7 @@ from workbench.apps.render_probe import measure_race
 from workbench.apps.server import launched_locally
 
 PROMPT = "Write a short story about a fox who learns to count, in plain words."
+RANDOM_PROMPT = "5 6 7 8 9 10 5 6 7 8 9 10 5 6"  # random test models take token ids
 
 
 def main() -> None:
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    prompt = RANDOM_PROMPT if args.model.startswith("random:") else PROMPT
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
         ctx = AppContext.create(args.model, "auto", "cpu", Path(tmp) / "runs.duckdb")
@@ -45,9 +48,9 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1400, "height": 1800})
                 page.set_default_timeout(600_000)
                 for _ in range(args.repeat):
-                    reports.append(("race", measure_race(page, url, args.columns, args.max_new_tokens, PROMPT)))
+                    reports.append(("race", measure_race(page, url, args.columns, args.max_new_tokens, prompt)))
                     if args.stop_after:
-                        reports.append(("stopped race", measure_race(page, url, args.columns, 1024, PROMPT,
+                        reports.append(("stopped race", measure_race(page, url, args.columns, 1024, prompt,
                                                                      stop_after_tokens=args.stop_after)))
                 browser.close()
         finally:
@@ -58,9 +61,10 @@ def main() -> None:
     for kind, r in reports:
         line = (f"{kind}: {r.columns} x {r.max_new_tokens} tokens in {r.race_ms / 1000:.1f} s; "
                 f"{r.updates} screen updates ({r.updates_per_s:.1f}/s), longest gap {r.longest_gap_ms:.0f} ms; "
-                f"longest task {r.longest_task_ms:.0f} ms, {r.long_tasks_ms:.0f} ms in tasks over 50 ms")
+                f"longest task {r.longest_task_ms:.0f} ms, {r.long_tasks_ms:.0f} ms in tasks over 50 ms; "
+                f"{r.received_kb:.0f} KB received")
         if r.stop_ms is not None:
-            line += f"; Stop all to the last update {r.stop_ms:.0f} ms"
+            line += f"; Stop all to the last new token {r.stop_ms:.0f} ms, to done {r.stop_done_ms:.0f} ms"
         print(line)
 
 

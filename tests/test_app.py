@@ -73,9 +73,9 @@ def test_run_permalink_replays_the_stored_trace(app):
     assert token_ids(run[0]) == token_ids(out[0])  # same tokens, now from the store
     assert f"opened run `{run_id}`" in run[-1]
     assert "replayed from the store" in run[1]
-    prompt_at = len(opened) - N_RUN - 7
-    assert opened[prompt_at] == PROMPT and opened[prompt_at + 1] == 12 and opened[prompt_at + 2] == 1
-    assert opened[prompt_at + 3] == "decode=prompt_lookup:k=4"
+    prompt_at = len(opened) - N_RUN - 8
+    assert opened[prompt_at] == PROMPT and opened[prompt_at + 2] == 12 and opened[prompt_at + 3] == 1
+    assert opened[prompt_at + 4] == "decode=prompt_lookup:k=4"
     lengths = json.loads(run[14]["plot"])
     assert sum(lengths["data"][0]["x"]) == 12 - 1  # tokens per decoding step; the prefill chose the first
 
@@ -83,11 +83,58 @@ def test_run_permalink_replays_the_stored_trace(app):
 def test_spec_permalink_opens_configurations(app):
     opened = app.client.predict("spec=decode%3Dprompt_lookup%3Ak%3D4&spec=temperature%3D0.5&max_new_tokens=7",
                                 api_name="/open_link")
-    at = len(opened) - N_RUN - 7
-    assert opened[at + 1] == 7 and opened[at + 2] == 2
-    assert list(opened[at + 3 : at + 5]) == ["decode=prompt_lookup:k=4", "temperature=0.5"]
+    at = len(opened) - N_RUN - 8
+    assert opened[at + 2] == 7 and opened[at + 3] == 2
+    assert list(opened[at + 4 : at + 6]) == ["decode=prompt_lookup:k=4", "decode=plain;temperature=0.5"]
     bad = app.client.predict("spec=decode%3Dnope", api_name="/open_link")
     assert "unknown decoding technique 'nope'" in bad[-1]
+
+
+def linked(opened: tuple) -> dict:
+    """What an opened link set, by name (the outputs before a run's)."""
+    at = len(opened) - N_RUN - 8
+    return {"prompt": opened[at], "chat": opened[at + 1], "max_new_tokens": opened[at + 2],
+            "columns": opened[at + 3], "specs": list(opened[at + 4: at + 8]), "status": opened[-1]}
+
+
+def test_comparison_link_reproduces_the_comparison(app):
+    """The status line's link reopens the prompt, the chat setting, every column's spec and max new tokens;
+    a plain column's box says `decode=plain` rather than opening empty."""
+    prompt = "5 6 7 & 8 ; 9 # 10"  # characters a URL must escape
+    out = app.client.predict(prompt, False, 6, 3, "decode=plain", "decode=prompt_lookup:k=4", "", "", 1,
+                             "tokens", 0, 0, api_name="/generate")
+    query = re.search(r"\[link to this comparison\]\(\?([^)]*)\)", out[-1]).group(1)
+    opened = linked(app.client.predict(query, api_name="/open_link"))
+    assert opened["prompt"] == prompt and opened["chat"] is False and opened["max_new_tokens"] == 6
+    assert opened["columns"] == 3
+    assert opened["specs"][:3] == ["decode=plain", "decode=prompt_lookup:k=4", "decode=plain"]
+    assert "problems" not in opened["status"]
+
+
+def test_spec_link_of_five_columns_says_the_fifth_is_left_out(app):
+    query = "&".join(f"spec=decode%3Dprompt_lookup%3Ak%3D{k}" for k in range(1, 6))
+    opened = linked(app.client.predict(query, api_name="/open_link"))
+    assert opened["columns"] == 4 and opened["specs"][3] == "decode=prompt_lookup:k=4"
+    assert "5 configurations" in opened["status"] and "left out 5: decode=prompt_lookup:k=5" in opened["status"]
+
+
+def test_comparison_link_leaves_out_a_prompt_too_long_for_a_link():
+    from workbench.apps.generate_tab import MAX_LINK_PROMPT, comparison_link
+
+    assert "prompt=" in comparison_link("a b", True, ["decode=plain"], 8)
+    long = comparison_link("x" * (MAX_LINK_PROMPT + 1), True, ["decode=plain"], 8)
+    assert "prompt=" not in long and "too long for a link" in long and "spec=decode%3Dplain" in long
+
+
+@pytest.mark.parametrize("text, name", [
+    ("decode=plain", "plain"), ("", "plain"), (" decode=prompt_lookup ", "prompt lookup"),
+    ("decode=prompt_lookup:k=4", "(custom)"), ("decode=token_recycling;cache=kivi:bits=2",
+                                               "token recycling + KIVI 2-bit"),
+    ("decode=plain;temperature=0.7", "(custom)"), ("decode=", "(custom)"), ("decode=nope", "(custom)")])
+def test_preset_menu_names_the_preset_the_spec_equals(text, name):
+    if name != "(custom)" and name not in presets.available_presets():
+        pytest.fail(f"preset {name!r} is not offered: {presets.available_presets()}")
+    assert presets.preset_for(text) == name
 
 
 @pytest.mark.parametrize("query", ["DROP TABLE runs", "SELECT * FROM read_csv('/etc/passwd')",
