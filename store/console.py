@@ -268,7 +268,11 @@ def check_query(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             raise StoreError(f"refused: EXPLAIN of a {kinds[0].name if kinds else 'missing'} statement; {VALID}")
     elif kind != duckdb.StatementType.SELECT:
         raise StoreError(f"refused: {kind.name} statements are not allowed in the read-only SQL console; {VALID}")
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    except RecursionError:
+        raise StoreError("refused: the query nests too deeply to be checked (such as hundreds of chained + or "
+                         "nested calls); write it with fewer levels, e.g. sum() over a list or a table") from None
     if tree.get("error"):
         raise StoreError(f"refused: not a plain query ({tree.get('error_message', 'unparsable')}); {VALID}")
     _check_tree(tree)
@@ -319,11 +323,13 @@ def _check_table(catalog: str, schema: str, name: str, allowed: set[str], where:
         raise StoreError(f"refused: {full} is not a table or view of the store; {where}")
 
 
-def _walk(node: Any) -> Any:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
+def _walk(tree: Any) -> Any:
+    """Every dict in a parse tree, depth first, without recursion (deep trees are legal SQL)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))

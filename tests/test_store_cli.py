@@ -102,3 +102,30 @@ def test_export_and_import_round_trip(capsys, recorded, tmp_path):
     _, original, _ = run_cli(capsys, "sql", query, "--csv")
     _, copied, _ = run_cli(capsys, "sql", query, "--csv", "--store", str(copy))
     assert copied == original and len(original.splitlines()) == 1 + 2 * 4 + 3 + 5
+
+
+def test_sql_limits_are_options_and_a_hit_limit_is_one_line(capsys, recorded):
+    code, out, err = run_cli(capsys, "sql", "SELECT * FROM range(1000000000)", "--max-rows", "5", "--csv")
+    assert code == 0 and len(out.splitlines()) == 6 and "row limit" in err and err.count("\n") == 1
+    code, out, err = run_cli(capsys, "sql", "SELECT sum(i) FROM range(1000000000000) t(i)", "--timeout", "0.3")
+    assert code == 2 and out == "" and "time limit of 0.3 s" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "sql", "SELECT 1", "--max-rows", "0")
+    assert code == 2 and "valid: timeout >= 0" in err
+
+
+def test_ctrl_c_during_sql_cancels_it_with_a_one_line_error(recorded):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sql", "SELECT sum(i) FROM range(1000000000000) "
+                             "t(i)", "--store", str(recorded), "--timeout", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                                signal.SIG_DFL))
+    time.sleep(4)  # started, the store opened and the query running
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err == "error: query cancelled (Ctrl-C)\n" and out == ""
+    assert time.perf_counter() - t0 < 5

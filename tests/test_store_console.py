@@ -113,6 +113,8 @@ HOSTILE = [
     ("SELECT 1; SELECT 2", "2 statements"),
     ("SELECT 1;;DELETE FROM runs", "2 statements"),
     ("SELEC 1", "not valid SQL"),
+    ("SELECT " + "+".join(["1"] * 400), "nests too deeply"),
+    ("SELECT " + "+".join(["1"] * 3000), "not valid SQL"),
 ]
 ALLOWED = ["SELECT 1", "WITH a AS (SELECT * FROM runs) SELECT count(*) FROM a", "FROM steps", "VALUES (1)",
            "DESCRIBE runs", "SHOW TABLES", "SHOW runs", "SUMMARIZE steps", "EXPLAIN SELECT * FROM tokens",
