@@ -1,4 +1,4 @@
-"""The package layout: every package folder is installed, under the name DESIGN.md gives it."""
+"""The package layout: every package folder is installed, under the name docs/architecture.md gives it."""
 
 from pathlib import Path
 
