@@ -1,16 +1,15 @@
 """CPU kernels for decoding and draft verification (the C source is `cpu_gemm.c`).
 
-- Matrix products, bf16, int8 and int4 weights. oneDNN's bf16 product slows with each extra row of a draft tree on
-  this project's CPU (a step's products: 7.3 ms for one row, 8.6 ms for 8), although the weights are streamed
-  from memory once whatever the row count. These load each block of weights once and apply it to up to 12
-  rows held in registers, so verifying a handful of drafted tokens costs about what one token costs, and one
-  row is also faster than oneDNN's (docs/performance.md).
-- Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), 2-3x faster than
-  torch's fused CPU attention at these sizes.
+- Matrix products, bf16, int8 and int4 weights. oneDNN's bf16 product slows with each extra row of a draft
+  tree (docs/performance.md), although the weights are streamed from memory once whatever the row count.
+  These load each block of weights once and apply it to up to 12 rows held in registers, so verifying a
+  handful of drafted tokens costs about what one token costs, and one row is also faster than oneDNN's.
+- Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), faster than torch's
+  fused CPU attention at these sizes.
 - The small work between them, one call each instead of several torch calls: RMSNorm (with the residual add
   folded in), SwiGLU and RoPE.
 - The top-k of each row of float32 logits (the greedy choice, the views' alternatives, token recycling's
-  candidates), 6-8x faster than torch's topk over a 49152-token vocabulary.
+  candidates), faster than torch's topk over a large vocabulary.
 
 Every kernel computes a row the same way whatever the other rows are, so a verified draft token gets exactly
 the bits its one-token step would: lossless drafters stay token-identical to plain decoding in bf16.

@@ -5,7 +5,7 @@
 // each extra row on this project's 2-core CPU (docs/performance.md), which makes speculative decoding pay
 // less. These kernels load each block of weights once and apply it to all M rows from
 // registers, so for a few rows they stay bound by memory bandwidth, not by arithmetic. Prefill-sized
-// products run within about 10% of oneDNN's, so one layout serves every call.
+// products run about as fast as oneDNN's, so one layout serves every call.
 //
 // Every output row is computed in the same order whatever M is, so verifying a draft gives bit-for-bit the
 // products a one-token step gives.
@@ -28,7 +28,7 @@
 #define MAX_ROWS 12 // rows per pass over a weight block; more rows take several passes over the (cached) block
 #define MAX_BLOCKS 8
 #ifndef PREFETCH
-#define PREFETCH 16 // how far ahead (in 64-byte lines of each weight stream) to prefetch; measured best of 0, 8, 16, 32
+#define PREFETCH 16 // how far ahead (in 64-byte lines of each weight stream) to prefetch (docs/performance.md)
 #endif
 
 int workbench_cpu_supported(void) {
@@ -179,7 +179,7 @@ TARGET INLINE void int4_tile(const Product *p, int64_t m0, int64_t nb, const int
 #ifndef BLOCKS_FOR
 #define BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 6 ? 4 : (rows) <= 8 ? 3 : 2)
 #endif
-// int4 tiles also hold each group's running totals: 5-8 rows take 2 blocks (4 spilled: 6 rows 4.1 -> 3.3 ms)
+// int4 tiles also hold each group's running totals: 5-8 rows take 2 blocks (with 4 the totals spill)
 #define INT4_BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 4 ? 4 : 2)
 
 // Blocks nb .. nb + blocks - 1 for every row, in passes of at most MAX_ROWS rows split evenly (16 rows are two
@@ -551,7 +551,7 @@ TARGET void workbench_layers_bf16(const uint16_t *x, uint16_t *out, uint16_t *sp
 }
 
 // ---- Top-k of each row of float32 logits or probabilities -------------------------------------------------
-// torch.topk and torch.argmax over a 49152-token vocabulary take 27-45 us for one row on this CPU; a decoding step
+// torch.topk and torch.argmax over a large vocabulary cost tens of microseconds per row; a decoding step
 // runs several of them (the greedy choice, the views' alternatives, token recycling's candidates). This
 // keeps the k best seen so far, sorted, and skips each 16-value vector with nothing above the k-th best, so a
 // row costs about one read. Values come out descending; equal values keep index order, so k = 1 is

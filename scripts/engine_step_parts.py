@@ -7,8 +7,7 @@ on each prompt, the order alternating, each with its own cross-run memory, after
 
     python scripts/engine_step_parts.py plain token_recycling prompt_lookup [--per-category 3]
 
-To compare two versions of the code, run it under each with PYTHONPATH pointing at that tree (see
-docs/performance.md, seventh session).
+To compare two versions of the code, run it under each with PYTHONPATH pointing at that tree, alternating.
 """
 
 import argparse

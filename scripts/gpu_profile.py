@@ -1,8 +1,7 @@
 """Where a plain decode step's time goes, the workbench beside transformers' `generate`, on any device.
 
-Written after the H200 lease of 2026-11-28, where plain decoding of the real model ran at 0.57x transformers
-(docs/performance.md, "GPU"): a host-bound engine is slowed by kernel launches, host-device copies and
-synchronizations, so this counts them per generated token, and splits the engine's step into its forward
+A host-bound engine is slowed by kernel launches, host-device copies and synchronizations (docs/performance.md,
+"GPU"), so this counts them per generated token, and splits the engine's step into its forward
 (`verify`) and what follows it (`accept`: sampling, trace, cache statistics).
 
     python scripts/gpu_profile.py --model PATH.gguf --device cuda      # on a GPU machine (gpu_check.sh bench)

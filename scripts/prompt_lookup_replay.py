@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--categories", default="summarization,code_edit")
     parser.add_argument("--row-cost", type=float, default=0.025, help="cost of each extra verified row, in "
-                        "one-token forwards (about 0.025 on the project's CPU, docs/performance.md)")
+                        "one-token forwards (measure it with scripts/tree_verify_cost.py)")
     parser.add_argument("--draft-cost", type=float, default=0.05, help="cost of a step's drafting and "
                         "acceptance beyond plain decoding's, in one-token forwards")
     args = parser.parse_args()

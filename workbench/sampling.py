@@ -15,8 +15,8 @@ from workbench.kernels import cpu
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of a 2-D tensor, descending, and their indices, as torch.topk. On the
-    CPU a workbench kernel does it in one read of the row, 6-8x faster than torch over a 49152-token
-    vocabulary; equal values come in index order, so k = 1 picks torch.argmax's token."""
+    CPU a workbench kernel does it in about one read of the row (docs/performance.md); equal values come in
+    index order, so k = 1 picks torch.argmax's token."""
     if cpu.topk_fits(x, k):
         return cpu.topk(x, k)
     values, indices = torch.topk(x, k, dim=-1)

@@ -135,8 +135,8 @@ class MustafarPolicy(CompressedPolicy):
     pruned except its last `residual` tokens; no sink tokens are kept; drafts stay dense until accepted.
     The window defaults to 256 tokens, not the 32 of the paper's accuracy scripts: its kernel path prunes 256
     tokens at a time and so holds 32 to 288 dense, and on SmolLM2-135M (head_dim 64, half the paper's models')
-    a 32-token window costs +4.6% perplexity at 50% sparsity against +0.8% for 256, at 55% vs 60% of dense
-    bytes over 2k tokens (docs/cache.md).
+    a 32-token window costs several times the perplexity of a 256-token one for a few percent fewer bytes
+    (docs/cache.md has the figures).
     Left out: the CUDA kernel (this is a torch reference: it expands each bitmap to indices per call, so it is
     slow), the tiling of the bitmap format, and the kernel path's batching of compression 256 tokens at a
     time. The reference's threshold (kthvalue, keep >=) keeps one channel more than (1 - sparsity) * head_dim;

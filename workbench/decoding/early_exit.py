@@ -16,11 +16,9 @@ other steps the exit layer in use is measured directly by its accepted length. E
 counts (`decay`), starting from a prior of E / L. When no exit pays off, k = 0: the step decodes
 plainly (probe steps still draft, so the estimates keep moving). Left out: DEL's shadow-token confidence thresholds for
 stopping each draft (k is chosen per step, not per token), and the LayerSkip training that makes early
-exits accurate: on an untrained model the early layers agree poorly with the last. Measured on the
-embedded SmolLM2-135M-Instruct (float32, 30 layers), top-1 agreement of exit layer E's prediction with
-the final layer's over the 83 positions of a short English passage (`python scripts/early_exit_agreement.py`):
-E=4: 0.07, E=8: 0.04, E=12: 0.10, E=16: 0.11, E=20: 0.17, E=24: 0.37, E=27: 0.53, E=29: 0.61, so the exits
-that are cheap enough to pay off rarely agree, and on that model this drafter chooses deep exits or k = 0.
+exits accurate: on an untrained model the early layers agree poorly with the last (docs/decoding.md
+measures it on the embedded model with `scripts/early_exit_agreement.py`), so the exits that are cheap enough to
+pay off rarely agree, and this drafter then chooses deep exits or k = 0.
 """
 
 from __future__ import annotations

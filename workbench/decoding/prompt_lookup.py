@@ -8,12 +8,11 @@ positions of prompt and output; on the first n that matches, propose the (up to)
 the match as a chain. The target verifies them, so the output is exactly plain decoding's.
 
 An index from each n-gram to its occurrences is kept up to date as tokens are committed, so a lookup costs
-O(1) instead of a scan. The draft length is sized for CPUs, where every verified row costs compute (Saxena's
-and transformers' default is 10 tokens; on the suite k=5 ran 1.53x plain decoding against 1.35x for k=10 in
-the same run, docs/performance.md). With `shrink` (an addition to the papers) a shorter match, a weaker
-guess, drafts fewer tokens: by default 7 after a 3-token match, 5 after 2 and 3 after 1. On the suite's
-summaries and code edits a 10-token draft is accepted for 0.5-0.7 tokens on average after a 1-token match and
-3-7 after a 3-token match (scripts/prompt_lookup_replay.py).
+O(1) instead of a scan. The draft length is sized for CPUs, where every verified row costs compute
+(Saxena's and transformers' default is 10 tokens; docs/performance.md compares lengths). With `shrink` (an
+addition to the papers) a shorter match, a weaker guess, drafts fewer tokens: by default 7 after a 3-token
+match, 5 after 2 and 3 after 1 (the accepted length after each match length: docs/performance.md, from
+scripts/prompt_lookup_replay.py).
 Left out: IAD's rule of aligning to the input's position after a mismatch (this
 version looks the n-gram up again each step, which finds the same continuation when the output tracks
 the input), and any learned drafting.

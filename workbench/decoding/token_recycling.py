@@ -10,22 +10,20 @@ decoding's.
 
 The tree shape is imbalanced as in the paper: `widths[d]` is how many children the first-ranked node at
 depth d gets, and a node of rank r gets `widths[d] - r` (at least none). The default (2-1-1-1: five nodes,
-depth 4) is sized for CPUs, where each verified node costs compute: over the whole prompt suite it ran 1.14x
-plain decoding against 1.07x for 4-2-2-1-1 (18 nodes) and 3-2-1-1 (10), docs/performance.md; the paper's GPU
-tree has about 80 nodes. With `hot_start` (the
+depth 4) is sized for CPUs, where each verified node costs compute (docs/performance.md compares shapes);
+the paper's GPU tree has about 80 nodes. With `hot_start` (the
 paper's default) M is kept across the runs of a loaded model, so a new run drafts from the first step
 (its draft trees, not its output, then depend on the runs before it); without it M starts empty.
 
 An addition to the paper (`prompt`, on by default): the prefill's forward also yields a distribution after
 every prompt token, which plain prefill throws away; here each prompt token's row takes its top-k. Text that
-copies from the prompt (summaries, edits, retrieved passages) then drafts from the first step. Over the
-prompt suite it raised the tokens per forward from 1.39 to 1.52 (docs/performance.md), for the LM head over
-the prompt's distinct tokens.
+copies from the prompt (summaries, edits, retrieved passages) then drafts from the first step, for the LM
+head over the prompt's distinct tokens (docs/performance.md measures it).
 
 A second addition (`context`, 2 by default): each verified row's candidates are also kept under the last
 2..`context` tokens ending at its token, and a node drafts from the candidates of the longest such run of
-tokens that has been seen, else from M's row. Two tokens of context predict the next far better where text
-repeats; over the prompt suite the tokens per forward rose from 1.53 to 1.61 with pairs (docs/performance.md).
+tokens that has been seen, else from M's row. Two tokens of context predict the next better where text
+repeats (docs/performance.md).
 With `prompt` too, the prefill's rows cover every prompt position instead of the distinct tokens. The table
 keeps the MAX_CONTEXTS most recently updated runs, and `hot_start` keeps it across runs with M.
 `context=1,prompt=false` is the paper's method.

@@ -137,7 +137,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
     Query heads g * group .. (g + 1) * group - 1 share kv head g, as in transformers' repeat_kv: each kv
     head's group of query heads becomes group * T query rows of one fused SDPA call (4-D, so the CPU takes
-    its fused kernel; 20-25% faster than float32 batched products here), the [T, S] mask repeated per head.
+    its fused kernel, faster than float32 batched products), the [T, S] mask repeated per head.
     """
     heads, n, dim = q.shape
     kv_heads = k.shape[0]

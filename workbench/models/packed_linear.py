@@ -1,8 +1,8 @@
 """Linear layers with pre-packed weights, for bf16 decoding on CPU.
 
-A one-row matrix product (what decoding one token does) through `F.linear` reaches only about 20 GB/s in
-bf16 on these CPUs. With the weight reordered once into a blocked layout the same product runs 2-3x faster
-(docs/performance.md has the figures). Two layouts, chosen per layer when it is packed:
+A one-row matrix product (what decoding one token does) through `F.linear` reaches a fraction of the memory
+bandwidth in bf16 on CPUs. With the weight reordered once into a blocked layout the same product runs several
+times faster (docs/performance.md has the figures). Two layouts, chosen per layer when it is packed:
 
 - the workbench's own kernels (`workbench.kernels.cpu`, AVX512-BF16) where they build and the shape fits:
   a draft tree of a few rows costs about what one row costs, and each row's result is the same whatever

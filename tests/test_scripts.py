@@ -1,0 +1,179 @@
+"""Every script in scripts/ is listed in scripts/README.md and runs: each is imported and its `main()` run on a
+tiny model (a random one with small shapes, or the embedded model on a few prompts for those that read text),
+so a change elsewhere that breaks a script fails here. Figures are not checked: only that each script runs
+and prints what it measures."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench.kernels import cpu as cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+# SmolLM2-135M's proportions, shrunk: head_dim 32, grouped kv heads, a vocabulary the kernels take.
+TINY_SHAPES = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="measures the workbench's CPU kernels, which do not run on this CPU")
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Import scripts/<name>.py (its sibling imports resolved), apply `patches` {module attribute: value} to it or
+    to `decode_step_breakdown`, run its main() with `args`, and return what it printed."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+
+    def run(name: str, *args: str, patches: dict | None = None) -> str:
+        module = importlib.import_module(name)
+        for target, value in (patches or {}).items():
+            owner, attr = target.split(".") if "." in target else (name, target)
+            monkeypatch.setattr(importlib.import_module(owner), attr, value)
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        capsys.readouterr()
+        module.main()
+        return capsys.readouterr().out
+
+    return run
+
+
+def listed_scripts() -> set[str]:
+    return set(re.findall(r"`([\w.]+\.(?:py|sh))`", (SCRIPTS / "README.md").read_text()))
+
+
+def test_every_script_is_listed_in_the_readme_and_every_listed_script_exists():
+    present = {p.name for p in SCRIPTS.iterdir() if p.suffix in (".py", ".sh")}
+    assert present == listed_scripts()
+
+
+def test_every_script_the_docs_name_exists():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {m for path in docs for m in re.findall(r"scripts/([\w.]+\.(?:py|sh))", path.read_text())}
+    assert named and named <= {p.name for p in SCRIPTS.iterdir()}
+
+
+def test_every_script_is_smoke_tested_here():
+    tested = set(re.findall(r'"(\w+)"', Path(__file__).read_text())) | {"gpu_check"}
+    untested = {Path(name).stem for name in listed_scripts()} - tested - {"app_render_bench", "app_screenshots"}
+    assert not untested, f"add a smoke test for {sorted(untested)}"
+
+
+# ---- random weights, tiny shapes -------------------------------------------------------------------------
+
+def test_store_bench(script):
+    out = script("store_bench", "--runs", "3", "--max-new-tokens", "6")
+    assert '"runs": 3' in out and "write_per_run_ms" in out
+
+
+def test_compression_bytes(script):
+    from workbench.models import load_model
+
+    out = script("compression_bytes", "int8", patches={"load_model": lambda **kw: load_model("random:llama", **kw)})
+    assert "int8" in out and "of bf16" in out
+
+
+def test_compression_speed(script, tmp_path):
+    from workbench.api import Workbench
+
+    out = script("compression_speed", "int8", "--tokens", "4", "--prompts", "1", "--repeats", "1",
+                 "--json", str(tmp_path / "speed.json"),
+                 patches={"Workbench": lambda **kw: Workbench("random:llama", **kw),
+                          "BASELINE_PROMPTS": ["5 6 7 8 9"]})
+    assert "int8" in out and (tmp_path / "speed.json").exists()
+
+
+def test_decode_step_breakdown(script):
+    out = script("decode_step_breakdown", patches={"SHAPES": TINY_SHAPES})
+    assert "ms" in out
+
+
+def test_tree_verify_cost(script):
+    out = script("tree_verify_cost", patches={"decode_step_breakdown.SHAPES": TINY_SHAPES})
+    assert out.strip()
+
+
+def test_self_speculation_bound(script):
+    out = script("self_speculation_bound", patches={"SHAPES": TINY_SHAPES})
+    assert "plain step t1" in out and "/6" in out
+
+
+@needs_kernels
+def test_kernel_ab(script):
+    out = script("kernel_ab", "layer", "--cached", "20", "--drafted", "0", "3",
+                 patches={"decode_step_breakdown.SHAPES": TINY_SHAPES})
+    assert out.strip()
+
+
+@needs_kernels
+def test_cpu_attention_bench(script):
+    assert script("cpu_attention_bench", "--keys", "40").strip()
+
+
+@needs_kernels
+def test_cpu_kernels_bench(script):
+    out = script("cpu_kernels_bench", "1", "4", "--layers", "1", patches={"HEAD": (1024, 576)})
+    assert "workbench int4" in out
+
+
+@needs_kernels
+def test_topk_bench(script):
+    assert "torch.topk" in script("topk_bench", patches={"VOCAB": 2048})
+
+
+def test_gpu_check_is_valid_bash():
+    """It needs the lent GPU machine to run; here only its syntax is checked."""
+    assert subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")]).returncode == 0
+
+
+# ---- the embedded model, on a few prompts ----------------------------------------------------------------
+
+def a_few_prompts(suite):
+    return lambda *args, **kwargs: suite(*args, **kwargs)[:2]
+
+
+@pytest.mark.integration
+def test_compression_perplexity(script):
+    out = script("compression_perplexity", "int8", "--tokens", "200", "--window", "100")
+    assert "uncompressed" in out and "int8" in out
+
+
+@pytest.mark.integration
+def test_early_exit_agreement(script):
+    assert "top-1 agreement" in script("early_exit_agreement")
+
+
+@pytest.mark.integration
+def test_engine_step_parts(script):
+    from workbench.eval.suite import suite
+
+    out = script("engine_step_parts", "plain", "prompt_lookup", "--per-category", "1",
+                 patches={"suite": a_few_prompts(suite)})
+    assert "prompt_lookup" in out
+
+
+@pytest.mark.integration
+def test_prompt_lookup_replay(script):
+    from workbench.eval.suite import suite
+
+    out = script("prompt_lookup_replay", "--categories", "code_edit", patches={"suite": a_few_prompts(suite)})
+    assert "code_edit" in out
+
+
+@pytest.mark.integration
+def test_token_recycling_steps(script):
+    from workbench.eval.suite import suite
+
+    out = script("token_recycling_steps", patches={"suite": a_few_prompts(suite)})
+    assert "steps" in out
+
+
+@pytest.mark.integration
+def test_gpu_profile(script):
+    out = script("gpu_profile", "--device", "cpu", "--tokens", "4", "--top", "3")
+    assert "transformers generate" in out
