@@ -2,7 +2,7 @@
 
 A technique is a dataclass registered under a category. Its init fields are its parameters: type and
 default come from the field, help and range from `param(...)` metadata. That one schema drives the CLI
-help, the app's forms, the notebook widgets, validation of specs and the catalogue in docs/.
+help, the app's forms, validation of specs and the catalogue in docs/.
 Fields declared with `init=False` are per-run state, not parameters.
 """
 
