@@ -61,16 +61,17 @@ def tiny_model():
     return model
 
 
-def exact_marginals(model) -> torch.Tensor:
-    """[N, V] the target's exact distribution of each of the first N sampled tokens (temperature 1)."""
+def exact_marginals(model, prompt: list[int] = PROMPT, n: int = N) -> torch.Tensor:
+    """[n, V] the target's exact distribution of each of the first n sampled tokens (temperature 1), by
+    enumerating every continuation."""
     sampler = Sampler(temperature=1.0)
     joint = {(): 1.0}
-    marginals = torch.zeros(N, V, dtype=torch.float64)
+    marginals = torch.zeros(n, V, dtype=torch.float64)
     with torch.inference_mode():
-        for i in range(N):
+        for i in range(n):
             grown = {}
             for seq, p in joint.items():
-                tokens = torch.tensor(PROMPT + list(seq))
+                tokens = torch.tensor(prompt + list(seq))
                 probs = sampler.probs(model(tokens, torch.arange(len(tokens))).logits[-1]).double()
                 for t in range(V):
                     grown[seq + (t,)] = p * float(probs[t])

@@ -12,10 +12,10 @@ from workbench.engine import Engine
 from workbench.errors import SpecError
 from workbench.models.random import random_model
 from workbench.registry import register
-from workbench.sampling import Sampler
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import PROMPTS, varied_model
+from .test_distribution import exact_marginals, tv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,23 +149,6 @@ def test_parameters_out_of_range_are_refused():
 
 # --- sampled output follows the target's distribution -------------------------------------------------
 
-def exact_marginals(model, prompt: list[int], n: int) -> torch.Tensor:
-    """[n, V] the target's exact distribution of each of the first n sampled tokens (temperature 1)."""
-    sampler = Sampler(temperature=1.0)
-    joint = {(): 1.0}
-    marginals = torch.zeros(n, V)
-    for i in range(n):
-        grown = {}
-        for seq, p in joint.items():
-            tokens = torch.tensor(prompt + list(seq))
-            probs = sampler.probs(model(tokens, torch.arange(len(tokens))).logits[-1])
-            for t in range(V):
-                grown[seq + (t,)] = p * float(probs[t])
-                marginals[i, t] += p * float(probs[t])
-        joint = grown
-    return marginals
-
-
 def sampled_marginals(model, name: str, prompt: list[int], n: int) -> tuple[torch.Tensor, int]:
     """Empirical [n, V] marginals over seeded runs, and how many drafts with a real (not one-hot) q were
     accepted."""
@@ -179,10 +162,6 @@ def sampled_marginals(model, name: str, prompt: list[int], n: int) -> tuple[torc
         sjd_accepted += sum(1 for e in events if e.tree for q, kept in zip(e.tree.draft_probs, e.tree.accepted)
                             if kept and q is not None and q < 1)
     return counts / TRIALS, sjd_accepted
-
-
-def tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a - b).abs().sum(-1)
 
 
 def test_sampled_output_follows_the_target_and_a_biased_variant_fails(tiny_vocab_model):
