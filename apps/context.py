@@ -13,6 +13,8 @@ from workbench.api import Workbench
 from workbench.errors import SpecError, StoreError
 from workbench.spec import RunSpec
 
+from .tokens import byte_label, gpt2_byte_decoder
+
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused before tokenizing (the context window is checked after)
 MAX_COLUMNS = 4
 
@@ -35,7 +37,7 @@ class AppContext:
 
             recorder = StoreThread(store)
         try:
-            wb = Workbench(model, dtype, device, store=recorder)
+            wb = Workbench(model, dtype, device, store=recorder, freeze_gc=True)
         except BaseException:
             if recorder is not None:
                 recorder.close()
@@ -50,7 +52,15 @@ class AppContext:
     def label(self):
         """Token id -> its text, for the views (cached: the same ids come back every step)."""
         loaded = self.wb.model(self.wb.default)
-        return functools.lru_cache(maxsize=65536)(lambda token: loaded.detokenize([int(token)]))
+        tokenizer = loaded.tokenizer
+        pieces = getattr(tokenizer, "convert_ids_to_tokens", None)
+        decoder = gpt2_byte_decoder()
+
+        def label(token: int) -> str:  # a byte of a split character shows as its byte, not U+FFFD
+            text = loaded.detokenize([int(token)])
+            return byte_label(text, pieces(int(token)) if "\ufffd" in text and pieces else None, decoder)
+
+        return functools.lru_cache(maxsize=65536)(label)
 
     def query(self, sql: str) -> pa.Table:
         """A sealed console query through the writer (the store's rules apply: reads only)."""

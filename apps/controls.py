@@ -135,7 +135,8 @@ class ColumnControls:
 def build_column_controls(index: int, spec_text: str) -> ColumnControls:
     """The controls of one column, laid out in the current Blocks context."""
     presets = available_presets()
-    preset = gr.Dropdown(choices=[CUSTOM, *presets], value=preset_for(spec_text), label="preset", interactive=True)
+    preset = gr.Dropdown(choices=[CUSTOM, *presets], value=preset_for(spec_text), label="preset", interactive=True,
+                         elem_classes=["wb-preset"])
     spec = gr.Textbox(value=spec_text, label="spec (short string; the controls below edit it)", max_lines=2,
                       elem_classes=["wb-spec"])
     cc = ColumnControls(index, preset, spec, about=gr.Markdown(spec_about(spec_text), elem_classes=["wb-about"]))

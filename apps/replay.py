@@ -88,7 +88,7 @@ def load_trace(query: Query, run_id: str) -> Trace:
     created = run["created_at"]
     return Trace(spec=RunSpec.from_json(run["spec_json"]), prompt=prompt,
                  prompt_ids=[t["token_id"] for t in tokens if t["source"] == "prompt"], model=run["model"],
-                 dtype=run["dtype"], device=run["device"], hardware=run["hardware"] or "",
+                 dtype=str(run["dtype"]).removeprefix("torch."), device=run["device"], hardware=run["hardware"] or "",
                  weight_bytes=run["weight_bytes"] or 0, run_id=rid,
                  created_at=created.timestamp() if created is not None else 0.0, events=events,
                  status=run["status"], error=run["error"])
