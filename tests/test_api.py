@@ -47,7 +47,7 @@ def test_stream_yields_the_events_of_the_trace(wb):
 
 
 def test_a_run_can_keep_its_own_memory_instead_of_the_models(wb):
-    spec = "max_new_tokens=6;decode=token_recycling"
+    spec = "max_new_tokens=6;decode=token_recycling:hot_start=true"
     own: dict = {}
     wb.generate("5 6 7 8", spec, memory=own)
     assert "token_recycling" in own and "token_recycling" not in wb.memory(wb.spec(spec))
@@ -89,3 +89,15 @@ def test_embedded_model_chats_and_stops():
     assert plain.finish_reason in ("stop", "length", "eos")
     if plain.finish_reason == "stop":
         assert plain.text.endswith(".")
+
+
+def test_the_same_spec_gives_the_same_run_by_default():
+    """Reproducible by default: nothing a run learns reaches the next unless hot_start asks for it."""
+    wb = Workbench("random:llama", dtype="float32")  # its own memory: nothing from the other tests' runs
+    spec = "max_new_tokens=16;decode=token_recycling"
+    runs = [wb.generate("5 6 7 8 5 6 7 8", spec) for _ in range(3)]
+    accepted = [[e.n_accepted for e in t.events] for t in runs]
+    assert accepted[0] == accepted[1] == accepted[2]
+    assert not any(t.summary()["warm_start"] for t in runs)
+    hot = [wb.generate("5 6 7 8 5 6 7 8", spec + ":hot_start=true") for _ in range(2)]
+    assert [t.summary()["warm_start"] for t in hot] == [False, True]

@@ -202,7 +202,7 @@ class _OtherLayerCache(LayerCache):
         return self.inner.nbytes_per_head()
 
 
-@register("cache", "_test_other_storage")
+@register("cache", "_test_other_storage", lossless=True)
 @dataclass
 class _OtherStorage(CachePolicy):
     """A storage form other than the dense one, for the refusal tests."""

@@ -87,10 +87,10 @@ def test_a_longer_context_backs_off_to_shorter_ones_then_to_the_matrix():
 
 def test_another_k_starts_both_tables_again():
     memory = {}
-    small = TokenRecycling(k=2, context=2)
+    small = TokenRecycling(k=2, context=2, hot_start=True)
     small.begin(DecodeState(_Model(), None, None, [1], [2], memory=memory))
     small._remember([(1, 2)], [[5, 6]])
-    wide = TokenRecycling(widths="3", k=4, context=2)
+    wide = TokenRecycling(widths="3", k=4, context=2, hot_start=True)
     state = DecodeState(_Model(), None, None, [1], [2], memory=memory)
     wide.begin(state)
     assert memory["token_recycling"].shape == (20, 4) and memory["token_recycling:contexts"] == {}
@@ -111,13 +111,15 @@ def test_hot_start_keeps_the_matrix_across_runs_of_a_model():
 
     model, memory = varied_model(), {}
     prompt = [5, 6, 7, 8, 9, 10, 5, 6]
-    spec = RunSpec(max_new_tokens=12, decode=TechniqueSpec("token_recycling", {"prompt": False}))
-    first = list(Engine(model, spec, memory=memory).run(prompt))
-    second = list(Engine(model, spec, memory=memory).run(prompt))
-    cold = list(Engine(model, spec.__class__(max_new_tokens=12, decode=TechniqueSpec(
-        "token_recycling", {"hot_start": False, "prompt": False})), memory=memory).run(prompt))
+    hot = RunSpec(max_new_tokens=12, decode=TechniqueSpec("token_recycling", {"prompt": False, "hot_start": True}))
+    engines = [Engine(model, hot, memory=memory) for _ in range(2)]
+    first, second = (list(e.run(prompt)) for e in engines)
+    cold_engine = Engine(model, RunSpec(max_new_tokens=12, decode=TechniqueSpec(
+        "token_recycling", {"prompt": False})), memory=memory)
+    cold = list(cold_engine.run(prompt))
     assert first[1].tree is None and cold[1].tree is None  # nothing recycled yet at the first decode step
     assert second[1].tree is not None  # the matrix came from the first run
+    assert [e.drafter.warm_started for e in engines] == [False, True] and not cold_engine.drafter.warm_started
     tokens = lambda events: [t for e in events for t in e.tokens]  # noqa: E731
     assert tokens(second) == tokens(first)  # the output does not depend on it
 
@@ -135,18 +137,20 @@ def test_the_prompts_candidates_are_recycled_from_the_prefill(monkeypatch):
     with torch.inference_mode():  # the target's top candidates after each prompt token
         top = model(torch.tensor(prompt), torch.arange(len(prompt)), build_cache(model, [], 16)).logits.topk(8).indices
     memory = {}
-    spec = RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"widths": "3"}))
+    spec = RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"widths": "3", "hot_start": True}))
     prefill = next(Engine(model, spec, memory=memory).run(prompt))  # the matrix is filled by now
     matrix = memory["token_recycling"]
     assert torch.equal(matrix[6], top[1]) and torch.equal(matrix[11], top[7])
     assert torch.equal(matrix[5], top[6])  # a repeated token keeps its last occurrence's candidates
     assert prefill.tokens == [int(top[7][0])]  # the prefill's own choice is unchanged
     off = {}
-    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"prompt": False})),
+    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"prompt": False,
+                                                                                    "hot_start": True})),
                 memory=off).run(prompt))
     assert (off["token_recycling"] == -1).all()
     with_pairs = {}
-    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"context": 2})),
+    next(Engine(model, RunSpec(max_new_tokens=4, decode=TechniqueSpec("token_recycling", {"context": 2,
+                                                                                    "hot_start": True})),
                 memory=with_pairs).run(prompt))
     assert torch.equal(with_pairs["token_recycling"], matrix)  # the same rows per token
     pairs = with_pairs["token_recycling:contexts"]

@@ -143,13 +143,16 @@ class Workbench:
                         memory=self.memory(spec) if memory is None else memory, tokenizer=loaded.tokenizer)
         trace = Trace(spec=spec, prompt=prompt, prompt_ids=ids, model=loaded.name, dtype=str(loaded.dtype),
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
-                      weight_bytes=loaded.weight_bytes())
+                      weight_bytes=loaded.weight_bytes(),
+                      simulated=[r.name for r in loaded.compression if r.simulated]
+                      + [p.technique_name for p in engine.policies if p.simulated])
         if trace_out is not None:
             trace_out.append(trace)
         if self.store is not None:
             self.store.begin(trace)
         try:
             for event in engine.run(ids):
+                trace.warm_start = engine.drafter.warm_started
                 trace.events.append(event)
                 yield event
         except (KeyboardInterrupt, GeneratorExit):

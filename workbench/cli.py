@@ -88,10 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "text": trace.text,
             "prompt_token_ids": trace.prompt_ids,
             "token_ids": trace.token_ids,
-            **{k: summary[k] for k in ("n_new_tokens", "tok_per_s", "decode_tok_per_s", "ttft_s", "target_forwards",
-                                       "mean_accepted_length", "acceptance_rate", "acceptance_per_position",
-                                       "alpha", "predicted_tokens_per_step", "tokens_per_step", "lossless",
-                                       "cache_bytes", "finish_reason")},
+            **summary,  # every metric (workbench/metrics.py), the labels lossless / simulated / warm_start too
             "weight_bytes": trace.weight_bytes,
             "spec": trace.spec.to_string(),
             "spec_json": trace.spec.to_dict(),
@@ -126,7 +123,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not in_category:
             print("  (none registered yet)")
         for t in in_category:
-            lossless = {True: " [lossless]", False: " [LOSSY]", None: ""}[t.lossless]
+            lossless = " [lossless]" if t.lossless else " [LOSSY]"
             print(f"  {t.name}{lossless}  {t.summary}")
             for p in t.params:
                 print(f"      {p.describe()}  {p.help}")
@@ -140,7 +137,7 @@ def catalogue_markdown(techniques: list) -> str:
     for category in dict.fromkeys(t.category for t in techniques):
         lines += [f"## {category}", ""]
         for t in (t for t in techniques if t.category == category):
-            lossless = {True: " (lossless)", False: " (lossy)", None: ""}[t.lossless]
+            lossless = " (lossless)" if t.lossless else " (lossy)"
             lines += [f"### `{t.name}`{lossless}", "", t.summary, ""]
             if t.params:
                 lines += ["| parameter | type | default | allowed | help |", "| --- | --- | --- | --- | --- |"]

@@ -12,7 +12,12 @@ Definitions:
   maximum-likelihood estimate when each drafted token is accepted with probability alpha until the first
   rejection); the prediction is Leviathan et al.'s expected tokens per step (1 - alpha^(k+1)) / (1 - alpha)
   with k the mean draft length, shown beside the measured tokens per drafting step.
-- lossless: whether the spec keeps the target's distribution (drafter and acceptor both lossless).
+- lossless: whether the run keeps the target's output (drafter, acceptor, cache policies and weight transforms
+  all lossless: RunSpec.lossless).
+- simulated: the run's techniques whose speed is simulated (no kernel runs their format here), so its tok/s
+  says nothing about what the format could reach.
+- warm_start: whether a drafter started from state kept from earlier runs (opt-in, e.g. token recycling's
+  hot_start), so the run's acceptance depends on what ran before it.
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -53,6 +58,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
         "finish_reason": trace.finish_reason,
         "lossless": trace.spec.lossless,
+        "simulated": list(trace.simulated),
+        "warm_start": trace.warm_start,
         **chain_acceptance(trace),
     }
 

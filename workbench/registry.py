@@ -80,11 +80,12 @@ class Technique:
     category: str
     name: str
     cls: type
-    lossless: bool | None  # decoding and acceptance only: does it keep the target's distribution?
+    lossless: bool  # does it keep the target's output distribution (and greedy output) unchanged?
 
     @property
     def summary(self) -> str:
-        return (self.cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        """The docstring's first paragraph on one line (wrapped source lines and their indents collapse)."""
+        return " ".join((self.cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     @property
     def params(self) -> list[Param]:
@@ -130,10 +131,16 @@ class Technique:
 _registry: dict[str, dict[str, Technique]] = {c: {} for c in CATEGORIES}
 
 
-def register(category: str, name: str, *, lossless: bool | None = None):
-    """Class decorator: `@register("decoding", "prompt_lookup", lossless=True)` above a dataclass."""
+def register(category: str, name: str, *, lossless: bool):
+    """Class decorator: `@register("decoding", "prompt_lookup", lossless=True)` above a dataclass.
+
+    Every technique declares whether it changes the output: lossless drafters, acceptors that keep the
+    target's distribution, the dense cache and exact encodings (dfloat11) do not; quantizing or evicting
+    caches and lossy weight transforms do. A run is lossless only if all of its parts are (RunSpec.lossless)."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; categories: {', '.join(CATEGORIES)}")
+    if not isinstance(lossless, bool):
+        raise TypeError(f"{category} technique {name!r}: lossless must be True or False, got {lossless!r}")
 
     def wrap(cls: type) -> type:
         if not dataclasses.is_dataclass(cls):

@@ -109,11 +109,15 @@ class RunSpec:
 
     @property
     def lossless(self) -> bool:
-        """Whether the run keeps the target's output distribution: its drafter and its acceptor (the
-        drafter's default when none is named) are both lossless. Lossy runs are labelled so everywhere."""
+        """Whether the run keeps the target's output: its drafter, its acceptor (the drafter's default when none
+        is named), every cache policy and every weight transform are all lossless. Lossy runs are labelled so
+        everywhere (JSON, store, app)."""
         drafter = registry.get("decoding", self.decode.name)
         accept = self.accept.name if self.accept else drafter.cls.default_acceptor
-        return bool(drafter.lossless) and bool(registry.get("acceptance", accept).lossless)
+        parts = [drafter, registry.get("acceptance", accept)]
+        parts += [registry.get("cache", t.name) for t in self.cache]
+        parts += [registry.get("compression", t.name) for t in self.compress]
+        return all(p.lossless for p in parts)
 
     # ---- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class Trace:
     events: list[StepEvent] = field(default_factory=list)
     status: str = "running"  # then done, failed or interrupted
     error: str | None = None
+    simulated: list[str] = field(default_factory=list)  # techniques whose speed is simulated (no kernel runs them)
+    warm_start: bool = False  # a drafter started from state kept from earlier runs (opt-in: hot_start)
 
     @property
     def token_ids(self) -> list[int]:

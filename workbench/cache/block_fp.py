@@ -71,7 +71,7 @@ class BlockFPCodec(Codec):
         return self._decode("k", tok), self._decode("v", tok)
 
 
-@register("cache", "block_fp")
+@register("cache", "block_fp", lossless=False)
 @dataclass
 class BlockFPPolicy(CompressedPolicy):
     """Block floating point / MX formats for K and V, with channel rearrangement for outliers.

@@ -125,7 +125,7 @@ class DenseLayerCache(LayerCache):
         return torch.full((self.k.shape[0],), self.nbytes() // self.k.shape[0], dtype=torch.long)
 
 
-@register("cache", "dense")
+@register("cache", "dense", lossless=True)
 @dataclass
 class DensePolicy(CachePolicy):
     """Every token's keys and values in the model's dtype: the full cache other policies compare against."""

@@ -173,7 +173,7 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
-@register("cache", "double_sparsity")
+@register("cache", "double_sparsity", lossless=False)
 @dataclass
 class DoubleSparsityPolicy(CachePolicy):
     """Double Sparsity: a few outlier key channels pick the top-k tokens each query attends to exactly.

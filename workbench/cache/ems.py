@@ -23,7 +23,7 @@ from workbench.registry import param, register
 SIMILARITY_CHUNK = 1024  # candidate rows per block of cosine similarities: never all (n - keep) x keep at once
 
 
-@register("cache", "ems")
+@register("cache", "ems", lossless=False)
 @dataclass
 class EMSPolicy(CachePolicy):
     """EMS: per head, keep the best global-local tokens; every other token joins the class of its most similar

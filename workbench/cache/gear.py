@@ -76,7 +76,7 @@ class GearCodec(Codec):
         return self._decode("k", tok, grp), self._decode("v", tok, grp)
 
 
-@register("cache", "gear")
+@register("cache", "gear", lossless=False)
 @dataclass
 class GearPolicy(CompressedPolicy):
     """GEAR: an efficient KV cache compression recipe for near-lossless generative inference.

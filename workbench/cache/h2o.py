@@ -17,7 +17,7 @@ from workbench.cache.scores import (
 from workbench.registry import param, register
 
 
-@register("cache", "h2o")
+@register("cache", "h2o", lossless=False)
 @dataclass
 class H2OPolicy(BudgetEviction):
     """H2O: keep the heavy hitters (tokens that received the most attention so far) and the recent tokens.

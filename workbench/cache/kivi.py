@@ -43,7 +43,7 @@ class KiviCodec(Codec):
         return k, v.view(h, n, d)
 
 
-@register("cache", "kivi")
+@register("cache", "kivi", lossless=False)
 @dataclass
 class KiviPolicy(CompressedPolicy):
     """KIVI: tuning-free asymmetric 2-bit KV cache quantization.

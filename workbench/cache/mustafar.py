@@ -120,7 +120,7 @@ class MustafarLayerCache(CompressedLayerCache):
         return out.view(heads, t, dim).to(q.dtype)
 
 
-@register("cache", "mustafar")
+@register("cache", "mustafar", lossless=False)
 @dataclass
 class MustafarPolicy(CompressedPolicy):
     """Mustafar: unstructured sparsity for the KV cache.

@@ -12,7 +12,7 @@ from workbench.cache.scores import AccumulatedAttention, attach_each, check_budg
 from workbench.registry import param, register
 
 
-@register("cache", "prefix_kv")
+@register("cache", "prefix_kv", lossless=False)
 @dataclass
 class PrefixKVPolicy(CachePolicy):
     """PrefixKV: layers keep different numbers of tokens, set by one global threshold on cumulative importance.

@@ -12,7 +12,7 @@ from workbench.cache.scores import WindowVote, attach_each, check_budget, detach
 from workbench.registry import param, register
 
 
-@register("cache", "snapkv")
+@register("cache", "snapkv", lossless=False)
 @dataclass
 class SnapKVPolicy(CachePolicy):
     """SnapKV: the prompt's last queries vote for the earlier tokens each head keeps.

@@ -11,7 +11,7 @@ from workbench.cache.scores import BudgetEviction, context_length, kept_count
 from workbench.registry import param, register
 
 
-@register("cache", "streaming")
+@register("cache", "streaming", lossless=False)
 @dataclass
 class StreamingPolicy(BudgetEviction):
     """StreamingLLM: the first few tokens (attention sinks) plus a window of the most recent ones.

@@ -157,7 +157,7 @@ class DFloat11Linear(CompressedLinear):
         return sum(t.numel() * t.element_size() for t in held)
 
 
-@register("compression", "dfloat11")
+@register("compression", "dfloat11", lossless=True)
 @dataclass
 class DFloat11(WeightTransform):
     """DFloat11 (Zhang et al., "70% Size, 100% Accuracy: Lossless LLM Compression for Efficient GPU Inference

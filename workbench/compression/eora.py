@@ -81,7 +81,7 @@ class LowRankCompensated(CompressedLinear):
         return weight_nbytes(self.inner) + sum(t.numel() * t.element_size() for t in (self.a, self.b))
 
 
-@register("compression", "eora")
+@register("compression", "eora", lossless=False)
 @dataclass
 class EoRA(WeightTransform):
     """EoRA (Liu et al., "EoRA: Fine-tuning-free Compensation for Compressed LLM with Eigenspace Low-Rank

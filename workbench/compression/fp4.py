@@ -52,7 +52,7 @@ def fp4_search(w: torch.Tensor, formats: list[ElementFormat], group: int, ratios
     return fmt, codes, scale.to(SCALE_DTYPE)
 
 
-@register("compression", "fp4")
+@register("compression", "fp4", lossless=False)
 @dataclass
 class FP4(WeightTransform):
     """LLM-FP4 (Liu et al., "LLM-FP4: 4-Bit Floating-Point Quantized Transformers", arXiv 2310.16836):

@@ -81,7 +81,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group: 
     return codes, scales, offsets
 
 
-@register("compression", "gptq")
+@register("compression", "gptq", lossless=False)
 @dataclass
 class GPTQ(WeightTransform):
     """GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained

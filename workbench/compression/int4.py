@@ -147,7 +147,7 @@ class Int4Linear(CompressedLinear):
         return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size()
 
 
-@register("compression", "int4")
+@register("compression", "int4", lossless=False)
 @dataclass
 class Int4(WeightTransform):
     """Group-wise asymmetric int4 weight-only quantization, round to nearest (the RTN baseline of GPTQ,

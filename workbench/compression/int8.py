@@ -76,7 +76,7 @@ class Int8Linear(CompressedLinear):
         return self.codes.numel() + self.scales.numel() * self.scales.element_size() + extra
 
 
-@register("compression", "int8")
+@register("compression", "int8", lossless=False)
 @dataclass
 class Int8(WeightTransform):
     """Per-channel symmetric int8 weight-only quantization (LLM.int8()'s vector-wise quantization, Dettmers

@@ -36,7 +36,7 @@ def mx_quantize(w: torch.Tensor, fmt: ElementFormat) -> tuple[torch.Tensor, torc
     return codes, (exponent + 127).to(torch.uint8)
 
 
-@register("compression", "mx")
+@register("compression", "mx", lossless=False)
 @dataclass
 class MX(WeightTransform):
     """MX block formats (Rouhani et al., "Microscaling Data Formats for Deep Learning", arXiv 2310.10537):

@@ -62,7 +62,7 @@ class SparseLinear(CompressedLinear):
         return self.bitmap.numel() + self.values.numel() * self.values.element_size()
 
 
-@register("compression", "prune")
+@register("compression", "prune", lossless=False)
 @dataclass
 class MagnitudePrune(WeightTransform):
     """Magnitude pruning (Han et al., "Learning both Weights and Connections for Efficient Neural Networks",

@@ -159,6 +159,9 @@ class Drafter:
     """
 
     default_acceptor = "match"
+    # True when `begin` picked up state kept from earlier runs (an opt-in warm start, e.g. token recycling's
+    # hot_start): the run's drafts then depend on what ran before it, and its trace says so.
+    warm_started = False
 
     def begin(self, state: DecodeState) -> None:
         """Set up per-run state (the prompt and the target model are on `state`)."""

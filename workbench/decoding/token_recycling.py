@@ -11,9 +11,10 @@ decoding's.
 The tree shape is imbalanced as in the paper: `widths[d]` is how many children the first-ranked node at
 depth d gets, and a node of rank r gets `widths[d] - r` (at least none). The default (2-1-1-1: five nodes,
 depth 4) is sized for CPUs, where each verified node costs compute (docs/performance.md compares shapes);
-the paper's GPU tree has about 80 nodes. With `hot_start` (the
-paper's default) M is kept across the runs of a loaded model, so a new run drafts from the first step
-(its draft trees, not its output, then depend on the runs before it); without it M starts empty.
+the paper's GPU tree has about 80 nodes. M starts empty for every run by default, so a run depends only on
+its spec, prompt and seed. `hot_start=true` (the paper's setting) keeps M across the runs of a loaded model,
+so a new run drafts from the first step; its draft trees and speed, not its output, then depend on the runs
+before it, and its trace records `warm_start`.
 
 An addition to the paper (`prompt`, on by default): the prefill's forward also yields a distribution after
 every prompt token, which plain prefill throws away; here each prompt token's row takes its top-k. Text that
@@ -70,7 +71,8 @@ class TokenRecycling(Drafter):
     widths: str = param("2-1-1-1", "children of the first-ranked node at each depth, dash-separated (the "
                         "paper's GPU trees are far wider)")
     k: int = param(8, "candidates kept per token in the adjacency matrix", min=1, max=64)
-    hot_start: bool = param(True, "keep the matrix across runs of the same model (the paper's hot start)")
+    hot_start: bool = param(False, "keep the matrix across runs of the same model (the paper's hot start; opt-in, "
+                            "since a run's speed then depends on the runs before it)")
     prompt: bool = param(True, "also recycle the prefill's candidates for every prompt token (costs the LM head "
                          "over the prompt's distinct tokens, or over every position with context > 1)")
     context: int = param(2, "tokens that key the candidates: 1 is the paper's matrix alone; n also keeps the newest "
@@ -97,6 +99,7 @@ class TokenRecycling(Drafter):
             if kept is None or kept.shape != shape:  # a new model or another k: both tables start again
                 kept = state.memory["token_recycling"] = torch.full(shape, EMPTY, dtype=torch.long)
                 state.memory["token_recycling:contexts"] = {}
+            self.warm_started = bool((kept[:, 0] != EMPTY).any())
             self._matrix = kept
             self._contexts = state.memory.setdefault("token_recycling:contexts", {}) if self.context > 1 else None
         else:
