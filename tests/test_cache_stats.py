@@ -35,7 +35,7 @@ def test_dense_stats_have_the_layer_by_head_shape_and_full_values(model):
         assert len(s.tokens) == len(s.bytes) == len(s.bits) == len(s.sparsity) == layers
         assert all(len(row) == heads for row in (*s.tokens, *s.bytes, *s.bits, *s.sparsity))
         assert s.tokens[0] == [context] * heads and s.bits[0] == [32.0] * heads and s.sparsity[0] == [0.0] * heads
-        assert sum(map(sum, s.bytes)) == e.cache_bytes and not s.simulated
+        assert sum(map(sum, s.bytes)) == e.cache_live_bytes and not s.simulated
     sampled = [e.step for e in events if e.cache_stats.kept is not None]
     assert sampled == [0, KEPT_EVERY, events[-1].step]
     assert events[-1].cache_stats.kept[1][0] == list(range(events[-1].positions[-1]))
@@ -102,7 +102,7 @@ def test_a_version_2_store_gains_the_kept_and_simulated_columns(tmp_path):
     with Store(path) as store:
         store.begin(trace)
         store.finish(trace)
-        assert store.con.execute("SELECT max(version) FROM schema_version").fetchone() == (3,)
+        assert store.con.execute("SELECT max(version) FROM schema_version").fetchone() == (writer.SCHEMA_VERSION,)
         assert store.con.execute("SELECT kept, simulated FROM cache_stats WHERE run_id = 'old'").fetchall() == \
             [(None, None)]
         assert store.con.execute("SELECT count(*) FROM cache_stats WHERE run_id = ? AND kept IS NOT NULL",

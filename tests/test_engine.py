@@ -94,7 +94,7 @@ def test_cache_holds_exactly_the_committed_tokens(model):
     held = len(PROMPT) + 12 - (events[-1].sources[-1] == "bonus")
     assert events[-1].cache_tokens == [held] * model.config.num_layers
     per_token = model.config.num_kv_heads * (2 * model.config.head_dim * 4 + 8)  # k, v and a position per head
-    assert events[-1].cache_bytes == held * per_token * model.config.num_layers
+    assert events[-1].cache_live_bytes == held * per_token * model.config.num_layers
 
 
 def test_sampling_is_seeded_and_reproducible(model):

@@ -61,7 +61,8 @@ class StepEvent:
     verify_ns: int  # the target forward (the whole prompt for the prefill)
     accept_ns: int  # acceptance, cache commit, drafter learning and cache policies
     elapsed_ns: int  # since the run started, at the end of this step
-    cache_bytes: int = 0  # real bytes the KV cache holds after this step (and its policies)
+    cache_bytes: int = 0  # bytes the process holds for the KV cache after this step (its tensors' storages)
+    cache_live_bytes: int = 0  # of which the tokens held take, in their stored form (keys, values, metadata)
     cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
@@ -243,7 +244,8 @@ class Engine:
         """What the cache holds now: bytes, tokens per layer, stats (kept positions on sampled steps)."""
         cache = state.cache
         context = len(state.prompt_ids) + len(state.generated) - 1  # the last token is pending, not cached
-        event.cache_bytes, event.cache_tokens = cache.nbytes(), cache.tokens_per_layer()
+        event.cache_bytes, event.cache_live_bytes = cache.allocated_bytes(), cache.nbytes()
+        event.cache_tokens = cache.tokens_per_layer()
         event.cache_stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
                                         kept_sampled(state.step, event.finish_reason is not None))
 

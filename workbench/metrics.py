@@ -18,6 +18,9 @@ Definitions:
   says nothing about what the format could reach.
 - warm_start: whether a drafter started from state kept from earlier runs (opt-in, e.g. token recycling's
   hot_start), so the run's acceptance depends on what ran before it.
+- cache_bytes / peak_cache_bytes: what the process holds for the KV cache (its tensors' storages, spare
+  capacity included), at the end and at its largest; cache_live_bytes / peak_cache_live_bytes: what the tokens
+  held take in their stored form (a quantized or evicting policy's saving shows here first).
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -56,6 +59,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "acceptance_per_position": acceptance_per_position(trace),
         "cache_bytes": events[-1].cache_bytes if events else 0,
         "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
+        "cache_live_bytes": events[-1].cache_live_bytes if events else 0,
+        "peak_cache_live_bytes": max((e.cache_live_bytes for e in events), default=0),
         "finish_reason": trace.finish_reason,
         "lossless": trace.spec.lossless,
         "simulated": list(trace.simulated),

@@ -38,6 +38,29 @@ class AttentionObserver(Protocol):
     def commit(self, offsets: list[int]) -> None: ...
 
 
+def tensor_storage_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
+    """Bytes of the tensor storages reachable from `obj` through its attributes, lists, tuples and dicts (to a
+    small depth), each storage counted once across calls sharing `seen` (keyed by its data pointer)."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if depth > 4:
+        return 0
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = vars(obj).values()
+    else:
+        return 0
+    return sum(tensor_storage_bytes(item, seen, depth + 1) for item in items)
+
+
 class LayerCache(ABC):
     """One layer's keys and values. Shapes: k, v are [kv_heads, tokens, head_dim]."""
 
@@ -168,7 +191,14 @@ class KVCache:
             layer.n_committed = layer.length
 
     def nbytes(self) -> int:
+        """Live bytes: what the tokens held take in each layer's stored form (keys, values, metadata)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """What the process holds for the cache: every distinct tensor storage its layers reach, counted once
+        (`untyped_storage().nbytes()`), spare capacity and full-precision buffers included."""
+        seen: set[int] = set()
+        return sum(tensor_storage_bytes(layer, seen) for layer in self.layers)
 
     def nbytes_per_layer_head(self) -> torch.Tensor:
         """[layers, kv_heads] real bytes held."""

@@ -43,7 +43,8 @@ class Forced:
     """One teacher-forced pass over a window of tokens.
 
     logprobs: [S, vocab] float32 log-softmax of every scored position; targets: [S] the true tokens.
-    Cache bytes are the real bytes held after `on_prefill_end` and after the last step.
+    Cache bytes are the live bytes (the tokens held, in their stored form: `KVCache.nbytes`) after
+    `on_prefill_end` and after the last step; the spare capacity a cache allocates is not counted here.
     """
 
     logprobs: torch.Tensor
@@ -118,7 +119,7 @@ def teacher_forced(model: LlamaModel, policies: list[CachePolicy], ids: Sequence
     events = list(engine.run(list(ids[:prefill])))
     decode_s = (events[-1].elapsed_ns - events[0].elapsed_ns) / 1e9
     logprobs = torch.log_softmax(torch.cat(forced.rows).float(), dim=-1).cpu()
-    return Forced(logprobs, torch.tensor(targets), events[0].cache_bytes, events[-1].cache_bytes, decode_s)
+    return Forced(logprobs, torch.tensor(targets), events[0].cache_live_bytes, events[-1].cache_live_bytes, decode_s)
 
 
 def nll(run: Forced) -> torch.Tensor:

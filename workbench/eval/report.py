@@ -61,8 +61,8 @@ def markdown(result: dict[str, Any]) -> str:
             ("Δ ppl", lambda r: _num(r.get("delta_ppl_pct"), "+.2f") + " %"),
             ("KL (nats)", lambda r: _num(r.get("kl"), ".4f")),
             ("top-1", lambda r: _num(r.get("top1_agreement"), ".1%")),
-            ("KV bytes after prefill", lambda r: _bytes(r, "cache_bytes_prefill")),
-            ("KV bytes at end", lambda r: _bytes(r, "cache_bytes_end")),
+            ("KV live bytes after prefill", lambda r: _bytes(r, "cache_bytes_prefill")),
+            ("KV live bytes at end", lambda r: _bytes(r, "cache_bytes_end")),
             ("decode tok/s", lambda r: _num(r.get("decode_tok_per_s"), ".3g")
              + (" (simulated)" if r.get("speed_simulated") else "")),
         ]
