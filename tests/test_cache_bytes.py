@@ -1,10 +1,14 @@
 """Cache bytes are what the process holds: allocated storage beside the live part, for every policy."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from workbench import registry
+from workbench.decoding.base import Drafter, DraftTree
 from workbench.engine import Engine
+from workbench.registry import register
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import PROMPTS, varied_model
@@ -49,3 +53,31 @@ def test_allocated_bytes_count_each_storage_once():
     holder = type("Holder", (), {})()
     holder.a, holder.b, holder.views = base, base[10:20], [base[:5], {"x": torch.zeros(3, dtype=torch.int64)}]
     assert tensor_storage_bytes(holder, set()) == 100 * 4 + 3 * 8
+
+
+ORACLE: list[int] = []  # the output plain decoding gives, which the oracle drafter proposes
+
+
+@register("decoding", "_test_oracle", lossless=True)
+@dataclass
+class Oracle(Drafter):
+    """Drafts the next four tokens of plain decoding's output: every draft is accepted."""
+
+    def propose(self, state):
+        done = len(state.generated)
+        return DraftTree.chain(ORACLE[done:done + 4])
+
+
+@pytest.mark.parametrize("cache", [[], [TechniqueSpec("kivi", {"bits": 2, "residual": 4})]], ids=["dense", "kivi"])
+def test_a_run_ending_inside_an_accepted_draft_caches_exactly_its_context(model, cache):
+    """The last step may accept more than the budget keeps: the cache must still hold what plain decoding's
+    does (the context less the pending token), with the same bytes."""
+    prompt = PROMPTS[1]
+    ORACLE[:] = [t for e in Engine(model, RunSpec(max_new_tokens=40, cache=cache)).run(prompt) for t in e.tokens]
+    for budget in (6, 7, 8, 9):  # steps of 5 tokens after the prefill's 1: budgets 7-9 end inside a step
+        plain = list(Engine(model, RunSpec(max_new_tokens=budget, cache=cache)).run(prompt))
+        drafted = list(Engine(model, RunSpec(max_new_tokens=budget, cache=cache,
+                                             decode=TechniqueSpec("_test_oracle"))).run(prompt))
+        assert [t for e in drafted for t in e.tokens] == [t for e in plain for t in e.tokens] == ORACLE[:budget]
+        assert drafted[-1].cache_tokens == plain[-1].cache_tokens
+        assert drafted[-1].cache_live_bytes == plain[-1].cache_live_bytes

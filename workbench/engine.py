@@ -192,6 +192,8 @@ class Engine:
             self.drafter.observe(state, tree, acceptance, all_logits)
             for policy in self.policies:
                 policy.on_step_end(cache)
+            if len(event.tokens) < len(new_tokens):  # the output ended inside the accepted path (EOS, a stop,
+                cache.drop_newest(len(new_tokens) - len(event.tokens))  # the budget): cache exactly the context
             self._record_cache(event, state)  # after the policies: what they left
             end = time.perf_counter_ns()
             event.accept_ns, event.elapsed_ns = end - t2, end - start

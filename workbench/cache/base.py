@@ -184,6 +184,13 @@ class KVCache:
         for layer in self.layers:
             layer.rollback()
 
+    def drop_newest(self, n: int) -> None:
+        """Drop the `n` most recently committed tokens of every layer (policies keep slots in order, so they are
+        the last ones): a step whose output ended inside its accepted path keeps exactly the context."""
+        for layer in self.layers:
+            layer.truncate(layer.n_committed - n)
+            layer.n_committed = layer.length
+
     def keep_first(self, length: int) -> None:
         """Keep the first `length` committed tokens of every layer (fewer where a layer holds fewer)."""
         for layer in self.layers:
