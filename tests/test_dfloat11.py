@@ -8,6 +8,7 @@ from workbench.compression.base import apply_compression
 from workbench.compression.dfloat11 import MAX_CODE_BITS, DFloat11Linear, canonical_codes, huffman_lengths
 from workbench.engine import Engine
 from workbench.models import LoadedModel
+from workbench.models.packed_linear import pack_linears
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import PROMPTS, varied_model
@@ -48,6 +49,7 @@ def test_size_is_about_70_percent_of_bf16():
 def encoded(variant: str):
     model = varied_model(variant).to(torch.bfloat16)
     reference = varied_model(variant).to(torch.bfloat16)
+    pack_linears(reference)  # as a Workbench runs a bf16 model on CPU: the products DFloat11's layers mirror
     loaded = LoadedModel(model, None, model.config, "tiny", "tiny", torch.bfloat16, torch.device("cpu"))
     apply_compression(loaded, [TechniqueSpec("dfloat11")])
     return model, reference
