@@ -39,6 +39,9 @@ BLOCK = 16  # output features are worked in blocks of 16 rows
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_reason = ""  # why the kernels do not run here, in plain words ("" while they run or before the first try)
+COST = ("bf16 decoding then takes torch's oneDNN paths, several times slower for one-token steps, and lossless "
+        "drafters in bf16 only agree with plain decoding instead of matching it token for token")
 
 
 def _cache_dir() -> Path:
@@ -46,8 +49,10 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL | None:
+    global _reason
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
+        _reason = "no C compiler was found (install gcc, or set CC)"
         return None
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", *os.environ.get("WORKBENCH_KERNEL_FLAGS", "").split()]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
@@ -63,13 +68,19 @@ def _build() -> ctypes.CDLL | None:
                     raise OSError(result.stderr)
                 built.replace(target)
         except OSError as err:  # no compiler that works, or nowhere to write: torch's paths still work
-            warnings.warn(f"workbench CPU kernels not built ({err}); using torch's paths "
-                          "(set WORKBENCH_KERNEL_CACHE to a writable folder, or WORKBENCH_CPU_KERNELS=0)", stacklevel=3)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _reason = (f"they could not be built ({first}); set WORKBENCH_KERNEL_CACHE to a writable folder or "
+                       "fix the compiler")
             return None
     # torch has loaded its OpenMP runtime already; the library binds to that one (same soname), so the two
     # share one thread pool.
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        _reason = f"the built library {target} could not be loaded ({err}); delete it to rebuild"
+        return None
     if not lib.workbench_cpu_supported():
+        _reason = "this CPU lacks AVX512-BF16, which they need (no fix on this machine)"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.workbench_gemm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -91,13 +102,23 @@ def _build() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the kernels run here (built on first call)."""
-    global _lib, _tried
+    """Whether the kernels run here (built on first call). When they cannot, says why once, plainly."""
+    global _lib, _tried, _reason
     if not _tried:
         _tried = True
-        if os.environ.get("WORKBENCH_CPU_KERNELS", "1") != "0":
+        if os.environ.get("WORKBENCH_CPU_KERNELS", "1") == "0":
+            _reason = "they are switched off (WORKBENCH_CPU_KERNELS=0)"
+        else:
             _lib = _build()
+            if _lib is None:
+                warnings.warn(f"workbench's CPU kernels do not run: {_reason}. Cost: {COST}.", stacklevel=2)
     return _lib is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernels do not run here ("" when they do)."""
+    available()
+    return _reason
 
 
 def fits(out_features: int, in_features: int) -> bool:

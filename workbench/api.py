@@ -21,6 +21,7 @@ from workbench.engine import Engine, StepEvent
 from workbench.errors import PromptError, SpecError
 from workbench.models import LoadedModel, load_model
 from workbench.models.packed_linear import can_pack, pack_linears
+from workbench.provenance import provenance
 from workbench.spec import DEFAULT_MODEL, RunSpec
 from workbench.trace import Trace
 
@@ -145,7 +146,8 @@ class Workbench:
                       device=str(loaded.device), hardware=hardware_description(loaded.device),
                       weight_bytes=loaded.weight_bytes(),
                       simulated=[r.name for r in loaded.compression if r.simulated]
-                      + [p.technique_name for p in engine.policies if p.simulated])
+                      + [p.technique_name for p in engine.policies if p.simulated],
+                      provenance=provenance(loaded.model, loaded.device, loaded.dtype))
         if trace_out is not None:
             trace_out.append(trace)
         if self.store is not None:

@@ -24,6 +24,7 @@ from workbench.eval.llama_cpp_peer import LLAMA_CPP_PEERS, llama_cpp_peer
 from workbench.eval.prompts import BASELINE_PROMPTS
 from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
+from workbench.provenance import provenance
 from workbench.spec import RunSpec
 
 WARMUP_PROMPT = "Write two sentences about a lighthouse keeper and the first storm of winter."  # not in the suite
@@ -100,6 +101,7 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
         "model": loaded.name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
         "prompts": len(prompts), "repeats": args.repeats, "threads": torch.get_num_threads(),
         "machine": hardware_description(loaded.device), "torch": torch.__version__,
+        "provenance": provenance(loaded.model, loaded.device, loaded.dtype),
         "tok_per_s": tok_s,
         "per_prompt": [{"prompt_tokens": len(ids), **{name: n / s for name, (n, s) in row.items()}}
                        for ids, row in zip(prompts, per_prompt)],
@@ -238,8 +240,10 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
                          "mean_accepted_length": tokens / forwards if forwards else None,
                          "speedup": (tokens / seconds) / (base[0] / base[1]),
                          "agreement_with_plain": sum(same) / len(same)})
-    device = wb.model(specs["plain"]).device
+    loaded = wb.model(specs["plain"])
+    device = loaded.device
     result = {"model": args.model, "dtype": args.dtype, "compress": args.compress,
+              "provenance": provenance(loaded.model, loaded.device, loaded.dtype),
               "machine": hardware_description(device),
               "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),

@@ -65,6 +65,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "lossless": trace.spec.lossless,
         "simulated": list(trace.simulated),
         "warm_start": trace.warm_start,
+        "provenance": trace.provenance,
         **chain_acceptance(trace),
     }
 

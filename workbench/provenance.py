@@ -1,0 +1,86 @@
+"""Where a result came from: the code, the machine, the libraries and the kernels that ran.
+
+Every trace carries `provenance()` (and so every stored run, `generate --json` and `bench` results), so a
+figure can be trusted, or told apart, later. The git facts are read once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.compression.base import CompressedLinear
+from workbench.kernels import cpu as cpu_kernels
+from workbench.models.packed_linear import PackedLinear
+
+ROOT = Path(__file__).resolve().parent.parent
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "neon", "sve")  # the ones the kernels or torch use
+
+
+@functools.cache
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the project's checkout; (None, None) outside a git checkout or without git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(status.strip())
+
+
+@functools.cache
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo where there is one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return fields.get("model name", platform.machine()), [f for f in ISA_FLAGS if f in flags]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def backends(model: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Which backend ran each kind of operation: "c" (kernels/cpu_gemm.c) or "torch". On CPU in bf16 the
+    kernels run the products of layers that hold their weight in the kernels' layout, attention, norms, RoPE,
+    SwiGLU and top-k; everything else is torch's."""
+    c = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.available()
+    layers: dict[str, int] = {"c": 0, "torch": 0}
+    for module in (model.modules() if model is not None else []):
+        if isinstance(module, torch.nn.Linear):
+            layers["torch"] += 1
+        elif isinstance(module, CompressedLinear | PackedLinear):  # own_kernel: its product runs in the kernels
+            layers["c" if c and getattr(module, "own_kernel", False) else "torch"] += 1
+    linear = "c" if layers["c"] and not layers["torch"] else ("mixed" if layers["c"] else "torch")
+    kernel = "c" if c else "torch"
+    return {"linear": linear, "attention": kernel, "norm": kernel, "rope": kernel, "swiglu": kernel,
+            "topk": "c" if device.type == "cpu" and cpu_kernels.available() else "torch"}
+
+
+def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    commit, dirty = git_state()
+    cpu, isa = cpu_description()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "commit": commit, "dirty": dirty, "cpu": cpu, "isa": isa, "gpu": gpu,
+        "backends": backends(model, device, dtype),
+        "kernels_note": cpu_kernels.unavailable_reason() or None,
+        "versions": {p: _version(p) for p in ("torch", "transformers", "duckdb", "workbench")},
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+    }
