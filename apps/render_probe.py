@@ -8,7 +8,9 @@ controls, so what is measured is what a user's browser does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 INSTALL = """() => {
@@ -35,6 +37,34 @@ INSTALL = """() => {
   probe.tokens = () => document.querySelectorAll('[id^="wb-tokens-"] .wb-text .wb-tok:not(.wb-prompt)').length;
 }"""
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright cannot download its own browser here
+INSTALL_CHROMIUM = "apt-get install -y chromium (as root; `make setup` does it when run as root)"
+
+
+def launch_chromium(playwright):
+    """Debian's headless Chromium, or a one-line error saying how to install it (a browser test fails, never
+    skips, when it is missing)."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"the browser tests need Debian's chromium at {CHROMIUM}: {INSTALL_CHROMIUM}")
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+
+
+# Before the page loads: keep a copy of the server's update stream (Gradio streams each update as edits of the
+# outputs' previous values: "append" to a string, "replace", ...), so a race can be checked for what it sent.
+TEE = """(() => {
+  if (window.__wbTee) return;
+  window.__wbTee = [];
+  const fetch0 = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await fetch0(...args);
+    if (String(args[0]?.url || args[0]).includes('/queue/data')) {
+      const reader = response.clone().body.getReader(), decoder = new TextDecoder();
+      (async () => { for (;;) { const {done, value} = await reader.read(); if (done) break;
+                                window.__wbTee.push(decoder.decode(value, {stream: true})); } })();
+    }
+    return response;
+  };
+})()"""
 DONE = "document.querySelector('#wb-status')?.innerText.includes('done:')"
 
 
@@ -50,6 +80,9 @@ class RenderReport:
     longest_gap_ms: float  # the longest time between two screen updates
     longest_task_ms: float  # the longest browser task (0: none over 50 ms)
     long_tasks_ms: float  # the time spent in tasks over 50 ms, all together
+    token_appends: int = 0  # streamed edits of a column's tokens that append to what it shows
+    token_replaces: int = 0  # and those that resend the whole text
+    max_figures_per_update: int = 0  # the most figures one streamed update redrew
     received_kb: float = 0.0  # what the page received from the server's update stream during the race
     stop_ms: float | None = None  # Stop all click to the last screen update that changed the number of tokens
     stop_done_ms: float | None = None  # Stop all click to the status saying done (every view drawn)
@@ -60,6 +93,7 @@ class RenderReport:
 
 def set_up(page, url: str, columns: int, max_new_tokens: int, prompt: str | None = None) -> None:
     """Open the app and set the race up through its controls (the columns keep their default specs)."""
+    page.add_init_script(TEE)
     page.goto(url)
     page.wait_for_selector("#wb-generate")
     if prompt is not None:
@@ -93,6 +127,7 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
     end = page.evaluate("performance.now()")
     page.wait_for_timeout(1000)  # the final render's tasks and mutations land
     cdp.detach()
+    edits = streamed_edits("".join(page.evaluate("window.__wbTee")))
     probe = page.evaluate("({longtasks: window.__wbProbe.longtasks, updates: window.__wbProbe.updates,"
                           " clicks: window.__wbProbe.clicks})")
     updates = [(t, n) for t, _, n in probe["updates"] if t >= start]
@@ -106,6 +141,27 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
         columns=columns, max_new_tokens=max_new_tokens, race_ms=round(end - start, 1), updates=len(times),
         updates_per_s=round(len(times) / race_s, 2) if race_s > 0 else 0.0,
         longest_gap_ms=round(max(gaps, default=0.0), 1), longest_task_ms=round(max(tasks, default=0.0), 1),
-        long_tasks_ms=round(sum(tasks), 1), received_kb=round(received[0] / 1024, 1),
+        long_tasks_ms=round(sum(tasks), 1), received_kb=round(received[0] / 1024, 1), **edits,
         stop_ms=None if stop is None else round(max([t - stop for t in grew if t >= stop], default=0.0), 1),
         stop_done_ms=None if stop is None else round(end - stop, 1))
+
+
+def streamed_edits(stream: str) -> dict[str, int]:
+    """Count, in the intermediate updates of Gradio's stream (`process_generating`), the edits of token text
+    (HTML holding `wb-tok` spans) by kind, and the most figures (Plotly values) one update changed."""
+    out = {"token_appends": 0, "token_replaces": 0, "max_figures_per_update": 0}
+    for line in stream.splitlines():
+        if not line.startswith("data:"):
+            continue
+        message = json.loads(line[5:])
+        if message.get("msg") != "process_generating":
+            continue
+        figures = 0
+        for edits in message.get("output", {}).get("data") or []:
+            for op, path, value in edits if isinstance(edits, list) else []:
+                if isinstance(value, str) and "wb-tok" in value and not path:
+                    out["token_appends" if op == "append" else "token_replaces"] += 1
+                if "plot" in path or (isinstance(value, dict) and value.get("type") == "plotly"):
+                    figures += 1
+        out["max_figures_per_update"] = max(out["max_figures_per_update"], figures)
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from workbench.apps.context import AppContext
-from workbench.apps.render_probe import measure_race
+from workbench.apps.render_probe import launch_chromium, measure_race
 from workbench.apps.server import launched_locally
 
 PROMPT = "Write a short story about a fox who learns to count, in plain words."
@@ -43,8 +43,7 @@ def main() -> None:
         ctx = AppContext.create(args.model, "auto", "cpu", Path(tmp) / "runs.duckdb")
         try:
             with launched_locally(ctx) as (_, url), sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                            args=["--no-sandbox"])
+                browser = launch_chromium(p)
                 page = browser.new_page(viewport={"width": 1400, "height": 1800})
                 page.set_default_timeout(600_000)
                 for _ in range(args.repeat):
@@ -62,7 +61,8 @@ def main() -> None:
         line = (f"{kind}: {r.columns} x {r.max_new_tokens} tokens in {r.race_ms / 1000:.1f} s; "
                 f"{r.updates} screen updates ({r.updates_per_s:.1f}/s), longest gap {r.longest_gap_ms:.0f} ms; "
                 f"longest task {r.longest_task_ms:.0f} ms, {r.long_tasks_ms:.0f} ms in tasks over 50 ms; "
-                f"{r.received_kb:.0f} KB received")
+                f"{r.received_kb:.0f} KB received; token text sent as {r.token_appends} appends and "
+                f"{r.token_replaces} whole texts; at most {r.max_figures_per_update} figures in one update")
         if r.stop_ms is not None:
             line += f"; Stop all to the last new token {r.stop_ms:.0f} ms, to done {r.stop_done_ms:.0f} ms"
         print(line)

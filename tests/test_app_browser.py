@@ -6,7 +6,6 @@ The screenshots are kept as test artifacts in test-artifacts/ (ignored by git)."
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,11 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from workbench.apps.context import AppContext  # noqa: E402
+from workbench.apps.render_probe import launch_chromium  # noqa: E402
 from workbench.apps.server import launched_locally  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="needs Debian's chromium at /usr/bin")]
+pytestmark = pytest.mark.integration  # a missing chromium fails the tests with the command to install it
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.set_default_timeout(60_000)

@@ -1,0 +1,120 @@
+"""The race, links and presets in a real browser: Playwright drives Debian's headless Chromium against a live
+server with a tiny random model (the embedded model's browser test is tests/test_app_browser.py).
+
+A missing Chromium fails these tests with the command that installs it; it never skips them."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+import pytest
+
+pytest.importorskip("gradio")
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from workbench.apps.context import AppContext  # noqa: E402
+from workbench.apps.render_probe import launch_chromium, measure_race  # noqa: E402
+from workbench.apps.server import launched_locally  # noqa: E402
+
+PROMPT = "5 6 7 8 9 10 5 6 7 8 9 10 5 6"  # the random model takes token ids
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ctx = AppContext.create("random:llama", "float32", "cpu", tmp_path_factory.mktemp("race") / "runs.duckdb")
+    try:
+        with launched_locally(ctx) as (_, url):
+            yield url
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.set_default_timeout(60_000)
+    yield page
+    page.close()
+
+
+def link(*specs: str, **params: object) -> str:
+    return "?" + "&".join([f"{k}={quote(str(v), safe='')}" for k, v in params.items()]
+                          + [f"spec={quote(s, safe='')}" for s in specs])
+
+
+def wait_status(page, text: str) -> str:
+    page.wait_for_function(f"document.querySelector('#wb-status')?.innerText.includes({text!r})")
+    return page.locator("#wb-status").inner_text()
+
+
+def test_link_restores_the_comparison_and_names_its_presets(server, page):
+    page.goto(server + link("decode=plain", "decode=prompt_lookup:k=4", "decode=prompt_lookup",
+                            prompt="5 6 & 7", chat=0, max_new_tokens=7))
+    wait_status(page, "opened the linked configurations")
+    expect(page.locator("#wb-prompt textarea")).to_have_value("5 6 & 7")
+    expect(page.get_by_label("chat template (when the model has one)")).not_to_be_checked()
+    expect(page.get_by_label("number input for max new tokens")).to_have_value("7")
+    boxes, presets = page.locator(".wb-spec textarea"), page.locator(".wb-preset input")
+    for i, (spec, preset) in enumerate([("decode=plain", "plain"), ("decode=prompt_lookup:k=4", "(custom)"),
+                                        ("decode=prompt_lookup", "prompt lookup")]):
+        expect(boxes.nth(i)).to_have_value(spec)
+        expect(presets.nth(i)).to_have_value(preset)
+
+
+def test_link_with_five_configurations_says_the_fifth_is_left_out(server, page):
+    page.goto(server + link(*[f"decode=prompt_lookup:k={k}" for k in range(1, 6)]))
+    status = wait_status(page, "the link has problems")
+    assert "5 configurations" in status and "left out 5: decode=prompt_lookup:k=5" in status
+    expect(page.locator(".wb-spec textarea").nth(3)).to_have_value("decode=prompt_lookup:k=4")
+
+
+def test_preset_menu_follows_the_spec_box_when_typing(server, page):
+    page.goto(server)
+    box, preset = page.locator(".wb-spec textarea").first, page.locator(".wb-preset input").first
+    expect(preset).to_have_value("plain")
+    box.fill("decode=prompt_lookup:k=4")
+    expect(preset).to_have_value("(custom)")
+    box.fill("decode=prompt_lookup")
+    expect(preset).to_have_value("prompt lookup")
+
+
+def test_opening_a_run_in_the_runs_tab_sets_the_address_and_the_preset(server, page):
+    page.goto(server + link("decode=prompt_lookup", prompt=PROMPT, max_new_tokens=5))
+    wait_status(page, "opened the linked configurations")
+    page.locator("#wb-generate").click()
+    wait_status(page, "done:")
+    run_id = re.search(r"run=([0-9a-f]+)", page.locator("#wb-links-1 a", has_text="run link")
+                       .get_attribute("href")).group(1)
+    box, preset = page.locator(".wb-spec textarea").first, page.locator(".wb-preset input").first
+    box.fill("decode=plain")  # changed since: the replay must bring the run's spec and preset back
+    expect(preset).to_have_value("plain")
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#wb-open-id textarea, #wb-open-id input").first.fill(run_id)
+    page.locator("#wb-open-run").click()
+    page.wait_for_function(f"location.search === '?run={run_id}'")
+    expect(box).to_have_value("decode=prompt_lookup")
+    expect(preset).to_have_value("prompt lookup")
+
+
+def test_race_streams_only_what_changed_and_stops_quickly(server, page):
+    """A 3 x 64-token race sends each column's new tokens as appends and redraws at most one figure per
+    update; Stop all takes effect quickly. The time limits are loose (a loaded 2-core machine); the measured
+    figures are in docs/app.md."""
+    race = measure_race(page, server, columns=3, max_new_tokens=64, prompt=PROMPT)
+    assert race.token_appends >= 3, race
+    assert race.token_replaces <= 2 * 3, race  # the first update and the final text (with KV holds) per column
+    assert race.max_figures_per_update <= 1, race
+    assert race.updates_per_s <= 20 and race.longest_task_ms < 1000, race
+    stopped = measure_race(page, server, columns=3, max_new_tokens=1024, prompt=PROMPT, stop_after_tokens=24)
+    assert stopped.stop_ms is not None and stopped.stop_ms < 2000, stopped
