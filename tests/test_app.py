@@ -316,3 +316,11 @@ def test_cli_app_options():
     args = build_parser().parse_args(["app", "--port", "7000", "--model", "random:llama", "--no-store"])
     assert (args.host, args.port, args.model, args.no_store, args.share) == ("127.0.0.1", 7000, "random:llama",
                                                                              True, False)
+
+
+def test_a_missing_chromium_fails_the_browser_tests_with_the_install_command(monkeypatch, tmp_path):
+    from workbench.apps import render_probe
+
+    monkeypatch.setattr(render_probe, "CHROMIUM", str(tmp_path / "chromium"))
+    with pytest.raises(RuntimeError, match=r"apt-get install -y chromium"):
+        render_probe.launch_chromium(None)
