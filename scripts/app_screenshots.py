@@ -61,7 +61,7 @@ def shoot(url: str, out: Path, max_new_tokens: int) -> None:
         for row in range(3):  # the first cell of each of the three runs selects it for comparison
             page.locator("#wb-runs-table [role=gridcell]").nth(row * len(RUN_COLUMNS)).click()
             page.wait_for_timeout(600)
-        page.wait_for_function("document.querySelector('#wb-runs-message')?.innerText.includes('comparing')")
+        page.wait_for_function("document.querySelector('#wb-runs-compared')?.innerText.includes('comparing')")
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "app_runs.png"), full_page=True)
 
