@@ -1,9 +1,14 @@
-"""layer_skip: self-speculation with skipped layers is lossless, leaks no draft KV, and its search moves."""
+"""layer_skip: self-speculation with skipped layers or sublayers is lossless, leaks no draft KV, and its searches
+(SWIFT's Bayesian optimisation on the context, and the random neighbour search) move."""
+
+import random
 
 import pytest
+import torch
 
 from workbench.decoding import layer_skip  # noqa: F401  (registers layer_skip until the package imports it)
-from workbench.engine import Engine
+from workbench.decoding.skip_search import BayesSearch, ContextScorer, expected_improvement, layer_plan
+from workbench.engine import Engine, build_cache
 from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 
@@ -34,7 +39,11 @@ def run(model, spec, prompt):
 
 
 @pytest.mark.parametrize("params", [{}, {"skip": "2-3-5", "k": 4, "threshold": 0.0}, {"ratio": 0.25},
-                                    {"search": True, "window": 2, "trials": 6}])
+                                    {"skip": "2a-3m-5", "search": "none"},
+                                    {"granularity": "layer", "search": "none"},
+                                    {"context": 4, "trials": 20, "bayes_every": 1},
+                                    {"granularity": "layer", "search": "random", "window": 2, "trials": 6},
+                                    {"search": "random", "window": 2, "trials": 6}])
 def test_greedy_output_and_cache_equal_plain_decoding(model, params):
     for prompt in PROMPTS:
         plain, plain_events, _ = run(model, RunSpec(max_new_tokens=40), prompt)
@@ -48,7 +57,7 @@ def test_greedy_output_and_cache_equal_plain_decoding(model, params):
 
 def test_the_draft_skips_layers_and_the_cache_is_rolled_back(model):
     """After propose, no layer holds an uncommitted entry; the plan leaves out the skip set."""
-    spec = RunSpec(max_new_tokens=8, decode=TechniqueSpec("layer_skip", {"skip": "1-4-6"}))
+    spec = RunSpec(max_new_tokens=8, decode=TechniqueSpec("layer_skip", {"skip": "1-4-6", "search": "none"}))
     engine = Engine(model, spec)
     proposed = []
     original = engine.drafter.propose
@@ -72,12 +81,88 @@ def test_sampled_runs_are_reproducible_for_a_seed(model):
     assert other != first
 
 
-def test_search_changes_the_skip_set_and_stays_lossless():
+def test_sublayer_plan_entries_run_one_sublayer():
+    """(i, "attn") then (i, "mlp") is layer i; (i, "mlp") alone writes no KV for layer i."""
+    model = varied_model("llama", layers=4)
+    tokens, positions = torch.tensor([4, 8, 15, 16]), torch.arange(4)
+    full = model(tokens, positions, build_cache(model, [], 64)).logits
+    cache = build_cache(model, [], 64)
+    split = model(tokens, positions, cache, layers=[0, (1, "attn"), (1, "mlp"), 2, 3]).logits
+    assert torch.allclose(split, full, atol=1e-5)
+    cache = build_cache(model, [], 64)
+    no_attn = model(tokens, positions, cache, layers=[0, (1, "mlp"), 2, 3]).logits
+    assert cache.tokens_per_layer() == [4, 0, 4, 4]
+    cache = build_cache(model, [], 64)
+    no_mlp = model(tokens, positions, cache, layers=[0, (1, "attn"), 2, 3]).logits
+    assert cache.tokens_per_layer() == [4, 4, 4, 4]
+    assert not torch.allclose(no_attn, full, atol=1e-3) and not torch.allclose(no_mlp, full, atol=1e-3)
+    assert not torch.allclose(no_attn, no_mlp, atol=1e-3)
+
+
+def test_layer_plan_and_skip_names():
+    assert layer_plan([2, 5, 6, 7], 4, sublayer=True) == [0, (1, "mlp"), (2, "attn")]
+    assert layer_plan([1, 2], 4, sublayer=False) == [0, 3]
+    drafter = layer_skip.LayerSkip(skip="1-2a-3m", search="none")
+    assert layer_skip.parse_skip(drafter.skip, True) == [2, 3, 4, 7]
+    drafter._n_layers, drafter.granularity = 5, "sublayer"
+    drafter._use([2, 3, 4, 7])
+    assert drafter.skip_names() == "1-2a-3m"
+
+
+def test_the_context_score_is_one_for_the_full_model_and_lower_with_skips():
+    """Matchness over the model's own greedy tokens: the full plan predicts all of them (so the scored tokens are
+    aligned and see no entries of their own); skipping sublayers predicts fewer; the copy is left as it was."""
+    model = varied_model("llama", layers=8)
+    prompt = PROMPTS[1]
+    plain, events, _ = run(model, RunSpec(max_new_tokens=20), prompt)
+    cache = build_cache(model, [], 64)
+    model(torch.tensor(prompt), torch.arange(len(prompt)), cache)
+    cache.commit()
+    scorer = ContextScorer(cache, len(prompt), context=12)
+    assert scorer.ready(plain[:13]) and not scorer.ready(plain[:12])
+    assert scorer.score(model, plain, list(range(8))) == 1.0
+    assert scorer.score(model, plain, layer_plan(list(range(2, 14)), 8, sublayer=True)) < 1.0
+    assert scorer.cache.tokens_per_layer() == [len(prompt)] * 8
+    assert scorer.score(model, plain, list(range(8))) == 1.0
+
+
+def test_expected_improvement_prefers_sets_like_the_good_ones():
+    """Scores rise with how many of units 0..3 a set skips: EI ranks an unscored set with all four above one with
+    none, and the Bayesian candidate skips more of them than the random ones do on average."""
+    space, rng = list(range(12)), random.Random(0)
+    search = BayesSearch(space, 4, bayes_every=1, rng=rng)
+    for _ in range(12):
+        units = search._random()
+        search.add(units, sum(u < 4 for u in units) / 4 + 0.01 * rng.random())
+    good, bad = [(0, 1, 2, 3)], [(8, 9, 10, 11)]
+    x, y = search._encode(search.masks), torch.tensor(search.scores, dtype=torch.float64)
+    ei = expected_improvement(x, y, search._encode(good + bad), BayesSearch.NOISE, BayesSearch.XI)
+    assert ei[0] > ei[1]
+    assert sum(u < 4 for u in search.next()) >= 3
+
+
+def test_bayes_search_changes_the_skip_set_and_stays_lossless():
     model = varied_model("llama", layers=12)
     prompt = PROMPTS[1]
     plain = run(model, RunSpec(max_new_tokens=120), prompt)[0]
-    spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"search": True, "window": 2,
-                                                                           "trials": 20, "ratio": 0.4}))
+    spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"context": 8, "trials": 40, "ratio": 0.4}))
+    ours, _, drafter = run(model, spec, prompt)
+    assert ours == plain
+    assert len(drafter.history) > 1 and drafter.history[-1] != drafter.history[0]
+    assert len(drafter.skipped) == len(drafter.history[0])  # candidates keep the number of skipped sublayers
+    assert list(drafter.history[-1]) == drafter.skipped
+    scores = drafter._bayes.scores
+    assert len(scores) == 40 and drafter._best_score == max(scores) > scores[0]
+    assert any(u ^ 1 not in drafter.skipped for u in drafter.skipped)  # a layer with one sublayer skipped
+
+
+def test_random_search_changes_the_skip_set_and_stays_lossless():
+    model = varied_model("llama", layers=12)
+    prompt = PROMPTS[1]
+    plain = run(model, RunSpec(max_new_tokens=120), prompt)[0]
+    spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"search": "random", "window": 2,
+                                                                           "granularity": "layer", "trials": 20,
+                                                                           "ratio": 0.4}))
     ours, _, drafter = run(model, spec, prompt)
     assert ours == plain
     assert len(drafter.history) > 1 and drafter.history[-1] != drafter.history[0]
@@ -90,6 +175,9 @@ def test_search_changes_the_skip_set_and_stays_lossless():
     ({"skip": "3-3"}, "twice"),
     ({"k": 0}, "out of range"),
     ({"threshold": 1.5}, "out of range"),
+    ({"skip": "4a", "granularity": "layer"}, "granularity=sublayer"),
+    ({"skip": "4-4m"}, "twice"),
+    ({"search": "true"}, "bayes/random/none"),
 ])
 def test_bad_parameters_say_what_is_valid(params, message):
     with pytest.raises(SpecError, match=message):
@@ -99,6 +187,7 @@ def test_bad_parameters_say_what_is_valid(params, message):
 @pytest.mark.parametrize("params, message", [
     ({"skip": "2-9"}, "outside 0..7"),
     ({"skip": "0-1-2-3-4-5-6-7"}, "at least one must run"),
+    ({"skip": "7m-8a"}, "outside 0..7"),
     ({"ratio": 0.0}, "skips no layer"),
 ])
 def test_skip_sets_that_do_not_fit_the_model_are_refused(model, params, message):

@@ -98,7 +98,10 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, positions, layer_cache, new_mask):
+    def forward(self, x, cos, sin, positions, layer_cache, new_mask, part: str | None = None):
+        """The layer; `part` "attn" or "mlp" runs that sublayer alone (a layer plan's sublayer entries)."""
+        if part == "mlp":
+            return x + self.down(swiglu(self.gate_up(rms_norm(x, self.mlp_norm, self.eps))))
         n = x.shape[0]
         h = rms_norm(x, self.attn_norm, self.eps)
         qkv = self.qkv(h).view(n, self.n_heads + 2 * self.n_kv, self.head_dim)
@@ -111,6 +114,8 @@ class DecoderLayer(nn.Module):
             qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv], dim=1)
         out = attention(q, k, v, positions, layer_cache, new_mask)
+        if part == "attn":
+            return x + self.o(out)
         x, h = add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
         return x + self.down(swiglu(self.gate_up(h)))
 
@@ -167,7 +172,7 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
-        layers: list[int] | None = None,
+        layers: list[int | tuple[int, str]] | None = None,
         hidden_states: bool = False,
         last_only: bool = False,
         final_hidden: bool = False,
@@ -178,7 +183,8 @@ class LlamaModel(nn.Module):
         cache: appended to in every layer run; None attends over the new tokens alone.
         mask: [T, T] bool among the new tokens (True = may attend); None is causal. Every token already
             in the cache is visible to every new token.
-        layers: the layer plan, a subset of layer indices to run in order (None = all), for layer skipping.
+        layers: the layer plan, a subset of layer indices to run in order (None = all), for layer skipping; an
+            entry (i, "attn") or (i, "mlp") runs only that sublayer of layer i.
         hidden_states: also return the residual stream before each layer run and after the last.
         last_only: compute logits for the last token only (prefill).
         final_hidden: also return the last layer's output for every token (`logits` of any rows of it give
@@ -197,15 +203,16 @@ class LlamaModel(nn.Module):
                    and cos.is_contiguous() and sin.is_contiguous())
         rows: list[list[int]] = []
         keep: list = []  # what the rows point into
-        for i in plan:
-            row = self.layers[i].kernel_args(positions, cache[i], mask, keep) if fusable else None
+        for entry in plan:
+            i, part = (entry, None) if isinstance(entry, int) else entry
+            row = self.layers[i].kernel_args(positions, cache[i], mask, keep) if fusable and part is None else None
             if row is not None:
                 rows.append(row)
                 continue
             x = self._run_fused(x, rows, cos, sin)
             if states is not None:
                 states.append(x)
-            x = self.layers[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask)
+            x = self.layers[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask, part)
         x = self._run_fused(x, rows, cos, sin)
         if states is not None:
             states.append(x)
