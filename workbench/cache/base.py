@@ -113,6 +113,11 @@ class LayerCache(ABC):
     def nbytes_per_head(self) -> torch.Tensor:
         """Real bytes held for each kv head, [kv_heads] int64 (keys, values and per-token metadata)."""
 
+    def allocated_bytes(self, seen: set[int]) -> int:
+        """Bytes of the tensor storages this layer holds, each counted once across layers sharing `seen` (read
+        every step: forms with known buffers override it with something cheaper than the walk)."""
+        return tensor_storage_bytes(self, seen)
+
     def nbytes(self) -> int:
         """Real bytes held by this layer (read every step: subclasses make it cheap)."""
         return int(self.nbytes_per_head().sum())
@@ -205,7 +210,7 @@ class KVCache:
         """What the process holds for the cache: every distinct tensor storage its layers reach, counted once
         (`untyped_storage().nbytes()`), spare capacity and full-precision buffers included."""
         seen: set[int] = set()
-        return sum(tensor_storage_bytes(layer, seen) for layer in self.layers)
+        return sum(layer.allocated_bytes(seen) for layer in self.layers)
 
     def nbytes_per_layer_head(self) -> torch.Tensor:
         """[layers, kv_heads] real bytes held."""

@@ -106,6 +106,11 @@ class DenseLayerCache(LayerCache):
     def truncate(self, length: int) -> None:
         self._length = min(length, self._length)
 
+    def allocated_bytes(self, seen: set[int]) -> int:
+        if type(self) is not DenseLayerCache:  # subclasses hold more than the three buffers
+            return super().allocated_bytes(seen)
+        return sum(t.untyped_storage().nbytes() for t in (self.k, self.v, self.pos))  # never shared with others
+
     def nbytes(self) -> int:
         kv_heads, _, head_dim = self.k.shape
         return self._length * kv_heads * (2 * head_dim * self.k.element_size() + self.pos.element_size())
