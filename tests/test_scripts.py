@@ -66,9 +66,14 @@ def test_every_script_is_smoke_tested_here():
 
 # ---- random weights, tiny shapes -------------------------------------------------------------------------
 
-def test_store_bench(script):
-    out = script("store_bench", "--runs", "3", "--max-new-tokens", "6")
-    assert '"runs": 3' in out and "write_per_run_ms" in out
+def test_the_store_benchmark_runs(monkeypatch, capsys, tmp_path):
+    """`python -m workbench.store.bench` (docs/store.md's figures), on a few runs."""
+    from workbench.store import bench
+
+    monkeypatch.setattr("sys.argv", ["bench", "--runs", "3", "--max-new-tokens", "6", "--store", str(tmp_path / "s")])
+    bench.main()
+    out = capsys.readouterr().out
+    assert '"runs": 3' in out and "record_run_first_tenth" in out
 
 
 def test_compression_bytes(script):
