@@ -117,8 +117,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     """Why the kernels do not run here ("" when they do)."""
-    available()
-    return _reason
+    return "" if available() else _reason
 
 
 def fits(out_features: int, in_features: int) -> bool:
