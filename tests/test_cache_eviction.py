@@ -10,7 +10,7 @@ from workbench.cache.double_sparsity import DoubleSparsityLayerCache, outlier_ch
 from workbench.cache.ems import EMSPolicy
 from workbench.cache.h2o import H2OPolicy
 from workbench.cache.prefix_kv import PrefixKVPolicy, layer_budgets, prefix_curve
-from workbench.cache.scores import AccumulatedAttention, attach, kept_count, select
+from workbench.cache.scores import AccumulatedAttention, attach, kept_count, kept_tokens, select
 from workbench.cache.snapkv import SnapKVPolicy, pooled_votes
 from workbench.cache.streaming import StreamingPolicy
 from workbench.engine import Engine
@@ -49,11 +49,37 @@ def test_kept_count_is_the_budget_share_rounded_up():
     assert kept_count(10, 1.0) == 10 and kept_count(1000, 0.0001) == 1
 
 
-@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "ems", "prefix_kv", "double_sparsity"])
+@pytest.mark.parametrize("name", ["ems", "prefix_kv", "double_sparsity"])
 @pytest.mark.parametrize("budget", [0.0, 1.5])
-def test_a_budget_outside_0_1_is_refused(name, budget):
+def test_a_fractional_budget_outside_0_1_is_refused(name, budget):
     with pytest.raises(SpecError, match="budget"):
         RunSpec(cache=[TechniqueSpec(name, {"budget": budget})]).validated()
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv"])
+def test_a_fraction_above_1_is_refused(name):
+    with pytest.raises(SpecError, match="fraction"):
+        RunSpec(cache=[TechniqueSpec(name, {"fraction": 1.5})]).validated()
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("h2o", {"budget": 0.5}, "budget='?0.5'? is not a valid int"),  # the old fraction form: now `fraction`
+    ("h2o", {"budget": 0}, "out of range"),
+    ("snapkv", {"budget": 0}, "out of range"),
+    ("snapkv", {"budget": 32, "window": 64}, "smaller than window=64"),
+    ("streaming", {"sinks": 0, "window": 0}, "keep no token"),
+])
+def test_absolute_budgets_refuse_what_cannot_work(name, params, message):
+    with pytest.raises(SpecError, match=message):
+        RunSpec(cache=[TechniqueSpec(name, params)]).validated()
+
+
+def test_absolute_budgets_are_the_defaults_and_a_fraction_is_one_parameter_away():
+    streaming, h2o, snapkv = StreamingPolicy(), H2OPolicy(), SnapKVPolicy()
+    assert (streaming.sinks, streaming.window, h2o.budget, snapkv.budget) == (4, 1020, 1024, 1024)
+    assert streaming.kept(5000) == h2o.kept(5000) == 1024 and streaming.kept(100) == 100
+    assert StreamingPolicy(fraction=0.5).kept(5000) == H2OPolicy(fraction=0.5).kept(5000) == 2500
+    assert kept_tokens(5000, 1024, 0.0) == 1024 and kept_tokens(5000, 1024, 0.25) == 1250
 
 
 def test_snapkv_refuses_an_even_kernel():
@@ -70,7 +96,7 @@ def test_streaming_keeps_the_sinks_and_the_recent_window_while_decoding():
     layer = layer_cache()
     layer.append(key_of(torch.arange(20).expand(KV_HEADS, -1)), torch.zeros(KV_HEADS, 20, DIM), torch.arange(20))
     layer.commit()
-    policy, cache = StreamingPolicy(budget=0.5, sinks=2), KVCache([layer])
+    policy, cache = StreamingPolicy(fraction=0.5, sinks=2), KVCache([layer])
     policy.on_prefill_end(cache)
     assert layer.positions.tolist() == [[0, 1, *range(12, 20)]] * KV_HEADS
     layer.append(key_of(torch.tensor([20]).expand(KV_HEADS, -1)), torch.zeros(KV_HEADS, 1, DIM), torch.tensor([20]))
@@ -92,9 +118,25 @@ def spiky_prompt(n: int = 16, hitters=(3, 7)) -> tuple[torch.Tensor, torch.Tenso
     return q, k
 
 
+def test_streaming_holds_sinks_plus_window_however_long_the_context():
+    layer = layer_cache()
+    layer.append(key_of(torch.arange(20).expand(KV_HEADS, -1)), torch.zeros(KV_HEADS, 20, DIM), torch.arange(20))
+    layer.commit()
+    policy, cache = StreamingPolicy(sinks=2, window=6), KVCache([layer])
+    policy.on_prefill_end(cache)
+    assert layer.positions.tolist() == [[0, 1, *range(14, 20)]] * KV_HEADS
+    for pos in range(20, 30):
+        layer.append(key_of(torch.tensor([pos]).expand(KV_HEADS, -1)), torch.zeros(KV_HEADS, 1, DIM),
+                     torch.tensor([pos]))
+        layer.commit()
+        policy.on_step_end(cache)
+    assert layer.positions.tolist() == [[0, 1, *range(24, 30)]] * KV_HEADS
+    assert torch.equal(layer.view()[0], key_of(layer.positions))
+
+
 def test_h2o_keeps_each_heads_heavy_hitters_and_the_recent_tokens():
     layer = layer_cache()
-    policy = H2OPolicy(budget=0.25, recent=0.5)  # 16 tokens -> 4: 2 recent + 2 heavy hitters per head
+    policy = H2OPolicy(fraction=0.25, recent=0.5)  # 16 tokens -> 4: 2 recent + 2 heavy hitters per head
     policy.on_cache_built(KVCache([layer]))
     q, k = spiky_prompt()
     forward(layer, q, k, 0)
@@ -132,7 +174,7 @@ def test_h2o_scores_after_speculative_decoding_equal_plain_decodings():
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]
     runs = {}
     for decode in ("plain", "draft_model"):
-        engine = Engine(model, RunSpec(max_new_tokens=16, cache=[TechniqueSpec("h2o", {"budget": 1.0})],
+        engine = Engine(model, RunSpec(max_new_tokens=16, cache=[TechniqueSpec("h2o", {"fraction": 1.0})],
                                        decode=TechniqueSpec(decode, {"layers": 2} if decode != "plain" else {})))
         steps = list(engine.run(prompt))
         rejected = sum(s.n_drafted - s.n_accepted for s in steps)
@@ -145,7 +187,7 @@ def test_h2o_scores_after_speculative_decoding_equal_plain_decodings():
 
 def test_snapkv_keeps_the_window_and_the_tokens_it_votes_for_per_head():
     layer = layer_cache()
-    policy = SnapKVPolicy(budget=0.375, window=4, kernel=1)  # 16 tokens -> 6: the window + 2 voted per head
+    policy = SnapKVPolicy(fraction=0.375, window=4, kernel=1)  # 16 tokens -> 6: the window + 2 voted per head
     policy.on_cache_built(KVCache([layer]))
     q, k = spiky_prompt(hitters=(3, 7))
     q[:, :12] = torch.randn(KV_HEADS, 12, DIM)  # only the window's queries vote: these must not matter
@@ -238,7 +280,7 @@ def test_double_sparsity_attends_exactly_to_the_top_tokens_of_the_approximate_sc
     assert layer.nbytes() == dense.nbytes() + KV_HEADS * 2 * 8  # dense bytes plus the int64 channel index
 
 
-@pytest.mark.parametrize("policy", [StreamingPolicy(budget=0.5), H2OPolicy(budget=0.5), SnapKVPolicy(budget=0.5),
+@pytest.mark.parametrize("policy", [StreamingPolicy(fraction=0.5), H2OPolicy(fraction=0.5), SnapKVPolicy(fraction=0.5),
                                     PrefixKVPolicy(budget=0.5)])
 def test_every_kept_key_is_still_its_own_tokens_and_new_tokens_land_after(policy):
     layer = layer_cache()

@@ -166,8 +166,8 @@ def test_raw_heads_per_layer_and_head_show_in_the_stats(model):
     assert stats.bytes[0][1] > 3 * stats.bytes[0][0]  # the raw head costs dense bytes, the heatmap shows it
 
 
-@pytest.mark.parametrize("evict", [TechniqueSpec("streaming", {"budget": 0.5, "sinks": 2}),
-                                   TechniqueSpec("h2o", {"budget": 0.5})], ids=lambda t: t.name)
+@pytest.mark.parametrize("evict", [TechniqueSpec("streaming", {"fraction": 0.5, "sinks": 2}),
+                                   TechniqueSpec("h2o", {"fraction": 0.5})], ids=lambda t: t.name)
 @pytest.mark.parametrize("decode", [PLAIN, *DRAFTERS], ids=lambda t: t.name)
 def test_eviction_over_all_raw_heads_decodes_like_eviction_over_dense(model, evict, decode):
     # streaming keeps the same tokens in every head (1-D keep), h2o its own per head (per-head keep) every step
@@ -176,8 +176,8 @@ def test_eviction_over_all_raw_heads_decodes_like_eviction_over_dense(model, evi
     assert run(model, [form("kivi", raw_heads="0/1"), evict], decode)[0] == reference
 
 
-@pytest.mark.parametrize("evict", [TechniqueSpec("streaming", {"budget": 0.75, "sinks": 2, "continuous": False}),
-                                   TechniqueSpec("h2o", {"budget": 0.75, "continuous": False})],
+@pytest.mark.parametrize("evict", [TechniqueSpec("streaming", {"fraction": 0.75, "sinks": 2, "continuous": False}),
+                                   TechniqueSpec("h2o", {"fraction": 0.75, "continuous": False})],
                          ids=lambda t: t.name)
 @pytest.mark.parametrize("decode", DRAFTERS, ids=lambda t: t.name)
 def test_drafters_decode_like_plain_over_mixed_heads(model, evict, decode):
@@ -194,11 +194,11 @@ def test_drafters_decode_like_plain_over_mixed_heads(model, evict, decode):
 
 def test_mixed_heads_decode_with_drafters_under_continuous_eviction(model):
     for decode in DRAFTERS:
-        tokens, stats = run(model, [TechniqueSpec("streaming", {"budget": 0.5}), form("mustafar", raw_heads="1")],
+        tokens, stats = run(model, [TechniqueSpec("streaming", {"fraction": 0.5}), form("mustafar", raw_heads="1")],
                             decode)
         assert len(tokens) == 8 and all(layer[1] == 32.0 > layer[0] for layer in stats.bits)
         # rank 0: at head_dim 16 and groups of 4, GEAR's low-rank factors would cost more than float32 itself
-        chain = [TechniqueSpec("h2o", {"budget": 0.5}), form("gear", raw_heads="0", rank=0)]
+        chain = [TechniqueSpec("h2o", {"fraction": 0.5}), form("gear", raw_heads="0", rank=0)]
         tokens, stats = run(model, chain, decode)
         assert len(tokens) == 8 and all(layer[0] == 32.0 > 2 * layer[1] for layer in stats.bits)
         assert stats.tokens == [[21, 21]] * 4  # h2o's budget: half of the 42 tokens of context

@@ -1,8 +1,9 @@
 """Every registered cache policy x every registered drafter, greedy and sampling, on a tiny random model.
 
 - every combination completes, and after every step each layer's bytes, tokens and positions are consistent;
-- with budget=1 (nothing evicted or skipped) every policy that has a budget gives plain dense decoding's
-  output, token for token, with every lossless drafter: scoring, observers and composition corrupt nothing;
+- keeping the whole context (a fraction of 1: nothing evicted or skipped) every policy that has a budget gives
+  plain dense decoding's output, token for token, with every lossless drafter: scoring, observers and
+  composition corrupt nothing;
 - combinations that cannot work refuse with a SpecError.
 """
 
@@ -36,18 +37,28 @@ CACHE_PARAMS = {
     "prefix_kv": {"window": 2},
     "double_sparsity": {"channels": 4},
 }
-EVICTING = {"streaming", "h2o", "snapkv", "ems", "prefix_kv"}  # at budget 0.5 these hold fewer tokens than seen
+EVICTING = {"streaming", "h2o", "snapkv", "ems", "prefix_kv"}  # keeping half the context: fewer tokens than seen
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6] + [int(t) for t in torch.randint(
     3, 500, (10,), generator=torch.Generator().manual_seed(1))]
 NEW_TOKENS = 10
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 3}
 
 
+def fraction_param(name: str) -> str | None:
+    """The parameter that keeps a fraction of the context: `fraction` (streaming, h2o, snapkv, whose `budget`
+    counts tokens) or `budget` (ems, prefix_kv, double_sparsity); None for policies without one."""
+    params = {p.name for p in registry.get("cache", name).params}
+    return "fraction" if "fraction" in params else "budget" if "budget" in params else None
+
+
 def has_budget(name: str) -> bool:
-    return any(p.name == "budget" for p in registry.get("cache", name).params)
+    return fraction_param(name) is not None
 
 
-def cache_spec(name: str, **params) -> TechniqueSpec:
+def cache_spec(name: str, share: float | None = None, **params) -> TechniqueSpec:
+    """`share`: the fraction of the context kept, set on the policy's fraction parameter."""
+    if share is not None:
+        params[fraction_param(name)] = share
     return TechniqueSpec(name, {**CACHE_PARAMS.get(name, {}), **params})
 
 
@@ -113,8 +124,8 @@ def test_the_matrix_covers_the_eviction_policies_and_drafters():
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_runs_with_every_drafter(model, policy, drafter, mode):
-    budget = {"budget": 0.5} if has_budget(policy) else {}
-    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, **budget)], decode=decode_spec(drafter),
+    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, 0.5 if has_budget(policy) else None)],
+                   decode=decode_spec(drafter),
                    **(SAMPLING if mode == "sampling" else {}))
     tokens, check = run(model, spec)
     assert len(tokens) == NEW_TOKENS
@@ -134,7 +145,7 @@ def _reproduces_plain(drafter: str, mode: str) -> bool:
                                                if _reproduces_plain(d, m)])
 @pytest.mark.parametrize("policy", [p for p in POLICIES if has_budget(p)])
 def test_budget_one_gives_plain_dense_output(model, plain, policy, drafter, mode):
-    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, budget=1.0)], decode=decode_spec(drafter),
+    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, share=1.0)], decode=decode_spec(drafter),
                    **(SAMPLING if mode == "sampling" else {}))
     tokens, check = run(model, spec)
     assert tokens == plain[mode]
@@ -143,7 +154,7 @@ def test_budget_one_gives_plain_dense_output(model, plain, policy, drafter, mode
 
 @pytest.mark.parametrize("policy", ["streaming", "h2o"])
 def test_continuous_policies_hold_their_budget_while_decoding(model, policy):
-    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, budget=0.5)]))
+    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, share=0.5)]))
     for step, held in enumerate(check.held):
         context = len(PROMPT) + step
         assert held == [-(-context // 2)] * model.config.num_layers
@@ -152,19 +163,19 @@ def test_continuous_policies_hold_their_budget_while_decoding(model, policy):
 @pytest.mark.parametrize("policy, extra", [("snapkv", {}), ("ems", {}), ("streaming", {"continuous": False}),
                                            ("h2o", {"continuous": False})])
 def test_prefill_policies_compress_the_prompt_then_keep_every_new_token(model, policy, extra):
-    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, budget=0.5, **extra)]))
+    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec(policy, share=0.5, **extra)]))
     assert [held[0] for held in check.held] == [len(PROMPT) // 2 + step for step in range(len(check.held))]
 
 
 def test_prefix_kv_budgets_differ_across_layers_and_add_up(model):
-    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec("prefix_kv", budget=0.5)]))
+    _, check = run(model, RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec("prefix_kv", share=0.5)]))
     assert sum(check.held[0]) == model.config.num_layers * len(PROMPT) // 2
     assert len(set(check.held[0])) > 1
 
 
 def test_eviction_then_another_policy_composes(model):
-    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec("snapkv", budget=0.5), cache_spec("h2o", budget=0.5),
-                                                     cache_spec("double_sparsity", budget=0.5)])
+    spec = RunSpec(max_new_tokens=NEW_TOKENS, cache=[cache_spec("snapkv", share=0.5), cache_spec("h2o", share=0.5),
+                                                     cache_spec("double_sparsity", share=0.5)])
     tokens, check = run(model, spec)
     assert len(tokens) == NEW_TOKENS and check.held[-1][0] < len(PROMPT) + NEW_TOKENS - 1
 
@@ -251,6 +262,6 @@ def test_eviction_followed_by_every_storage_form(model, eviction):
     for storage in foreign_storage(model):
         merge = {"merge": 0.0} if eviction == "ems" else {}  # merging needs the dense form (refusal tested above)
         spec = RunSpec(max_new_tokens=NEW_TOKENS, decode=decode_spec("draft_model"),
-                       cache=[cache_spec(eviction, budget=0.5, **merge), cache_spec(storage)])
+                       cache=[cache_spec(eviction, share=0.5, **merge), cache_spec(storage)])
         tokens, check = run(model, spec)
         assert len(tokens) == NEW_TOKENS and max(check.held[-1]) < check.context, storage

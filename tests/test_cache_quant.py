@@ -218,7 +218,7 @@ def test_compressed_forms_decode_with_drafters_and_under_eviction(model, form, d
     assert sum(len(e.tokens) for e in events) == 8
     stats = events[-1].cache_stats
     assert stats.tokens[0] == [len(PROMPT) + 7] * 2 and max(stats.bits[0]) < 32  # all held, compressed
-    for evict in (TechniqueSpec("streaming", {"budget": 0.5, "sinks": 2}), TechniqueSpec("h2o", {"budget": 0.5})):
+    for evict in (TechniqueSpec("streaming", {"fraction": 0.5, "sinks": 2}), TechniqueSpec("h2o", {"fraction": 0.5})):
         # eviction after compression: streaming keeps the same tokens in every head, h2o per head (an observer)
         spec = RunSpec(max_new_tokens=6, decode=decode, cache=[form, evict])
         events = list(Engine(model, spec).run(PROMPT))

@@ -42,7 +42,7 @@ def test_dense_stats_have_the_layer_by_head_shape_and_full_values(model):
 
 
 def test_eviction_and_pruning_show_as_sparsity_and_fewer_bits(model):
-    e = run(model, [TechniqueSpec("streaming", {"budget": 0.5, "sinks": 2})])[-1]
+    e = run(model, [TechniqueSpec("streaming", {"fraction": 0.5, "sinks": 2})])[-1]
     context = e.positions[-1]
     held = e.cache_stats.tokens[0][0]
     assert held < context and e.cache_stats.sparsity[0][0] == pytest.approx(1 - held / context)
@@ -62,7 +62,7 @@ def test_kept_positions_are_dropped_from_a_step_when_too_many(model, monkeypatch
 def test_the_store_keeps_per_head_stats_and_a_bounded_number_of_kept_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "KEPT_STORE_STEPS", 2)
     wb = Workbench("random:llama", dtype="float32")
-    trace = wb.generate("5 6 7 8 9 10 11 12", "cache=streaming:budget=0.5,sinks=1;max_new_tokens=40")
+    trace = wb.generate("5 6 7 8 9 10 11 12", "cache=streaming:fraction=0.5,sinks=1;max_new_tokens=40")
     with Store(tmp_path / "runs.duckdb") as store:
         store.begin(trace)
         store.finish(trace)

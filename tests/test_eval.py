@@ -264,20 +264,20 @@ def test_bad_parameters_in_a_cache_chain_are_one_line_errors(capsys, stand_ins, 
 
 
 def test_the_table_puts_each_peer_under_its_run_and_flags_disagreement():
-    ours = {"engine": "workbench", "label": "cache=streaming:budget=0.5", "kind": "cache", "budget": 0.5,
+    ours = {"engine": "workbench", "label": "cache=streaming:fraction=0.5", "kind": "cache", "budget": 0.5,
             "perplexity": 15.0, "delta_ppl_pct": 10.0, "kl": 0.06, "top1_agreement": 0.9}
     peer = {"engine": "kvpress", "label": "kvpress: StreamingLLMPress", "kind": "peer", "budget": 0.5,
             "peer_of": ours["label"], "same_method": True, "agrees": False, "nll_gap": 0.2, "nll_gap_se": 0.01,
             "kl_gap": 0.1, "kl_gap_se": 0.01, "kl_full_cache_floor": 0.001, "perplexity": 18.0}
-    other = {**ours, "label": "cache=h2o:budget=0.5"}
+    other = {**ours, "label": "cache=h2o:fraction=0.5"}
     result = {"model": "m", "dtype": "bfloat16", "device": "cpu", "hardware": "h", "text": "t", "text_hash": "x",
               "context": 64, "prefill": 48, "scored": 16, "windows": 1, "tasks": ["ppl"],
               "retrieval": {"lengths": [64]}, "rows": [ours, other, peer]}
     table = markdown(result)
     lines = [line for line in table.splitlines() if line.startswith("| cache=") or line.startswith("| kvpress")]
-    assert [line.split(" | ")[0] for line in lines] == ["| cache=streaming:budget=0.5", "| kvpress: StreamingLLMPress",
-                                                        "| cache=h2o:budget=0.5"]
-    assert "**NO**" in lines[1] and "DISAGREEMENT: cache=streaming:budget=0.5" in table
+    assert [line.split(" | ")[0] for line in lines] == ["| cache=streaming:fraction=0.5",
+                                                        "| kvpress: StreamingLLMPress", "| cache=h2o:fraction=0.5"]
+    assert "**NO**" in lines[1] and "DISAGREEMENT: cache=streaming:fraction=0.5" in table
 
 
 def test_compression_rows_get_weight_columns_and_two_plots(tmp_path):
@@ -333,7 +333,7 @@ def test_eval_retrieval_on_a_byte_level_model(capsys, tmp_path, one_thread):
     (["--cache", "dense", "--budgets", "1.5"], "budget 1.5 is out of range"),
     (["--cache", "dense", "--budgets", "0"], "budget 0.0 is out of range"),
     (["--cache", "dense", "--budgets", "half"], "--budgets takes comma-separated floats"),
-    (["--cache", "dense", "--budgets", "0.5"], "no --cache policy has a `budget` parameter"),
+    (["--cache", "dense", "--budgets", "0.5"], "no --cache policy takes a fraction of the context"),
     (["--context", "1024"], "longer than the model's context window (512)"),
     (["--context", "128", "--scored", "128"], "--scored must be between 1 and context - 1 = 127"),
     (["--tasks", "ppl,mmlu"], "unknown tasks ['mmlu']"),

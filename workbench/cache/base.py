@@ -115,8 +115,9 @@ class LayerCache(ABC):
 
     def allocated_bytes(self, seen: set[int]) -> int:
         """Bytes of the tensor storages this layer holds, each counted once across layers sharing `seen` (read
-        every step: forms with known buffers override it with something cheaper than the walk)."""
-        return tensor_storage_bytes(self, seen)
+        every step: forms with known buffers override it with something cheaper than the walk). The attention
+        observer is a policy's bookkeeping (scores per token), not the stored form, and is left out."""
+        return sum(tensor_storage_bytes(value, seen, 1) for name, value in vars(self).items() if name != "observer")
 
     def nbytes(self) -> int:
         """Real bytes held by this layer (read every step: subclasses make it cheap)."""

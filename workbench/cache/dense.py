@@ -1,4 +1,5 @@
-"""The dense layer cache: preallocated k/v buffers that grow geometrically, and the `dense` policy."""
+"""The dense layer cache: preallocated k/v buffers that grow geometrically and give back what eviction frees, and
+the `dense` policy."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from workbench.cache.base import CachePolicy, LayerCache
 from workbench.models.config import ModelConfig
 from workbench.registry import register
 
+EVICT_SPARE = 64  # free slots kept after an eviction shrinks the buffers: the next steps' tokens (trees too) fit
+SHRINK_SLACK = 16  # spare slots never worth a reallocation
+
 
 class DenseLayerCache(LayerCache):
     """k, v stored as [kv_heads, capacity, head_dim]; appends write in place, so a decode step copies
-    only the new token. `keep` gathers only from the first slot that moves."""
+    only the new token. `keep` gathers only from the first slot that moves, then gives the freed slots back
+    (`fit`): the buffers shrink to the kept tokens plus `spare` slots (at least `floor`) when they are more than
+    half as large again, so an evicting policy's memory follows its budget, not the context length."""
+
+    floor = 0  # never shrink below this many slots (a compressed form's raw tail: its residual window)
+    spare = EVICT_SPARE
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int):
         capacity = max(capacity, 1)
@@ -40,12 +49,22 @@ class DenseLayerCache(LayerCache):
         return self.pos[:, : self._length]
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
+        self._resize(max(needed, 2 * self.capacity))
+
+    def _resize(self, capacity: int) -> None:
         for name in ("k", "v", "pos"):
             old = getattr(self, name)
             new = old.new_empty(old.shape[0], capacity, *old.shape[2:])
             new[:, : self._length] = old[:, : self._length]
             setattr(self, name, new)
+
+    def fit(self) -> None:
+        """Give spare capacity back: reallocate the buffers at max(floor, held tokens + spare) slots when they are
+        over half as large again (and SHRINK_SLACK slots larger). Growth doubles, so a cache that shrinks and
+        grows again pays amortised copies."""
+        target = max(self.floor, self._length + self.spare)
+        if self.capacity - target > max(SHRINK_SLACK, target // 2):
+            self._resize(target)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         start = self._reserve(positions)
@@ -91,6 +110,7 @@ class DenseLayerCache(LayerCache):
                 self.pos[:, first:n] = self.pos[:, src]
         self._length = n
         self.n_committed = n
+        self.fit()
 
     def keep_uncommitted(self, offsets: list[int]) -> None:
         # only the slots after the first one that moves are copied (a tree's accepted path: a few tokens)

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from workbench.cache.base import KVCache
 from workbench.cache.scores import (
+    FRACTION_HELP,
     AccumulatedAttention,
     BudgetEviction,
     attach_each,
     context_length,
-    kept_count,
     select,
 )
 from workbench.registry import param, register
@@ -25,25 +25,29 @@ class H2OPolicy(BudgetEviction):
     "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models" (arXiv
     2306.14048). An observer adds up, per kv head, the attention every committed query pays each held token
     (summed over the query heads of the group; rejected drafts never count). After the prefill and after
-    every step (`continuous=false`: the prefill only), each layer is cut to kept_count(tokens seen, budget)
-    per head: the most recent `recent` share of them, and the highest accumulated scores among the rest,
-    chosen independently in each head (the paper's greedy eviction, one token per step in steady state).
-    Left out: the paper's fixed cache size (here a fraction of the context, the workbench's budget
-    convention); scores are float32 sums, never renormalised.
+    every step (`continuous=false`: the prefill only), each layer is cut to `budget` tokens per head (the
+    paper's fixed cache size; `fraction` > 0: that fraction of the tokens seen instead): the most recent
+    `recent` share of them, and the highest accumulated scores among the rest, chosen independently in each
+    head (the paper's greedy eviction, one token per step in steady state). The evicted slots are given back,
+    so memory is bounded by the budget. Left out: scores are float32 sums, never renormalised.
     """
 
-    budget: float = param(0.5, "fraction of the context's tokens kept: heavy hitters + recent", min=0.0, max=1.0)
+    budget: int = param(1024, "tokens kept per layer and head: heavy hitters + recent", min=1, max=1 << 20)
+    fraction: float = param(0.0, FRACTION_HELP, min=0.0, max=1.0)
     recent: float = param(0.5, "share of the kept tokens that are the most recent ones; the rest are heavy hitters",
                           min=0.0, max=1.0)
     continuous: bool = param(True, "keep evicting while decoding (the paper); false: compress the prompt only")
     _scores: list[AccumulatedAttention] = field(default_factory=list, init=False, repr=False)
+
+    def absolute(self) -> int:
+        return self.budget
 
     def on_cache_built(self, cache: KVCache) -> None:
         self._scores = attach_each(cache, AccumulatedAttention)
 
     def evict(self, cache: KVCache) -> None:
         for layer, observer in zip(cache.layers, self._scores):
-            keep = kept_count(context_length(layer), self.budget)
+            keep = self.kept(context_length(layer))
             if layer.n_committed <= keep:
                 continue
             scores, _ = observer.for_layer(layer)

@@ -22,7 +22,28 @@ from workbench.registry import param, register
 
 
 class KiviCodec(Codec):
-    """Keys: per channel over a group of `group` tokens; values: per token over groups of `channels`."""
+    """Keys: per channel over a group of `group` tokens; values: per token over groups of `channels`.
+
+    Storage layout of one layer (a CompressedLayerCache with this codec; what a kernel reading the codes needs).
+    H = the coded kv heads (all of them unless `raw_heads`), N = compressed tokens, in slot order (oldest first),
+    d = head_dim, b = bits, G = group, c = channels, per = 8 // b codes per byte. Keys are cached after RoPE.
+    - `tok["k"]`, `tok["v"]`: uint8 [H, N, d * b / 8]; byte j of a token holds channels j*per .. j*per + per - 1,
+      channel j*per + i in bits i*b .. i*b + b - 1 (`pack_bits`). Codes are unsigned, 0 .. 2**b - 1.
+    - Keys: `grp["k_scale"]`, `grp["k_min"]`: float16 [H, groups, d]; k = code * scale + min with the scale and
+      minimum of the token's group and channel. Token i's group is i // G while `gidx` is None; after an eviction
+      moved tokens, `gidx` [1 or H, N] (int16, int32 past 32767 groups) holds it. Groups hold G tokens when
+      encoded; evictions may leave fewer, never re-encoding.
+    - Values: `tok["v_scale"]`, `tok["v_min"]`: float16 [H, N, d / c]; v = code * scale + min with the scale and
+      minimum of the token and its group of c consecutive channels.
+    - Positions: `cpos` int32 [1 or kv_heads, N] (1 row while every head holds the same tokens), or None while
+      they are cpos_start, cpos_start + 1, ... .
+    - The residual window: `raw`, a DenseLayerCache, k and v [kv_heads, capacity, d] in the model's dtype and
+      int64 positions, after the N compressed slots in order: the committed tokens not yet quantized (fewer
+      than max(residual, G) after each flush) and the uncommitted ones (drafts). Its capacity is
+      max(residual, G) + RAW_SPARE slots; a prompt or a large tree grows it and the next flush shrinks it back,
+      so no buffer of the model's dtype spans the context.
+    - `raw_heads`: `full["k"]`, `full["v"]` [raw heads, N, d] in the model's dtype, for the heads left uncoded.
+    """
 
     def __init__(self, bits: int, group: int, channels: int):
         self.bits, self.group, self.channels = bits, group, channels
@@ -53,9 +74,10 @@ class KiviPolicy(CompressedPolicy):
     quantized per token (min/max over `channels` consecutive channels). The most recent tokens stay in a
     full-precision residual window; when it holds `residual` committed tokens they are quantized in groups
     (asymmetric round-to-nearest, float16 scale and minimum, codes bit-packed). Drafts stay raw until
-    committed. Left out: the fused dequantize-matmul kernels (attention runs on dequantized K/V), and the
-    paper's defaults (group 32, residual 128) are replaced by group 64 / residual 64 so the scales and the
-    window fit the byte bars at 2k tokens (see docs/cache.md).
+    committed. The layer holds only the codes, their scales and the residual window (layout: KiviCodec), so the
+    bytes the process holds shrink with the codes. Left out: the fused dequantize-matmul kernels (attention
+    runs on K/V dequantized per step), and the paper's defaults (group 32, residual 128) are replaced by group
+    64 / residual 64 so the scales and the window fit the byte bars at 2k tokens (see docs/cache.md).
     """
 
     bits: int = param(4, "bits per quantized element", choices=[2, 4])

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from workbench.models.config import ModelConfig
 
 Fields = dict[str, torch.Tensor]
+RAW_SPARE = 16  # raw-tail slots beyond the residual window: one step's tokens (a short draft) without growing
 
 
 class Codec(ABC):
@@ -116,16 +117,24 @@ class CompressedLayerCache(LayerCache):
         self.n_full, self.n_coded = len(full), kv_heads - len(full)
         self._full_list, self._coded_list = full, self.coded_heads.tolist()  # for the host-side byte counts
         self.full: Fields = {}
-        self.raw = DenseLayerCache(kv_heads, head_dim, dtype, device, min(capacity, residual + 2 * codec.group + 64))
+        self.device = device
+        # The raw tail holds at most the residual window (or the group being filled) and one step's new tokens:
+        # sized for that, grown (doubling) for a prompt or a large tree, and shrunk back at the next flush.
+        self.raw_floor = max(residual, codec.group) + RAW_SPARE
+        self.raw = self._new_raw(min(capacity, self.raw_floor))
         self.tok: Fields = {}
         self.grp: Fields = {}
         self.gidx: torch.Tensor | None = None  # [1 or coded heads, N] int16; None: slot // group
-        self.device = device
         self._n = 0  # compressed tokens
         # Their positions: None while they are cpos_start, cpos_start + 1, ... in every head (nothing held),
         # else [1 or kv_heads, N] int32.
         self.cpos: torch.Tensor | None = None
         self.cpos_start = 0
+
+    def _new_raw(self, capacity: int) -> DenseLayerCache:
+        raw = DenseLayerCache(self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
+        raw.floor, raw.spare = self.raw_floor, 0  # its keep() shrinks it back to the window after a flush
+        return raw
 
     # -- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -314,7 +323,7 @@ class CompressedLayerCache(LayerCache):
             idx = rest[:, :, None].expand(-1, -1, self.head_dim)
             k, v, pos = k_all.gather(1, idx), v_all.gather(1, idx), pos_all.gather(1, rest)
             self._gather_compressed(slots[:, :m])
-            self.raw = DenseLayerCache(self.kv_heads, self.head_dim, self.dtype, self.device, rest.shape[1])
+            self.raw = self._new_raw(max(rest.shape[1], self.raw_floor))
             self.raw.append(k, v, pos)
         else:
             self._gather_compressed(slots[:, :m])

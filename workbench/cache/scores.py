@@ -1,11 +1,14 @@
 """What the eviction policies share: budget arithmetic, attention weights computed in chunks, the observer that
 accumulates the attention each held token receives, and the selection of sinks + recent + top-scored tokens.
 
-Budget convention (every eviction policy): `budget` is the fraction of the context's tokens a layer keeps,
-`kept_count(n, budget)` of n tokens (at least one). Policies that evict during decoding (streaming, h2o)
-count n as every token seen so far (the last held position + 1), so the cache holds that fraction throughout;
-prefill-only policies (snapkv, ems, prefix_kv) count the prompt. Scores are per kv head: the attention a key
-receives is summed over the query heads that share it (grouped-query attention).
+Budget conventions. streaming, h2o and snapkv keep an absolute number of tokens per layer and head, as their
+papers do (StreamingLLM: sinks + window; H2O and SnapKV: a cache size), so their memory is bounded whatever the
+context length; each also takes `fraction`, which, when above 0, keeps that fraction of the context instead
+(`kept_count(n, fraction)` of n tokens, at least one). ems, prefix_kv and double_sparsity take `budget` as that
+fraction. Policies that evict during decoding (streaming, h2o) count n as every token seen so far (the last held
+position + 1); prefill-only policies (snapkv, ems, prefix_kv) count the prompt. Evicted slots are given back:
+the storage forms shrink their buffers to the kept tokens (`DenseLayerCache.fit`). Scores are per kv head: the
+attention a key receives is summed over the query heads that share it (grouped-query attention).
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ PER_QUERY_LIMIT = 256  # forwards with up to this many queries keep each query's
 def kept_count(n: int, budget: float) -> int:
     """Tokens kept of n under `budget` (a fraction in (0, 1]): ceil(budget * n), at least 1, at most n."""
     return min(n, max(1, math.ceil(budget * n - 1e-9)))
+
+
+def kept_tokens(n: int, budget: int, fraction: float) -> int:
+    """Tokens kept of n: `fraction` of them (kept_count) when fraction > 0, else the absolute `budget`, at most n."""
+    return kept_count(n, fraction) if fraction > 0 else min(n, budget)
+
+
+FRACTION_HELP = ("when above 0: keep this fraction of the context's tokens instead of the absolute budget "
+                 "(0 = the absolute budget)")
 
 
 def context_length(layer: LayerCache) -> int:
@@ -240,14 +252,19 @@ class WindowVote:
 
 
 class BudgetEviction(CachePolicy):
-    """Base of the policies that enforce `budget` once the prompt is in and, when `continuous`, after every
-    decoding step (StreamingLLM, H2O). Subclasses declare the two params and implement `evict(cache)`."""
+    """Base of the policies that enforce their budget once the prompt is in and, when `continuous`, after every
+    decoding step (StreamingLLM, H2O). Subclasses declare `fraction` and `continuous`, say their absolute budget
+    in `absolute()` and implement `evict(cache)`."""
 
-    budget: float
+    fraction: float
     continuous: bool
 
-    def check(self) -> None:
-        check_budget(self.budget)
+    def absolute(self) -> int:
+        raise NotImplementedError
+
+    def kept(self, context: int) -> int:
+        """Tokens a layer keeps after `context` tokens seen."""
+        return kept_tokens(context, self.absolute(), self.fraction)
 
     def on_prefill_end(self, cache: KVCache) -> None:
         self.evict(cache)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import WindowVote, attach_each, check_budget, detach, kept_count, select
+from workbench.cache.scores import FRACTION_HELP, WindowVote, attach_each, detach, kept_tokens, select
+from workbench.errors import SpecError
 from workbench.registry import param, register
 
 
@@ -21,11 +22,14 @@ class SnapKVPolicy(CachePolicy):
     prefill, the attention the last `window` prompt queries pay each earlier token is summed over the window
     (and over the query heads sharing a kv head), smoothed with a 1-D pool of `kernel` tokens so that
     neighbours of a voted token survive with it, and each kv head keeps its top-voted tokens plus the window
-    itself: kept_count(prompt length, budget) per head. Prefill only, as in the paper: tokens generated
-    afterwards are all kept. Left out: the paper's per-head capacity in absolute tokens (a fraction here).
+    itself: `budget` tokens per head (the paper's max capacity; `fraction` > 0: that fraction of the prompt
+    instead). Prefill only, as in the paper: tokens generated afterwards are all kept. The evicted slots are
+    given back, so the prompt's memory is bounded by the budget.
     """
 
-    budget: float = param(0.5, "fraction of the prompt's tokens kept: voted tokens + the window", min=0.0, max=1.0)
+    budget: int = param(1024, "tokens of the prompt kept per layer and head: voted tokens + the window", min=1,
+                        max=1 << 20)
+    fraction: float = param(0.0, FRACTION_HELP + " (of the prompt)", min=0.0, max=1.0)
     window: int = param(64, "observation window: the last prompt tokens whose queries vote (all kept)", min=1,
                         max=4096)
     kernel: int = param(5, "pooling kernel over the votes (odd; 1 = no pooling)", min=1, max=63)
@@ -33,7 +37,9 @@ class SnapKVPolicy(CachePolicy):
     _votes: list[WindowVote] = field(default_factory=list, init=False, repr=False)
 
     def check(self) -> None:
-        check_budget(self.budget)
+        if self.fraction == 0 and self.budget < self.window:
+            raise SpecError(f"snapkv: budget={self.budget} is smaller than window={self.window}, and the observation "
+                            f"window is always kept; raise budget to at least {self.window} or lower window")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every token's place")
 
@@ -44,7 +50,7 @@ class SnapKVPolicy(CachePolicy):
         for layer, observer in zip(cache.layers, self._votes):
             detach(layer, observer)  # decoding costs nothing extra from here on
             n = layer.n_committed
-            keep = kept_count(n, self.budget)
+            keep = kept_tokens(n, self.budget, self.fraction)
             if n > keep:
                 window = min(self.window, n)
                 layer.keep(select(pooled_votes(observer.for_layer(layer), window, self.kernel, self.pooling), keep,

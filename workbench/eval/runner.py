@@ -1,6 +1,7 @@
 """`workbench eval`: plan the runs, measure each against the full-cache, uncompressed reference, add peers.
 
-A run is one cache-policy chain (at each of `budgets`, for chains with a `budget` parameter) on the
+A run is one cache-policy chain (at each of `budgets`, for chains with a policy that takes a fraction of the
+context: `fraction` or a fractional `budget`) on the
 uncompressed model, or one weight-transform chain with the dense cache, or (`combine`) both. The reference
 is the dense cache on the uncompressed model in the same dtype. Every run is scored with the protocol of
 `workbench.eval.quality`; retrieval tasks run through `Workbench.generate`; the kvpress peer runs the
@@ -104,13 +105,24 @@ def _chain(text: str, category: str) -> list[TechniqueSpec]:
     return [TechniqueSpec.parse(t).validated(category) for t in text.split("+") if t.strip()]
 
 
+def _fraction_param(t: TechniqueSpec) -> str | None:
+    """The parameter holding a policy's budget as a fraction of the context: `fraction` (streaming, h2o, snapkv,
+    whose `budget` counts tokens), else a float `budget` (ems, prefix_kv, double_sparsity); None without one."""
+    params = {p.name: p for p in registry.get("cache", t.name).params}
+    if "fraction" in params:
+        return "fraction"
+    return "budget" if "budget" in params and params["budget"].type == "float" else None
+
+
 def _has_budget(t: TechniqueSpec) -> bool:
-    return any(p.name == "budget" for p in registry.get("cache", t.name).params)
+    return _fraction_param(t) is not None
 
 
 def _budget(chain: list[TechniqueSpec]) -> float | None:
-    """The budget the chain runs at: that of its first policy with a `budget` parameter (given or default)."""
-    return next((float(t.build("cache").budget) for t in chain if _has_budget(t)), None)
+    """The fraction of the context the chain keeps: that of its first policy with a fraction parameter (given or
+    default); None when that policy keeps an absolute number of tokens (fraction=0) or none has one."""
+    value = next((float(getattr(t.build("cache"), _fraction_param(t))) for t in chain if _has_budget(t)), None)
+    return value or None
 
 
 def plan_runs(options: EvalOptions) -> list[PlannedRun]:
@@ -119,17 +131,17 @@ def plan_runs(options: EvalOptions) -> list[PlannedRun]:
     cache_runs: list[PlannedRun] = []
     for text in options.cache:
         chain = _chain(text, "cache")
-        named = any("budget" in t.params for t in chain)  # a budget written in the spec is kept
+        named = any("budget" in t.params or "fraction" in t.params for t in chain)  # a budget written is kept
         if options.budgets and any(_has_budget(t) for t in chain) and not named:
             for b in options.budgets:
-                with_budget = [TechniqueSpec(t.name, {**t.params, "budget": b}) if _has_budget(t) else t
+                with_budget = [TechniqueSpec(t.name, {**t.params, _fraction_param(t): b}) if _has_budget(t) else t
                                for t in chain]
                 cache_runs.append(PlannedRun("", with_budget, [], b, text))
         else:
             cache_runs.append(PlannedRun("", chain, [], _budget(chain), text))
     if options.budgets and not any(any(_has_budget(t) for t in r.cache) for r in cache_runs):
-        raise SpecError("--budgets was given but no --cache policy has a `budget` parameter "
-                        "(see `workbench list --category cache`)")
+        raise SpecError("--budgets was given but no --cache policy takes a fraction of the context (`fraction`, or "
+                        "a fractional `budget`; see `workbench list --category cache`)")
     compress_runs = [PlannedRun("", [], _chain(text, "compression")) for text in options.compress]
     combined = [PlannedRun("", c.cache, k.compress, c.budget, c.series) for c in cache_runs for k in compress_runs] \
         if options.combine else []
@@ -331,7 +343,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="append", default=[],
                    help="weight transform to evaluate, e.g. int8 or gptq+eora:rank=32 (repeatable: one run each)")
     p.add_argument("--budgets", help="comma-separated budgets in (0, 1], e.g. 0.25,0.5,0.75: one run per budget of "
-                   "each --cache policy with a `budget` parameter (the fraction of the context's tokens kept)")
+                   "each --cache policy that takes a fraction of the context's tokens kept (set as its `fraction`, "
+                   "or its `budget` where that is a fraction)")
     p.add_argument("--combine", action="store_true", help="also run every --cache policy on every --compress model")
     p.add_argument("--tasks", default="ppl", help=f"comma-separated, of {', '.join(TASKS)} (default ppl)")
     p.add_argument("--context", type=int, default=2048, help="tokens per window: prefill + scored (default 2048)")
