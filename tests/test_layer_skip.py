@@ -42,6 +42,7 @@ def run(model, spec, prompt):
                                     {"skip": "2a-3m-5", "search": "none"},
                                     {"granularity": "layer", "search": "none"},
                                     {"context": 4, "trials": 20, "bayes_every": 1},
+                                    {"context": 4, "every": 3, "keep": False},
                                     {"granularity": "layer", "search": "random", "window": 2, "trials": 6},
                                     {"search": "random", "window": 2, "trials": 6}])
 def test_greedy_output_and_cache_equal_plain_decoding(model, params):
@@ -145,15 +146,83 @@ def test_bayes_search_changes_the_skip_set_and_stays_lossless():
     model = varied_model("llama", layers=12)
     prompt = PROMPTS[1]
     plain = run(model, RunSpec(max_new_tokens=120), prompt)[0]
-    spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"context": 8, "trials": 40, "ratio": 0.4}))
+    spec = RunSpec(max_new_tokens=120, decode=TechniqueSpec("layer_skip", {"context": 8, "trials": 40, "ratio": 0.4,
+                                                                           "patience": 40}))
     ours, _, drafter = run(model, spec, prompt)
     assert ours == plain
     assert len(drafter.history) > 1 and drafter.history[-1] != drafter.history[0]
     assert len(drafter.skipped) == len(drafter.history[0])  # candidates keep the number of skipped sublayers
     assert list(drafter.history[-1]) == drafter.skipped
-    scores = drafter._bayes.scores
-    assert len(scores) == 40 and drafter._best_score == max(scores) > scores[0]
+    opt = drafter._opt
+    assert len(opt.search.scores) == 40 == drafter.search_forwards and opt.done
+    assert opt.best == drafter.skipped and opt.best_score == max(opt.search.scores) > opt.search.scores[0]
     assert any(u ^ 1 not in drafter.skipped for u in drafter.skipped)  # a layer with one sublayer skipped
+
+
+def count_scores(monkeypatch) -> list:
+    """Every ContextScorer.score call's plan, in order."""
+    plans, original = [], ContextScorer.score
+
+    def spy(self, model, generated, plan):
+        plans.append(plan)
+        return original(self, model, generated, plan)
+
+    monkeypatch.setattr(ContextScorer, "score", spy)
+    return plans
+
+
+@pytest.mark.parametrize("params, bound", [({"trials": 5, "patience": 100}, 5), ({"trials": 100, "patience": 3}, None),
+                                           ({"trials": 100, "patience": 100, "stop_score": 0.0}, 1)])
+def test_the_optimisation_phase_ends_and_its_set_is_used_afterwards(monkeypatch, params, bound):
+    """The phase stops after `trials` candidates, after `patience` that do not improve, or at `stop_score`;
+    later steps draft with the best set, and score nothing more."""
+    model = varied_model("llama", layers=12)
+    plans = count_scores(monkeypatch)
+    spec = RunSpec(max_new_tokens=100, decode=TechniqueSpec("layer_skip", {"context": 4, "ratio": 0.4, **params}))
+    engine = Engine(model, spec)
+    proposed = []
+    original = engine.drafter.propose
+    engine.drafter.propose = lambda state: proposed.append((len(plans), list(engine.drafter._plan))) or original(state)
+    tokens = [t for e in engine.run(PROMPTS[1]) for t in e.tokens]
+    drafter, opt = engine.drafter, engine.drafter._opt
+    assert tokens == run(model, RunSpec(max_new_tokens=100), PROMPTS[1])[0]
+    assert opt.done and len(plans) == opt.tried == drafter.search_forwards
+    if bound is not None:
+        assert len(plans) == bound
+    else:  # ended by patience: the last 3 did not beat the best, and it took fewer than the budget
+        assert opt.since_better == 3 and len(plans) < 100
+    chosen = layer_plan(opt.best, 12, sublayer=True)
+    after = [plan for scored, plan in proposed if scored == len(plans)]
+    assert len(after) > 5 and all(plan == chosen for plan in after)
+    assert drafter._scorer is None
+
+
+def test_kept_optimisation_goes_on_across_runs_and_then_stops(monkeypatch):
+    """keep=true (the default): the phase continues over the runs of a model (one memory), bounded by `trials`
+    in all; a run that starts after it ended scores nothing, drafts with the best set and says it started warm.
+    keep=false starts afresh every run."""
+    model = varied_model("llama", layers=12)
+    plans = count_scores(monkeypatch)
+    params = {"context": 4, "ratio": 0.4, "trials": 30, "patience": 30}
+    memory: dict = {}
+    per_run, drafters = [], []
+    for prompt in (PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]):
+        engine = Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", params)), memory=memory)
+        before = len(plans)
+        ours = [t for e in engine.run(prompt) for t in e.tokens]
+        assert ours == run(model, RunSpec(max_new_tokens=24), prompt)[0]
+        per_run.append(len(plans) - before)
+        drafters.append(engine.drafter)
+    assert 0 < per_run[0] < 30 and per_run[1] > 0 and sum(per_run) == 30
+    assert [d.warm_started for d in drafters] == [False] + [True] * 4
+    last = drafters[-1]
+    assert per_run[-1] == 0 and last._scorer is None and last.skipped == last._opt.best
+    fresh = [Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {**params, "keep": False})),
+                    memory=memory) for _ in range(2)]
+    for engine in fresh:
+        before = len(plans)
+        list(engine.run(PROMPTS[1]))
+        assert len(plans) - before == per_run[0] and not engine.drafter.warm_started
 
 
 def test_random_search_changes_the_skip_set_and_stays_lossless():

@@ -9,28 +9,31 @@ the speculative acceptor). Drafting stops after a token whose top draft probabil
 entries to the attention layers they run, dropped by `cache.rollback()` before the tree is returned. No
 weight is copied.
 
-The paper's form (the default, `granularity=sublayer,search=bayes`): the units skipped are attention and MLP
+SWIFT's form (`granularity=sublayer,search=bayes`, the default): the units skipped are attention and MLP
 sublayers, chosen separately; the first and last layers always run. The set starts as `ratio` of the layers
-spread over the middle ones (both sublayers each) and is optimised during the run, as in SWIFT's
-optimisation phase: once `context` tokens are generated, every step scores one candidate set of the same
-size by its matchness (the fraction of those tokens the skipped model predicts, in one forward over them on
-a copy of the prompt's cache; `skip_search.ContextScorer`), candidates being random sets and, every
-`bayes_every`-th one, the set of maximal expected improvement under a Gaussian process fitted to the scores
-so far (`skip_search.BayesSearch`). A better-scoring set is adopted for drafting at once; the search stops
-after `trials` candidates or at matchness 0.95 (SWIFT's early stop). The context's first set is scored
-first, so a candidate must beat it (SWIFT's search starts from a score of 0).
+spread over the middle ones (both sublayers each). An optimisation phase then looks for a better set of the
+same size: once `context` tokens are generated, every `every`-th step scores one candidate by its matchness
+(the fraction of those tokens the skipped model predicts, in one forward over them on a copy of the prompt's
+cache; `skip_search.ContextScorer`), candidates being random sets and, every `bayes_every`-th one, the set of
+maximal expected improvement under a Gaussian process fitted to the scores so far (`skip_search.BayesSearch`).
+A better-scoring set is drafted with at once. The phase ends after `trials` candidates, after `patience` in a
+row that do not improve (SWIFT's tolerance), or at matchness `stop_score` (SWIFT's early stop); the
+acceleration phase drafts with the best set and scores nothing. With `keep` (the default, as in SWIFT, whose
+optimiser state lasts over a task's prompts) the phase goes on across the runs of a model, so it is paid once
+(at most `trials` context forwards in all) and later runs start from the set found (their traces say
+`warm_start`); `keep=false` searches afresh in every run.
 
 Other forms, one parameter away: `granularity=layer` skips whole layers; `search=random` replaces the
 optimisation by a measured neighbour search (one skipped unit swapped for one that runs, kept if the next
 `window` verification steps produced more tokens per unit of cost, cost = 1 verification + drafted tokens x
-fraction of units run; frozen after `trials` neighbours); `search=none` keeps the starting set (`skip` names
-it: `4-5-6` layers, and with sublayers `5a` / `5m` a layer's attention or MLP alone).
+fraction of units run; frozen after `trials` neighbours, per run); `search=none` keeps the starting set
+(`skip` names it: `4-5-6` layers, and with sublayers `5a` / `5m` a layer's attention or MLP alone).
 
-Left out: SWIFT's top-k tree drafts built from the confidences (a chain is drafted), its choice of the skip
-ratio, and its keeping of the optimiser's state across the prompts of a task (each run searches afresh); the
-acquisition is maximised over a pool of random sets and the best set's one-swap neighbours instead of by
-bayes_opt's continuous relaxation. The scored context is SWIFT's 32 tokens in the paper; `context` defaults
-to 16 so that short outputs still reach the search.
+Left out: SWIFT's top-k tree drafts built from the confidences (a chain is drafted) and its choice of the skip
+ratio; the acquisition is maximised over a pool of random sets and the best set's one-swap neighbours instead
+of by bayes_opt's continuous relaxation, with expected improvement instead of bayes_opt's UCB. SWIFT scores 32
+tokens (50 in its scripts) and searches up to 1000 candidates with a tolerance of 300; `context`, `trials`
+and `patience` default to 16, 16 and 8 because on a CPU a candidate's forward costs several decode steps.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.decoding.base import Drafter, DraftTree
-from workbench.decoding.skip_search import BayesSearch, ContextScorer, layer_plan, unit_names
+from workbench.decoding.skip_search import ContextScorer, Optimisation, layer_plan, unit_names
 from workbench.errors import SpecError
 from workbench.registry import param, register
 
@@ -106,7 +109,6 @@ class LayerSkip(Drafter):
     a static set)."""
 
     default_acceptor = "speculative"
-    STOP_SCORE = 0.95  # search=bayes: matchness at which SWIFT stops optimising
 
     k: int = param(8, "most tokens drafted per step", min=1, max=32)
     granularity: str = param("sublayer", "what is skipped: attention and MLP sublayers separately (SWIFT), or "
@@ -120,7 +122,16 @@ class LayerSkip(Drafter):
                          "middle layers (the first and last always run)", min=0.0, max=0.95)
     threshold: float = param(0.6, "stop drafting after a token whose top draft probability is below this",
                              min=0.0, max=1.0)
-    trials: int = param(32, "search: candidate skip sets tried before the set is frozen", min=1, max=1000)
+    trials: int = param(16, "search: candidate skip sets tried before the set is frozen (search=bayes: context "
+                        "forwards, over all the runs it is kept across; SWIFT: 1000)", min=1, max=1000)
+    patience: int = param(8, "search=bayes: stop after this many candidates in a row that do not beat the best "
+                          "(SWIFT's tolerance: 300)", min=1, max=1000)
+    stop_score: float = param(0.95, "search=bayes: stop once the best set's matchness reaches this (SWIFT: 0.93-0.95)",
+                              min=0.0, max=1.0)
+    every: int = param(1, "search=bayes: score a candidate every this-many steps (SWIFT's optimisation interval: 1)",
+                       min=1, max=64)
+    keep: bool = param(True, "search=bayes: keep the optimisation across the runs of this model (SWIFT optimises "
+                       "over a task's prompts, then drafts with the set found); false: every run searches afresh")
     context: int = param(16, "search=bayes: generated tokens each candidate is scored on (SWIFT: 32)",
                          min=2, max=512)
     bayes_every: int = param(2, "search=bayes: every this-many-th candidate is Bayesian-optimised, the others "
@@ -128,15 +139,16 @@ class LayerSkip(Drafter):
     window: int = param(4, "search=random: verification steps each skip set is measured over", min=1, max=256)
     skipped: list[int] = field(init=False, default_factory=list)  # the skip set in use, as units
     history: list[tuple[int, ...]] = field(init=False, default_factory=list)  # skip sets adopted, in order
+    search_forwards: int = field(init=False, default=0)  # search=bayes: context forwards this run
     _plan: list = field(init=False, default_factory=list)
     _n_layers: int = field(init=False, default=0)
     _units: int = field(init=False, default=0)  # layers, or sublayers
     _space: list[int] = field(init=False, default_factory=list)  # units a search may skip
     _generator: torch.Generator | None = field(init=False, default=None, repr=False)
     _rng: random.Random | None = field(init=False, default=None, repr=False)
-    _scorer: ContextScorer | None = field(init=False, default=None, repr=False)  # bayes, while it searches
-    _bayes: BayesSearch | None = field(init=False, default=None, repr=False)
-    _best: list[int] = field(init=False, default_factory=list)  # search: the incumbent skip set
+    _scorer: ContextScorer | None = field(init=False, default=None, repr=False)  # bayes, while it optimises
+    _opt: Optimisation | None = field(init=False, default=None, repr=False)  # bayes: the optimisation phase
+    _best: list[int] = field(init=False, default_factory=list)  # search=random: the incumbent skip set
     _best_score: float | None = field(init=False, default=None)  # its score
     _tokens: float = field(init=False, default=0.0)  # search=random: totals over the window being measured
     _cost: float = field(init=False, default=0.0)
@@ -177,10 +189,28 @@ class LayerSkip(Drafter):
         self._tokens, self._cost, self._steps, self._tried = 0.0, 0.0, 0, 0
         self._generator = torch.Generator(device=state.model.device).manual_seed(state.sampler.seed + 1)
         self._rng = random.Random(state.sampler.seed + 2)
-        self._scorer = self._bayes = None
+        self._scorer, self._opt, self.search_forwards = None, None, 0
         if self.search == "bayes":
+            self._start_optimisation(state, skipped)
+
+    def _start_optimisation(self, state, skipped: list[int]) -> None:
+        """search=bayes: the optimisation phase, kept from earlier runs (`keep`) or new; drafts use its best set.
+        The prompt's cache is copied for scoring only while the phase lasts."""
+        key = (f"layer_skip:{self.granularity}:{'-'.join(map(str, skipped))}:{self.trials}:{self.patience}:"
+               f"{self.stop_score}:{self.every}:{self.context}:{self.bayes_every}")
+        opt = state.memory.get(key) if self.keep else None
+        if opt is None:
+            opt = Optimisation(skipped, self._space, self.bayes_every, self._rng, self.trials, self.patience,
+                               self.stop_score)
+            if self.keep:
+                state.memory[key] = opt
+        self.warm_started = opt.tried > 0  # drafts depend on earlier runs' search
+        self._opt = opt
+        if opt.best != self.skipped:
+            self._use(opt.best)
+            self.history = [tuple(self.skipped)]
+        if not opt.done:
             self._scorer = ContextScorer(state.cache, state.pending_position, self.context)
-            self._bayes = BayesSearch(self._space, len(skipped), self.bayes_every, self._rng)
 
     def _use(self, skipped: list[int]) -> None:
         self.skipped = sorted(skipped)
@@ -200,20 +230,22 @@ class LayerSkip(Drafter):
             self._measure(tree, acceptance)
 
     def _optimise(self, state) -> None:
-        """search=bayes: score one candidate on the context; adopt it if it beats the best so far."""
+        """search=bayes, during the optimisation phase: every `every` steps once the context is generated, score
+        one candidate on it (one forward) and draft with it if it beats the best so far."""
         if self._scorer is None or not self._scorer.ready(state.generated):
             return
-        candidate = self.skipped if self._best_score is None else self._bayes.next()
+        self._steps += 1
+        if (self._steps - 1) % self.every:
+            return
+        opt = self._opt
+        candidate = opt.candidate()
         score = self._scorer.score(state.model, state.generated, layer_plan(candidate, self._n_layers, self.sublayer))
-        self._bayes.add(candidate, score)
-        self._tried += 1
-        if self._best_score is None or score > self._best_score:
-            if self._best_score is not None:
-                self._use(candidate)
-                self.history.append(tuple(self.skipped))
-            self._best_score = score
-        if self._tried >= self.trials or self._best_score >= self.STOP_SCORE:
-            self._scorer = None  # frozen: the prompt cache's copy is freed
+        self.search_forwards += 1
+        if opt.record(candidate, score) and opt.best != self.skipped:
+            self._use(opt.best)
+            self.history.append(tuple(self.skipped))
+        if opt.done:
+            self._scorer = None  # the acceleration phase: the prompt cache's copy is freed
 
     def _measure(self, tree, acceptance) -> None:
         """search=random: measure the set in use over `window` steps, then try a neighbour of the best set."""

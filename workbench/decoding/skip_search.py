@@ -1,11 +1,13 @@
-"""SWIFT's layer-set optimisation for `layer_skip`: scoring a skip set on the context, and the search over sets.
+"""SWIFT's layer-set optimisation for `layer_skip`: scoring a skip set on the context, the search over sets, and
+the optimisation phase that ends.
 
 A skip set is a set of *units*: whole layers (granularity `layer`, unit i = layer i) or sublayers (granularity
 `sublayer`, unit 2i = layer i's attention, 2i + 1 = its MLP). `layer_plan` turns a set into the model's
 layer plan. SWIFT (Xia et al., arXiv 2410.06916, sec. 4) scores a candidate set by how many of the target's
-own recent tokens the skipped model predicts in one forward over them (`ContextScorer`), and picks candidates
+own recent tokens the skipped model predicts in one forward over them (`ContextScorer`), picks candidates
 by random search interleaved with Bayesian optimisation (`BayesSearch`: a Gaussian-process surrogate over
-skip masks with expected improvement).
+skip masks with expected improvement), and stops optimising after a budget, a run of candidates that do not
+improve, or a good enough score (`Optimisation`); the acceleration phase then drafts with the best set.
 """
 
 from __future__ import annotations
@@ -153,3 +155,36 @@ def expected_improvement(x: torch.Tensor, y: torch.Tensor, candidates: torch.Ten
     z = (mean - target.max() - xi) / sigma
     density = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
     return (mean - target.max() - xi) * torch.special.ndtr(z) + sigma * density
+
+
+class Optimisation:
+    """SWIFT's optimisation phase over skip sets of one size. `candidate()` gives the set to score next (the
+    starting set first, so a candidate must beat it), `record()` takes its score; the best set so far is the
+    one to draft with. The phase ends (`done`) after `trials` scored sets, after `patience` in a row that did
+    not beat the best (SWIFT's tolerance), or once the best scores `stop_score` (SWIFT's early stop). The
+    object holds the whole state, so a drafter can keep it across runs (SWIFT keeps it over a task's prompts)."""
+
+    def __init__(self, start: list[int], space: list[int], bayes_every: int, rng: random.Random, trials: int,
+                 patience: int, stop_score: float):
+        self.search = BayesSearch(space, len(start), bayes_every, rng)
+        self.best, self.best_score = sorted(start), None
+        self.trials, self.patience, self.stop_score = trials, patience, stop_score
+        self.tried = 0  # sets scored: one context forward each
+        self.since_better = 0
+        self.done = False
+
+    def candidate(self) -> list[int]:
+        return list(self.best) if self.best_score is None else self.search.next()
+
+    def record(self, candidate: list[int], score: float) -> bool:
+        """Take a candidate's score; True when it is the new best."""
+        self.search.add(candidate, score)
+        self.tried += 1
+        better = self.best_score is None or score > self.best_score
+        if better:
+            self.best, self.best_score, self.since_better = sorted(candidate), score, 0
+        else:
+            self.since_better += 1
+        self.done = (self.tried >= self.trials or self.since_better >= self.patience
+                     or self.best_score >= self.stop_score)
+        return better
