@@ -18,7 +18,7 @@ from workbench.models import LoadedModel
 from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import PROMPTS, varied_model
-from .test_cache_matrix import CACHE_PARAMS, PROMPT, has_budget
+from .test_cache_matrix import CACHE_PARAMS, PROMPT, fraction_param
 from .test_compression import BF16_ONLY, TRANSFORMS, chain
 from .test_lossless import LOSSLESS
 from .test_lossless import TEST_PARAMS as DECODE_PARAMS
@@ -53,9 +53,10 @@ def test_every_lossless_drafter_is_plain_decoding_on_the_device(model, name):
 def test_every_cache_policy_runs_with_tree_and_chain_drafters_on_the_device(model, policy):
     """Every policy completes with a tree drafter and two chain drafters; at budget 1 (nothing evicted) it
     gives dense plain decoding's tokens."""
-    full = {"budget": 1.0} if has_budget(policy) else {}
+    share = fraction_param(policy)  # the parameter keeping a fraction of the context
+    full = {share: 1.0} if share else {}
     for drafter in TREE_AND_CHAIN:
-        for params in ([{"budget": 0.5}, full] if full else [{}]):
+        for params in ([{share: 0.5}, full] if full else [{}]):
             cache = [TechniqueSpec(policy, {**CACHE_PARAMS.get(policy, {}), **params})]
             tokens = generate(model, RunSpec(max_new_tokens=10, cache=cache, decode=decode(drafter)), [PROMPT])
             assert len(tokens[0]) == 10, (drafter, params)

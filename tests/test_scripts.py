@@ -83,6 +83,15 @@ def test_compression_bytes(script):
     assert "int8" in out and "of bf16" in out
 
 
+def test_cache_bytes(script, tmp_path):
+    from workbench.api import Workbench
+
+    out = script("cache_bytes", "dense", "kivi:bits=2", "streaming:sinks=2,window=8", "--prompt-tokens", "40",
+                 "--new-tokens", "4", "--json", str(tmp_path / "bytes.json"),
+                 patches={"Workbench": lambda **kw: Workbench("random:llama", **kw)})
+    assert "`kivi:bits=2`" in out and "allocated MB" in out and (tmp_path / "bytes.json").exists()
+
+
 def test_compression_speed(script, tmp_path):
     from workbench.api import Workbench
 

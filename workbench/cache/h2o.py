@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from workbench.cache.base import KVCache
 from workbench.cache.scores import (
-    FRACTION_HELP,
     AccumulatedAttention,
     BudgetEviction,
     attach_each,
@@ -33,7 +32,8 @@ class H2OPolicy(BudgetEviction):
     """
 
     budget: int = param(1024, "tokens kept per layer and head: heavy hitters + recent", min=1, max=1 << 20)
-    fraction: float = param(0.0, FRACTION_HELP, min=0.0, max=1.0)
+    fraction: float = param(0.0, "when above 0: keep this fraction of the context's tokens instead of `budget` "
+                                  "(0: `budget` tokens)", min=0.0, max=1.0)
     recent: float = param(0.5, "share of the kept tokens that are the most recent ones; the rest are heavy hitters",
                           min=0.0, max=1.0)
     continuous: bool = param(True, "keep evicting while decoding (the paper); false: compress the prompt only")

@@ -37,10 +37,6 @@ def kept_tokens(n: int, budget: int, fraction: float) -> int:
     return kept_count(n, fraction) if fraction > 0 else min(n, budget)
 
 
-FRACTION_HELP = ("when above 0: keep this fraction of the context's tokens instead of the absolute budget "
-                 "(0 = the absolute budget)")
-
-
 def context_length(layer: LayerCache) -> int:
     """Tokens seen so far by this layer: its newest held position + 1 (eviction never drops the newest)."""
     return int(layer.positions[:, : layer.n_committed].max()) + 1 if layer.n_committed else 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.scores import FRACTION_HELP, WindowVote, attach_each, detach, kept_tokens, select
+from workbench.cache.scores import WindowVote, attach_each, detach, kept_tokens, select
 from workbench.errors import SpecError
 from workbench.registry import param, register
 
@@ -29,7 +29,8 @@ class SnapKVPolicy(CachePolicy):
 
     budget: int = param(1024, "tokens of the prompt kept per layer and head: voted tokens + the window", min=1,
                         max=1 << 20)
-    fraction: float = param(0.0, FRACTION_HELP + " (of the prompt)", min=0.0, max=1.0)
+    fraction: float = param(0.0, "when above 0: keep this fraction of the prompt's tokens instead of `budget` "
+                                  "(0: `budget` tokens)", min=0.0, max=1.0)
     window: int = param(64, "observation window: the last prompt tokens whose queries vote (all kept)", min=1,
                         max=4096)
     kernel: int = param(5, "pooling kernel over the votes (odd; 1 = no pooling)", min=1, max=63)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.base import KVCache
-from workbench.cache.scores import FRACTION_HELP, BudgetEviction, context_length
+from workbench.cache.scores import BudgetEviction, context_length
 from workbench.errors import SpecError
 from workbench.registry import param, register
 
@@ -30,7 +30,8 @@ class StreamingPolicy(BudgetEviction):
 
     sinks: int = param(4, "attention-sink tokens kept at the start of the context", min=0, max=1 << 20)
     window: int = param(1020, "most recent tokens kept (the rolling window)", min=0, max=1 << 20)
-    fraction: float = param(0.0, FRACTION_HELP + ": sinks + the most recent rest", min=0.0, max=1.0)
+    fraction: float = param(0.0, "when above 0: keep this fraction of the context's tokens (sinks + the most recent "
+                                  "rest) instead of sinks + window (0: sinks + window)", min=0.0, max=1.0)
     continuous: bool = param(True, "keep enforcing the budget while decoding (the paper); false: compress the "
                                    "prompt only, as kvpress's StreamingLLMPress does")
 
