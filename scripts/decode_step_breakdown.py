@@ -12,6 +12,7 @@ import torch
 
 from workbench.decoding.base import DraftTree
 from workbench.engine import build_cache
+from workbench.kernels import dispatch
 from workbench.models import llama
 from workbench.models.packed_linear import pack_linears
 from workbench.models.random import random_model
@@ -78,21 +79,27 @@ def step_ms(model: llama.LlamaModel) -> float:
 def main() -> None:
     model = random_model("smollm", dtype=torch.bfloat16, **SHAPES)
     pack_linears(model)
+    ops = dispatch.kernels(torch.device("cpu"), torch.bfloat16)  # the operations the model's forwards take
+    ops.fuses = lambda *args: False  # every layer on its own, so that each part can be left out
     full = step_ms(model)
     print(f"whole step: {full:.2f} ms")
-    rms_norm, rope, attention, logits = llama.rms_norm, llama.apply_rope, llama.attention, model.logits
+    rms_norm, add_rms_norm, rope, attention, logits = ops.rms_norm, ops.add_rms_norm, ops.rope, llama.attention, \
+        model.logits
     variants = {
-        "RMSNorm (2 per layer)": lambda: setattr(llama, "rms_norm", lambda x, w, eps: x),
-        "RoPE": lambda: setattr(llama, "apply_rope", lambda x, cos, sin: x),
+        "RMSNorm (2 per layer)": lambda: (setattr(ops, "rms_norm", lambda x, w, eps: x),
+                                          setattr(ops, "add_rms_norm", lambda x, d, w, eps: (x + d, x + d))),
+        "RoPE": lambda: setattr(ops, "rope", lambda x, cos, sin: x),
         "attention + cache append": lambda: setattr(
-            llama, "attention", lambda q, k, v, pos, cache, mask: q.reshape(q.shape[0], -1)),
+            llama, "attention", lambda q, k, v, pos, cache, mask, ops: q.reshape(q.shape[0], -1)),
         "final norm + LM head": lambda: setattr(model, "logits", lambda x: x),
     }
     for name, remove in variants.items():
         remove()
         without = step_ms(model)
         print(f"without {name}: {without:.2f} ms  (so it costs {full - without:.2f} ms)")
-        llama.rms_norm, llama.apply_rope, llama.attention, model.logits = rms_norm, rope, attention, logits
+        ops.rms_norm, ops.add_rms_norm, ops.rope, llama.attention, model.logits = rms_norm, add_rms_norm, rope, \
+            attention, logits
+    dispatch.reset()
 
 
 if __name__ == "__main__":

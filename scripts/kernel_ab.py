@@ -11,14 +11,15 @@ layer's separate calls). Best of five 15-forward means per side.
 
 import argparse
 
+import torch
 from decode_step_breakdown import cached_model, chain_inputs, forward_ms
 
-from workbench.kernels import cpu
-from workbench.models.llama import DecoderLayer
+from workbench.kernels import backend_torch, cpu, dispatch
 
-# what each name switches: the owner, the attribute, and what stands in for it when off
-SWITCHES = {"rows": (cpu, "rows_fit", lambda *a: False), "rope": (cpu, "rope_fits", lambda *a: False),
-            "layer": (DecoderLayer, "kernel_args", lambda *a: None)}
+# what each name switches among the bf16 operations (`dispatch.kernels`); off, the torch reference stands in (for
+# `layer`, the check that picks the one-call layers answers no). For rows and rope both sides run the layers one
+# by one, so that only that operation differs.
+SWITCHES = {"rows": ("add_rms_norm", "rms_norm", "swiglu"), "rope": ("rope",), "layer": ("fuses",)}
 
 
 def main() -> None:
@@ -29,18 +30,22 @@ def main() -> None:
     args = parser.parse_args()
     if not cpu.available():
         raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
-    owner, name, off = SWITCHES[args.kernel]
-    on = getattr(owner, name)
+    ops = dispatch.kernels(torch.device("cpu"), torch.bfloat16)
+    if args.kernel != "layer":
+        ops.fuses = lambda *a: False
+    on = {name: getattr(ops, name) for name in SWITCHES[args.kernel]}
+    off = {name: getattr(backend_torch, name, lambda *a: False) for name in on}
     model, cache = cached_model(args.cached)
     for drafted in args.drafted:
         inputs = chain_inputs(drafted, args.cached)
         best = {"kernel": float("inf"), "other path": float("inf")}
         for _ in range(5):
             for side in best:
-                setattr(owner, name, on if side == "kernel" else off)
+                for name in on:
+                    setattr(ops, name, on[name] if side == "kernel" else off[name])
                 best[side] = min(best[side], forward_ms(model, cache, *inputs))
-        setattr(owner, name, on)
         print(f"{drafted + 1:>2} tokens: kernel {best['kernel']:.2f} ms, other path {best['other path']:.2f} ms")
+    dispatch.reset()  # the operations as resolved, for whatever runs next in this process
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import nn
 
 from workbench.compression.int4 import Int4Linear, quantize_rtn_int4
 from workbench.compression.int8 import Int8Linear, quantize_int8
-from workbench.kernels import cpu
+from workbench.kernels import cpu, dispatch
 from workbench.models.packed_linear import PackedLinear
 
 # This project's machines have AVX512-BF16 and a C compiler; elsewhere the layers keep torch's paths and the
@@ -247,7 +247,6 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
     """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
     logits and the cache of the one-call layers equal those of the layers' separate kernel calls. "mixed": the
     middle layer's q|k|v has a bias, which the one-call layer does not take, so the others run one call each."""
-    import workbench.models.llama as llama
     from workbench.decoding.base import DraftTree
     from workbench.engine import build_cache
     from workbench.models.packed_linear import pack_linears
@@ -267,10 +266,11 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
     calls = []  # layers per call
     one_call = cpu.decoder_layers
     monkeypatch.setattr(cpu, "decoder_layers", lambda x, rows, *a: calls.append(len(rows)) or one_call(x, rows, *a))
+    ops = dispatch.kernels(torch.device("cpu"), torch.bfloat16)
 
     def run(fused: bool):
-        if not fused:
-            monkeypatch.setattr(llama.DecoderLayer, "kernel_args", lambda self, *args: None)
+        if not fused:  # every layer on its own: its separate kernel calls
+            monkeypatch.setattr(ops, "fuses", lambda *args: False)
         cache, logits = build_cache(model, [], 24), []
         with torch.inference_mode():
             logits.append(model(torch.arange(20), torch.arange(20), cache).logits)

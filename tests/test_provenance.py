@@ -12,7 +12,8 @@ import torch
 from workbench import Workbench
 from workbench.cli import main
 from workbench.kernels import cpu as cpu_kernels
-from workbench.provenance import ROOT, provenance
+from workbench.kernels import dispatch
+from workbench.provenance import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +28,35 @@ def test_a_trace_records_where_it_came_from(trace):
     assert p["versions"]["torch"] == torch.__version__.split("+")[0] or p["versions"]["torch"] == torch.__version__
     assert p["versions"]["duckdb"] == duckdb.__version__
     assert p["dtype"] == "float32" and p["threads"] == torch.get_num_threads() and p["gpu"] is None
-    assert p["backends"]["linear"] == "torch"  # float32: the kernels are bf16 only
+    assert p["backends"]["linear"] == "torch" and p["backends"]["rms_norm"] == "torch"  # the C kernels are bf16
     assert p["cpu"] and isinstance(p["isa"], list)
 
 
-def test_bf16_with_the_kernels_records_them():
-    if not cpu_kernels.available():  # the kernels' absence is recorded instead, with its reason
-        p = provenance(None, torch.device("cpu"), torch.bfloat16)
-        assert p["backends"]["attention"] == "torch" and p["kernels_note"]
-        return
+def test_bf16_records_the_backend_each_operation_ran_in():
     wb = Workbench("random:llama", dtype="bfloat16")
     p = wb.generate("5 6 7 8", "max_new_tokens=2").summary()["provenance"]
-    assert p["backends"] == {"linear": "c", "attention": "c", "norm": "c", "rope": "c", "swiglu": "c", "topk": "c"}
+    if not cpu_kernels.available():  # the kernels' absence is recorded instead, with its reason
+        assert set(p["backends"].values()) == {"torch"} and p["kernels_note"]
+        return
+    # the tiny model's heads have 16 dims: the C RoPE (and so the one-call layers) take multiples of 32, so its
+    # RoPE ran in the reference, and the record says so; a 4-token prompt is a short chunk (tree_attention)
+    assert p["backends"] == {"linear": "c", "attention": "c", "tree_attention": "c", "rms_norm": "c",
+                             "add_rms_norm": "c", "rope": "torch", "swiglu": "c", "topk": "c"}
     assert "avx512_bf16" in p["isa"] and p["kernels_note"] is None
+
+
+def test_a_run_records_what_it_ran_not_what_another_run_did(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    dispatch.reset()
+    try:
+        wb = Workbench("random:llama", dtype="bfloat16")
+        forced = wb.generate("5 6 7 8", "max_new_tokens=2").summary()["provenance"]["backends"]
+        exact = Workbench("random:llama", dtype="float32").generate("5 6 7 8", "max_new_tokens=2")
+    finally:
+        monkeypatch.delenv("WORKBENCH_KERNELS")
+        dispatch.reset()
+    assert set(forced.values()) == {"torch"} and {"linear", "attention", "rms_norm", "topk"} <= set(forced)
+    assert exact.summary()["provenance"]["backends"]["linear"] == "torch"  # plain nn.Linear, float32
 
 
 def test_generate_json_and_the_store_carry_it(tmp_path, capsys):

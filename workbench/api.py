@@ -19,9 +19,10 @@ import torch
 from workbench.compression.base import apply_compression
 from workbench.engine import Engine, StepEvent
 from workbench.errors import PromptError, SpecError
+from workbench.kernels import dispatch
 from workbench.models import LoadedModel, load_model
 from workbench.models.packed_linear import can_pack, pack_linears
-from workbench.provenance import provenance
+from workbench.provenance import backends, provenance
 from workbench.spec import DEFAULT_MODEL, RunSpec
 from workbench.trace import Trace
 
@@ -152,8 +153,9 @@ class Workbench:
             trace_out.append(trace)
         if self.store is not None:
             self.store.begin(trace)
+        used: set[tuple[str, str]] = set()  # (operation, backend) pairs the kernel seam ran
         try:
-            for event in engine.run(ids):
+            for event in dispatch.recorded(engine.run(ids), used):
                 trace.warm_start = engine.drafter.warm_started
                 trace.events.append(event)
                 yield event
@@ -166,6 +168,7 @@ class Workbench:
         else:
             trace.status = "done"
         finally:
+            trace.provenance["backends"] = backends(loaded.model, used)
             if self.store is not None:
                 if trace.status == "running":  # ended by something other than an Exception (SystemExit...)
                     trace.status = "interrupted"

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from workbench.errors import WorkbenchError
 from workbench.eval.llama_cpp_peer import LLAMA_CPP_PEERS, llama_cpp_peer
 from workbench.eval.prompts import BASELINE_PROMPTS
+from workbench.kernels import dispatch
 from workbench.models import LoadedModel
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_folder, embedded_gguf_path
 from workbench.provenance import provenance
@@ -79,20 +80,21 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
     for run in engines.values():  # warm-up: first calls pay for allocation and thread start-up
         run(prompts[0], 8)
     totals = {name: [0, 0.0] for name in engines}
-    per_prompt = [{name: [0, 0.0] for name in engines} for _ in prompts]
-    first_tokens: dict[str, list[list[int]]] = {name: [] for name in engines}
-    bar = tqdm(total=len(prompts) * args.repeats * len(engines), desc="bench", unit="run")
-    for p, ids in enumerate(prompts):
-        for r in range(args.repeats):
-            order = list(engines) if r % 2 == 0 else list(reversed(engines))  # alternate who goes first
-            for name in order:
-                tokens, seconds = engines[name](ids, args.max_new_tokens)
-                for acc in (totals[name], per_prompt[p][name]):
-                    acc[0] += len(tokens)
-                    acc[1] += seconds
-                if r == 0:
-                    first_tokens[name].append(tokens)
-                bar.update(1)
+    with dispatch.recording() as used:  # which backend ran each operation (provenance)
+        per_prompt = [{name: [0, 0.0] for name in engines} for _ in prompts]
+        first_tokens: dict[str, list[list[int]]] = {name: [] for name in engines}
+        bar = tqdm(total=len(prompts) * args.repeats * len(engines), desc="bench", unit="run")
+        for p, ids in enumerate(prompts):
+            for r in range(args.repeats):
+                order = list(engines) if r % 2 == 0 else list(reversed(engines))  # alternate who goes first
+                for name in order:
+                    tokens, seconds = engines[name](ids, args.max_new_tokens)
+                    for acc in (totals[name], per_prompt[p][name]):
+                        acc[0] += len(tokens)
+                        acc[1] += seconds
+                    if r == 0:
+                        first_tokens[name].append(tokens)
+                    bar.update(1)
     bar.close()
 
     tok_s = {name: n / s for name, (n, s) in totals.items()}
@@ -101,8 +103,9 @@ def run_baseline_bench(args: argparse.Namespace, store=None) -> int:
         "model": loaded.name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
         "prompts": len(prompts), "repeats": args.repeats, "threads": torch.get_num_threads(),
         "machine": hardware_description(loaded.device), "torch": torch.__version__,
-        "provenance": provenance(loaded.model, loaded.device, loaded.dtype),
+        "provenance": provenance(loaded.model, loaded.device, loaded.dtype, used),
         "tok_per_s": tok_s,
+        "simulated": [r.name for r in loaded.compression if r.simulated],  # the workbench's (none without compress)
         "per_prompt": [{"prompt_tokens": len(ids), **{name: n / s for name, (n, s) in row.items()}}
                        for ids, row in zip(prompts, per_prompt)],
     }
@@ -186,7 +189,8 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     # Each technique keeps its own cross-run memory (token recycling's hot-started matrix), so no technique
     # drafts from what another just generated for the same prompt.
     memories: dict[str, dict] = {d: {} for d in decodes}
-    engines: dict[str, Any] = {d: (lambda prompt, s=specs[d], m=memories[d]: _suite_run(wb, prompt, s, m))
+    labels: dict[str, dict[str, Any]] = {}  # per technique: lossless, simulated, warm_start over its measured runs
+    engines: dict[str, Any] = {d: (lambda prompt, d=d: _suite_run(wb, prompt, specs[d], memories[d], labels, d))
                                for d in decodes}
     peers = _peers(args)
     if {"transformers-pld", "transformers-assisted", "transformers-early-exit"} & set(peers):
@@ -214,18 +218,20 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
 
     for run in engines.values():  # warm-up, on a text outside the suite: a run on prompt 0 would leak its output
         run(WARMUP_PROMPT)       # into the drafts of prompt 0's measured run
+    labels.clear()
     totals: dict[tuple[str, str], list[float]] = {}
-    outputs: dict[tuple[str, str], list[int]] = {}
-    bar = tqdm(total=len(prompts) * len(engines), desc="bench", unit="run")
-    for i, item in enumerate(prompts):
-        for name in (list(engines) if i % 2 == 0 else list(reversed(engines))):
-            tokens, seconds, forwards, outputs[(item.id, name)] = engines[name](item.prompt)
-            for key in ((item.category, name), ("all", name)):
-                acc = totals.setdefault(key, [0, 0.0, 0])
-                acc[0] += tokens
-                acc[1] += seconds
-                acc[2] += forwards
-            bar.update(1)
+    with dispatch.recording() as used:  # which backend ran each operation (provenance)
+        outputs: dict[tuple[str, str], list[int]] = {}
+        bar = tqdm(total=len(prompts) * len(engines), desc="bench", unit="run")
+        for i, item in enumerate(prompts):
+            for name in (list(engines) if i % 2 == 0 else list(reversed(engines))):
+                tokens, seconds, forwards, outputs[(item.id, name)] = engines[name](item.prompt)
+                for key in ((item.category, name), ("all", name)):
+                    acc = totals.setdefault(key, [0, 0.0, 0])
+                    acc[0] += tokens
+                    acc[1] += seconds
+                    acc[2] += forwards
+                bar.update(1)
     bar.close()
 
     categories = list(dict.fromkeys(p.category for p in prompts)) + ["all"]
@@ -239,11 +245,13 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
             rows.append({"category": category, "engine": name, "tok_per_s": tokens / seconds,
                          "mean_accepted_length": tokens / forwards if forwards else None,
                          "speedup": (tokens / seconds) / (base[0] / base[1]),
-                         "agreement_with_plain": sum(same) / len(same)})
+                         "agreement_with_plain": sum(same) / len(same),
+                         # the run's labels (workbench/metrics.py); a peer's are not ours to give
+                         **labels.get(name, {"lossless": None, "simulated": [], "warm_start": False})})
     loaded = wb.model(specs["plain"])
     device = loaded.device
     result = {"model": args.model, "dtype": args.dtype, "compress": args.compress,
-              "provenance": provenance(loaded.model, loaded.device, loaded.dtype),
+              "provenance": provenance(loaded.model, loaded.device, loaded.dtype, used),
               "machine": hardware_description(device),
               "max_new_tokens": args.max_new_tokens,
               "suite_hash": suite_hash(), "prompts": len(prompts), "threads": torch.get_num_threads(),
@@ -252,8 +260,9 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     print(f"\n{'category':<15}{'engine':<{w}}{'tok/s':>8}{'accepted':>10}{'speed-up':>10}{'same as plain':>15}")
     for r in rows:
         accepted = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
+        simulated = f"  simulated: {', '.join(r['simulated'])}" if r["simulated"] else ""
         print(f"{r['category']:<15}{r['engine']:<{w}}{r['tok_per_s']:>8.1f}{accepted:>10}{r['speedup']:>9.2f}x"
-              f"{r['agreement_with_plain']:>14.0%}")
+              f"{r['agreement_with_plain']:>14.0%}{simulated}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.plot:
@@ -261,9 +270,12 @@ def run_decoding_bench(args: argparse.Namespace, store=None) -> int:
     return 0
 
 
-def _suite_run(wb, prompt, spec: RunSpec, memory: dict) -> tuple[int, float, int, list[int]]:
+def _suite_run(wb, prompt, spec: RunSpec, memory: dict, labels: dict, name: str) -> tuple[int, float, int, list[int]]:
     trace = wb.generate(prompt, spec, memory=memory)
     summary = trace.summary()
+    seen = labels.setdefault(name, {"lossless": summary["lossless"], "simulated": [], "warm_start": False})
+    seen["simulated"] = sorted({*seen["simulated"], *summary["simulated"]})
+    seen["warm_start"] = seen["warm_start"] or summary["warm_start"]
     return summary["n_new_tokens"], summary["total_s"], summary["target_forwards"], trace.token_ids
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from workbench.compression.base import CompressedLinear
 from workbench.kernels import cpu as cpu_kernels
-from workbench.models.packed_linear import PackedLinear
+from workbench.kernels import dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "neon", "sve")  # the ones the kernels or torch use
@@ -56,30 +55,26 @@ def _version(package: str) -> str | None:
         return None
 
 
-def backends(model: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """Which backend ran each kind of operation: "c" (kernels/cpu_gemm.c) or "torch". On CPU in bf16 the
-    kernels run the products of layers that hold their weight in the kernels' layout, attention, norms, RoPE,
-    SwiGLU and top-k; everything else is torch's."""
-    c = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.available()
-    layers: dict[str, int] = {"c": 0, "torch": 0}
-    for module in (model.modules() if model is not None else []):
-        if isinstance(module, torch.nn.Linear):
-            layers["torch"] += 1
-        elif isinstance(module, CompressedLinear | PackedLinear):  # own_kernel: its product runs in the kernels
-            layers["c" if c and getattr(module, "own_kernel", False) else "torch"] += 1
-    linear = "c" if layers["c"] and not layers["torch"] else ("mixed" if layers["c"] else "torch")
-    kernel = "c" if c else "torch"
-    return {"linear": linear, "attention": kernel, "norm": kernel, "rope": kernel, "swiglu": kernel,
-            "topk": "c" if device.type == "cpu" and cpu_kernels.available() else "torch"}
+def backends(model: torch.nn.Module | None, used: set[tuple[str, str]]) -> dict[str, str]:
+    """Which backend ran each operation ({operation: "c" | "torch" | "c+torch"}), from what the kernel seam
+    recorded during the run (`dispatch.recorded`); plain `nn.Linear` layers (float32, or where nothing packs
+    the weights) run torch's product without passing the seam, so the model's are added as "linear"."""
+    pairs = set(used)
+    if model is not None and any(type(m) is torch.nn.Linear for m in model.modules()):
+        pairs.add(("linear", "torch"))
+    return dispatch.backends_used(pairs)
 
 
-def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch.dtype,
+               used: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Where a result comes from; `used`: the (operation, backend) pairs the run recorded (`backends` is {}
+    until the run has them)."""
     commit, dirty = git_state()
     cpu, isa = cpu_description()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
         "commit": commit, "dirty": dirty, "cpu": cpu, "isa": isa, "gpu": gpu,
-        "backends": backends(model, device, dtype),
+        "backends": backends(model, used or set()),
         "kernels_note": cpu_kernels.unavailable_reason() or None,
         "versions": {p: _version(p) for p in ("torch", "transformers", "duckdb", "workbench")},
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),

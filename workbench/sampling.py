@@ -10,17 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.kernels import cpu
+from workbench.kernels import dispatch
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest values of each row of a 2-D tensor, descending, and their indices, as torch.topk. On the
-    CPU a workbench kernel does it in about one read of the row (docs/performance.md); equal values come in
-    index order, so k = 1 picks torch.argmax's token."""
-    if cpu.topk_fits(x, k):
-        return cpu.topk(x, k)
-    values, indices = torch.topk(x, k, dim=-1)
-    return values, indices
+    """The k largest values of each row of a 2-D tensor, descending, and their indices, as torch.topk (the
+    `topk` operation of `workbench.kernels.dispatch`). On the CPU the C kernel does it in about one read of the
+    row; equal values come in index order, so k = 1 picks torch.argmax's token."""
+    return dispatch.kernels(x.device, x.dtype).topk(x, k)
 
 
 def argmax_rows(x: torch.Tensor) -> list[int]:

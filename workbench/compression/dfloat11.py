@@ -13,7 +13,6 @@ import torch
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
 from workbench.errors import SpecError
-from workbench.kernels import cpu as cpu_kernels
 from workbench.models.packed_linear import packed_product
 from workbench.registry import param, register
 
@@ -149,11 +148,6 @@ class DFloat11Linear(CompressedLinear):
         exponent = decode(self.words, self.offsets[blocks], self.lut(), self.block)
         return self._bf16(exponent.reshape(len(ids), self.in_features),
                           self.sign_mantissa.view(self.out_features, self.in_features)[ids])
-
-    @property
-    def own_kernel(self) -> bool:  # the decoded weight's product runs in the C kernels (packed_product)
-        return self.sign_mantissa.is_cpu and cpu_kernels.available() and cpu_kernels.fits(self.out_features,
-                                                                                          self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_product(x, self.dequantized_weight(), self.bias)  # bitwise the plain model's product

@@ -19,11 +19,12 @@ from workbench.compression.base import (
     dense_weight,
     linear_sites,
 )
+from workbench.kernels import backend_torch, dispatch
 from workbench.kernels import cpu as cpu_kernels
 from workbench.registry import param, register
 
-KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-_TILE = 64  # the CPU kernel's layout interleaves rows in tiles of 64 (rows j and j+32 share a byte)
+KERNEL_GROUPS = backend_torch.INT4_GROUPS  # what _weight_int4pack_mm_for_cpu accepts
+_TILE = backend_torch.INT4_TILE  # torch's CPU int4 layout interleaves rows in tiles of 64 (j and j+32 share a byte)
 
 
 def affine_params(w: torch.Tensor, maxq: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,9 @@ def quantize_rtn_int4(w: torch.Tensor, group: int, param_dtype: torch.dtype = to
 class Int4Linear(CompressedLinear):
     """Weight = scale * code + offset per group of `group` inputs, codes 0..15 packed two per byte.
 
-    Held in one of three layouts, chosen when built:
-    - bf16 on CPU where the workbench's kernels run (`workbench.kernels.cpu`): their int4 layout (`pack_int4`),
+    Held in one of three layouts, chosen when built (`dispatch.linear`: the C backend where it takes the shape,
+    else the torch backend's):
+    - bf16 on CPU where the C kernels run (`workbench.kernels.backend_c`): their int4 layout (`pack_int4`),
       a few rows of a draft tree for about the cost of one, each row's result the same whatever the row count;
       the one-call decoder layer takes it too (`kernel_weights`);
     - otherwise torch's CPU int4 kernel's (`packed` uint8 [out, in/2] tiled, `scale_zeros` [in/group, out, 2]
@@ -63,19 +65,15 @@ class Int4Linear(CompressedLinear):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group, self.bias = group, bias
-        self.own_kernel = (codes.is_cpu and dtype == torch.bfloat16
-                           and cpu_kernels.int4_fits(self.out_features, self.in_features, group))
+        self.product = dispatch.linear("int4", codes.device, dtype, self.out_features, self.in_features, group)
+        self.own_kernel = self.product.name == "c"  # the C kernels' layout, which the one-call layers take
         self.tiled = not self.own_kernel and self.out_features % _TILE == 0
         self.kernel = self.own_kernel or (self.tiled and group in KERNEL_GROUPS)
-        if self.own_kernel:
-            packed, scale_zeros = cpu_kernels.pack_int4(codes, scales.to(dtype), offsets.to(dtype))
-        else:
-            zeros = offsets.float() + 8 * scales.float()  # torch's form: (code - 8) * scale + zero
-            scale_zeros = torch.stack([scales.float().T, zeros.T], dim=-1).to(dtype).contiguous()
-            if self.tiled:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32), 1)
-            else:
-                packed = codes[:, ::2] | (codes[:, 1::2] << 4)
+        if self.own_kernel or self.tiled:
+            packed, scale_zeros = self.product.backend.pack_int4(codes, scales, offsets, dtype)
+        else:  # nibble pairs, and torch's (code - 8) * scale + zero
+            packed = codes[:, ::2] | (codes[:, 1::2] << 4)
+            scale_zeros = backend_torch.int4_scale_zeros(scales, offsets, dtype)
         self.register_buffer("packed", packed.to(codes.device))
         self.register_buffer("scale_zeros", scale_zeros.to(codes.device))  # own layout: pack_int4's params
 
@@ -134,13 +132,8 @@ class Int4Linear(CompressedLinear):
         return self._weight(self.codes(ids), ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.own_kernel and x.is_cpu and x.dtype == torch.bfloat16:
-            return cpu_kernels.gemm_int4(x, self.packed, self.scale_zeros, self.group, self.bias)
-        if self.kernel and not self.own_kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
-                                                          self.group, self.scale_zeros)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+        if self.kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
+            return self.product.run(x, self.packed, self.scale_zeros, self.group, self.bias)
         return super().forward(x)
 
     def weight_nbytes(self) -> int:

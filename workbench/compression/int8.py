@@ -11,6 +11,7 @@ import torch
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
 from workbench.kernels import cpu as cpu_kernels
+from workbench.kernels import dispatch
 from workbench.registry import param, register
 
 
@@ -26,20 +27,22 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 class Int8Linear(CompressedLinear):
     """Weight = code * scale[row]: int8 codes of the [out, in] weight, `scales` [out] in the compute dtype.
 
-    On CPU, bf16 activations go through the workbench's int8 kernel (`workbench.kernels.cpu`: codes held
-    in its blocked layout, float32 accumulation, a few rows of a draft tree for about the cost of one) or,
-    where that kernel cannot run, through torch's `_weight_int8pack_mm`. Elsewhere the layer dequantizes
-    and runs a dense product (the reference path, marked simulated)."""
+    The product is the `linear_int8` operation of the backend `dispatch.linear` picks when the layer is built:
+    on CPU, bf16 activations go through the C kernels' int8 product (codes held in their blocked layout,
+    float32 accumulation, a few rows of a draft tree for about the cost of one) or, where that cannot run,
+    through torch's `_weight_int8pack_mm`. Elsewhere the layer dequantizes and runs a dense product (the
+    reference path, marked simulated)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.own_kernel = (codes.is_cpu and scales.dtype == torch.bfloat16
-                           and cpu_kernels.fits(self.out_features, self.in_features))
-        self.register_buffer("codes", cpu_kernels.pack_int8(codes) if self.own_kernel else codes)
+        self.kernel = dispatch.linear("int8", codes.device, scales.dtype, self.out_features, self.in_features)
+        self.own_kernel = self.kernel.name == "c"  # the C kernels' layout, which the one-call layers take
+        packed, kernel_scales = self.kernel.backend.pack_int8(codes, scales)
+        self.register_buffer("codes", packed)
         self.register_buffer("scales", scales)
-        # the kernel applies float32 scales; 4 bytes a row, counted in weight_nbytes
-        self.register_buffer("scales_f32", scales.float() if self.own_kernel else None, persistent=False)
+        # the C kernel applies float32 scales; 4 bytes a row, counted in weight_nbytes
+        self.register_buffer("scales_f32", kernel_scales if self.own_kernel else None, persistent=False)
         self.bias = bias
 
     @property
@@ -61,14 +64,8 @@ class Int8Linear(CompressedLinear):
         return (codes.float() * self.scales[ids].float()[:, None]).to(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == self.scales.dtype == torch.bfloat16 and self.own_kernel:
-            return cpu_kernels.gemm_int8(x, self.codes, self.scales_f32, self.bias)
-        if x.is_cpu and x.dtype == self.scales.dtype and not self.own_kernel:  # one kernel, no reshape for 2-D x
-            y = torch.ops.aten._weight_int8pack_mm(x if x.dim() == 2 else x.reshape(-1, self.in_features),
-                                                   self.codes, self.scales)
-            if x.dim() != 2:
-                y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+        if x.is_cpu and x.dtype == self.scales.dtype:
+            return self.kernel.run(x, self.codes, self.scales_f32 if self.own_kernel else self.scales, self.bias)
         return super().forward(x)
 
     def weight_nbytes(self) -> int:

@@ -2,12 +2,13 @@
 
 A one-row matrix product (what decoding one token does) through `F.linear` reaches a fraction of the memory
 bandwidth in bf16 on CPUs. With the weight reordered once into a blocked layout the same product runs several
-times faster (docs/performance.md has the figures). Two layouts, chosen per layer when it is packed:
+times faster (docs/performance.md has the figures). Two layouts, chosen per layer when it is packed by the kernel
+seam (`workbench.kernels.dispatch`, docs/kernels.md):
 
-- the workbench's own kernels (`workbench.kernels.cpu`, AVX512-BF16) where they build and the shape fits:
+- the C kernels' (`workbench.kernels.backend_c`, AVX512-BF16) where they build and the shape fits:
   a draft tree of a few rows costs about what one row costs, and each row's result is the same whatever
   the row count, so verifying a draft computes bit-for-bit the products a one-token step computes;
-- otherwise oneDNN's packed layout, whose results are bitwise those of `F.linear`.
+- otherwise the torch backend's: oneDNN's packed layout, whose results are bitwise those of `F.linear`.
 
 Either way the dense weight is released. float32 stays on `F.linear`: it is the exact reference mode.
 """
@@ -18,44 +19,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.kernels import cpu as cpu_kernels
+from workbench.kernels import backend_torch, dispatch
+from workbench.kernels.cpu import KernelWeight
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     # the workbench's kernels need AVX512-BF16, where oneDNN's bf16 path (for the shapes they skip) runs too
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and dtype == torch.bfloat16 and backend_torch.onednn_bf16()
 
 
 class PackedLinear(nn.Module):
-    """Same call as nn.Linear; the weight lives in a packed layout (a copy: the dense one is released)."""
+    """Same call as nn.Linear; the weight lives in a packed layout (a copy: the dense one is released). The
+    layout and the product are the backend's that `dispatch.linear` picks for this shape, once."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.own_kernel = cpu_kernels.fits(self.out_features, self.in_features)
         weight = linear.weight.detach()
-        if self.own_kernel:
-            self.packed = cpu_kernels.pack_bf16(weight)
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.kernel = dispatch.linear("bf16", weight.device, torch.bfloat16, self.out_features, self.in_features)
+        self.own_kernel = self.kernel.name == "c"  # the C kernels' layout, which the one-call layers take
+        self.packed = self.kernel.backend.pack_bf16(weight)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.own_kernel and x.dtype == torch.bfloat16:
-            return cpu_kernels.gemm_bf16(x, self.packed, None if self.bias is None else self.bias.detach())
-        if self.own_kernel:  # another dtype than the one packed: a plain product (not a decoding path)
+        if self.own_kernel and x.dtype != torch.bfloat16:  # another dtype than the one packed: a plain product
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.kernel.run(x, self.packed, None if self.bias is None else self.bias.detach())
 
-    def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
-        """The packed weight for the one-call decoder layer, or None where its kernel does not run."""
-        return cpu_kernels.KernelWeight(self.packed) if self.own_kernel and self.bias is None else None
+    def kernel_weights(self) -> KernelWeight | None:
+        """The packed weight for the one-call decoder layers, or None where they do not take it."""
+        return KernelWeight(self.packed) if self.own_kernel and self.bias is None else None
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt from the packed copy (for inspection and weight transforms)."""
-        return cpu_kernels.unpack_bf16(self.packed) if self.own_kernel else self.packed.to_dense()
+        return self.kernel.backend.unpack_bf16(self.packed)
 
     def packed_nbytes(self) -> int:
         """Bytes of the packed weight (the bias is an ordinary parameter, counted with the others)."""
@@ -65,8 +63,9 @@ class PackedLinear(nn.Module):
 def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T (+ bias) computed bit for bit as a PackedLinear of `weight` would: for layers that hold
     their weight in another form and must match the plain model exactly (DFloat11)."""
-    if x.is_cpu and x.dtype == weight.dtype == torch.bfloat16 and cpu_kernels.fits(*weight.shape):
-        return cpu_kernels.gemm_bf16(x, cpu_kernels.pack_bf16(weight), None if bias is None else bias.detach())
+    kernel = dispatch.linear("bf16", x.device, x.dtype, *weight.shape)
+    if kernel.name == "c" and weight.dtype == torch.bfloat16:
+        return kernel.run(x, kernel.backend.pack_bf16(weight), None if bias is None else bias.detach())
     return F.linear(x, weight, bias)  # bitwise what oneDNN's packed layout gives
 
 

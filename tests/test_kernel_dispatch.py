@@ -1,0 +1,253 @@
+"""The kernel seam (kernels/dispatch.py): every operation of every backend that runs here against the torch
+reference computed in float64, the choice of backend per device, dtype and WORKBENCH_KERNELS, the fallback to the
+reference where a backend does not take the inputs, what a run records, and a backend added as one module."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench.compression.int4 import quantize_rtn_int4
+from workbench.compression.int8 import quantize_int8
+from workbench.kernels import backend_torch, cpu, dispatch
+
+CPU = torch.device("cpu")
+BACKENDS = [name for name in dispatch.available_backends() if name != "triton" or torch.cuda.is_available()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_resolution():
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+def close(ours: torch.Tensor, exact: torch.Tensor, rel: float = 2**-7) -> bool:
+    """Within a couple of bf16 roundings of the exact value, relative to the output's magnitude."""
+    return bool((ours.double() - exact).abs().max() <= rel * exact.abs().max() + 1e-6)
+
+
+def exact_attention(q, k, v, mask):
+    """q [T, H, D], k, v [KV, S, D], mask [T, S] bool or None -> [T, H * D] float64."""
+    group = q.shape[1] // k.shape[0]
+    k, v = k.double().repeat_interleave(group, 0), v.double().repeat_interleave(group, 0)
+    scores = torch.einsum("thd,hsd->hts", q.double(), k) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hts,hsd->thd", scores.softmax(-1), v).reshape(q.shape[0], -1)
+
+
+def tree_mask(n):
+    mask = torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[3, 1] = True  # node 3 hangs under node 1
+    return mask
+
+
+def case(operation: str, module):
+    """(arguments for `module`'s operation, the exact result in float64) on small shapes, bf16 on the CPU."""
+    torch.manual_seed(0)
+    b16 = torch.bfloat16
+    x = torch.randn(3, 96, dtype=b16)
+    w, bias = torch.randn(64, 96, dtype=b16) * 0.1, torch.randn(64, dtype=b16)
+    if operation == "linear":
+        return (x, module.pack_bf16(w), bias), x.double() @ w.double().T + bias.double()
+    if operation == "linear_int8":
+        codes, scales = quantize_int8(w.float(), b16)
+        exact = x.double() @ (codes.double() * scales.double()[:, None]).T + bias.double()
+        return (x, *module.pack_int8(codes, scales), bias), exact
+    if operation == "linear_int4":
+        codes, scales, offsets = quantize_rtn_int4(w.float(), 32, b16)
+        weight = codes.double() * scales.double().repeat_interleave(32, 1) + offsets.double().repeat_interleave(32, 1)
+        return (x, *module.pack_int4(codes, scales, offsets, b16), 32, bias), x.double() @ weight.T + bias.double()
+    big_k, big_v = torch.randn(2, 40, 32, dtype=b16), torch.randn(2, 40, 32, dtype=b16)  # a cache's buffers
+    if operation == "attention":
+        q, k, v = torch.randn(1, 4, 32, dtype=b16), big_k[:, :10], big_v[:, :10]  # strided views, as a cache's
+        return (q, k, v), exact_attention(q, k, v, None)
+    if operation == "tree_attention":
+        q, k, v = torch.randn(5, 4, 32, dtype=b16), big_k[:, :12], big_v[:, :12]
+        visible = torch.cat([torch.ones(5, 7, dtype=torch.bool), tree_mask(5)], dim=1)
+        return (q, k, v, tree_mask(5), 7), exact_attention(q, k, v, visible)
+    if operation == "prefill_attention":
+        q, k, v = torch.randn(70, 4, 32, dtype=b16), *torch.randn(2, 2, 70, 32, dtype=b16)
+        return (q, k, v, None, 0), exact_attention(q, k, v, torch.ones(70, 70, dtype=torch.bool).tril())
+    rows, weight = torch.randn(3, 64, dtype=b16), torch.randn(64, dtype=b16)
+
+    def exact_norm(y):
+        return y / (y.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * weight.double()
+
+    if operation == "rms_norm":
+        return (rows, weight, 1e-5), exact_norm(rows.double())
+    if operation == "add_rms_norm":
+        delta = torch.randn(3, 64, dtype=b16)
+        total = (rows.double() + delta.double()).to(b16).double()  # the sum, rounded once, is what is normed
+        return (rows, delta, weight, 1e-5), torch.stack([total, exact_norm(total)])
+    if operation == "rope":
+        angles = torch.randn(3, 1, 16).double()
+        cos, sin = angles.cos().repeat(1, 1, 2), angles.sin()
+        signed_sin = torch.cat([-sin, sin], -1)
+        q = torch.randn(3, 4, 32, dtype=b16)
+        exact = q.double() * cos + q.double().roll(16, dims=-1) * signed_sin
+        return (q, cos.to(b16), signed_sin.to(b16)), exact
+    if operation == "swiglu":
+        gate_up = torch.randn(3, 128, dtype=b16)
+        gate, up = gate_up.double().chunk(2, -1)
+        return (gate_up,), F.silu(gate) * up
+    if operation == "topk":
+        logits = torch.randn(4, 300)
+        return (logits, 5), torch.topk(logits.double(), 5, dim=-1).values
+    raise AssertionError(operation)
+
+
+CASES = [(name, op) for name in BACKENDS for op in dispatch.OPERATIONS if op != "decoder_layers"
+         and dispatch.backend(name).supports(op, CPU, torch.bfloat16)]
+
+
+def test_every_backend_that_runs_here_is_tested():
+    assert "torch" in BACKENDS and {op for name, op in CASES if name == "torch"} == set(dispatch.OPERATIONS) - {
+        "decoder_layers"}
+    if cpu.available():  # this project's machines: the C kernels take every operation but prefill attention
+        assert {op for name, op in CASES if name == "c"} == set(dispatch.OPERATIONS) - {"decoder_layers",
+                                                                                        "prefill_attention"}
+
+
+@pytest.mark.parametrize("name,operation", CASES)
+def test_each_operation_of_each_backend_matches_the_exact_result(name, operation):
+    module = dispatch.backend(name)
+    args, exact = case(operation, module)
+    fits = getattr(module, f"{operation}_fits", None)
+    assert fits is None or fits(*args)  # the backend takes these inputs itself
+    ours = getattr(module, operation)(*args)
+    if operation == "topk":
+        values, indices = ours
+        assert torch.equal(values.double(), exact) and torch.equal(args[0].gather(1, indices), values)
+    elif operation == "add_rms_norm":
+        assert close(ours[0], exact[0]) and close(ours[1], exact[1])
+    else:
+        assert ours.dtype == args[0].dtype and close(ours, exact, 2**-6 if "attention" in operation else 2**-7)
+    if name != "torch":  # and agrees with the reference on the same inputs
+        reference_args = case(operation, backend_torch)[0]
+        reference = getattr(backend_torch, operation)(*reference_args)
+        if operation in ("topk", "add_rms_norm"):
+            assert all(close(a, b.double(), 2**-6) for a, b in zip(ours, reference))
+        else:
+            assert close(ours, reference.double(), 2**-6)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="the one-call layers are the C backend's; it does not run here")
+def test_the_one_call_layers_match_the_reference_layer_by_layer(monkeypatch):
+    from workbench.engine import build_cache
+    from workbench.models.packed_linear import pack_linears
+    from workbench.models.random import random_model
+
+    def logits(force: str):
+        monkeypatch.setenv("WORKBENCH_KERNELS", force)
+        dispatch.reset()
+        model = random_model("smollm", dtype=torch.bfloat16, vocab_size=256, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        pack_linears(model)  # the layouts of the forced backend
+        cache = build_cache(model, [], 32)
+        with dispatch.recording() as used, torch.inference_mode():
+            model(torch.arange(10), torch.arange(10), cache)
+            cache.commit()
+            out = model(torch.tensor([3]), torch.tensor([10]), cache).logits
+        return out, dispatch.backends_used(used)
+
+    fused, used_c = logits("c")
+    reference, used_torch = logits("torch")
+    assert used_c["decoder_layers"] == "c" and used_c["linear"] == "c"  # the step ran its layers in one call
+    assert set(used_torch.values()) == {"torch"} and "decoder_layers" not in used_torch
+    assert close(fused[0], reference[0].double(), 2**-4)
+
+
+def test_the_backend_per_device_and_dtype():
+    cuda = dispatch.kernels(torch.device("cuda"), torch.bfloat16)  # resolving needs no GPU: no Triton module yet
+    assert set(cuda.backends.values()) == {"torch"} and cuda.fuses(None, None, None) is False
+    fp32 = dispatch.kernels(CPU, torch.float32)
+    assert fp32.backends["rms_norm"] == "torch"  # the C kernels are bf16
+    assert fp32.backends["topk"] == ("c" if cpu.available() else "torch")  # float32 logits of any model
+    bf16 = dispatch.kernels(CPU, torch.bfloat16)
+    assert bf16 is dispatch.kernels(CPU, torch.bfloat16)  # resolved once
+    expected = "c" if cpu.available() else "torch"
+    assert bf16.backends["attention"] == bf16.backends["decoder_layers" if cpu.available() else "rms_norm"] == expected
+    assert bf16.backends["prefill_attention"] == "torch"
+
+
+def test_inputs_a_backend_does_not_take_run_in_the_reference_and_say_so():
+    ops = dispatch.kernels(CPU, torch.bfloat16)
+    x, weight = torch.randn(3, 64), torch.randn(64)  # float32: not the C kernels' dtype
+    with dispatch.recording() as used:
+        y = ops.rms_norm(x, weight, 1e-5)
+    assert torch.equal(y, backend_torch.rms_norm(x, weight, 1e-5)) and used == {("rms_norm", "torch")}
+    if cpu.available():
+        with dispatch.recording() as used:
+            ops.rms_norm(x.to(torch.bfloat16), weight.to(torch.bfloat16), 1e-5)
+        assert used == {("rms_norm", "c")}
+
+
+def test_forcing_a_backend(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    assert set(dispatch.kernels(CPU, torch.bfloat16).backends.values()) == {"torch"}
+    assert dispatch.linear("bf16", CPU, torch.bfloat16, 64, 64).name == "torch"
+    dispatch.reset()
+    monkeypatch.setenv("WORKBENCH_KERNELS", "cuda-magic")
+    with pytest.raises(dispatch.KernelError, match="names no backend; use one of c, torch, triton"):
+        dispatch.kernels(CPU, torch.bfloat16)
+    monkeypatch.setenv("WORKBENCH_KERNELS", "triton")
+    with pytest.raises(dispatch.KernelError, match="module is not installed"):
+        dispatch.kernels(CPU, torch.bfloat16)
+
+
+def test_forcing_c_where_it_cannot_run_is_a_plain_error(monkeypatch):
+    monkeypatch.setattr(cpu, "_tried", True)
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_reason", "this CPU lacks AVX512-BF16, which they need (no fix on this machine)")
+    monkeypatch.setenv("WORKBENCH_KERNELS", "c")
+    with pytest.raises(dispatch.KernelError, match="cannot run here: this CPU lacks AVX512-BF16"):
+        dispatch.kernels(CPU, torch.bfloat16)
+    monkeypatch.delenv("WORKBENCH_KERNELS")
+    assert set(dispatch.kernels(CPU, torch.bfloat16).backends.values()) == {"torch"}  # unforced: the reference
+
+
+def test_switching_the_c_kernels_off_still_works(monkeypatch):
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_reason", "")
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "0")
+    assert set(dispatch.kernels(CPU, torch.bfloat16).backends.values()) == {"torch"}
+    assert dispatch.linear("int8", CPU, torch.bfloat16, 64, 64).name == "torch"
+
+
+def test_a_backend_is_one_module(monkeypatch):
+    fake = types.ModuleType("workbench.kernels.backend_fake")
+    fake.NAME = "fake"
+    fake.supports = lambda operation, device, dtype: operation == "swiglu"
+    fake.swiglu = lambda gate_up: backend_torch.swiglu(gate_up) * 1  # any implementation of the signature
+    fake.swiglu_fits = lambda gate_up: gate_up.shape[-1] <= 128
+    monkeypatch.setitem(dispatch._MODULES, "fake", fake.__name__)
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", ("fake", "c", "torch"))
+    monkeypatch.setitem(__import__("sys").modules, fake.__name__, fake)
+    ops = dispatch.kernels(CPU, torch.bfloat16)
+    assert ops.backends["swiglu"] == "fake" and ops.backends["rms_norm"] != "fake"
+    with dispatch.recording() as used:
+        ops.swiglu(torch.randn(2, 128, dtype=torch.bfloat16))
+        ops.swiglu(torch.randn(2, 256, dtype=torch.bfloat16))  # more than it takes: the reference
+    assert dispatch.backends_used(used) == {"swiglu": "fake+torch"}
+
+
+def test_runs_in_one_thread_keep_their_records_apart():
+    ops = dispatch.kernels(CPU, torch.float32)
+
+    def run(operation):
+        for _ in range(2):
+            getattr(ops, operation)(torch.randn(2, 64), torch.ones(64), 1e-5) if operation == "rms_norm" else \
+                ops.swiglu(torch.randn(2, 64))
+            yield
+
+    a, b = set(), set()
+    first, second = dispatch.recorded(run("rms_norm"), a), dispatch.recorded(run("swiglu"), b)
+    with dispatch.recording() as outer:
+        for _ in zip(first, second):  # interleaved steps
+            pass
+    assert a == {("rms_norm", "torch")} and b == {("swiglu", "torch")} and outer == a | b
