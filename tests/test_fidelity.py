@@ -31,7 +31,9 @@ def test_registering_without_a_declaration_is_refused():
     ("decode=prompt_lookup;compress=int4:group=32", False),
     ("cache=snapkv", False),
     ("compress=prune", False),
-    ("decode=token_recycling;accept=typical", False),
+    ("compress=prune:storage=dense", False),  # the zeros are kept, but they are zeros
+    ("decode=token_recycling;accept=typical;temperature=0.7", False),
+    ("decode=token_recycling;accept=typical", True),  # exact at temperature 0: it judges the run itself
 ])
 def test_a_run_is_lossless_only_if_every_part_is(spec, lossless):
     assert RunSpec.parse(spec).validated().lossless is lossless
@@ -71,3 +73,15 @@ def test_generate_json_carries_the_labels(capsys):
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["lossless"] is False and out["simulated"] == ["fp4"] and out["warm_start"] is False
+
+
+@pytest.mark.integration
+def test_bench_rows_carry_the_labels(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--decode", "token_recycling:hot_start=true", "--decode", "token_recycling",
+                 "--compress", "fp4:calibrate=false", "--categories", "qa", "--per-category", "1",
+                 "--max-new-tokens", "4", "--json", str(out), "--no-store"])
+    assert code == 0
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"] if r["category"] == "all"}
+    assert all(r["simulated"] == ["fp4:calibrate=false"] and r["lossless"] is False for r in rows.values())
+    assert rows["token_recycling:hot_start=true"]["warm_start"] and not rows["token_recycling"]["warm_start"]

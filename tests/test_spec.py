@@ -96,4 +96,4 @@ def test_registered_techniques_are_complete():
 def test_lossless_flag_follows_drafter_and_acceptor():
     assert RunSpec().lossless
     assert RunSpec.parse("decode=prompt_lookup").lossless
-    assert not RunSpec.parse("decode=prompt_lookup;accept=typical").lossless
+    assert not RunSpec.parse("decode=prompt_lookup;accept=typical;temperature=0.7").lossless

@@ -96,18 +96,6 @@ def test_draft_model_is_reproducible_and_accepts_under_sampling():
     assert all(e.tree.draft_probs[0] is not None for e in a[1:] if e.tree)
 
 
-def test_typical_acceptance_takes_likely_tokens_even_when_not_the_argmax():
-    from workbench.decoding.typical import TypicalAcceptance
-
-    tree = DraftTree([1, 7], [-1, -1])  # two siblings: 1 is likely under P0 (0.20), 7 is not (0.02)
-    probs = torch.stack([P0, P1, P1])
-    greedy = TypicalAcceptance().accept(tree, probs.log(), probs, Sampler())
-    assert greedy.accepted == [0]  # 1 is not P0's argmax (0 is), but it is typical: lossy by design
-    unlikely = DraftTree([7], [-1])  # 0.02 is below min(0.09, 0.3 * exp(-H(P0))) = 0.045
-    rejected = TypicalAcceptance().accept(unlikely, probs[:2].log(), probs[:2], Sampler())
-    assert rejected.accepted == [] and rejected.bonus == 0
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_rsd_trees_have_distinct_siblings_and_record_what_each_was_drawn_from():
     from workbench.decoding.rsd import RecursiveSpeculative

@@ -112,6 +112,13 @@ class Technique:
                 raise SpecError(f"{self.category} technique {self.name!r} has no parameter {key!r}; "
                                 f"valid parameters: {valid}")
             out[key] = schema[key].coerce(self.name, value)
+        # a preset (class attribute `presets`: name -> the parameters it sets) may not be contradicted
+        preset = getattr(self.cls, "presets", {}).get(out.get("preset"), {})
+        clash = [k for k, v in preset.items() if k in out and out[k] != v]
+        if clash:
+            sets = ", ".join(f"{k}={str(preset[k]).lower() if isinstance(preset[k], bool) else preset[k]}"
+                             for k in clash)
+            raise SpecError(f"{self.name}: preset={out['preset']} sets {sets}; drop {', '.join(clash)} or the preset")
         check = getattr(self.cls(**out), "check", None)  # rules across parameters, e.g. min < max
         if check is not None:
             try:
@@ -122,6 +129,13 @@ class Technique:
 
     def build(self, params: dict[str, Any]) -> Any:
         return self.cls(**self.validate(params))
+
+    def lossless_in(self, params: dict[str, Any], spec: Any) -> bool:
+        """Whether this technique with `params` keeps the output of the run `spec` (a RunSpec): its declaration,
+        unless its class judges each run itself with a method `lossless_for(spec)` (typical acceptance: exact
+        at temperature 0, lossy when sampling)."""
+        judge = getattr(self.cls, "lossless_for", None)
+        return self.lossless if judge is None else bool(judge(self.build(params), spec))
 
     def to_dict(self) -> dict[str, Any]:
         return {"category": self.category, "name": self.name, "summary": self.summary,
@@ -136,7 +150,10 @@ def register(category: str, name: str, *, lossless: bool):
 
     Every technique declares whether it changes the output: lossless drafters, acceptors that keep the
     target's distribution, the dense cache and exact encodings (dfloat11) do not; quantizing or evicting
-    caches and lossy weight transforms do. A run is lossless only if all of its parts are (RunSpec.lossless)."""
+    caches and lossy weight transforms do (pruning too, whatever its storage: it zeroes weights). A run is
+    lossless only if all of its parts are (RunSpec.lossless); a technique whose losslessness depends on the run
+    also defines `lossless_for(spec)` (see Technique.lossless_in), while its declaration says what holds in
+    general (the catalogue shows it)."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; categories: {', '.join(CATEGORIES)}")
     if not isinstance(lossless, bool):

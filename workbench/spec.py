@@ -110,14 +110,13 @@ class RunSpec:
     @property
     def lossless(self) -> bool:
         """Whether the run keeps the target's output: its drafter, its acceptor (the drafter's default when none
-        is named), every cache policy and every weight transform are all lossless. Lossy runs are labelled so
+        is named), every cache policy and every weight transform are all lossless in this run (each one's
+        declaration, or its own judgement of the run: `Technique.lossless_in`). Lossy runs are labelled so
         everywhere (JSON, store, app)."""
-        drafter = registry.get("decoding", self.decode.name)
-        accept = self.accept.name if self.accept else drafter.cls.default_acceptor
-        parts = [drafter, registry.get("acceptance", accept)]
-        parts += [registry.get("cache", t.name) for t in self.cache]
-        parts += [registry.get("compression", t.name) for t in self.compress]
-        return all(p.lossless for p in parts)
+        accept = self.accept or TechniqueSpec(registry.get("decoding", self.decode.name).cls.default_acceptor)
+        parts = [("decoding", self.decode), ("acceptance", accept)]
+        parts += [("cache", t) for t in self.cache] + [("compression", t) for t in self.compress]
+        return all(registry.get(category, t.name).lossless_in(t.params, self) for category, t in parts)
 
     # ---- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
