@@ -156,3 +156,49 @@ def test_the_prompts_candidates_are_recycled_from_the_prefill(monkeypatch):
     pairs = with_pairs["token_recycling:contexts"]
     assert set(pairs) == {(a, b) for a, b in zip(prompt, prompt[1:])}
     assert pairs[(5, 6)] == tuple(top[1].tolist()) and pairs[(10, 5)] == tuple(top[6].tolist())
+
+
+def test_the_papers_tree_has_its_levels_and_the_depth_first_order():
+    from collections import Counter
+
+    from workbench.decoding.token_recycling import PAPER_TREE, layered_template
+
+    template = layered_template(PAPER_TREE)
+    tree = DraftTree([0] * len(template), [parent for parent, _ in template])
+    assert len(template) == 80 and sorted(Counter(tree.depths()).items()) == [
+        (1, 8), (2, 21), (3, 25), (4, 15), (5, 8), (6, 3)]
+    assert [len(tree.children()[c]) for c in tree.children()[-1]] == list(PAPER_TREE[1])
+    assert [rank for _, rank in template[:6]] == [0] * 6  # the first-ranked chain first, in consecutive slots
+    assert layered_template(((2,), (2, 1), (1, 0, 1))) == tree_template([2, 2, 1])  # the same tree both ways
+    with pytest.raises(ValueError, match="a level of 3 counts under 2 nodes"):
+        layered_template(((2,), (1, 1, 1)))
+
+
+def test_the_paper_preset_is_the_papers_method():
+    spec = RunSpec.parse("decode=token_recycling:preset=paper").validated()
+    assert spec.to_string() == "decode=token_recycling:preset=paper"  # the spec records the preset by name
+    drafter = spec.decode.build("decoding")
+    assert (drafter.widths, drafter.context, drafter.prompt, drafter.hot_start) == ("paper", 1, False, False)
+    assert RunSpec.parse("decode=token_recycling:preset=paper,context=1,hot_start=true").validated()
+    with pytest.raises(SpecError, match="preset=paper sets context=1, prompt=false; drop context, prompt or"):
+        RunSpec.parse("decode=token_recycling:preset=paper,context=2,prompt=true").validated()
+    with pytest.raises(SpecError, match="widest node has 8 children"):
+        RunSpec.parse("decode=token_recycling:preset=paper,k=4").validated()
+    default = RunSpec.parse("decode=token_recycling").decode.build("decoding")
+    assert (default.preset, default.widths, default.context, default.prompt) == ("extended", "2-1-1-1", 2, True)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_paper_preset_drafts_its_tree_and_keeps_plain_decodings_output():
+    from workbench.engine import Engine
+    from workbench.spec import TechniqueSpec
+
+    from .helpers import PROMPTS, varied_model
+
+    model = varied_model()
+    spec = RunSpec(max_new_tokens=30, decode=TechniqueSpec("token_recycling", {"preset": "paper"}))
+    for prompt in PROMPTS:
+        plain = [t for e in Engine(model, RunSpec(max_new_tokens=30)).run(prompt) for t in e.tokens]
+        events = list(Engine(model, spec).run(prompt))
+        assert [t for e in events for t in e.tokens] == plain
+        assert max(len(e.tree.tokens) for e in events if e.tree) > 40  # the wide tree, once the matrix fills
