@@ -58,6 +58,13 @@ class DenseLayerCache(LayerCache):
             new[:, : self._length] = old[:, : self._length]
             setattr(self, name, new)
 
+    def limit(self, capacity: int) -> None:
+        """Cap the buffers at `capacity` slots (never below the held tokens): for a policy that bounds what a layer
+        holds, so that the capacity the engine sized for the whole run is not allocated up front."""
+        capacity = max(capacity, self._length, 1)
+        if self.capacity > capacity:
+            self._resize(capacity)
+
     def fit(self) -> None:
         """Give spare capacity back: reallocate the buffers at max(floor, held tokens + spare) slots when they are
         over half as large again (and SHRINK_SLACK slots larger). Growth doubles, so a cache that shrinks and

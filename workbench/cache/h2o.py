@@ -43,6 +43,7 @@ class H2OPolicy(BudgetEviction):
         return self.budget
 
     def on_cache_built(self, cache: KVCache) -> None:
+        super().on_cache_built(cache)
         self._scores = attach_each(cache, AccumulatedAttention)
 
     def evict(self, cache: KVCache) -> None:

@@ -262,6 +262,15 @@ class BudgetEviction(CachePolicy):
         """Tokens a layer keeps after `context` tokens seen."""
         return kept_tokens(context, self.absolute(), self.fraction)
 
+    def on_cache_built(self, cache: KVCache) -> None:
+        """An absolute budget enforced while decoding bounds every layer at the budget plus one step's spare slots
+        once the prompt is in: dense buffers are cut to that before the prefill (a longer prompt grows them for
+        the prefill and the eviction after it shrinks them back), so memory never follows max_new_tokens."""
+        if self.continuous and not self.fraction:
+            for layer in cache.layers:
+                if isinstance(layer, DenseLayerCache):
+                    layer.limit(self.absolute() + layer.spare)
+
     def on_prefill_end(self, cache: KVCache) -> None:
         self.evict(cache)
 
