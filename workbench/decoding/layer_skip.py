@@ -33,7 +33,7 @@ Left out: SWIFT's top-k tree drafts built from the confidences (a chain is draft
 ratio; the acquisition is maximised over a pool of random sets and the best set's one-swap neighbours instead
 of by bayes_opt's continuous relaxation, with expected improvement instead of bayes_opt's UCB. SWIFT scores 32
 tokens (50 in its scripts) and searches up to 1000 candidates with a tolerance of 300; `context`, `trials`
-and `patience` default to 16, 16 and 8 because on a CPU a candidate's forward costs several decode steps.
+and `patience` default to 16, 32 and 8 because on a CPU a candidate's forward costs several decode steps.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class LayerSkip(Drafter):
                          "middle layers (the first and last always run)", min=0.0, max=0.95)
     threshold: float = param(0.6, "stop drafting after a token whose top draft probability is below this",
                              min=0.0, max=1.0)
-    trials: int = param(16, "search: candidate skip sets tried before the set is frozen (search=bayes: context "
+    trials: int = param(32, "search: candidate skip sets tried before the set is frozen (search=bayes: context "
                         "forwards, over all the runs it is kept across; SWIFT: 1000)", min=1, max=1000)
     patience: int = param(8, "search=bayes: stop after this many candidates in a row that do not beat the best "
                           "(SWIFT's tolerance: 300)", min=1, max=1000)
