@@ -12,8 +12,7 @@ import pyarrow as pa
 from workbench.api import Workbench
 from workbench.errors import SpecError, StoreError
 from workbench.spec import RunSpec
-
-from .tokens import byte_label, gpt2_byte_decoder
+from workbench.views.tokens import byte_label, gpt2_byte_decoder
 
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused before tokenizing (the context window is checked after)
 MAX_COLUMNS = 4

@@ -14,13 +14,13 @@ import gradio as gr
 from workbench.errors import PromptError, WorkbenchError
 from workbench.spec import RunSpec
 from workbench.trace import Trace
+from workbench.views import figures as views
+from workbench.views.kv import METRICS, shape
+from workbench.views.live import LiveText, race
+from workbench.views.tokens import kept_mask_html, stats_markdown, tokens_html
 
-from . import views
 from .context import MAX_COLUMNS, MAX_PROMPT_CHARS, AppContext
 from .controls import ColumnControls, build_column_controls, wire_column_controls
-from .kv import METRICS, shape
-from .live import LiveText, race
-from .tokens import kept_mask_html, stats_markdown, tokens_html
 
 DEFAULT_SPECS = ["decode=plain", "decode=prompt_lookup", "decode=token_recycling", "decode=plain;temperature=0.7"]
 TEXT_EVERY_S = 0.25  # at most four screen updates a second while tokens stream

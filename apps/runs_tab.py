@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from workbench.errors import WorkbenchError
+from workbench.views import figures as views
 
-from . import views
 from .context import AppContext
 from .replay import check_run_id, load_trace
 

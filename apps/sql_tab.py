@@ -12,8 +12,8 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.store.console import Cancel, row_limit_note
+from workbench.views import figures as views
 
-from . import views
 from .context import AppContext
 
 SHOWN_ROWS = 1000

@@ -13,12 +13,13 @@ import pytest
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from workbench.apps import presets, views  # noqa: E402
+from workbench.apps import presets  # noqa: E402
 from workbench.apps.context import AppContext  # noqa: E402
-from workbench.apps.kv import kept_positions, kv_grid  # noqa: E402
-from workbench.apps.live import race  # noqa: E402
 from workbench.apps.server import launched_locally  # noqa: E402
 from workbench.engine import TreeRecord  # noqa: E402
+from workbench.views import figures as views  # noqa: E402
+from workbench.views.kv import kept_positions, kv_grid  # noqa: E402
+from workbench.views.live import race  # noqa: E402
 
 PROMPT = "5 6 7 8 9 10 5 6 7 8 9 10 5 6"
 N_RUN = 20  # outputs of a generation seen by the client (4 columns x 3, 7 views, the status; the state is not)

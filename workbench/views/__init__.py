@@ -1,0 +1,8 @@
+"""Views of runs shared by the Gradio app (`workbench.apps`) and the notebook widgets (`workbench.widgets`).
+
+Pure functions of StepEvents and Traces, no Gradio and no ipywidgets: `figures.py` (plotly figures: draft
+tree, acceptance, tokens per step, speed and memory, KV heatmap, run comparison), `tokens.py` (HTML of a
+run's text coloured by source with hovers, the kept-token mask, the stats line), `kv.py` (what the KV cache
+holds at a step), `palette.py` (one colour per configuration) and `live.py` (the step-interleaved race of
+several configurations and its growing text).
+"""
