@@ -13,10 +13,10 @@ import gradio as gr
 
 from workbench.errors import WorkbenchError
 from workbench.spec import RunSpec
+from workbench.views.replay import load_trace
 
 from .context import MAX_COLUMNS, AppContext
 from .generate_tab import GenerateTab, column_values, render_views
-from .replay import load_trace
 
 # After a run opens from the Runs tab, the address becomes its `?run=` link (read from the status line).
 RUN_ADDRESS_JS = """(status) => {

@@ -16,9 +16,10 @@ import pyarrow.csv as pacsv
 
 from workbench.errors import WorkbenchError
 from workbench.views import figures as views
+from workbench.views.replay import check_run_id, load_trace
+from workbench.views.runs import filter_runs, run_label
 
 from .context import AppContext
-from .replay import check_run_id, load_trace
 
 LIMIT = 500  # newest runs listed
 COLUMNS = ["run_id", "created_at", "status", "decode", "accept", "cache", "compress", "temperature", "tok_per_s",
@@ -51,34 +52,6 @@ class RunsTab:
 
 def load_runs(ctx: AppContext) -> list[dict[str, Any]]:
     return ctx.query(f"SELECT * FROM run_summary ORDER BY created_at DESC LIMIT {LIMIT}").to_pylist()
-
-
-def config_label(row: dict[str, Any]) -> str:
-    """A run's whole configuration (decoding, acceptance rule, cache policy, weight transform) from its
-    `run_summary` row."""
-    parts = [row.get("decode") or "plain"]
-    if row.get("accept"):
-        parts.append(f"accept={row['accept']}")
-    parts += [row[k] for k in ("cache", "compress") if row.get(k)]
-    return " + ".join(parts)
-
-
-def run_label(row: dict[str, Any]) -> str:
-    return f"{row['run_id'][:8]} · {config_label(row)}"
-
-
-def filter_runs(rows: list[dict[str, Any]], status: str, decode: str, text: str) -> list[dict[str, Any]]:
-    text = (text or "").strip().lower()
-    out = []
-    for r in rows:
-        if status not in (None, "", "all") and r["status"] != status:
-            continue
-        if decode not in (None, "", "all") and r["decode_name"] != decode:
-            continue
-        if text and not any(text in str(r.get(k) or "").lower() for k in ("run_id", "spec", "prompt", "model")):
-            continue
-        out.append(r)
-    return out
 
 
 def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -14,12 +14,13 @@ pytest.importorskip("gradio")
 
 from workbench.apps.about import paper, spec_about  # noqa: E402
 from workbench.apps.context import AppContext  # noqa: E402
-from workbench.apps.replay import load_trace  # noqa: E402
-from workbench.apps.runs_tab import config_label, export_runs  # noqa: E402
+from workbench.apps.runs_tab import export_runs  # noqa: E402
 from workbench.apps.server import build_app  # noqa: E402
 from workbench.views import figures as views  # noqa: E402
 from workbench.views.live import race  # noqa: E402
 from workbench.views.palette import column_color  # noqa: E402
+from workbench.views.replay import load_trace  # noqa: E402
+from workbench.views.runs import config_label  # noqa: E402
 from workbench.views.tokens import CSS, _span, byte_label, gpt2_byte_decoder, stats_markdown, tokens_html  # noqa: E402
 
 PROMPT = "5 6 7 8 9 10 5 6 7 8 9 10 5 6"
