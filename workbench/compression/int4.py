@@ -55,7 +55,8 @@ class Int4Linear(CompressedLinear):
       a few rows of a draft tree for about the cost of one, each row's result the same whatever the row count;
       the one-call decoder layer takes it too (`kernel_weights`);
     - otherwise torch's CPU int4 kernel's (`packed` uint8 [out, in/2] tiled, `scale_zeros` [in/group, out, 2]
-      in the compute dtype, weight = (code - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu`;
+      in the compute dtype, weight = (code - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu` on the
+      CPU and by Triton's fused-dequantization product on CUDA (`workbench.kernels.triton_linear`);
     - plain nibble pairs for shapes that kernel does not take.
     Elsewhere (or for shapes and groups no kernel takes) forward dequantizes and runs a dense matmul, marked
     `simulated`."""
@@ -78,8 +79,8 @@ class Int4Linear(CompressedLinear):
         self.register_buffer("scale_zeros", scale_zeros.to(codes.device))  # own layout: pack_int4's params
 
     @property
-    def simulated(self) -> bool:  # the kernels run on CPU only
-        return not (self.kernel and self.packed.is_cpu)
+    def simulated(self) -> bool:  # a kernel runs on the CPU, and Triton's (same tiled layout) on the GPU
+        return not (self.kernel and (self.packed.is_cpu or self.product.name == "triton"))
 
     @classmethod
     def from_affine(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
@@ -132,7 +133,7 @@ class Int4Linear(CompressedLinear):
         return self._weight(self.codes(ids), ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel and x.is_cpu and x.dtype == self.scale_zeros.dtype:
+        if self.kernel and (x.is_cpu or self.product.name == "triton") and x.dtype == self.scale_zeros.dtype:
             return self.product.run(x, self.packed, self.scale_zeros, self.group, self.bias)
         return super().forward(x)
 

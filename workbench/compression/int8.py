@@ -30,7 +30,8 @@ class Int8Linear(CompressedLinear):
     The product is the `linear_int8` operation of the backend `dispatch.linear` picks when the layer is built:
     on CPU, bf16 activations go through the C kernels' int8 product (codes held in their blocked layout,
     float32 accumulation, a few rows of a draft tree for about the cost of one) or, where that cannot run,
-    through torch's `_weight_int8pack_mm`. Elsewhere the layer dequantizes and runs a dense product (the
+    through torch's `_weight_int8pack_mm`; on CUDA, Triton's fused-dequantization product (codes as they are,
+    `workbench.kernels.triton_linear`). Elsewhere the layer dequantizes and runs a dense product (the
     reference path, marked simulated)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -46,8 +47,8 @@ class Int8Linear(CompressedLinear):
         self.bias = bias
 
     @property
-    def simulated(self) -> bool:  # the kernels run on CPU only
-        return not self.codes.is_cpu
+    def simulated(self) -> bool:  # a kernel runs on the CPU, and Triton's on the GPU
+        return not self.codes.is_cpu and self.kernel.name != "triton"
 
     def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
         """Packed codes and float32 row scales for the one-call decoder layer, or None where its kernel does not run."""
@@ -64,7 +65,7 @@ class Int8Linear(CompressedLinear):
         return (codes.float() * self.scales[ids].float()[:, None]).to(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == self.scales.dtype:
+        if (x.is_cpu or self.kernel.name == "triton") and x.dtype == self.scales.dtype:
             return self.kernel.run(x, self.codes, self.scales_f32 if self.own_kernel else self.scales, self.bias)
         return super().forward(x)
 

@@ -1,0 +1,124 @@
+"""The Triton kernels (kernels/triton_*.py) in Triton's interpreter on CPU tensors, beyond the dispatch test's
+one case per operation: several key chunks merged, grouped and causal tree attention, shapes off the block
+sizes, fallbacks, the compressed layers and a whole model through the seam.
+
+Not collected on its own (its name): tests/test_triton_kernels.py runs it in a subprocess with
+TRITON_INTERPRET=1, which Triton needs before it is first imported."""
+
+import pytest
+import torch
+
+from tests.test_kernel_dispatch import close, exact_attention, tree_mask
+from workbench.compression.int4 import Int4Linear, quantize_rtn_int4
+from workbench.compression.int8 import Int8Linear, quantize_int8
+from workbench.kernels import backend_triton, dispatch, triton_attention
+
+B16 = torch.bfloat16
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not backend_triton.interpreting(), reason="needs TRITON_INTERPRET=1 from the start")
+
+
+@pytest.fixture(autouse=True)
+def triton_forced(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", "triton")
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+def test_the_interpreter_makes_the_backend_take_cpu_tensors():
+    assert backend_triton.available() and backend_triton.supports("attention", CPU, B16)
+    assert not backend_triton.supports("attention", torch.device("cuda"), B16)  # compiled kernels only on CUDA
+    assert not backend_triton.supports("topk", CPU, torch.float32) and not backend_triton.supports("linear", CPU, B16)
+
+
+@pytest.mark.parametrize("chunk", [32, 64, None])
+def test_decode_attention_merges_key_chunks(chunk):
+    torch.manual_seed(1)
+    q = torch.randn(1, 8, 40, dtype=B16)  # 4 query heads per kv head; dim 40 pads to a block of 64
+    k, v = torch.randn(2, 150, 40, dtype=B16), torch.randn(2, 150, 40, dtype=B16)
+    out = triton_attention.attention(q, k, v, chunk)
+    assert triton_attention.chunk_size(150, 2) % triton_attention.BLOCK_S == 0
+    assert out.shape == (1, 320) and close(out, exact_attention(q, k, v, None), 2**-6)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_tree_attention_over_chunks_with_the_tree_mask_or_causal(masked):
+    torch.manual_seed(2)
+    n, past = 5, 70
+    q = torch.randn(n, 4, 32, dtype=B16)
+    k, v = torch.randn(1, past + n, 32, dtype=B16), torch.randn(1, past + n, 32, dtype=B16)
+    mask = tree_mask(n) if masked else torch.ones(n, n, dtype=torch.bool).tril()
+    visible = torch.cat([torch.ones(n, past, dtype=torch.bool), mask], dim=1)
+    out = triton_attention.tree_attention(q, k, v, mask if masked else None, past, 32)  # three chunks
+    assert close(out, exact_attention(q, k, v, visible), 2**-6)
+    assert not close(out, exact_attention(q, k, v, None), 2**-6)  # the mask matters
+
+
+def test_inputs_the_kernels_do_not_take_fall_back_to_the_reference():
+    ops = dispatch.kernels(CPU, B16)
+    q, k, v = torch.randn(70, 4, 32, dtype=B16), torch.randn(2, 80, 32, dtype=B16), torch.randn(2, 80, 32, dtype=B16)
+    with dispatch.recording() as used:
+        ops.tree_attention(q, k, v, None, 10)  # 2 x 70 query rows: more than one program holds
+        ops.attention(q[:1], k, v)
+    assert used == {("tree_attention", "torch"), ("attention", "triton")}
+    with dispatch.recording() as used:
+        ops.rms_norm(torch.randn(64, 3, dtype=B16).T, torch.ones(64, dtype=B16), 1e-5)  # rows not contiguous
+    assert used == {("rms_norm", "torch")}
+
+
+def test_the_products_off_the_block_sizes():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 200, dtype=B16)  # 6 rows; K = 200 is not a multiple of the int8 kernel's 128
+    w = torch.randn(100, 200) * 0.1  # N = 100: a partial block of rows
+    codes, scales = quantize_int8(w, B16)
+    out = backend_triton.linear_int8(x, *backend_triton.pack_int8(codes, scales), None)
+    exact = x.double() @ (codes.double() * scales.double()[:, None]).T
+    assert out.shape == (2, 3, 100) and close(out, exact, 2**-6)
+    w4 = torch.randn(128, 256) * 0.1
+    codes4, s4, o4 = quantize_rtn_int4(w4, 64, B16)
+    weight = codes4.double() * s4.double().repeat_interleave(64, 1) + o4.double().repeat_interleave(64, 1)
+    x4 = torch.randn(2, 256, dtype=B16)
+    out = backend_triton.linear_int4(x4, *backend_triton.pack_int4(codes4, s4, o4, B16), 64, None)
+    assert close(out, x4.double() @ weight.T, 2**-6)
+    assert backend_triton.weight_fits("int4", 128, 256, 64) and not backend_triton.weight_fits("int4", 96, 256, 64)
+    assert not backend_triton.weight_fits("int4", 128, 256, 48) and not backend_triton.weight_fits("bf16", 64, 64)
+
+
+def test_compressed_layers_run_the_triton_products():
+    torch.manual_seed(4)
+    w, bias, x = torch.randn(128, 64) * 0.1, torch.randn(128, dtype=B16), torch.randn(3, 64, dtype=B16)
+    int8 = Int8Linear(*quantize_int8(w, B16), bias)
+    int4 = Int4Linear.from_affine(*quantize_rtn_int4(w, 32, B16), 32, bias)
+    for layer in (int8, int4):
+        with dispatch.recording() as used:
+            y = layer(x)
+        assert not layer.simulated and dispatch.backends_used(used) in ({"linear_int8": "triton"},
+                                                                         {"linear_int4": "triton"})
+        exact = x.double() @ layer.dequantized_weight().double().T + bias.double()
+        assert close(y, exact, 2**-6)
+
+
+def test_a_model_runs_through_the_triton_kernels(monkeypatch):
+    from workbench.engine import build_cache
+    from workbench.models.packed_linear import pack_linears
+    from workbench.models.random import random_model
+
+    def logits(force: str):
+        monkeypatch.setenv("WORKBENCH_KERNELS", force)
+        dispatch.reset()
+        model = random_model("smollm", dtype=B16, vocab_size=128, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        pack_linears(model)
+        cache = build_cache(model, [], 32)
+        with dispatch.recording() as used, torch.inference_mode():
+            model(torch.arange(8), torch.arange(8), cache)  # the prompt: prefill attention stays with torch
+            cache.commit()
+            tree = model(torch.tensor([3, 4, 5, 6]), torch.tensor([8, 9, 9, 10]), cache, tree_mask(4)).logits
+        return tree, dispatch.backends_used(used)
+
+    ours, used = logits("triton")
+    reference, _ = logits("torch")
+    assert {op for op, name in used.items() if name == "triton"} >= {"rms_norm", "add_rms_norm", "rope", "swiglu",
+                                                                       "tree_attention"}
+    assert close(ours, reference.double(), 2**-4)
