@@ -115,7 +115,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, new_mask: 
 # The small work between the products.
 
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:
-    return x.stride(-1) == 1 and weight.is_contiguous() and x.shape[-1] <= 16384
+    return x.stride(-1) == 1 and weight.is_contiguous() and weight.dtype == x.dtype and x.shape[-1] <= 16384
 
 
 def add_rms_norm_fits(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> bool:

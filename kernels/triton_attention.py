@@ -24,13 +24,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, part_base, parts,
                   n_new, n_past, s_total, chunk, rows, dim, scale,
                   q_stride_t, q_stride_h, k_stride_h, k_stride_s, v_stride_h, v_stride_s,
                   GROUP: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     kv, split = tl.program_id(0), tl.program_id(1)
-    splits = tl.num_programs(1)
     r = tl.arange(0, BLOCK_R)  # row r: query head kv * GROUP + r // n_new, new token r % n_new
     t = r % n_new
     row_in = r < rows
@@ -71,7 +70,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
         m = m_new
-    part = kv * splits + split
+    part = kv * parts + part_base + split  # its slot among all the partial results merged together
     tl.store(m_ptr + part * BLOCK_R + r, m)
     tl.store(l_ptr + part * BLOCK_R + r, l)
     tl.store(acc_ptr + (part * BLOCK_R + r[:, None]) * BLOCK_D + d[None, :], acc)
@@ -100,30 +99,51 @@ def chunk_size(keys: int, kv_heads: int) -> int:
     return triton.cdiv(triton.cdiv(keys, splits), BLOCK_S) * BLOCK_S
 
 
+class Partials:
+    """The per-chunk running max, sum and weighted values that `merge` combines: [kv_heads, parts, rows(, dim)]
+    float32, rows and dim padded to powers of two. Kernels over other cache forms (triton_kivi.py) write their
+    chunks into the same buffers, so one merge spans a compressed region and a raw window."""
+
+    def __init__(self, q: torch.Tensor, kv_heads: int, parts: int):
+        n_new, heads, dim = q.shape
+        self.q, self.kv_heads, self.parts, self.group = q, kv_heads, parts, heads // kv_heads
+        self.rows = self.group * n_new
+        self.block_r, self.block_d = max(triton.next_power_of_2(self.rows), 2), triton.next_power_of_2(dim)
+        self.m = torch.empty((kv_heads, parts, self.block_r), dtype=torch.float32, device=q.device)
+        self.l = torch.empty_like(self.m)
+        self.acc = torch.empty((kv_heads, parts, self.block_r, self.block_d), dtype=torch.float32, device=q.device)
+
+    def dense(self, k: torch.Tensor, v: torch.Tensor, part_base: int, chunk: int, new_mask: torch.Tensor | None,
+              n_past: int) -> None:
+        """Chunks of `chunk` keys of k, v [kv_heads, S, dim] into parts part_base.. (keys past n_past: the new
+        tokens', under new_mask or causal)."""
+        q, n_new, dim = self.q, self.q.shape[0], self.q.shape[2]
+        mask = new_mask.to(torch.int8).contiguous() if new_mask is not None else self.m  # unused when None
+        _chunk_kernel[(self.kv_heads, triton.cdiv(k.shape[1], chunk))](
+            q, k, v, mask, self.m, self.l, self.acc, part_base, self.parts, n_new, n_past, k.shape[1], chunk,
+            self.rows, dim, dim ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), GROUP=self.group, MASK=new_mask is not None, CAUSAL=new_mask is None and n_new > 1,
+            USE_DOT=self.block_r >= 16 and self.block_d >= 16, BLOCK_R=self.block_r, BLOCK_D=self.block_d,
+            BLOCK_S=BLOCK_S)
+
+    def merge(self) -> torch.Tensor:
+        """Every part combined: [T, heads * dim] in q's dtype."""
+        n_new, heads, dim = self.q.shape
+        out = torch.empty((n_new, heads * dim), dtype=self.q.dtype, device=self.q.device)
+        _merge_kernel[(self.kv_heads, self.rows)](
+            self.m, self.l, self.acc, out, n_new, heads, dim, self.parts, GROUP=self.group, BLOCK_R=self.block_r,
+            BLOCK_D=self.block_d, BLOCK_P=max(triton.next_power_of_2(self.parts), 2))
+        return out
+
+
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, new_mask: torch.Tensor | None,
                    n_past: int, chunk: int | None = None) -> torch.Tensor:
     """q [T, heads, dim] over k, v [kv_heads, S, dim] (S = n_past + T), new_mask [T, T] bool (None: causal).
     `chunk` (keys per program, a multiple of BLOCK_S) defaults to `chunk_size`."""
-    n_new, heads, dim = q.shape
-    kv_heads, s_total = k.shape[0], k.shape[1]
-    group = heads // kv_heads
-    rows = group * n_new
-    block_r, block_d = max(triton.next_power_of_2(rows), 2), triton.next_power_of_2(dim)
-    chunk = chunk or chunk_size(s_total, kv_heads)
-    splits = triton.cdiv(s_total, chunk)
-    m = torch.empty((kv_heads, splits, block_r), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((kv_heads, splits, block_r, block_d), dtype=torch.float32, device=q.device)
-    mask = new_mask.to(torch.int8).contiguous() if new_mask is not None else m  # unused pointer when None
-    _chunk_kernel[(kv_heads, splits)](
-        q, k, v, mask, m, l, acc, n_new, n_past, s_total, chunk, rows, dim, dim ** -0.5,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        GROUP=group, MASK=new_mask is not None, CAUSAL=new_mask is None and n_new > 1,
-        USE_DOT=block_r >= 16 and block_d >= 16, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=BLOCK_S)
-    out = torch.empty((n_new, heads * dim), dtype=q.dtype, device=q.device)
-    _merge_kernel[(kv_heads, rows)](m, l, acc, out, n_new, heads, dim, splits, GROUP=group, BLOCK_R=block_r,
-                                    BLOCK_D=block_d, BLOCK_P=max(triton.next_power_of_2(splits), 2))
-    return out
+    chunk = chunk or chunk_size(k.shape[1], k.shape[0])
+    partials = Partials(q, k.shape[0], triton.cdiv(k.shape[1], chunk))
+    partials.dense(k, v, 0, chunk, new_mask, n_past)
+    return partials.merge()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from tests.test_kernel_dispatch import close, exact_attention, tree_mask
 from workbench.compression.int4 import Int4Linear, quantize_rtn_int4
 from workbench.compression.int8 import Int8Linear, quantize_int8
-from workbench.kernels import backend_triton, dispatch, triton_attention
+from workbench.kernels import backend_triton, dispatch, triton_attention, triton_kivi
 
 B16 = torch.bfloat16
 CPU = torch.device("cpu")
@@ -122,3 +122,25 @@ def test_a_model_runs_through_the_triton_kernels(monkeypatch):
     assert {op for op, name in used.items() if name == "triton"} >= {"rms_norm", "add_rms_norm", "rope", "swiglu",
                                                                        "tree_attention"}
     assert close(ours, reference.double(), 2**-4)
+
+
+@pytest.mark.parametrize("bits,evict", [(2, False), (4, False), (2, True)])
+def test_kivi_attention_reads_the_codes_as_the_cache_holds_them(bits, evict):
+    from workbench.cache.kivi import KiviCodec
+    from workbench.cache.quantized import CompressedLayerCache
+
+    torch.manual_seed(5)
+    layer = CompressedLayerCache(KiviCodec(bits, 32, 16), 2, 32, B16, CPU, 256, residual=32)
+    layer.append(*torch.randn(2, 2, 100, 32, dtype=B16), torch.arange(100))
+    layer.commit()  # 96 tokens coded in 3 groups, 4 raw
+    if evict:  # an eviction moves tokens: their groups come from gidx
+        layer.keep(torch.cat([torch.arange(0, 40), torch.arange(50, 100)]))
+        assert layer.gidx is not None
+    layer.append(*torch.randn(2, 2, 1, 32, dtype=B16), torch.tensor([100]))  # this step's token, raw
+    assert layer.n_compressed > 32 and layer.raw.length >= 1
+    q = torch.randn(1, 4, 32, dtype=B16)
+    k, v = layer.view()  # the reference: the codes dequantized, then the raw window
+    out = triton_kivi.kivi_layer_attention(q, layer)
+    assert close(out, exact_attention(q, k, v, None), 2**-6)
+    chunked = triton_kivi.kivi_attention(q, layer.tok, layer.grp, layer.gidx, bits, 32, 16, *layer.raw.view(), 32)
+    assert close(chunked, exact_attention(q, k, v, None), 2**-6)  # several chunks of codes and of the window
