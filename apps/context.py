@@ -12,7 +12,7 @@ import pyarrow as pa
 from workbench.api import Workbench
 from workbench.errors import SpecError, StoreError
 from workbench.spec import RunSpec
-from workbench.views.tokens import byte_label, gpt2_byte_decoder
+from workbench.views.tokens import token_labeler
 
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused before tokenizing (the context window is checked after)
 MAX_COLUMNS = 4
@@ -49,17 +49,8 @@ class AppContext:
 
     @functools.cached_property
     def label(self):
-        """Token id -> its text, for the views (cached: the same ids come back every step)."""
-        loaded = self.wb.model(self.wb.default)
-        tokenizer = loaded.tokenizer
-        pieces = getattr(tokenizer, "convert_ids_to_tokens", None)
-        decoder = gpt2_byte_decoder()
-
-        def label(token: int) -> str:  # a byte of a split character shows as its byte, not U+FFFD
-            text = loaded.detokenize([int(token)])
-            return byte_label(text, pieces(int(token)) if "\ufffd" in text and pieces else None, decoder)
-
-        return functools.lru_cache(maxsize=65536)(label)
+        """Token id -> its text, for the views."""
+        return token_labeler(self.wb.model(self.wb.default))
 
     def query(self, sql: str) -> pa.Table:
         """A sealed console query through the writer (the store's rules apply: reads only)."""

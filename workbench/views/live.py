@@ -34,10 +34,16 @@ class LiveText:
         self.parts = [LEGEND, '<div class="wb-text">']  # left open: the final text closes it
         self.seen = 0  # steps rendered
 
-    def update(self, trace: Trace) -> str:
-        for event in trace.events[self.seen:]:
-            self.parts += event_spans(event, self.label, lambda pos: KV_LATER)
+    def added(self, trace: Trace) -> str:
+        """The spans of the steps that arrived since the last call (the notebook's token stream appends these)."""
+        new = [span for event in trace.events[self.seen:]
+               for span in event_spans(event, self.label, lambda pos: KV_LATER)]
+        self.parts += new
         self.seen = len(trace.events)
+        return "".join(new)
+
+    def update(self, trace: Trace) -> str:
+        self.added(trace)
         return "".join(self.parts)
 
 

@@ -5,6 +5,7 @@ Token text goes through `html.escape`: model output and prompts are never truste
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import re
@@ -93,6 +94,19 @@ def byte_label(text: str, piece: str | None, byte_decoder: dict[str, int] | None
         return text
     raw = bytes(byte_decoder[c] for c in piece).decode("utf-8", errors="surrogateescape")
     return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in raw)
+
+
+def token_labeler(loaded: Any) -> Label:
+    """Token id -> its text as shown, for a loaded model (`Workbench.model(spec)`); a byte of a split character
+    shows as its byte, not U+FFFD. Cached: the same ids come back every step."""
+    pieces = getattr(loaded.tokenizer, "convert_ids_to_tokens", None)
+    decoder = gpt2_byte_decoder()
+
+    def label(token: int) -> str:
+        text = loaded.detokenize([int(token)])
+        return byte_label(text, pieces(int(token)) if "\ufffd" in text and pieces else None, decoder)
+
+    return functools.lru_cache(maxsize=65536)(label)
 
 
 def held_by(trace: Trace) -> Callable[[int], str]:

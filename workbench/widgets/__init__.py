@@ -1,0 +1,19 @@
+"""Jupyter widgets on the app's view functions (`workbench.views`), updated in place while a run goes.
+
+    from workbench.widgets import Race, DraftTreeView, AcceptanceView, KVView, SpecBuilder, RunsBrowser
+    race = Race("Write a haiku about caches.", ["decode=plain", "decode=prompt_lookup:k=8"])
+    race.wait(); DraftTreeView(race.traces[1]); AcceptanceView(race.traces)
+
+One file per widget: `race.py`, `draft_tree.py`, `acceptance.py`, `kv_view.py`, `spec_builder.py`,
+`runs_browser.py`; `token_stream.py` is the growing token text, `common.py` what they share. They run on
+ipywidgets 8 and plotly's FigureWidget (`pip install -e ".[notebook]"`); see docs/notebooks.md.
+"""
+
+from .acceptance import AcceptanceView
+from .draft_tree import DraftTreeView
+from .kv_view import KVView
+from .race import Race
+from .runs_browser import RunsBrowser
+from .spec_builder import SpecBuilder
+
+__all__ = ["AcceptanceView", "DraftTreeView", "KVView", "Race", "RunsBrowser", "SpecBuilder"]
