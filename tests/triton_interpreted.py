@@ -144,3 +144,22 @@ def test_kivi_attention_reads_the_codes_as_the_cache_holds_them(bits, evict):
     assert close(out, exact_attention(q, k, v, None), 2**-6)
     chunked = triton_kivi.kivi_attention(q, layer.tok, layer.grp, layer.gidx, bits, 32, 16, *layer.raw.view(), 32)
     assert close(chunked, exact_attention(q, k, v, None), 2**-6)  # several chunks of codes and of the window
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_mustafar_attention_reads_the_bitmaps_as_the_cache_holds_them(chunk):
+    from workbench.cache.mustafar import MustafarCodec, MustafarLayerCache
+    from workbench.kernels import triton_mustafar
+
+    torch.manual_seed(6)
+    layer = MustafarLayerCache(MustafarCodec(32, 0.6, B16), 2, 32, B16, CPU, 256, residual=8)
+    layer.append(*torch.randn(2, 2, 90, 32, dtype=B16), torch.arange(90))
+    layer.commit()  # 82 tokens pruned to 13 of 32 channels, 8 dense
+    layer.append(*torch.randn(2, 2, 1, 32, dtype=B16), torch.tensor([90]))
+    assert layer.n_compressed == 82 and layer.codec.kept == 13
+    q = torch.randn(1, 4, 32, dtype=B16)
+    reference = layer.attend(q[0].unsqueeze(1), None).transpose(0, 1).reshape(1, -1)  # the torch SpMV reference
+    k, v = layer.view()
+    ours = triton_mustafar.mustafar_layer_attention(q, layer) if chunk is None else \
+        triton_mustafar.mustafar_attention(q, layer.tok, *layer.raw.view(), chunk)
+    assert close(ours, exact_attention(q, k, v, None), 2**-6) and close(ours, reference.double(), 2**-6)
