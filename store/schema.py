@@ -61,6 +61,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN provenance VARCHAR",
         "ALTER TABLE steps ADD COLUMN cache_live_bytes BIGINT",
     ],
+    5: [  # what a user should know about a run (a cache budget the context never reaches, ...): summary's warnings
+        "ALTER TABLE runs ADD COLUMN warnings VARCHAR[]",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -96,7 +99,7 @@ VIEWS = [
         spec, prompt, n_prompt_tokens, n_new_tokens, tok_per_s, decode_tok_per_s, ttft_s, total_s,
         target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
         finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step,
-        simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance,
+        simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance, warnings,
         json_extract_string(provenance, '$.commit') AS commit,
         {_BACKENDS} AS backend
     FROM runs""",

@@ -83,7 +83,7 @@ def run_row(trace: Trace) -> dict[str, Any]:
                     "peak_cache_bytes", "finish_reason", "lossless", "alpha", "predicted_tokens_per_step",
                     "tokens_per_step"):
             row[key] = summary[key]
-        for key in ("simulated", "warm_start", "cache_live_bytes", "peak_cache_live_bytes"):
+        for key in ("simulated", "warm_start", "cache_live_bytes", "peak_cache_live_bytes", "warnings"):
             row[key] = summary.get(key)  # NULL until the trace's summary carries them
         provenance = summary.get("provenance")
         row["provenance"] = None if provenance is None else json.dumps(provenance, default=str)

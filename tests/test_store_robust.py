@@ -193,11 +193,12 @@ def test_a_version_3_store_migrates_and_gains_the_new_columns(tmp_path, wb):
     con.close()
     with Reader(path) as reader:  # a reader migrates it (through a writer, once) and reads on
         rows = reader.query("SELECT run_id, simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, "
-                            "provenance, commit, backend FROM run_summary").to_pylist()
+                            "provenance, commit, backend, warnings FROM run_summary").to_pylist()
     assert rows == [{"run_id": "old", "simulated": None, "warm_start": None, "cache_live_bytes": None,
-                     "peak_cache_live_bytes": None, "provenance": None, "commit": None, "backend": None}]
+                     "peak_cache_live_bytes": None, "provenance": None, "commit": None, "backend": None,
+                     "warnings": None}]
     with Store(path) as store:
-        assert store.con.execute("SELECT max(version) FROM schema_version").fetchall() == [(4,)]
+        assert store.con.execute("SELECT max(version) FROM schema_version").fetchall() == [(writer.SCHEMA_VERSION,)]
         assert "cache_live_bytes" in [r[0] for r in store.con.execute("DESCRIBE steps").fetchall()]
 
 

@@ -148,6 +148,7 @@ class Workbench:
                       weight_bytes=loaded.weight_bytes(),
                       simulated=[r.name for r in loaded.compression if r.simulated]
                       + [p.technique_name for p in engine.policies if p.simulated],
+                      warnings=engine.warnings(ids),
                       provenance=provenance(loaded.model, loaded.device, loaded.dtype))
         if trace_out is not None:
             trace_out.append(trace)

@@ -129,6 +129,11 @@ class Engine:
             raise PromptError(f"the prompt has {len(prompt_ids)} tokens but the model's context window is "
                               f"{context}; shorten it to at most {context - 1} tokens")
 
+    def warnings(self, prompt_ids: list[int]) -> list[str]:
+        """What the cache policies say a user should know about a run of this prompt (CachePolicy.warnings)."""
+        new = max(min(self.spec.max_new_tokens, self.model.config.context_window - len(prompt_ids)), 0)
+        return [w for policy in self.policies for w in policy.warnings(len(prompt_ids), new)]
+
     @torch.inference_mode()
     def run(self, prompt_ids: list[int]) -> Iterator[StepEvent]:
         """Prefill, then decode until EOS, a stop string, max_new_tokens or the context limit."""

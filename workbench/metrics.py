@@ -18,6 +18,8 @@ Definitions:
   says nothing about what the format could reach.
 - warm_start: whether a drafter started from state kept from earlier runs (opt-in, e.g. token recycling's
   hot_start), so the run's acceptance depends on what ran before it.
+- warnings: what a user should know before trusting the run's figures, in plain words (a cache policy whose
+  budget the context never reaches evicts nothing; one that degenerates into a sliding window on this prompt).
 - cache_bytes / peak_cache_bytes: what the process holds for the KV cache (its tensors' storages, spare
   capacity included), at the end and at its largest; cache_live_bytes / peak_cache_live_bytes: what the tokens
   held take in their stored form (a quantized or evicting policy's saving shows here first).
@@ -65,6 +67,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "lossless": trace.spec.lossless,
         "simulated": list(trace.simulated),
         "warm_start": trace.warm_start,
+        "warnings": list(trace.warnings),
         "provenance": trace.provenance,
         **chain_acceptance(trace),
     }

@@ -28,6 +28,7 @@ class Trace:
     error: str | None = None
     simulated: list[str] = field(default_factory=list)  # techniques whose speed is simulated (no kernel runs them)
     warm_start: bool = False  # a drafter started from state kept from earlier runs (opt-in: hot_start)
+    warnings: list[str] = field(default_factory=list)  # what a user should know about the run (Engine.warnings)
     provenance: dict[str, Any] = field(default_factory=dict)  # commit, machine, versions, backends (provenance.py)
 
     @property

@@ -247,6 +247,12 @@ class CachePolicy:
         """Return a layer cache, or None to leave the storage form to the previous policy."""
         return None
 
+    def warnings(self, prompt_tokens: int, new_tokens: int) -> list[str]:
+        """What a user should know before trusting this run's figures, in plain words: a budget the context
+        never reaches (nothing is evicted), or a choice that degenerates on this prompt. `new_tokens` is the
+        most the run can generate. The engine puts them in the run's summary (`warnings`)."""
+        return []
+
     def on_cache_built(self, cache: KVCache) -> None:
         """Called once every layer cache exists, before the prefill: attach attention observers here, and
         refuse (SpecError) a storage form this policy cannot work with."""

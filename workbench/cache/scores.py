@@ -262,6 +262,17 @@ class BudgetEviction(CachePolicy):
         """Tokens a layer keeps after `context` tokens seen."""
         return kept_tokens(context, self.absolute(), self.fraction)
 
+    def warnings(self, prompt_tokens: int, new_tokens: int) -> list[str]:
+        if self.fraction:
+            return []
+        reach = prompt_tokens + (new_tokens if self.continuous else 0)
+        if reach <= self.absolute():
+            what = (f"the prompt's {prompt_tokens} tokens + {new_tokens} new" if self.continuous
+                    else f"the prompt's {prompt_tokens} tokens (continuous=false)")
+            return [f"{self.technique_name}: its budget of {self.absolute()} tokens is at least {what}, so this run "
+                    "evicts nothing and keeps the full cache; give a smaller budget (or fraction=) to see it evict"]
+        return []
+
     def on_cache_built(self, cache: KVCache) -> None:
         """An absolute budget enforced while decoding bounds every layer at the budget plus one step's spare slots
         once the prompt is in: dense buffers are cut to that before the prefill (a longer prompt grows them for

@@ -44,6 +44,17 @@ class SnapKVPolicy(CachePolicy):
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel={self.kernel} must be odd, so that pooling keeps every token's place")
 
+    def warnings(self, prompt_tokens: int, new_tokens: int) -> list[str]:
+        keep = kept_tokens(prompt_tokens, self.budget, self.fraction)
+        if keep >= prompt_tokens:
+            return [f"snapkv: its budget keeps all {prompt_tokens} prompt tokens (budget={self.budget}), so this run "
+                    "evicts nothing; give a longer prompt or a smaller budget (or fraction=) to see it evict"]
+        if keep <= min(self.window, prompt_tokens):
+            return [f"snapkv: the {keep} tokens kept per head all fall in the observation window (window="
+                    f"{self.window}), so every head keeps the same last {keep} prompt tokens: a sliding window, "
+                    "the votes choose nothing; lower window or give a longer prompt"]
+        return []
+
     def on_cache_built(self, cache: KVCache) -> None:
         self._votes = attach_each(cache, lambda: WindowVote(self.window))
 

@@ -91,7 +91,7 @@ def load_trace(query: Query, run_id: str) -> Trace:
                  dtype=str(run["dtype"]).removeprefix("torch."), device=run["device"], hardware=run["hardware"] or "",
                  weight_bytes=run["weight_bytes"] or 0, run_id=rid,
                  created_at=created.timestamp() if created is not None else 0.0, events=events,
-                 status=run["status"], error=run["error"])
+                 status=run["status"], error=run["error"], warnings=list(run.get("warnings") or []))
 
 
 def _attach_cache(event: StepEvent, rows: list[dict]) -> None:
