@@ -150,3 +150,18 @@ def test_embedded_bf16_without_the_cpu_kernels_agrees_with_plain_decoding():
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"{len(LOSSLESS)} passed" in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not cpu_kernels.available(), reason="identity in bf16 needs the row-independent CPU kernels")
+def test_a_tree_wider_than_a_short_query_is_verified_row_by_row_exactly(embedded_bf16):
+    """Token recycling's paper tree verifies 81 nodes at once, more than the short-query limit (64 rows) below
+    which attention took the row-independent kernel; it once took the prefill's attention, which rounds
+    differently, and its output left plain decoding's at token 50 of this prompt."""
+    from workbench.eval.suite import suite
+
+    prompt = suite(["qa"], per_category=2)[1].prompt
+    plain = embedded_bf16.generate(prompt, "max_new_tokens=56")
+    ours = embedded_bf16.generate(prompt, "max_new_tokens=56;decode=token_recycling:preset=paper")
+    assert max(len(e.tree.tokens) if e.tree else 0 for e in ours.events) > 64
+    assert ours.token_ids == plain.token_ids

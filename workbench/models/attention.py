@@ -55,7 +55,9 @@ def attention(
     kernels = kernels or dispatch.kernels(q.device, q.dtype)
     if n_new == 1 and new_mask is None:  # one decoding step
         return kernels.attention(q, k, v)
-    if n_new <= SMALL_QUERY:  # a draft tree, a short chunk
+    if n_new <= SMALL_QUERY or new_mask is not None:
+        # a short chunk, or a draft tree of any size: a verified row must be computed as its one-row step would
+        # be (the row-independent kernels), or a lossless drafter's greedy output could differ from plain's
         return kernels.tree_attention(q, k, v, new_mask, k.shape[1] - n_new)
     return kernels.prefill_attention(q, k, v, new_mask, k.shape[1] - n_new)
 
