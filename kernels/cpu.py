@@ -48,30 +48,37 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("WORKBENCH_KERNEL_CACHE", Path.home() / ".cache" / "workbench" / "kernels"))
 
 
-def _build() -> ctypes.CDLL | None:
-    global _reason
+def build_library(source: Path) -> tuple[Path | None, str]:
+    """`source` compiled into a shared library, cached by the source's and flags' hash: (its path, "") or
+    (None, why not, in plain words). Shared by every C file of the kernels (cpu_gemm.c, cpu_dfloat11.c)."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        _reason = "no C compiler was found (install gcc, or set CC)"
-        return None
+        return None, "no C compiler was found (install gcc, or set CC)"
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", *os.environ.get("WORKBENCH_KERNEL_FLAGS", "").split()]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gemm_{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}_{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: no half-written .so
                 built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+                result = subprocess.run([compiler, *flags, str(source), "-o", str(built)],
                                         capture_output=True, text=True)
                 if result.returncode != 0:
                     raise OSError(result.stderr)
                 built.replace(target)
         except OSError as err:  # no compiler that works, or nowhere to write: torch's paths still work
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            _reason = (f"they could not be built ({first}); set WORKBENCH_KERNEL_CACHE to a writable folder or "
-                       "fix the compiler")
-            return None
+            return None, (f"they could not be built ({first}); set WORKBENCH_KERNEL_CACHE to a writable folder or "
+                          "fix the compiler")
+    return target, ""
+
+
+def _build() -> ctypes.CDLL | None:
+    global _reason
+    target, _reason = build_library(SOURCE)
+    if target is None:
+        return None
     # torch has loaded its OpenMP runtime already; the library binds to that one (same soname), so the two
     # share one thread pool.
     try:

@@ -41,6 +41,24 @@ def test_decoding_is_bit_exact(shape):
     assert torch.equal(bits(m.rows(ids)), bits(w[ids]))
 
 
+@pytest.mark.parametrize("shape", [(960, 576), (3, 7)])
+def test_the_c_decoder_gives_the_torch_decoders_bits(shape, monkeypatch):
+    from workbench.compression import dfloat11
+    from workbench.kernels import cpu_dfloat11
+
+    assert cpu_dfloat11.available(), cpu_dfloat11.unavailable_reason()  # a C compiler is part of the set-up
+    w = (torch.randn(shape) * 0.02).bfloat16()
+    w[0, 0], w[-1, -1] = float("-inf"), 0.0
+    m = DFloat11Linear(w, None)
+    ids = torch.tensor([shape[0] - 1, 0])
+    assert not m.simulated
+    ours, our_rows = m.dequantized_weight(), m.rows(ids)
+    monkeypatch.setattr(dfloat11.cpu_dfloat11, "available", lambda: False)  # the torch decoder
+    assert m.simulated
+    assert torch.equal(bits(ours), bits(m.dequantized_weight())) and torch.equal(bits(ours), bits(w))
+    assert torch.equal(bits(our_rows), bits(m.rows(ids))) and torch.equal(bits(our_rows), bits(w[ids]))
+
+
 def test_size_is_about_70_percent_of_bf16():
     w = (torch.randn(1536, 576) * 0.02).bfloat16()
     assert DFloat11Linear(w, None).weight_nbytes() <= 0.72 * w.numel() * 2

@@ -13,6 +13,7 @@ import torch
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
 from workbench.errors import SpecError
+from workbench.kernels import cpu_dfloat11
 from workbench.models.packed_linear import packed_product
 from workbench.registry import param, register
 
@@ -100,9 +101,16 @@ class DFloat11Linear(CompressedLinear):
     Buffers: `sign_mantissa` uint8 [out * in], `words` int32 (the exponent bit stream), `offsets` int32
     (where each block of `block` exponents starts; blocks tile rows, so a row decodes on its own) and the
     canonical code table (`first`, `entry`). forward decodes the whole weight (bit-exact) and runs F.linear.
-    Marked simulated: torch ops stand in for a decoding kernel, so its speed is not the format's."""
+    On the CPU the decode is a C kernel (`workbench.kernels.cpu_dfloat11`: blocks in parallel over the cores);
+    elsewhere, or without a C compiler, vectorised torch ops stand in for a decoding kernel, and the layer is
+    marked simulated (its speed is not the format's)."""
 
-    simulated = True
+    @property
+    def simulated(self) -> bool:
+        return not self._c_decoder()
+
+    def _c_decoder(self) -> bool:
+        return self.words.is_cpu and cpu_dfloat11.available()
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -138,6 +146,9 @@ class DFloat11Linear(CompressedLinear):
         return torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits).to(torch.int16).view(torch.bfloat16)
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self._c_decoder():
+            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets, self.lut(), self.block, self.sign_mantissa)
+            return weight.view(self.out_features, self.in_features)
         exponent = decode(self.words, self.offsets, self.lut(), self.block)
         return self._bf16(exponent.reshape(self.out_features, self.in_features),
                           self.sign_mantissa.view(self.out_features, self.in_features))
@@ -145,6 +156,10 @@ class DFloat11Linear(CompressedLinear):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         per_row = self.in_features // self.block
         blocks = (ids[:, None] * per_row + torch.arange(per_row, device=ids.device)).flatten()
+        if self._c_decoder():
+            sign_mantissa = self.sign_mantissa.view(self.out_features, self.in_features)[ids]
+            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets[blocks], self.lut(), self.block, sign_mantissa)
+            return weight.view(len(ids), self.in_features)
         exponent = decode(self.words, self.offsets[blocks], self.lut(), self.block)
         return self._bf16(exponent.reshape(len(ids), self.in_features),
                           self.sign_mantissa.view(self.out_features, self.in_features)[ids])
@@ -166,10 +181,12 @@ class DFloat11(WeightTransform):
     A bf16 weight's 8 exponent bits carry about 2.6 bits of information, so each layer's exponents are
     Huffman-coded (canonical code, at most 12 bits, one code per layer) while sign and mantissa stay raw
     bytes. Exponents are split into blocks with recorded bit offsets (the paper's gap array), so all blocks
-    decode in parallel: here a vectorised torch CPU decoder, one symbol per block per step through a 4096-entry
-    lookup table. Each layer decodes its whole weight before every use and outputs are bit-for-bit those of
-    the bf16 model. A tied embedding reads only the blocks of the rows it looks up. Slow on CPU (a decode of
-    every weight per forward: report its tok/s as such). Left out: the paper's GPU kernel (hierarchical
+    decode in parallel: here a C kernel on the CPU (blocks spread over the cores, each through a 4096-entry
+    lookup table; `workbench.kernels.cpu_dfloat11`), or a vectorised torch decoder (one symbol per block per
+    step) where it cannot build or off the CPU. Each layer decodes its whole weight before every use and
+    outputs are bit-for-bit those of the bf16 model. A tied embedding reads only the blocks of the rows it
+    looks up. Every forward decodes every weight, so a step costs a decode of the model on top of the bf16
+    product (docs/compression.md has the decoder's speed). Left out: the paper's GPU kernel (hierarchical
     lookup tables in shared memory, decompression of a whole transformer block at once; see the kernels issue).
     """
 
