@@ -41,12 +41,13 @@ class Race:
     specs: RunSpecs, spec strings (`"decode=prompt_lookup:k=8"`) or SpecBuilders, one to four.
     wb: the Workbench to run on (default: one per `model`, kept for the notebook's life).
     overrides: spec fields applied to every configuration (e.g. `max_new_tokens=64`, `ignore_eos=True`).
-    every_s: seconds between screen updates (0: after every round of steps).
+    every_s: seconds between screen updates of the text and figures lines (0: after every round of steps).
+    figure_every_s: seconds between updates of the speed-and-memory figure, which costs more to redraw.
     on_update: called with the race after each screen update, in the race's thread.
     """
 
     def __init__(self, prompt: Prompt, specs: Sequence[RunSpec | str | Any], *, wb: Workbench | None = None,
-                 model: str | None = None, every_s: float = 0.25, start: bool = True,
+                 model: str | None = None, every_s: float = 0.25, figure_every_s: float = 1.0, start: bool = True,
                  on_update: Callable[[Race], None] | None = None, **overrides: Any):
         # a SpecBuilder as its string: the fields it leaves at their defaults (the model) are the race's
         specs = [s.spec.to_string() if hasattr(s, "spec") and not isinstance(s, RunSpec | str) else s for s in specs]
@@ -54,13 +55,15 @@ class Race:
             raise ValueError(f"a race takes one to {MAX_SPECS} configurations; got {len(specs)}")
         self.wb = wb if wb is not None else workbench_for(model)
         self.specs = [self.wb.spec(s, **overrides) for s in specs]  # a bad spec fails here, with its message
-        self.prompt, self.every_s, self.on_update = prompt, every_s, on_update
+        self.prompt, self.every_s, self.figure_every_s, self.on_update = prompt, every_s, figure_every_s, on_update
+        self._figure_at = 0.0  # when the figure was last redrawn
         self.label = token_labeler(self.wb.model(dataclasses.replace(self.specs[0], compress=[])))
         self.lanes: list[Lane] = []
         self.error: str | None = None
         self.rounds = 0  # rounds of steps run
         self.updates = 0  # screen updates sent
         self.tokens_shown = 0  # tokens appended to the token streams
+        self.started_s = self.ended_s = 0.0  # time.perf_counter() at the start and the end of the race
         self._stop = False
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,8 +115,13 @@ class Race:
         self._done.wait(timeout)
         return self.traces
 
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds from the start to the end of the race (so far, while it runs)."""
+        return ((self.ended_s or time.perf_counter()) - self.started_s) if self.started_s else 0.0
+
     def _run(self) -> None:
-        last = 0.0
+        last, self.started_s = 0.0, time.perf_counter()
         try:
             for lanes in race(self.wb, self.prompt, self.specs, lambda i: self._stop):
                 self.lanes, self.rounds = lanes, self.rounds + 1
@@ -127,6 +135,7 @@ class Race:
             try:
                 self._show(final=True)
             finally:
+                self.ended_s = time.perf_counter()
                 self._done.set()
 
     def _show(self, final: bool = False) -> None:
@@ -140,8 +149,11 @@ class Race:
                 if final:  # whether each token's KV entry is still held is known now
                     stream.reset(tokens_html(lane.trace, self.label))
             stats.value = markdown_html(stats_markdown(lane.trace, html.escape(status)))
-        named = [(s.to_string(), lane.trace) for s, lane in zip(self.specs, self.lanes)]
-        set_figure(self.timeline, timeline_figure(named))
+        now = time.perf_counter()
+        if final or now - self._figure_at >= self.figure_every_s:
+            named = [(s.to_string(), lane.trace) for s, lane in zip(self.specs, self.lanes)]
+            set_figure(self.timeline, timeline_figure(named))
+            self._figure_at = now
         self.updates += 1
         if final:
             self.status.value = "stopped" if self._stop else ("error: " + html.escape(self.error)

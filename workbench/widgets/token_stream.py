@@ -49,6 +49,8 @@ class TokenStream(anywidget.AnyWidget):
         super().__init__(**kwargs)
         self._head, self._parts = html, []
         self.appends = 0  # append messages sent
+        self.sent_chars = 0  # HTML characters sent (appends and resets)
+        self.resend_chars = 0  # what an HTML widget would have sent: the whole text at every update
         self.on_msg(self._on_message)
 
     @property
@@ -60,10 +62,14 @@ class TokenStream(anywidget.AnyWidget):
         if html:
             self._parts.append(html)
             self.appends += 1
+            self.sent_chars += len(html)
+            self.resend_chars += sum(map(len, self._parts)) + len(self._head)
             self.send({"type": "append", "html": html})
 
     def reset(self, html: str) -> None:
         self._head, self._parts = html, []
+        self.sent_chars += len(html)
+        self.resend_chars += len(html)
         self.send({"type": "reset", "html": html})
 
     def _on_message(self, widget: Any, content: dict, buffers: Any) -> None:
