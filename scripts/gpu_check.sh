@@ -7,6 +7,8 @@
 #                                         # keeps part_a in /tmp
 #   bash scripts/gpu_check.sh bench       # call 2, at once, carrying .whl and .gpu_model/part_b: joins the
 #                                         # GGUF and runs the real model's benchmarks against transformers
+#   bash scripts/gpu_check.sh kernels     # one call, nothing carried: the Triton kernels' CUDA tests and their
+#                                         # microbenchmarks (scripts/triton_bench.py, docs/kernels.md)
 #
 # .whl/ holds the gguf wheel (the machine cannot reach PyPI). Results go under $OUT.
 set -uo pipefail
@@ -21,7 +23,9 @@ if [ "${1:-}" = prepare ]; then
     exit 0
 fi
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+if [ "${1:-}" != kernels ]; then  # the kernels need no model, so no gguf wheel
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 # kernels/, store/ and apps/ install as subpackages of workbench (pyproject's package-dir); from the bare
 # source tree that the device gets, links give the same import paths.
@@ -31,6 +35,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 case "${1:-}" in
+kernels)
+    python3 -c "import triton; print('triton', triton.__version__)" || exit 1
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_kernel_dispatch.py 2>&1 \
+        | tee "$OUT/triton_cuda_tests.txt" | tail -15
+    python3 scripts/triton_bench.py --json "$OUT/triton_kernels_gpu.json" 2>&1 | tee "$OUT/triton_bench.txt"
+    ;;
 tests)
     mkdir -p /tmp/wbmodel && cp .gpu_model/part_a /tmp/wbmodel/part_a
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_matrix.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
@@ -51,6 +61,6 @@ bench)
         --json "$OUT/suite_gpu.json" --plot "$OUT/suite_gpu.png" 2>&1 | grep -v "bench:" | tail -30
     ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|tests|bench"; exit 2
+    echo "usage: bash scripts/gpu_check.sh prepare|tests|bench|kernels"; exit 2
     ;;
 esac

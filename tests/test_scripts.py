@@ -6,6 +6,7 @@ and prints what it measures."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -191,6 +192,22 @@ def test_token_recycling_steps(script):
 def test_gpu_profile(script):
     out = script("gpu_profile", "--device", "cpu", "--tokens", "4", "--top", "3")
     assert "transformers generate" in out
+
+
+def test_dfloat11_decode_speed(script):
+    out = script("dfloat11_decode_speed", "--shapes", "64x128", "--repeats", "1", "--tokens", "0")
+    assert "64x128: C" in out and "bit-exact True" in out
+
+
+def test_triton_bench():
+    """The GPU benchmark's code on tiny shapes in Triton's interpreter (a subprocess: the mode is set before
+    Triton is imported); its figures need a GPU (scripts/gpu_check.sh kernels)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    path = SCRIPTS / ("triton_bench" + ".py")
+    run = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0 and "smoke run: 9 rows" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_widget_rate(script):

@@ -1,0 +1,158 @@
+"""The Triton kernels on a GPU against the torch reference, in one run: achieved GB/s, share of the GPU's peak
+bandwidth and the ratio to the reference (the same operation through kernels/backend_torch.py, or for the
+quantized caches the reference's dequantize-then-attend), at the issue's shapes.
+
+    python3 scripts/triton_bench.py --json docs/results/triton_kernels_gpu.json    # on a CUDA machine
+
+- weight-only products: 4096x4096, 14336x4096 and 4096x14336 weights (out x in), 1 and 8 activation rows,
+  int8 and int4 (group 128); the dense bf16 cuBLAS product of the same shape is timed too.
+- decode attention over a dense cache, KIVI 2- and 4-bit codes and Mustafar's bitmaps (50% sparsity): 4k,
+  16k and 32k cached tokens, 32 query heads of 128 dims over 8 kv heads; tree attention of 16 rows.
+Bytes counted are what the kernel must read (weights or cache, in their stored form); times are triton's
+do_bench medians. Needs a CUDA GPU: without one it stops and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+PEAK_GBS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "L4": 300, "RTX 4090": 1008}
+
+
+def peak_for(name: str) -> float | None:
+    return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+
+
+def row(kind, shape, nbytes, ours_ms, reference_ms, peak, **extra):
+    gbs = nbytes / ours_ms / 1e6
+    out = {"kernel": kind, "shape": shape, "bytes": nbytes, "triton_ms": round(ours_ms, 4),
+           "reference_ms": round(reference_ms, 4), "speedup": round(reference_ms / ours_ms, 2),
+           "triton_gbs": round(gbs, 1), "share_of_peak": round(gbs / peak, 3) if peak else None, **extra}
+    print(f"{kind:18} {str(shape):28} {gbs:8.1f} GB/s  {out['share_of_peak'] or '-'} of peak  "
+          f"{out['speedup']}x the reference")
+    return out
+
+
+def dequantized_int4_product(x, codes, scales, offsets):
+    """The reference off the CPU (torch has no CUDA int4 product here): dequantize, then a dense product."""
+    group = codes.shape[1] // scales.shape[1]
+    weight = codes.float() * scales.float().repeat_interleave(group, 1) + offsets.float().repeat_interleave(group, 1)
+    return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+
+def decoded_attention(codec, q, tok, grouped, raw_k, raw_v):
+    """The caches' reference path: every compressed token dequantized, then attention over it and the window."""
+    ck, cv = codec.decode(tok, grouped)
+    return backend_torch_attention(q, torch.cat([ck.to(q.dtype), raw_k], 1), torch.cat([cv.to(q.dtype), raw_v], 1))
+
+
+def backend_torch_attention(q, k, v):
+    from workbench.kernels import backend_torch
+
+    return backend_torch.attention(q, k, v)
+
+
+def linear_rows(bench, peak, device, shapes):
+    from workbench.compression.int4 import quantize_rtn_int4
+    from workbench.compression.int8 import quantize_int8
+    from workbench.kernels import backend_torch, backend_triton
+
+    rows, b16 = [], torch.bfloat16
+    for n, k in shapes:
+        w = torch.randn(n, k, device=device) * 0.02
+        codes, scales = quantize_int8(w, b16)
+        c4, s4, o4 = quantize_rtn_int4(w, 128, b16)
+        p8 = backend_triton.pack_int8(codes, scales)
+        p4 = backend_triton.pack_int4(c4, s4, o4, b16)
+        dense = w.to(b16)
+        for m in (1, 8):
+            x = torch.randn(m, k, device=device, dtype=b16)
+            cublas = bench(torch.nn.functional.linear, x, dense)
+            ours = bench(backend_triton.linear_int8, x, *p8, None)
+            ref = bench(backend_torch.linear_int8, x, codes, scales, None)
+            rows.append(row("linear_int8", [m, n, k], n * k + 2 * n, ours, ref, peak, cublas_bf16_ms=round(cublas, 4)))
+            ours = bench(backend_triton.linear_int4, x, *p4, 128, None)
+            ref = bench(dequantized_int4_product, x, c4, s4, o4)
+            rows.append(row("linear_int4", [m, n, k], n * k // 2 + 4 * n * k // 128, ours, ref, peak,
+                            reference="dense bf16 of the dequantized weight", cublas_bf16_ms=round(cublas, 4)))
+    return rows
+
+
+def attention_rows(bench, peak, device, lengths, heads=32, kv=8, d=128):
+    from workbench.cache.kivi import KiviCodec
+    from workbench.cache.mustafar import MustafarCodec
+    from workbench.kernels import backend_torch, triton_attention, triton_kivi, triton_mustafar
+
+    rows, b16 = [], torch.bfloat16
+    for s in lengths:
+        k, v = (torch.randn(kv, s, d, device=device, dtype=b16) for _ in range(2))
+        q = torch.randn(1, heads, d, device=device, dtype=b16)
+        dense_bytes = 2 * kv * s * d * 2
+        rows.append(row("attention", [heads, kv, s, d], dense_bytes, bench(triton_attention.attention, q, k, v),
+                        bench(backend_torch.attention, q, k, v), peak))
+        qt = torch.randn(16, heads, d, device=device, dtype=b16)
+        rows.append(row("tree_attention", [16, heads, kv, s, d], dense_bytes,
+                        bench(triton_attention.tree_attention, qt, k, v, None, s - 16),
+                        bench(backend_torch.tree_attention, qt, k, v, None, s - 16), peak))
+        n = s - 64  # coded tokens, a 64-token raw window
+        raw_k, raw_v = k[:, n:], v[:, n:]
+        for bits in (2, 4):
+            codec = KiviCodec(bits, 64, min(64, d))
+            tok, grp = codec.encode(k[:, :n].reshape(kv, n // 64, 64, d), v[:, :n].reshape(kv, n // 64, 64, d))
+            held = sum(t.numel() * t.element_size() for t in (*tok.values(), *grp.values()))
+            grouped = {name: t.repeat_interleave(64, 1) for name, t in grp.items()}
+            rows.append(row(f"kivi_{bits}bit", [heads, kv, s, d], held + 2 * kv * 64 * d * 2,
+                            bench(triton_kivi.kivi_attention, q, tok, grp, None, bits, 64, codec.channels, raw_k,
+                                  raw_v),
+                            bench(decoded_attention, codec, q, tok, grouped, raw_k, raw_v), peak))
+        codec = MustafarCodec(d, 0.5, b16)
+        tok, _ = codec.encode(k[:, :n].reshape(kv, n, 1, d), v[:, :n].reshape(kv, n, 1, d))
+        held = sum(t.numel() * t.element_size() for t in tok.values())
+        rows.append(row("mustafar_50pct", [heads, kv, s, d], held + 2 * kv * 64 * d * 2,
+                        bench(triton_mustafar.mustafar_attention, q, tok, raw_k, raw_v),
+                        bench(decoded_attention, codec, q, tok, {}, raw_k, raw_v), peak))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    parser.add_argument("--peak-gbs", type=float, help="the GPU's memory bandwidth (default: known GPUs' figure)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU tensors, timed once: checks the script in Triton's interpreter "
+                             "(TRITON_INTERPRET=1); its figures mean nothing")
+    args = parser.parse_args()
+    if args.smoke:
+        def once(fn, *args):
+            start = time.perf_counter()
+            fn(*args)
+            return (time.perf_counter() - start) * 1e3
+
+        rows = linear_rows(once, None, "cpu", [(128, 256)]) + attention_rows(once, None, "cpu", [256], 4, 2, 32)
+        print(f"smoke run: {len(rows)} rows")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("triton_bench measures the Triton kernels on a CUDA GPU, and none is visible here")
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name()
+    peak = args.peak_gbs or peak_for(name)
+
+    def bench(fn, *args):
+        return do_bench(lambda: fn(*args), warmup=10, rep=50)
+
+    print(f"{name}, peak {peak or 'unknown'} GB/s")
+    rows = linear_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096), (4096, 14336)])
+    rows += attention_rows(bench, peak, "cuda", [4096, 16384, 32768])
+    result = {"gpu": name, "peak_gbs": peak, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

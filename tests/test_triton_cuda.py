@@ -1,0 +1,71 @@
+"""The Triton kernels compiled for a CUDA GPU: every operation of kernels/backend_triton.py on the dispatch
+test's inputs against the exact result, the quantized-cache kernels against their caches' reference, and a
+model whose kernels dispatch picks on CUDA. Runs where a GPU is present (scripts/gpu_check.sh kernels); without
+one it is skipped, and tests/test_triton_kernels.py checks the same kernels in Triton's interpreter."""
+
+import pytest
+import torch
+
+from .test_kernel_dispatch import case, close, exact_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+triton = pytest.importorskip("triton")
+
+
+def cuda(x):
+    if isinstance(x, torch.Tensor):
+        return x.cuda()
+    return tuple(cuda(t) for t in x) if isinstance(x, tuple) else x
+
+
+@pytest.mark.parametrize("operation", ["linear_int8", "linear_int4", "attention", "tree_attention", "rms_norm",
+                                       "add_rms_norm", "rope", "swiglu"])
+def test_each_triton_operation_on_the_gpu(operation):
+    from workbench.kernels import backend_triton
+
+    assert not backend_triton.interpreting() and backend_triton.supports(operation, torch.device("cuda"),
+                                                                         torch.bfloat16)
+    args, exact = case(operation, backend_triton)
+    args = tuple(cuda(a) for a in args)
+    assert getattr(backend_triton, f"{operation}_fits")(*args)
+    ours = getattr(backend_triton, operation)(*args)
+    if operation == "add_rms_norm":
+        assert close(ours[0].cpu(), exact[0]) and close(ours[1].cpu(), exact[1])
+    else:
+        assert close(ours.cpu(), exact, 2**-6 if "attention" in operation else 2**-7)
+
+
+def test_quantized_cache_kernels_on_the_gpu():
+    from workbench.cache.kivi import KiviCodec
+    from workbench.cache.mustafar import MustafarCodec, MustafarLayerCache
+    from workbench.cache.quantized import CompressedLayerCache
+    from workbench.kernels import triton_kivi, triton_mustafar
+
+    dev, b16 = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 64, dtype=b16, device=dev)
+    for layer in (CompressedLayerCache(KiviCodec(2, 32, 32), 2, 64, b16, dev, 512, residual=32),
+                  MustafarLayerCache(MustafarCodec(64, 0.5, b16), 2, 64, b16, dev, 512, residual=16)):
+        layer.append(*torch.randn(2, 2, 300, 64, dtype=b16, device=dev), torch.arange(300, device=dev))
+        layer.commit()
+        layer.append(*torch.randn(2, 2, 1, 64, dtype=b16, device=dev), torch.tensor([300], device=dev))
+        k, v = layer.view()
+        kernel = triton_kivi.kivi_layer_attention if isinstance(layer.codec, KiviCodec) else \
+            triton_mustafar.mustafar_layer_attention
+        assert close(kernel(q, layer).cpu(), exact_attention(q.cpu(), k.cpu(), v.cpu(), None), 2**-6)
+
+
+def test_a_model_on_the_gpu_runs_the_triton_kernels():
+    from workbench.engine import build_cache
+    from workbench.kernels import dispatch
+    from workbench.models.random import random_model
+
+    dispatch.reset()
+    model = random_model("smollm", dtype=torch.bfloat16).cuda()
+    cache = build_cache(model, [], 64)
+    with dispatch.recording() as used, torch.inference_mode():
+        model(torch.arange(8, device="cuda"), torch.arange(8, device="cuda"), cache)
+        cache.commit()
+        model(torch.tensor([3], device="cuda"), torch.tensor([8], device="cuda"), cache)
+    ran = dispatch.backends_used(used)
+    assert {op for op, name in ran.items() if name == "triton"} >= {"rms_norm", "rope", "swiglu", "attention"}, ran
