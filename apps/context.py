@@ -16,6 +16,7 @@ from workbench.views.tokens import token_labeler
 
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused before tokenizing (the context window is checked after)
 MAX_COLUMNS = 4
+MAX_NEW_TOKENS = 1024  # the app's max new tokens control goes up to this; larger requests are clamped, saying so
 
 
 @dataclass

@@ -19,14 +19,18 @@ from workbench.views.kv import METRICS, shape
 from workbench.views.live import LiveText, race
 from workbench.views.tokens import kept_mask_html, stats_markdown, tokens_html
 
-from .context import MAX_COLUMNS, MAX_PROMPT_CHARS, AppContext
+from .context import MAX_COLUMNS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, AppContext
 from .controls import ColumnControls, build_column_controls, wire_column_controls
 
 DEFAULT_SPECS = ["decode=plain", "decode=prompt_lookup", "decode=token_recycling", "decode=plain;temperature=0.7"]
-TEXT_EVERY_S = 0.25  # at most four screen updates a second while tokens stream
-# While tokens stream, each update redraws one group of views in turn (indexes into `view_outputs`: tree and
-# slider, acceptance, tokens per step, speed and memory, KV heatmap and kept mask), so no update carries
-# more than one figure for the browser to draw; after the race each group comes as its own update.
+TEXT_EVERY_S = 0.25  # at most four token updates a second while tokens stream
+VIEW_EVERY_S = 1.0  # and at most one redrawn figure a second, in an update of its own
+# Groups of views (indexes into `view_outputs`: tree, acceptance, tokens per step, speed and memory, KV
+# heatmap and kept mask, step slider). While tokens stream, one group is redrawn at a time, in turn, never in
+# the same update as the tokens: a browser draws each update in one task, and a Plotly redraw beside three
+# columns of tokens made tasks of 200-300 ms (docs/app.md, "Rendering"). After the race each group comes
+# as its own update, the slider with the tree.
+LIVE_GROUPS = ((0,), (1,), (2,), (3,), (4, 5))
 VIEW_GROUPS = ((0, 6), (1,), (2,), (3,), (4, 5))
 
 
@@ -76,6 +80,18 @@ class GenerateTab:
     def view_inputs(self) -> list[Any]:
         return [self.runs, self.view_column, self.step, self.metric, self.layer, self.head]
 
+
+# On a narrow screen the columns stack; each column's controls would then stand between one column's tokens
+# and the next. The columns' boxes dissolve there (display: contents) so that every column's controls come
+# first and the race's outputs follow one another, each labelled and edged in its column's colour.
+LAYOUT_CSS = """
+@media (max-width: 640px) {
+  #wb-columns {flex-direction: column}
+  #wb-columns > .wb-column:not(.hidden) {display: contents}
+  #wb-columns .wb-column-controls {order: 1}
+  #wb-columns .wb-column-output {order: 2}
+""" + "".join(f"  #wb-tokens-{i + 1}::before {{content: 'configuration {i + 1}'; font-weight: 600; font-size: 13px}}\n"
+              for i in range(MAX_COLUMNS)) + "}\n"
 
 MAX_LINK_PROMPT = 6000  # characters of the URL-encoded prompt a comparison link carries
 
@@ -257,27 +273,28 @@ def make_generate(ctx: AppContext):
                 gr.Warning(f"{entry['label']}: {entry['error']}")
         runnable = [i for i, e in enumerate(entries) if not e["error"]]
         chat_override = {} if chat else {"chat": False}
-        last_text, turn = 0.0, 0
+        last_text, last_view = 0.0, time.monotonic()  # tokens show at once, the first view a second later
+        turn = 0
         screen = Screen(3 * MAX_COLUMNS + 9)
         texts = [LiveText(label_for(ctx, None)) for _ in entries]
         stream = race(ctx.wb, prompt, [lanes_specs[i] for i in runnable],
                       lambda lane: ctx.stopped(session, runnable[lane]),
                       max_new_tokens=int(max_new_tokens), **chat_override)
-        status = "running"
+        no_columns, no_views = [gr.skip()] * (3 * MAX_COLUMNS), [gr.skip()] * 7
         for lanes in stream:
             for lane in lanes:
                 entry = entries[runnable[lane.index]]
                 entry.update(trace=lane.trace, status=lane.status, error=lane.error)
             now = time.monotonic()
-            if now - last_text < TEXT_EVERY_S:
-                continue
-            last_text = now
-            group = VIEW_GROUPS[turn % len(VIEW_GROUPS)]
-            turn += 1
-            yield screen.show(live_column_values(ctx, entries, texts)
-                              + render_views(ctx, entries, view_column, None, metric, layer, head, live=True,
-                                             only=group)
-                              + [entries, f"{status}…"])
+            if now - last_text >= TEXT_EVERY_S:
+                last_text = now
+                yield screen.show(live_column_values(ctx, entries, texts) + no_views + [entries, "running…"])
+            elif now - last_view >= VIEW_EVERY_S:
+                last_view = now
+                group = LIVE_GROUPS[turn % len(LIVE_GROUPS)]
+                turn += 1
+                yield screen.show(no_columns + render_views(ctx, entries, view_column, None, metric, layer, head,
+                                                            live=True, only=group) + [entries, gr.skip()])
         for entry in entries:
             if entry["error"]:
                 gr.Warning(f"{entry['label']}: {entry['error']}")
@@ -307,22 +324,26 @@ def build_generate_tab(ctx: AppContext) -> GenerateTab:
                             scale=4, elem_id="wb-prompt")
         with gr.Column(scale=1):
             chat = gr.Checkbox(value=True, label="chat template (when the model has one)")
-            max_new_tokens = gr.Slider(1, 1024, value=64, step=1, label="max new tokens")
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="max new tokens",
+                                       info=f"1 to {MAX_NEW_TOKENS}, for every column (a link asking more is set to "
+                                            f"{MAX_NEW_TOKENS}, saying so)")
             n_columns = gr.Radio([1, 2, 3, 4], value=2, label="configurations side by side", elem_id="wb-column-count")
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id="wb-generate")
         stop_all = gr.Button("Stop all", variant="stop")
     status = gr.Markdown("", elem_id="wb-status")
     columns = []
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_id="wb-columns"):
         for i in range(MAX_COLUMNS):
-            with gr.Column(visible=i < 2, min_width=260) as box:
-                gr.Markdown(f"#### configuration {i + 1}")
-                controls = build_column_controls(i, DEFAULT_SPECS[i])
-                html = gr.HTML(elem_id=f"wb-tokens-{i + 1}")
-                stats = gr.Markdown(elem_id=f"wb-stats-{i + 1}")
-                links = gr.Markdown(elem_id=f"wb-links-{i + 1}")
-                stop = gr.Button(f"Stop {i + 1}", size="sm", variant="stop")
+            with gr.Column(visible=i < 2, min_width=260, elem_classes=["wb-column"]) as box:
+                with gr.Column(elem_classes=["wb-column-controls"]):
+                    gr.Markdown(f"#### configuration {i + 1}")
+                    controls = build_column_controls(i, DEFAULT_SPECS[i])
+                with gr.Column(elem_classes=["wb-column-output"]):
+                    html = gr.HTML(elem_id=f"wb-tokens-{i + 1}")
+                    stats = gr.Markdown(elem_id=f"wb-stats-{i + 1}")
+                    links = gr.Markdown(elem_id=f"wb-links-{i + 1}")
+                    stop = gr.Button(f"Stop {i + 1}", size="sm", variant="stop")
             columns.append(Column(controls, box, html, stats, links, stop))
     gr.Markdown("### Views")
     with gr.Row():

@@ -15,7 +15,7 @@ from workbench.errors import WorkbenchError
 from workbench.spec import RunSpec
 from workbench.views.replay import load_trace
 
-from .context import MAX_COLUMNS, AppContext
+from .context import MAX_COLUMNS, MAX_NEW_TOKENS, AppContext
 from .generate_tab import GenerateTab, column_values, render_views
 
 # After a run opens from the Runs tab, the address becomes its `?run=` link (read from the status line).
@@ -99,6 +99,10 @@ def open_specs(ctx: AppContext, tab: GenerateTab, params: dict[str, list[str]]) 
             max_new = int(params["max_new_tokens"][0])
         except ValueError:
             problems.append(f"max_new_tokens={params['max_new_tokens'][0]!r} is not a whole number")
+    if max_new is not None and not 1 <= max_new <= MAX_NEW_TOKENS:
+        clamped = max(1, min(max_new, MAX_NEW_TOKENS))
+        problems.append(f"max_new_tokens={max_new} is outside the app's 1 to {MAX_NEW_TOKENS}; set to {clamped}")
+        max_new = clamped
     if params.get("chat"):
         value = params["chat"][0].strip().lower()
         if value in CHAT_VALUES:
@@ -111,7 +115,7 @@ def open_specs(ctx: AppContext, tab: GenerateTab, params: dict[str, list[str]]) 
             gr.Warning(p)
         status = "**the link has problems:** " + "; ".join(problems)
     prompt = params["prompt"][0] if params.get("prompt") else gr.skip()
-    return ([gr.Tabs(selected="generate"), prompt, chat, gr.skip() if max_new is None else max(1, min(max_new, 1024)),
+    return ([gr.Tabs(selected="generate"), prompt, chat, gr.skip() if max_new is None else max_new,
              len(texts)] + boxes + [gr.skip()] * (MAX_COLUMNS - len(texts))
             + [gr.skip()] * len(tab.run_outputs()[:-1]) + [status])
 

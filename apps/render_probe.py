@@ -9,9 +9,12 @@ controls, so what is measured is what a user's browser does.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .context import MAX_COLUMNS
 
 INSTALL = """() => {
   const probe = {longtasks: [], updates: [], clicks: {}};
@@ -83,7 +86,10 @@ class RenderReport:
     token_appends: int = 0  # streamed edits of a column's tokens that append to what it shows
     token_replaces: int = 0  # and those that resend the whole text
     max_figures_per_update: int = 0  # the most figures one streamed update redrew
+    mixed_updates: int = 0  # streamed updates that redrew a figure and changed token text together
     received_kb: float = 0.0  # what the page received from the server's update stream during the race
+    longest_task_cpu_ms: float | None = None  # the most CPU time one browser task took (Chrome's trace; None: not
+    # traced). Unlike the wall-clock figures it does not grow when other processes hold the machine's cores
     stop_ms: float | None = None  # Stop all click to the last screen update that changed the number of tokens
     stop_done_ms: float | None = None  # Stop all click to the status saying done (every view drawn)
 
@@ -105,10 +111,24 @@ def set_up(page, url: str, columns: int, max_new_tokens: int, prompt: str | None
     page.wait_for_function(f"document.querySelectorAll('[id^=\"wb-tokens-\"]').length >= {columns}")
 
 
+def main_thread_tasks(trace: dict | list) -> list[tuple[float, float]]:
+    """(wall ms, CPU ms) of every task of the page's main thread in a Chrome trace (its RunTask events)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    mains = {(e["pid"], e["tid"]) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["args"].get("name") == "CrRendererMain"}
+    tasks: dict[tuple, list[tuple[float, float]]] = {m: [] for m in mains}
+    for e in events:
+        if e.get("name") == "RunTask" and (e.get("pid"), e.get("tid")) in tasks and "dur" in e:
+            tasks[(e["pid"], e["tid"])].append((e["dur"] / 1000, e.get("tdur", e["dur"]) / 1000))
+    return max(tasks.values(), key=lambda t: sum(w for w, _ in t), default=[])  # the page's renderer is busiest
+
+
 def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, prompt: str | None = None,
-                 stop_after_tokens: int | None = None, timeout_ms: int = 600_000) -> RenderReport:
+                 stop_after_tokens: int | None = None, timeout_ms: int = 600_000, trace: bool = True
+                 ) -> RenderReport:
     """Run one race in `page` and report its rendering. With `stop_after_tokens`, click Stop all once that
-    many tokens are on screen and report how long tokens kept appearing after the click."""
+    many tokens are on screen and report how long tokens kept appearing after the click. With `trace`, Chrome
+    traces the race, for the CPU time of its longest task."""
     set_up(page, url, columns, max_new_tokens, prompt)
     page.evaluate(INSTALL)
     received, streams = [0], set()
@@ -118,6 +138,25 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
            lambda e: streams.add(e["requestId"]) if "/queue/data" in e["request"]["url"] else None)
     cdp.on("Network.dataReceived", lambda e: received.__setitem__(0, received[0] + e.get("dataLength", 0))
            if e["requestId"] in streams else None)
+    browser = page.context.browser
+    with tempfile.TemporaryDirectory() as tmp:
+        if trace:
+            browser.start_tracing(page=page, path=str(Path(tmp) / "trace.json"), categories=[
+                                 "devtools.timeline", "disabled-by-default-devtools.timeline"])
+        try:
+            report = _race(page, columns, max_new_tokens, stop_after_tokens, timeout_ms, received)
+        finally:
+            if trace:
+                browser.stop_tracing()
+        if trace:
+            cpu = [c for _, c in main_thread_tasks(json.loads((Path(tmp) / "trace.json").read_text()))]
+            report.longest_task_cpu_ms = round(max(cpu, default=0.0), 1)
+    cdp.detach()
+    return report
+
+
+def _race(page, columns: int, max_new_tokens: int, stop_after_tokens: int | None, timeout_ms: int,
+          received: list[int]) -> RenderReport:
     start = page.evaluate("performance.now()")
     page.locator("#wb-generate").click()
     if stop_after_tokens is not None:
@@ -126,7 +165,6 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
     page.wait_for_function(DONE, timeout=timeout_ms)
     end = page.evaluate("performance.now()")
     page.wait_for_timeout(1000)  # the final render's tasks and mutations land
-    cdp.detach()
     edits = streamed_edits("".join(page.evaluate("window.__wbTee")))
     probe = page.evaluate("({longtasks: window.__wbProbe.longtasks, updates: window.__wbProbe.updates,"
                           " clicks: window.__wbProbe.clicks})")
@@ -148,20 +186,23 @@ def measure_race(page, url: str, columns: int = 3, max_new_tokens: int = 64, pro
 
 def streamed_edits(stream: str) -> dict[str, int]:
     """Count, in the intermediate updates of Gradio's stream (`process_generating`), the edits of token text
-    (HTML holding `wb-tok` spans) by kind, and the most figures (Plotly values) one update changed."""
-    out = {"token_appends": 0, "token_replaces": 0, "max_figures_per_update": 0}
+    (the columns' outputs come first: html, stats and links of each) by kind, the most figures (Plotly values)
+    one update changed, and the updates that changed both."""
+    out = {"token_appends": 0, "token_replaces": 0, "max_figures_per_update": 0, "mixed_updates": 0}
     for line in stream.splitlines():
         if not line.startswith("data:"):
             continue
         message = json.loads(line[5:])
         if message.get("msg") != "process_generating":
             continue
-        figures = 0
-        for edits in message.get("output", {}).get("data") or []:
+        figures = tokens = 0
+        for i, edits in enumerate(message.get("output", {}).get("data") or []):
             for op, path, value in edits if isinstance(edits, list) else []:
-                if isinstance(value, str) and "wb-tok" in value and not path:
+                if i < 3 * MAX_COLUMNS and isinstance(value, str) and "wb-tok" in value and not path:
                     out["token_appends" if op == "append" else "token_replaces"] += 1
+                    tokens += 1
                 if "plot" in path or (isinstance(value, dict) and value.get("type") == "plotly"):
                     figures += 1
         out["max_figures_per_update"] = max(out["max_figures_per_update"], figures)
+        out["mixed_updates"] += bool(figures and tokens)
     return out

@@ -20,14 +20,14 @@ from workbench.spec import DEFAULT_MODEL
 from workbench.views.tokens import CSS
 
 from .context import AppContext
-from .generate_tab import build_generate_tab, wire_generate_tab
+from .generate_tab import LAYOUT_CSS, build_generate_tab, wire_generate_tab
 from .permalinks import RUN_ADDRESS_JS, link_outputs, open_run, wire_permalinks
 from .runs_tab import build_runs_tab, wire_runs_tab
 from .sql_tab import build_sql_tab, wire_sql_tab
 
 # System fonts only: a page that asks no other server for anything works with no network.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-LAUNCH_STYLE = {"theme": THEME, "css": CSS}
+LAUNCH_STYLE = {"theme": THEME, "css": CSS + LAYOUT_CSS}
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

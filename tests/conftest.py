@@ -52,3 +52,19 @@ def one_thread() -> Iterator[None]:
 def private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs recorded by tests go to a throwaway store, never the user's own."""
     monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path_factory.mktemp("store") / "runs.duckdb"))
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's headless Chromium through Playwright, one per test module (the browser tests); a missing
+    Chromium fails the test with the command that installs it."""
+    from playwright.sync_api import sync_playwright
+
+    from workbench.apps.render_probe import launch_chromium
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            yield browser
+        finally:
+            browser.close()

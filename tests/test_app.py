@@ -119,6 +119,16 @@ def test_spec_link_of_five_columns_says_the_fifth_is_left_out(app):
     assert "5 configurations" in opened["status"] and "left out 5: decode=prompt_lookup:k=5" in opened["status"]
 
 
+def test_max_new_tokens_beyond_the_control_is_clamped_saying_so(app):
+    opened = linked(app.client.predict("spec=decode%3Dplain&max_new_tokens=5000", api_name="/open_link"))
+    assert opened["max_new_tokens"] == 1024
+    assert "max_new_tokens=5000 is outside the app's 1 to 1024; set to 1024" in opened["status"]
+    opened = linked(app.client.predict("spec=decode%3Dplain%3Bmax_new_tokens%3D2000", api_name="/open_link"))
+    assert opened["max_new_tokens"] == 1024 and "max_new_tokens=2000 is outside" in opened["status"]
+    with pytest.raises(Exception, match="greater than maximum value 1024"):  # the control refuses, saying why
+        generate(app, "decode=plain", max_new=5000)
+
+
 def test_comparison_link_leaves_out_a_prompt_too_long_for_a_link():
     from workbench.apps.generate_tab import MAX_LINK_PROMPT, comparison_link
 

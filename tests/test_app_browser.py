@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 from workbench.apps.context import AppContext  # noqa: E402
-from workbench.apps.render_probe import launch_chromium  # noqa: E402
 from workbench.apps.server import launched_locally  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -32,15 +31,11 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page():
-    with sync_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(60_000)
-            yield page
-        finally:
-            browser.close()
+def page(chromium):
+    page = chromium.new_page(viewport={"width": 1400, "height": 1800})
+    page.set_default_timeout(60_000)
+    yield page
+    page.close()
 
 
 def plot_rendered(page, elem_id: str) -> bool:
