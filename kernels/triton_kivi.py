@@ -26,7 +26,7 @@ from workbench.kernels.triton_attention import BLOCK_S, Partials, attention, chu
 @triton.jit
 def _kivi_chunk_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, gidx_ptr, m_ptr, l_ptr, acc_ptr,
                        parts, n_tok, n_groups, chunk, rows, dim, scale, q_stride_h, gidx_stride,
-                       BITS: tl.constexpr, GROUP_TOKENS: tl.constexpr, CHANNELS: tl.constexpr,
+                       BITS: tl.constexpr, PER: tl.constexpr, GROUP_TOKENS: tl.constexpr, CHANNELS: tl.constexpr,
                        HAS_GIDX: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     kv, split = tl.program_id(0), tl.program_id(1)
@@ -36,11 +36,9 @@ def _kivi_chunk_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, gi
     d_in = d < dim
     q = tl.load(q_ptr + (kv * GROUP + r)[:, None] * q_stride_h + d[None, :], mask=row_in[:, None] & d_in[None, :],
                 other=0.0).to(tl.float32) * (scale * 1.4426950408889634)
-    per: tl.constexpr = 8 // BITS
-    row_bytes = dim // per
-    byte = d // per
-    shift = ((d % per) * BITS).to(tl.uint8)
-    levels: tl.constexpr = (1 << BITS) - 1
+    row_bytes = dim // PER  # PER = 8 // BITS codes a byte
+    byte = d // PER
+    shift = ((d % PER) * BITS).to(tl.uint8)
     m = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
     l = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -55,7 +53,8 @@ def _kivi_chunk_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, gi
             g = tl.load(gidx_ptr + kv * gidx_stride + s, mask=s_in, other=0).to(tl.int32)
         else:
             g = s // GROUP_TOKENS
-        codes = (tl.load(kc_ptr + token[:, None] * row_bytes + byte[None, :], mask=sd_in, other=0) >> shift) & levels
+        codes = (tl.load(kc_ptr + token[:, None] * row_bytes + byte[None, :], mask=sd_in, other=0) >> shift) \
+            & ((1 << BITS) - 1)
         at = (kv * n_groups + g)[:, None] * dim + d[None, :]  # the group's per-channel scale and minimum
         keys = codes.to(tl.float32) * tl.load(ks_ptr + at, mask=sd_in, other=0.0).to(tl.float32) \
             + tl.load(km_ptr + at, mask=sd_in, other=0.0).to(tl.float32)
@@ -65,7 +64,8 @@ def _kivi_chunk_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, gi
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
-        codes = (tl.load(vc_ptr + token[:, None] * row_bytes + byte[None, :], mask=sd_in, other=0) >> shift) & levels
+        codes = (tl.load(vc_ptr + token[:, None] * row_bytes + byte[None, :], mask=sd_in, other=0) >> shift) \
+            & ((1 << BITS) - 1)
         at = token[:, None] * (dim // CHANNELS) + (d // CHANNELS)[None, :]  # the token's per-channel-group params
         values = codes.to(tl.float32) * tl.load(vs_ptr + at, mask=sd_in, other=0.0).to(tl.float32) \
             + tl.load(vm_ptr + at, mask=sd_in, other=0.0).to(tl.float32)
@@ -100,8 +100,8 @@ def kivi_attention(q: torch.Tensor, tok: dict[str, torch.Tensor], grp: dict[str,
             gidx if gidx is not None else tok["k"], partials.m, partials.l, partials.acc, partials.parts, n_tok,
             n_groups, chunk, partials.rows, dim, dim ** -0.5, q.stride(1),
             0 if gidx is None or gidx.shape[0] == 1 else gidx.stride(0),
-            BITS=bits, GROUP_TOKENS=group, CHANNELS=channels, HAS_GIDX=gidx is not None, GROUP=partials.group,
-            BLOCK_R=partials.block_r, BLOCK_D=partials.block_d, BLOCK_S=BLOCK_S)
+            BITS=bits, PER=8 // bits, GROUP_TOKENS=group, CHANNELS=channels, HAS_GIDX=gidx is not None,
+            GROUP=partials.group, BLOCK_R=partials.block_r, BLOCK_D=partials.block_d, BLOCK_S=BLOCK_S)
     partials.dense(raw_k, raw_v, coded_parts, chunk, None, raw_k.shape[1] - 1)
     return partials.merge()
 
