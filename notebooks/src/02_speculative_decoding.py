@@ -149,6 +149,22 @@ print(repr(trace.text))
 print(f"alpha {s['alpha']:.2f}: predicted {s['predicted_tokens_per_step']:.2f}, measured {s['tokens_per_step']:.2f} "
       f"tokens per step; {s['target_forwards']} target forwards for {s['n_new_tokens']} tokens")
 # %% [markdown]
+# ## Watch it: a race
+#
+# `workbench.widgets.Race` runs configurations side by side on one prompt, streaming the tokens coloured by
+# source (accepted drafts, the target's own tokens); `DraftTreeView` shows the tree each step verified, with a
+# slider over the steps. (This cell stands alone: it can be run on its own once the kernel has started.)
+# %%
+from IPython.display import display
+
+from workbench.widgets import DraftTreeView, Race
+
+race = Race("Why do leaves change colour in autumn?",
+            ["decode=plain", "decode=draft_model:k=4,compress=int4:group=32"], max_new_tokens=12)
+display(race)
+race.wait(timeout=300)
+DraftTreeView(race.traces[1], race.wb)
+# %% [markdown]
 # **Questions.** (1) With alpha = 0.8, what `k` maximises tokens per step *per unit of cost*, if a draft token
 # costs 10% of a target forward? (2) Why must a rejected draft's later tokens be thrown away even when the
 # target would have accepted them?
