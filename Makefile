@@ -1,11 +1,11 @@
-# Two commands do all the set-up: `make app` and `make test`.
+# Two commands do all the set-up: `make app` and `make test`; `make lab` opens the teaching labs.
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup app test lint browser
+.PHONY: setup app test lab lint browser
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ app: setup
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The teaching labs (notebooks/, docs/notebooks.md) in JupyterLab.
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
 
 lint: setup
 	$(VENV)/bin/ruff check .
