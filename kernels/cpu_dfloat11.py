@@ -37,7 +37,8 @@ def available() -> bool:
                     _reason = f"the built library {target} could not be loaded ({err}); delete it to rebuild"
                 else:
                     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                    _lib.workbench_dfloat11_decode.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+                    _lib.workbench_dfloat11_decode.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr,
+                                                               ctypes.c_int]
                     _lib.workbench_dfloat11_decode.restype = None
     return _lib is not None
 
@@ -46,11 +47,12 @@ def unavailable_reason() -> str:
     return "" if available() else _reason
 
 
-def decode_bf16(words: torch.Tensor, offsets: torch.Tensor, lut: torch.Tensor, block: int,
+def decode_bf16(words: torch.Tensor, offsets: torch.Tensor, first: torch.Tensor, entry: torch.Tensor, block: int,
                 sign_mantissa: torch.Tensor) -> torch.Tensor:
     """The bf16 values of len(offsets) blocks of `block` weights: exponents decoded from `words` (int32, the
-    bit stream with its padding word) from each block's bit offset (int32) through `lut` [4096] (symbol |
-    length << 8), joined with `sign_mantissa` uint8 [len(offsets) * block]. Returns bf16 [len(offsets) * block]."""
+    bit stream with its padding word) from each block's bit offset (int32) through the canonical code table
+    (`first` int32: codes left-justified to 12 bits, in order; `entry` int16: symbol | length << 8), joined with
+    `sign_mantissa` uint8 [len(offsets) * block]. Returns bf16 [len(offsets) * block]."""
     if not available():
         raise RuntimeError(f"the C DFloat11 decoder does not run here: {_reason}")
     if not (words.is_cpu and words.dtype == torch.int32 and offsets.dtype == torch.int32):
@@ -58,8 +60,9 @@ def decode_bf16(words: torch.Tensor, offsets: torch.Tensor, lut: torch.Tensor, b
     words, offsets, sign_mantissa = words.contiguous(), offsets.contiguous(), sign_mantissa.contiguous()
     if sign_mantissa.numel() != offsets.numel() * block:
         raise ValueError(f"{sign_mantissa.numel()} sign+mantissa bytes for {offsets.numel()} blocks of {block}")
-    table = lut.to(torch.int16).contiguous()
+    first, entry = first.to(torch.int32).contiguous(), entry.to(torch.int16).contiguous()
     out = torch.empty(offsets.numel() * block, dtype=torch.int16)
     _lib.workbench_dfloat11_decode(words.data_ptr(), offsets.data_ptr(), offsets.numel(), block,
-                                   table.data_ptr(), sign_mantissa.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                   first.data_ptr(), entry.data_ptr(), first.numel(), sign_mantissa.data_ptr(),
+                                   out.data_ptr(), torch.get_num_threads())
     return out.view(torch.bfloat16)

@@ -147,7 +147,8 @@ class DFloat11Linear(CompressedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._c_decoder():
-            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets, self.lut(), self.block, self.sign_mantissa)
+            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets, self.first, self.entry, self.block,
+                                              self.sign_mantissa)
             return weight.view(self.out_features, self.in_features)
         exponent = decode(self.words, self.offsets, self.lut(), self.block)
         return self._bf16(exponent.reshape(self.out_features, self.in_features),
@@ -158,7 +159,8 @@ class DFloat11Linear(CompressedLinear):
         blocks = (ids[:, None] * per_row + torch.arange(per_row, device=ids.device)).flatten()
         if self._c_decoder():
             sign_mantissa = self.sign_mantissa.view(self.out_features, self.in_features)[ids]
-            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets[blocks], self.lut(), self.block, sign_mantissa)
+            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets[blocks], self.first, self.entry, self.block,
+                                              sign_mantissa)
             return weight.view(len(ids), self.in_features)
         exponent = decode(self.words, self.offsets[blocks], self.lut(), self.block)
         return self._bf16(exponent.reshape(len(ids), self.in_features),
