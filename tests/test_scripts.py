@@ -214,3 +214,20 @@ def test_widget_rate(script):
     pytest.importorskip("nbclient")
     out = script("widget_rate", "--model", "random:llama", "--max-new-tokens", "4", "--repeats", "1", "--out", "")
     assert "tokens displayed/s" in out and "updates/s" in out
+
+
+def test_make_notebooks_check(script):
+    """`make_notebooks.py --check`: the committed labs are what notebooks/src/ generates (main returns 0)."""
+    import make_notebooks
+
+    assert make_notebooks.rendered()  # every lab renders, student and solutions copies
+    script("make_notebooks", "--check")
+
+
+def test_notebook_screenshots_helpers_drive_the_browser_test():
+    """`notebook_screenshots`' JupyterLab launcher and widget-cell runner are what tests/test_notebooks_browser.py
+    runs in Chromium (the screenshots themselves need the browser, like app_screenshots)."""
+    name = "notebook_screenshots"
+    text = (ROOT / "tests" / "test_notebooks_browser.py").read_text()
+    assert f'import_module("{name}")' in text
+    assert "shots.jupyterlab(" in text and "shots.run_widget_cell(" in text
