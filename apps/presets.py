@@ -13,7 +13,7 @@ PRESETS: dict[str, str] = {
     "token recycling": "decode=token_recycling",
     "token recycling + KIVI 2-bit": "decode=token_recycling;cache=kivi:bits=2",
     "self-speculative draft (first 4 layers)": "decode=draft_model:layers=4",
-    "layer skip (SWIFT search)": "decode=layer_skip:search=bayes",
+    "layer skip (SWIFT search)": "decode=layer_skip:granularity=sublayer,search=bayes",
     "prompt lookup + H2O": "decode=prompt_lookup;cache=h2o",
     "plain, int8 weights": "decode=plain;compress=int8",
 }
