@@ -83,13 +83,15 @@ class GenerateTab:
 
 # On a narrow screen the columns stack; each column's controls would then stand between one column's tokens
 # and the next. The columns' boxes dissolve there (display: contents) so that every column's controls come
-# first and the race's outputs follow one another, each labelled and edged in its column's colour.
+# first and the race's outputs follow one another, each labelled and edged in its column's colour; the
+# provenance line is left to the run link.
 LAYOUT_CSS = """
 @media (max-width: 640px) {
   #wb-columns {flex-direction: column}
   #wb-columns > .wb-column:not(.hidden) {display: contents}
   #wb-columns .wb-column-controls {order: 1}
   #wb-columns .wb-column-output {order: 2}
+  #wb-columns [id^="wb-stats-"] sub {display: none}  /* provenance: the run link has it */
 """ + "".join(f"  #wb-tokens-{i + 1}::before {{content: 'configuration {i + 1}'; font-weight: 600; font-size: 13px}}\n"
               for i in range(MAX_COLUMNS)) + "}\n"
 
