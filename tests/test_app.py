@@ -119,6 +119,12 @@ def test_spec_link_of_five_columns_says_the_fifth_is_left_out(app):
     assert "5 configurations" in opened["status"] and "left out 5: decode=prompt_lookup:k=5" in opened["status"]
 
 
+def test_a_cache_warning_shows_under_its_column(app):
+    out = generate(app, "cache=snapkv", "decode=plain", max_new=3)
+    assert "⚠" in out[1] and "evicts nothing" in html.unescape(out[1])  # column 1's stats line
+    assert "⚠" not in out[4]
+
+
 def test_max_new_tokens_beyond_the_control_is_clamped_saying_so(app):
     opened = linked(app.client.predict("spec=decode%3Dplain&max_new_tokens=5000", api_name="/open_link"))
     assert opened["max_new_tokens"] == 1024
