@@ -7,12 +7,17 @@ NotImplementedError` at the same indentation. Both are written without outputs.
 
     python scripts/make_notebooks.py          # (re)write every notebook
     python scripts/make_notebooks.py --check  # fail if a committed notebook differs from its source
+    python scripts/make_notebooks.py --run    # run every solutions copy, write docs/results/notebook_times.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -82,10 +87,41 @@ def rendered() -> dict[Path, str]:
     return files
 
 
+def execute(path: Path, limit_s: float) -> tuple[nbformat.NotebookNode, float]:
+    """Run a notebook top to bottom in a fresh kernel (its folder as working directory), each cell under
+    `limit_s`; return the executed notebook (not saved) and the wall time."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=limit_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+                   ).execute()
+    return nb, time.perf_counter() - start
+
+
+def run_all(limit_s: float = 240) -> dict:
+    """Every solutions copy's run time, with the machine's load (the machine may be shared)."""
+    times = {}
+    for path in sorted((OUT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        _, elapsed = execute(path, limit_s)
+        times[path.name] = round(elapsed, 1)
+        print(f"{path.name}: {elapsed:.1f} s", flush=True)
+    return {"command": "python scripts/make_notebooks.py --run", "seconds": times,
+            "total_s": round(sum(times.values()), 1), "load_average_after": os.getloadavg(),
+            "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a committed notebook differs from its source")
+    parser.add_argument("--run", action="store_true", help="run every solutions copy and write its run time to "
+                        "docs/results/notebook_times.json")
     args = parser.parse_args()
+    if args.run:
+        result = run_all()
+        (ROOT / "docs" / "results" / "notebook_times.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
     stale = []
     for path, text in rendered().items():
         if args.check:

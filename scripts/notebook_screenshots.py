@@ -69,9 +69,20 @@ def solved_copies() -> Path:
 
 
 def open_notebook(page, url: str, name: str) -> None:
+    """Open a notebook and wait for its kernel (accepting the preferred kernel if JupyterLab asks)."""
     page.goto(f"{url}/lab/tree/{name}")
     page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')")
+    with contextlib.suppress(Exception):  # no dialog: the notebook names its kernel
+        page.locator(".jp-Dialog .jp-mod-accept").click(timeout=5_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+
+
+def run_cell(page, index: int) -> None:
+    """Run the notebook's cell `index` alone, as a user would: click into it, Shift+Enter."""
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.scroll_into_view_if_needed()
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
 
 
 def run_widget_cell(page, url: str, root: Path) -> None:
@@ -79,11 +90,7 @@ def run_widget_cell(page, url: str, root: Path) -> None:
     cells = nbformat.read(root / LAB2, as_version=4).cells
     index = next(i for i, c in enumerate(cells) if c.cell_type == "code" and WIDGET_CELL in c.source)
     open_notebook(page, url, LAB2)
-    page.evaluate(f"""async () => {{
-        const panel = window.jupyterapp.shell.currentWidget;
-        panel.content.activeCellIndex = {index};
-        await window.jupyterapp.commands.execute('notebook:run-cell');
-    }}""")
+    run_cell(page, index)
     page.wait_for_function("document.querySelectorAll('.wb-text .wb-tok').length >= 24", timeout=300_000)
     page.wait_for_function("document.body.innerText.includes('draft tree, step')", timeout=120_000)
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1")
@@ -109,6 +116,9 @@ def main() -> None:
         cell = page.locator(".jp-Cell").filter(has_text="Race(").first
         cell.screenshot(path=str(out / "lab02_race_widgets.png"))
         print(out / "lab02_race_widgets.png")
+        page.close()
+        page = browser.new_page(viewport={"width": 1300, "height": 1500})  # a fresh page: no unload prompt
+        page.set_default_timeout(300_000)
         open_notebook(page, url, "01_decoding_loop.ipynb")
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         # lab 1's one figure comes from its last code cell
