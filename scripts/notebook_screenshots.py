@@ -74,7 +74,9 @@ def open_notebook(page, url: str, name: str) -> None:
     page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')")
     with contextlib.suppress(Exception):  # no dialog: the notebook names its kernel
         page.locator(".jp-Dialog .jp-mod-accept").click(timeout=5_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+    # the visible notebook's kernel (JupyterLab may restore other notebooks in background tabs)
+    page.wait_for_function("[...document.querySelectorAll(\".jp-Notebook-ExecutionIndicator[data-status='idle']\")]"
+                           ".some(e => e.offsetParent !== null)", timeout=180_000)
 
 
 def run_cell(page, index: int) -> None:
