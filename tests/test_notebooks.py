@@ -106,3 +106,25 @@ def test_check_sql_names_the_missing_group_by():
     with pytest.raises(labs.LabCheckError, match="mean accepted length is 2.5"):
         labs.check_sql([{"decode": "plain", "mean_accepted_length": 1.0},
                         {"decode": "prompt_lookup", "mean_accepted_length": 3.0}], traces)
+
+
+def test_a_drafter_cell_run_again_in_a_notebook_replaces_its_registration():
+    """Lab 7 registers a drafter in a cell; running that cell again must not fail as a duplicate name, while a
+    different class taking a registered name still does."""
+    from dataclasses import make_dataclass
+
+    from workbench import registry
+    from workbench.decoding.base import Drafter
+
+    def define():
+        cls = make_dataclass("LabDrafter", [], bases=(Drafter,))
+        cls.__module__ = "__main__"
+        return registry.register("decoding", "_lab_test_drafter", lossless=True)(cls)
+
+    first, second = define(), define()
+    try:
+        assert registry.get("decoding", "_lab_test_drafter").cls is second is not first
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register("decoding", "prompt_lookup", lossless=True)(make_dataclass("Other", [], bases=(Drafter,)))
+    finally:
+        registry._registry["decoding"].pop("_lab_test_drafter", None)

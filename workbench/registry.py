@@ -162,7 +162,11 @@ def register(category: str, name: str, *, lossless: bool):
     def wrap(cls: type) -> type:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls.__name__} must be a dataclass to be registered")
-        if name in _registry[category] and _registry[category][name].cls is not cls:
+        old = _registry[category].get(name)
+        # A class defined again in a notebook or REPL (its cell run again) replaces the earlier definition.
+        redefined = old is not None and old.cls.__module__ == cls.__module__ == "__main__" \
+            and old.cls.__qualname__ == cls.__qualname__
+        if old is not None and old.cls is not cls and not redefined:
             raise ValueError(f"{category} technique {name!r} is already registered")
         _registry[category][name] = Technique(category, name, cls, lossless)
         cls.technique_name = name
