@@ -198,12 +198,12 @@ def test_the_optimisation_phase_ends_and_its_set_is_used_afterwards(monkeypatch,
 
 
 def test_kept_optimisation_goes_on_across_runs_and_then_stops(monkeypatch):
-    """keep=true (the default): the phase continues over the runs of a model (one memory), bounded by `trials`
+    """keep=true (opt-in): the phase continues over the runs of a model (one memory), bounded by `trials`
     in all; a run that starts after it ended scores nothing, drafts with the best set and says it started warm.
     keep=false starts afresh every run."""
     model = varied_model("llama", layers=12)
     plans = count_scores(monkeypatch)
-    params = {"context": 4, "ratio": 0.4, "trials": 30, "patience": 30}
+    params = {"context": 4, "ratio": 0.4, "trials": 30, "patience": 30, "keep": True}
     memory: dict = {}
     per_run, drafters = [], []
     for prompt in (PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]):
@@ -219,6 +219,8 @@ def test_kept_optimisation_goes_on_across_runs_and_then_stops(monkeypatch):
     assert per_run[-1] == 0 and last._scorer is None and last.skipped == last._opt.best
     fresh = [Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {**params, "keep": False})),
                     memory=memory) for _ in range(2)]
+    default = Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {"context": 4})), memory=memory)
+    assert default.drafter.keep is False  # a run depends on its spec, prompt and seed unless warm starts are asked for
     for engine in fresh:
         before = len(plans)
         list(engine.run(PROMPTS[1]))

@@ -18,12 +18,13 @@ cache; `skip_search.ContextScorer`), candidates being random sets and, every `ba
 maximal expected improvement under a Gaussian process fitted to the scores so far (`skip_search.BayesSearch`).
 A better-scoring set is drafted with at once. The phase ends after `trials` candidates, after `patience` in a
 row that do not improve (SWIFT's tolerance), or at matchness `stop_score` (SWIFT's early stop); the
-acceleration phase drafts with the best set and scores nothing. With `keep` (the default, as in SWIFT, whose
-optimiser state lasts over a task's prompts) the phase goes on across the runs of a model, so it is paid once
-(at most `trials` context forwards in all) and later runs start from the set found (their traces say
-`warm_start`); `keep=false` searches afresh in every run. It is the default because, measured against the
-earlier default (whole layers, random search) in the same runs, it was as fast or a little faster with drafts
-accepted more; neither pays on a 135M model on a CPU (docs/decoding.md, Layer skipping).
+acceleration phase drafts with the best set and scores nothing. By default every run searches afresh, so a run
+depends only on its spec, prompt and seed. `keep=true` (opt-in, as in SWIFT, whose optimiser state lasts over a
+task's prompts) carries the phase across the runs of a model, so it is paid once (at most `trials` context
+forwards in all) and later runs start from the set found (their traces say `warm_start`). Measured against the
+earlier default (whole layers, random search) in the same runs, SWIFT's form with `keep=true` was as fast or a
+little faster with drafts accepted more, and without it slower; neither pays on a 135M model on a CPU
+(docs/decoding.md, Layer skipping).
 
 Other forms, one parameter away: `granularity=layer` skips whole layers; `search=random` replaces the
 optimisation by a measured neighbour search (one skipped unit swapped for one that runs, kept if the next
@@ -132,8 +133,9 @@ class LayerSkip(Drafter):
                               min=0.0, max=1.0)
     every: int = param(1, "search=bayes: score a candidate every this-many steps (SWIFT's optimisation interval: 1)",
                        min=1, max=64)
-    keep: bool = param(True, "search=bayes: keep the optimisation across the runs of this model (SWIFT optimises "
-                       "over a task's prompts, then drafts with the set found); false: every run searches afresh")
+    keep: bool = param(False, "search=bayes: keep the optimisation across the runs of this model (SWIFT optimises "
+                       "over a task's prompts, then drafts with the set found; opt-in: a run then depends on the "
+                       "runs before it, recorded as warm_start); false: every run searches afresh")
     context: int = param(16, "search=bayes: generated tokens each candidate is scored on (SWIFT: 32)",
                          min=2, max=512)
     bayes_every: int = param(2, "search=bayes: every this-many-th candidate is Bayesian-optimised, the others "
