@@ -71,7 +71,7 @@ class Race:
         self.streams = [TokenStream("".join(t.parts)) for t in self._texts]
         self.stats = [w.HTML("waiting") for _ in self.specs]
         heads = [w.HTML(f'<div style="border-left: 4px solid {column_color(i)}; padding-left: 6px">'
-                        f"<b>{html.escape(s.to_string())}</b></div>") for i, s in enumerate(self.specs)]
+                        f"<b>{html.escape(lane_title(s))}</b></div>") for i, s in enumerate(self.specs)]
         columns = [w.VBox([h, t, s], layout=w.Layout(flex="1 1 0", min_width="0", margin="0 4px"))
                    for h, t, s in zip(heads, self.streams, self.stats)]
         self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger")
@@ -151,7 +151,7 @@ class Race:
             stats.value = markdown_html(stats_markdown(lane.trace, html.escape(status)))
         now = time.perf_counter()
         if final or now - self._figure_at >= self.figure_every_s:
-            named = [(s.to_string(), lane.trace) for s, lane in zip(self.specs, self.lanes)]
+            named = [(lane_title(s), lane.trace) for s, lane in zip(self.specs, self.lanes)]
             set_figure(self.timeline, timeline_figure(named))
             self._figure_at = now
         self.updates += 1
@@ -161,3 +161,10 @@ class Race:
             self.stop_button.disabled = True
         if self.on_update is not None:
             self.on_update(self)
+
+
+def lane_title(spec: RunSpec) -> str:
+    """A lane's heading: the spec as written, always naming its decoder (plain decoding's spec string is
+    otherwise only its other settings, e.g. "max_new_tokens=12")."""
+    text = spec.to_string()
+    return text if text.startswith("decode=") else ";".join(filter(None, [f"decode={spec.decode.name}", text]))
