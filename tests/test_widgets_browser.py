@@ -5,12 +5,8 @@ widgets' JavaScript must all come from the installed packages (no CDN)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
+import importlib
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,9 @@ nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("jupyterlab")
 
 pytestmark = pytest.mark.integration  # a missing chromium fails the tests with the command to install it
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+jupyterlab = importlib.import_module("notebook_screenshots").jupyterlab  # the labs' screenshots start it the same way
+sys.path.pop(0)
 CELLS = [
     "from workbench.api import Workbench\nfrom workbench.widgets import DraftTreeView, Race\n"
     "wb = Workbench('random:llama')\n"
@@ -35,31 +34,8 @@ def lab(tmp_path_factory):
     kernel = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}  # no dialog
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS], metadata=kernel)
     nbformat.write(notebook, root / "race.ipynb")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.root_dir={root}", "--IdentityProvider.token=", "--ServerApp.password=",
-         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class="
-         "jupyterlab.NeverCheckForUpdate", "--allow-root", f"--LabApp.workspaces_dir={root / 'workspaces'}",
-         f"--LabApp.user_settings_dir={root / 'settings'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root,
-        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(root / "runtime")})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/api/status", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError("jupyter lab exited: " + server.stderr.read().decode()[-2000:]) from None
-                time.sleep(0.5)
+    with jupyterlab(root) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def test_race_and_draft_tree_render_in_jupyterlab(lab, chromium):
