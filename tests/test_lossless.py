@@ -23,7 +23,8 @@ from .helpers import varied_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSSLESS = [t.name for t in registry.techniques("decoding")
-            if t.lossless and issubclass(t.cls, Drafter) and not t.name.startswith("_") and t.name != "plain"]
+            if t.lossless and issubclass(t.cls, Drafter) and not t.name.startswith("_") and t.name != "plain"
+            and not getattr(t.cls, "needs_training", False)]  # trained drafters: test_draft_heads.py
 # Parameters that fit the tiny 4-layer test models (defaults are sized for real ones).
 TEST_PARAMS = {
     "draft_model": {"layers": 2},

@@ -1,4 +1,4 @@
-"""The `workbench` command line: generate, bench, list, runs, sql, export, import and app.
+"""The `workbench` command line: generate, bench, train, list, runs, sql, export, import and app.
 
 Every command turns user mistakes (WorkbenchError) into one line on stderr and exit status 2.
 """
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_recording_options(p)
     p.set_defaults(func=cmd_app)
 
+    from workbench.training.command import add_train_command
+
+    add_train_command(sub)
     add_store_commands(sub)
     return parser
 

@@ -153,7 +153,9 @@ class Engine:
         t0 = time.perf_counter_ns()
         tokens = torch.tensor(prompt_ids, device=device)
         learns = self.drafter.wants_prompt_states()
-        out = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True, final_hidden=learns)
+        heads = self.drafter.wants_step_states()  # draft heads read the last layer's states of each step
+        out = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True,
+                    final_hidden=learns or heads)
         logits = out.logits
         _sync(device)
         t1 = time.perf_counter_ns()
@@ -162,6 +164,8 @@ class Engine:
         cache.commit()
         for policy in self.policies:
             policy.on_prefill_end(cache)
+        if heads:
+            state.hidden = out.final_hidden[-1:]
         self.drafter.begin(state)
         if learns:
             self.drafter.observe_prompt(state, out.final_hidden)
@@ -181,7 +185,8 @@ class Engine:
             step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
             tree_tokens, positions = step_ids[0], step_ids[1]
             mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
-            all_logits = model(tree_tokens, positions, cache, mask=mask).logits
+            out = model(tree_tokens, positions, cache, mask=mask, final_hidden=heads)
+            all_logits = out.logits
             _sync(device)
             t2 = time.perf_counter_ns()
             logits = all_logits[: len(tree) + 1]  # aux rows (tree.aux) are the drafter's alone, never candidates
@@ -190,6 +195,8 @@ class Engine:
             cache.commit([0] + [node + 1 for node in acceptance.accepted])  # rejected nodes and aux slots drop
             new_tokens = [tree.tokens[n] for n in acceptance.accepted] + [acceptance.bonus]
             rows = [0] + [n + 1 for n in acceptance.accepted]  # the row each new token was chosen from
+            if heads:
+                state.hidden = out.final_hidden[rows]
             record = _tree_record(tree, acceptance.accepted, probs) if len(tree) else None
             sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
             event = self._event(state, new_tokens, sources, logits, probs, rows, record, t1 - t0, t2 - t1, t2, start,

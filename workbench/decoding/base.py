@@ -128,6 +128,10 @@ class DecodeState:
     # (token recycling's hot start) and cache policies' calibrations (CachePolicy.prepare) keep their state
     # here, under their own name.
     memory: dict = field(default_factory=dict)
+    # The last layer's output (before the final norm) at the rows the last committed tokens were chosen from,
+    # [tokens committed last step, hidden]: the last row is the state the pending token was predicted from.
+    # Set only for drafters whose `wants_step_states` says so (draft heads read it; no second forward).
+    hidden: torch.Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -168,6 +172,10 @@ class Drafter:
 
     def wants_prompt_states(self) -> bool:
         """Whether `observe_prompt` should get the prefill's last-layer states for every prompt token."""
+        return False
+
+    def wants_step_states(self) -> bool:
+        """Whether the engine should keep the verification forward's last-layer states in `state.hidden`."""
         return False
 
     def observe_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:

@@ -1,0 +1,126 @@
+"""Trained draft heads (medusa, hydra): the training pipeline, the candidate tree, and losslessness.
+
+The registry-wide matrices (test_lossless, test_distribution, test_cache_matrix) skip drafters that need a
+trained checkpoint; this file trains one per model in seconds and runs the same checks on it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workbench import registry
+from workbench.decoding.draft_heads import tree_paths
+from workbench.engine import Engine
+from workbench.errors import SpecError
+from workbench.spec import RunSpec, TechniqueSpec
+from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
+from workbench.training.corpus import overlaps_suite, training_prompts
+from workbench.training.heads import train_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = ["medusa", "hydra"]
+SETTINGS = {"heads": 3}
+PARAMS = {"heads": 3, "nodes": 8}
+TRIALS = 800
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_folder(tmp_path_factory):
+    """Checkpoints go to a throwaway workbench cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def reports(model):
+    """Both kinds trained on the tiny model's own continuations of random prompts."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(8, (6,), generator=generator).tolist() for _ in range(24)]
+    return {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS, minutes=0.5,
+                              new_tokens=16, max_steps=200, progress=False) for kind in KINDS}
+
+
+def run(model, name, params, **spec):
+    spec = RunSpec(max_new_tokens=24, decode=TechniqueSpec(name, params), **spec).validated()
+    events = list(Engine(model, spec).run(PROMPT))
+    return [t for e in events for t in e.tokens], len(events)
+
+
+def test_the_tree_holds_the_most_likely_paths_parents_first():
+    acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1]]
+    paths = tree_paths(acc, 5)
+    assert paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]  # 0.6, 0.2, 0.3, 0.12, 0.12
+    assert all(len(p) == 1 or p[:-1] in paths[:paths.index(p)] for p in paths)
+    assert len(tree_paths(acc, 100)) == 3 + 9 + 27  # every path, when the budget allows
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_the_loss_and_the_heads_beat_chance(reports, kind):
+    report = reports[kind]
+    assert report["curve"][-1][2] < 0.75 * report["curve"][0][2]
+    top1 = [row[0] for row in report["acceptance"]]
+    assert top1[0] > 2 / 8  # chance is 1/8 on this 8-token model
+    assert all(0 <= a <= 1 for row in report["acceptance"] for a in row)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_output_is_plain_decodings_in_fewer_forwards(model, reports, kind):
+    plain, plain_steps = run(model, "plain", {})
+    ours, steps = run(model, kind, PARAMS)
+    assert ours == plain
+    assert steps < plain_steps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_output_follows_the_target(model, reports, kind):
+    exact = exact_marginals(model)
+    bound = tv_bound(TRIALS, 2 * len(KINDS) * 4)
+    ours, accepted = sampled(model, kind, TRIALS, params=PARAMS)
+    assert accepted > TRIALS // 10
+    assert tv(ours, exact).max() < bound, tv(ours, exact)
+    wrong, _ = sampled(model, kind, TRIALS, wrong=True, params=PARAMS)
+    assert tv(wrong, exact).max() > bound, tv(wrong, exact)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_a_checkpoint_the_error_says_how_to_train_one(model, reports, kind):
+    with pytest.raises(SpecError, match=f"workbench train {kind}"):
+        run(model, kind, {"heads": 2})  # trained with 3 heads only
+
+
+def test_training_prompts_never_come_from_the_benchmark_suite():
+    prompts = training_prompts(160)
+    assert len(prompts) == 160 and len(set(prompts)) == 160
+    assert prompts == training_prompts(160)  # deterministic for a seed
+    assert overlaps_suite(prompts) == []
+    from workbench.eval.suite import suite
+
+    leaked = suite()[0].prompt
+    leaked = leaked if isinstance(leaked, str) else leaked[0]["content"]
+    assert overlaps_suite([leaked]) == [leaked]  # the check itself sees a suite prompt
+
+
+def test_the_command_trains_and_saves_what_the_drafter_loads(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["train", "medusa", "--model", "random:llama", "--dtype", "float32", "--heads", "2", "--minutes",
+                 "0.1", "--prompts", "4", "--new-tokens", "8", "--max-steps", "20", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out top-1 acceptance: head 1:" in printed and "--decode medusa:heads=2" in printed
+    report = json.loads(out.read_text())
+    assert report["steps"] == 20 and len(report["acceptance"]) == 2
+    assert main(["generate", "5 6 7 8", "--model", "random:llama", "--dtype", "float32", "--decode",
+                 "medusa:heads=2", "--max-new-tokens", "8", "--no-store"]) == 0
+    assert main(["train", "medusa", "--model", "random:llama", "--heads", "9"]) == 2
+    assert "--heads 9 is out of range" in capsys.readouterr().err

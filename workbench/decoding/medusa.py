@@ -1,0 +1,79 @@
+"""Medusa: extra decoding heads on the target's last layer, verified as a candidate tree.
+
+Paper: Cai et al., "Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",
+arXiv 2401.10774. Head d is a residual block, h + SiLU(W_d h), on the target's last-layer state (after its
+final norm) followed by the target's LM head; it guesses the token d places after the one the target predicts
+from that state. Each step the heads read the state the pending token came from (the engine keeps it, no
+second forward), their top-k lists fill a static tree shaped by the heads' measured acceptance
+(`draft_heads.tree_paths`), and the target verifies the whole tree in one forward with tree attention.
+Training is Medusa-2's self-distillation on the target's own greedy outputs (`workbench train medusa`); the
+block's weight starts at zero, so an untrained head repeats the target's own prediction.
+
+Left out: each head's own trainable copy of the LM head (here the heads share the target's frozen LM head,
+as Medusa-1 can; a 49k x 576 copy per head would be 28M parameters to train on a CPU), joint training of
+the backbone (Medusa-2), and typical acceptance by default (`accept=typical` gives it; the default walk
+is exact matching, so the output is plain decoding's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.decoding.base import DecodeState
+from workbench.decoding.draft_heads import HeadDrafter, final_norm
+from workbench.registry import param, register
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(heads))
+        for block in self.blocks:  # start as the identity: each head first repeats the target's guess
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] normed states -> [B, heads, hidden] features for the LM head."""
+        return torch.stack([h + nn.functional.silu(block(h)) for block in self.blocks], dim=1)
+
+
+@register("decoding", "medusa", lossless=True)
+@dataclass
+class Medusa(HeadDrafter):
+    """Trained Medusa heads (`workbench train medusa`) draft a candidate tree from their top-k guesses."""
+
+    kind = "medusa"
+    heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a "
+                             "trained checkpoint", min=1, max=8)
+    nodes: int = param(24, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
+
+    def settings(self) -> dict[str, Any]:
+        return {"heads": self.heads}
+
+    @staticmethod
+    def new_module(model, settings: dict[str, Any]) -> MedusaHeads:
+        module = MedusaHeads(model.config.hidden_size, settings["heads"])
+        module.head_weight = model.lm_head.weight.detach().float()  # frozen, shared with the target
+        return module
+
+    @staticmethod
+    def head_logits(module: MedusaHeads, model, hidden: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
+        """Training and evaluation: [B, hidden] normed states -> [B, heads, vocab] float32 logits."""
+        return module(hidden) @ module.head_weight.T
+
+    def build(self, payload: dict[str, Any], model) -> tuple[MedusaHeads, list[list[float]]]:
+        module = MedusaHeads(model.config.hidden_size, payload["settings"]["heads"])
+        module.load_state_dict(payload["state_dict"])
+        return module.float().eval(), payload["acceptance"]
+
+    def draft(self, state: DecodeState, paths: list[tuple[int, ...]]) -> list[int]:
+        model = state.model
+        features = self.trained(final_norm(model, state.hidden[-1:]))[0]  # [heads, hidden]
+        logits = model.lm_head(features.to(model.dtype))  # one product for all heads
+        width = 1 + max(max(p) for p in paths)
+        ranked = logits.topk(width, dim=-1).indices.tolist()  # [heads, width]
+        return [ranked[len(p) - 1][p[-1]] for p in paths]

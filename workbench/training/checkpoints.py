@@ -1,0 +1,59 @@
+"""Trained drafters' checkpoints in the workbench cache, next to the converted models.
+
+A checkpoint's name hashes the model it was trained on (its configuration and token embeddings, which no
+weight transform changes) and the drafter's settings, so a drafter never loads heads trained for another
+model or shape. Writes go to a temporary file that is renamed into place: a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.models.embedded import cache_root
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """12 hex digits identifying a model: its configuration and its embedding matrix (as float32)."""
+    cached = getattr(model, "_workbench_fingerprint", None)
+    if cached:
+        return cached
+    digest = hashlib.sha256(repr(model.config).encode())
+    weight = model.embed.weight.detach()
+    # float32 values: the same model loaded in bfloat16 or float32 (from the same file) is the same model
+    digest.update(weight.float().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    fingerprint = digest.hexdigest()[:12]
+    model._workbench_fingerprint = fingerprint  # the embedding is never modified in place
+    return fingerprint
+
+
+def checkpoint_path(kind: str, model: torch.nn.Module, settings: dict[str, Any]) -> Path:
+    """Where `kind`'s checkpoint for this model and these settings lives."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / "drafters" / f"{kind}-{model_fingerprint(model)}-{key}.pt"
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The payload, or None when there is no checkpoint."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

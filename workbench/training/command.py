@@ -1,0 +1,63 @@
+"""`workbench train KIND`: train a drafter's heads on the target itself and save them next to the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from workbench.spec import DEFAULT_MODEL
+
+TRAINABLE = ("medusa", "hydra")  # decoding techniques whose drafters are trained here
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a drafter (medusa, hydra) on the model's own outputs",
+                       description="Self-distillation: the model continues prompts built from Python's standard "
+                       "library (never the benchmark suite's), then the drafter's heads learn to guess its next "
+                       "tokens from its last-layer states. The checkpoint goes in the workbench cache next to the "
+                       "model; `--decode KIND` then loads it.")
+    p.add_argument("kind", choices=TRAINABLE)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--heads", type=int, default=4, help="number of draft heads (default 4)")
+    p.add_argument("--minutes", type=float, default=8.0, help="time budget of the training loop (default 8); "
+                   "making the data takes a few minutes more the first time, then it is cached")
+    p.add_argument("--prompts", type=int, default=160, help="training prompts (default 160)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens the model generates per prompt (default 128)")
+    p.add_argument("--max-steps", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the training report (loss curve, held-out acceptance) here")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from workbench import registry
+    from workbench.api import Workbench
+    from workbench.errors import SpecError
+    from workbench.training.checkpoints import checkpoint_path
+    from workbench.training.heads import train_heads, training_prompt_ids
+
+    if not 1 <= args.heads <= 8:
+        raise SpecError(f"--heads {args.heads} is out of range; expected 1 to 8")
+    if args.minutes <= 0 or args.prompts < 2 or args.new_tokens < args.heads + 2:
+        raise SpecError("--minutes must be positive, --prompts at least 2 and --new-tokens at least --heads + 2")
+    wb = Workbench(args.model, args.dtype, args.device)
+    loaded = wb.model(wb.default)
+    cls = registry.get("decoding", args.kind).cls
+    settings = {"heads": args.heads}
+    report = train_heads(cls, loaded.model, training_prompt_ids(loaded, args.prompts, args.seed), settings,
+                         minutes=args.minutes, seed=args.seed, new_tokens=args.new_tokens,
+                         eos_ids=loaded.eos_token_ids, max_steps=args.max_steps)
+    path = checkpoint_path(args.kind, loaded.model, settings)
+    top1 = ", ".join(f"head {d + 1}: {row[0]:.2f}" for d, row in enumerate(report["acceptance"]))
+    print(f"trained {args.kind} ({args.heads} heads) in {report['train_seconds'] / 60:.1f} min "
+          f"({report['steps']} steps, data {report['distill_seconds'] / 60:.1f} min, "
+          f"{report['train_positions']} positions); final loss {report['curve'][-1][2]:.3f}")
+    print(f"held-out top-1 acceptance: {top1}")
+    print(f"saved {path}; run it with --decode {args.kind}" + (f":heads={args.heads}" if args.heads != 4 else ""))
+    if args.json:
+        summary = {k: v for k, v in report.items() if k != "state_dict"}
+        with open(args.json, "w") as f:
+            json.dump({"kind": args.kind, "model": args.model, **summary}, f, indent=1)
+    return 0

@@ -1,0 +1,128 @@
+"""Training draft heads (medusa, hydra) on self-distilled data, and measuring their held-out acceptance.
+
+The pipeline: prompts from the standard library (corpus) -> the target's own continuations and states
+(distill, cached per model and settings, so the kinds of heads share one pass) -> the heads trained under a
+time budget (loop) -> each head's top-k acceptance on held-out sequences -> a checkpoint the drafter loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.training.checkpoints import checkpoint_path, load_checkpoint, model_fingerprint, save_checkpoint
+from workbench.training.corpus import training_prompts
+from workbench.training.distill import Sequence, distill, split
+from workbench.training.loop import train
+
+
+@dataclass
+class Positions:
+    """Every usable position of some sequences: its normed state and the tokens that follow it."""
+
+    hidden: torch.Tensor  # [N, hidden] float32, after the target's final norm
+    following: torch.Tensor  # [N, depth + 1] the tokens at t+1 .. t+1+depth, -1 past the sequence's end
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, sequences: list[Sequence], model, depth: int) -> Positions:
+        from workbench.decoding.draft_heads import final_norm
+
+        hidden, following = [], []
+        for seq in sequences:
+            t = torch.arange(seq.start, len(seq.tokens) - 1)
+            if not len(t):
+                continue
+            offsets = t[:, None] + 1 + torch.arange(depth + 1)
+            padded = torch.cat([seq.tokens, torch.full((depth + 1,), -1, dtype=seq.tokens.dtype)])
+            hidden.append(final_norm(model, seq.hidden[t]).clone())  # a plain tensor: trainable on
+            following.append(padded[offsets])
+        return cls(torch.cat(hidden), torch.cat(following))
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(len(self.hidden), (size,), generator=generator)
+        return self.hidden[rows], self.following[rows]
+
+
+def training_prompt_ids(loaded, count: int, seed: int = 0) -> list[list[int]]:
+    """Training prompts as token ids: the standard library's text through the chat template; a model without
+    a tokenizer (the tiny test models) gets random ids instead."""
+    if loaded.tokenizer is None:
+        generator = torch.Generator().manual_seed(seed)
+        vocab = loaded.config.vocab_size
+        return [torch.randint(vocab, (16,), generator=generator).tolist() for _ in range(count)]
+    out = []
+    for text in training_prompts(count, seed):
+        chat = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=False)
+        out.append(loaded.tokenizer(chat, add_special_tokens=False)["input_ids"][-1024:])
+    return out
+
+
+def distilled(model, prompts: list[list[int]], new_tokens: int, eos_ids: list[int],
+              progress: bool) -> tuple[list[Sequence], float]:
+    """The self-distilled sequences (cached next to the model) and the seconds it took to make them."""
+    settings = {"prompts": hashlib.sha256(repr(prompts).encode()).hexdigest()[:16], "new_tokens": new_tokens,
+                "eos": sorted(eos_ids)}
+    path = checkpoint_path("distilled", model, settings)
+    cached = load_checkpoint(path)
+    if cached is not None:
+        return [Sequence(**s) for s in cached["sequences"]], cached["seconds"]
+    start = time.perf_counter()
+    sequences = distill(model, prompts, new_tokens, eos_ids, progress)
+    seconds = time.perf_counter() - start
+    save_checkpoint(path, {"sequences": [vars(s) for s in sequences], "seconds": seconds})
+    return sequences, seconds
+
+
+@torch.no_grad()
+def topk_acceptance(drafter_cls, module, model, data: Positions, settings: dict[str, Any], width: int,
+                    rows: int = 512) -> list[list[float]]:
+    """acc[d][i]: how often head d+1's i-th ranked guess is the target's token, over held-out positions."""
+    hits = torch.zeros(settings["heads"], width)
+    counts = torch.zeros(settings["heads"])
+    for start in range(0, len(data.hidden), rows):
+        hidden, following = data.hidden[start:start + rows], data.following[start:start + rows]
+        logits = drafter_cls.head_logits(module, model, hidden, following)  # [B, heads, vocab]
+        ranked = logits.topk(width, dim=-1).indices
+        target = following[:, 1:settings["heads"] + 1]
+        valid = target >= 0
+        hits += ((ranked == target[..., None]) & valid[..., None]).sum(0).float()
+        counts += valid.sum(0).float()
+    return (hits / counts.clamp_min(1)[:, None]).tolist()
+
+
+def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str, Any], *, minutes: float,
+                seed: int = 0, new_tokens: int = 128, eos_ids: list[int] | None = None, batch: int = 64,
+                max_steps: int = 4000, lr: float = 1e-3, width: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Train `drafter_cls`'s heads for `model` on its own continuations of `prompts` (token ids) and save the
+    checkpoint the drafter loads; returns what was saved (loss curve, held-out acceptance, timings)."""
+    sequences, distill_seconds = distilled(model, prompts, new_tokens, list(eos_ids or []), progress)
+    train_seqs, held_seqs = split(sequences)
+    depth = settings["heads"]
+    data, held = Positions.of(train_seqs, model, depth), Positions.of(held_seqs, model, depth)
+    torch.manual_seed(seed)
+    module = drafter_cls.new_module(model, settings)
+
+    def loss_of_batch(generator: torch.Generator) -> torch.Tensor:
+        hidden, following = data.batch(batch, generator)
+        logits = drafter_cls.head_logits(module, model, hidden, following)
+        target = following[:, 1:depth + 1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
+
+    report = train(module, loss_of_batch, minutes=minutes, max_steps=max_steps, lr=lr, seed=seed,
+                   progress=progress, desc=f"training {drafter_cls.kind}")
+    acc = topk_acceptance(drafter_cls, module, model, held, settings, width)
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "settings": settings, "acceptance": acc, "curve": report.curve, "steps": report.steps,
+        "train_seconds": report.seconds, "distill_seconds": distill_seconds, "seed": seed,
+        "train_positions": len(data.hidden), "held_out_positions": len(held.hidden),
+        "model": model_fingerprint(model), "new_tokens": new_tokens, "prompts": len(prompts),
+    }
+    save_checkpoint(checkpoint_path(drafter_cls.kind, model, settings), payload)
+    return payload
