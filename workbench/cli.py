@@ -156,6 +156,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     store = open_recorder(args)
     try:
+        if args.roofline:
+            from workbench.eval.roofline import run_roofline_bench
+
+            return run_roofline_bench(args, store)
         return (run_decoding_bench if args.decode else run_baseline_bench)(args, store)
     finally:
         if store is not None:
@@ -197,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure tok/s against peers on the same prompts", description=(
         "Without --decode: plain decoding against transformers' generate on a few prompts. With --decode: "
-        "each technique over the prompt suite, against plain decoding in the same run."))
+        "each technique over the prompt suite, against plain decoding in the same run. With --roofline: plain "
+        "decoding per weight format against the machine's read bandwidth."))
     p.add_argument("--peers", default="transformers",
                    help="comma-separated peers: transformers (plain); with --decode also transformers-pld (its "
                    "prompt lookup), transformers-assisted (assisted generation, the target's first layers as "
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plain included (e.g. int4:group=32,head=true)")
     p.add_argument("--categories", help="comma-separated suite categories (default: all)")
     p.add_argument("--per-category", type=int, help="prompts per category (default: all 10)")
-    p.add_argument("--plot", help="with --decode: save a speed-up-by-category bar chart here (PNG)")
+    p.add_argument("--plot", help="with --decode: save a speed-up-by-category bar chart here (PNG); with "
+                   "--roofline: the roofline plot")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (peers run on the same device)")
@@ -221,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4, help="how many prompts of the built-in set")
     p.add_argument("--repeats", type=int, default=2, help="runs per prompt and engine (alternating)")
+    p.add_argument("--roofline", action="store_true",
+                   help="plain decoding in each --format against the read bandwidth measured in the same run: "
+                   "tok/s, bytes read per token, achieved GB/s and its fraction (peers: llama-cpp)")
+    p.add_argument("--format", action="append",
+                   help="with --roofline: a weight format, bf16 or a compression chain (repeatable; default "
+                   "bf16, int8 and int4:group=32,head=true)")
+    p.add_argument("--bandwidth-bytes", type=int,
+                   help="with --roofline: the main-memory bandwidth buffer's size (default twice the last-level cache)")
     p.add_argument("--json", help="also write the results to this JSON file")
     add_recording_options(p)
     p.set_defaults(func=cmd_bench)

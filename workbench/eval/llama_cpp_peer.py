@@ -23,8 +23,10 @@ from workbench.errors import WorkbenchError
 LLAMA_CPP_PEERS = ("llama-cpp", "llama-cpp-pld")
 
 
-def llama_cpp_peer(gguf: Path, prompt_lookup: bool) -> Callable[[list[int], int], tuple[int, float, int, list[int]]]:
-    """A function (prompt ids, max new tokens) -> (new tokens, seconds, 0, their ids) running llama.cpp."""
+def llama_cpp_peer(gguf: Path, prompt_lookup: bool,
+                   decode_only: bool = False) -> Callable[[list[int], int], tuple[int, float, int, list[int]]]:
+    """A function (prompt ids, max new tokens) -> (new tokens, seconds, 0, their ids) running llama.cpp.
+    With `decode_only`, the tokens and seconds are those after the first token (prefill excluded)."""
     try:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -46,8 +48,11 @@ def llama_cpp_peer(gguf: Path, prompt_lookup: bool) -> Callable[[list[int], int]
             if token == eos:
                 break
             out.append(token)
+            if len(out) == 1 and decode_only:
+                t0 = time.perf_counter()
             if len(out) == n:
                 break
-        return len(out), time.perf_counter() - t0, 0, out
+        seconds = time.perf_counter() - t0
+        return (len(out) - 1 if decode_only else len(out)), seconds, 0, out
 
     return run
