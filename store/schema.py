@@ -64,6 +64,13 @@ MIGRATIONS: dict[int, list[str]] = {
     5: [  # what a user should know about a run (a cache budget the context never reaches, ...): summary's warnings
         "ALTER TABLE runs ADD COLUMN warnings VARCHAR[]",
     ],
+    6: [  # two-tier caches (ShadowKV, LServe with offload): bytes held off the fast tier, and the traffic back
+        "ALTER TABLE runs ADD COLUMN cache_off_bytes BIGINT",
+        "ALTER TABLE runs ADD COLUMN peak_cache_off_bytes BIGINT",
+        "ALTER TABLE runs ADD COLUMN cache_moved_bytes BIGINT",
+        "ALTER TABLE runs ADD COLUMN cache_moved_s DOUBLE",
+        "ALTER TABLE steps ADD COLUMN cache_off_bytes BIGINT",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -100,6 +107,7 @@ VIEWS = [
         target_forwards, mean_accepted_length, acceptance_rate, cache_bytes, peak_cache_bytes, weight_bytes,
         finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step,
         simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance, warnings,
+        cache_off_bytes, peak_cache_off_bytes, cache_moved_bytes, cache_moved_s,
         json_extract_string(provenance, '$.commit') AS commit,
         {_BACKENDS} AS backend
     FROM runs""",

@@ -37,6 +37,7 @@ CACHE_PARAMS = {
     "ems": {"window": 4},
     "prefix_kv": {"window": 2},
     "double_sparsity": {"channels": 4},
+    "shadowkv": {"rank": 4, "chunk": 4, "budget_tokens": 8, "outliers": 1, "local": 4},
 }
 EVICTING = {"streaming", "h2o", "snapkv", "ems", "prefix_kv"}  # keeping half the context: fewer tokens than seen
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6] + [int(t) for t in torch.randint(

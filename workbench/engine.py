@@ -63,6 +63,9 @@ class StepEvent:
     elapsed_ns: int  # since the run started, at the end of this step
     cache_bytes: int = 0  # bytes the process holds for the KV cache after this step (its tensors' storages)
     cache_live_bytes: int = 0  # of which the tokens held take, in their stored form (keys, values, metadata)
+    cache_off_bytes: int = 0  # bytes a two-tier policy holds off the fast tier (host memory); cache_bytes excludes them
+    cache_moved_bytes: int = 0  # bytes brought back from the off tier so far in the run
+    cache_moved_ns: int = 0  # time spent bringing them back so far in the run
     cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
@@ -259,6 +262,8 @@ class Engine:
         cache = state.cache
         context = len(state.prompt_ids) + len(state.generated) - 1  # the last token is pending, not cached
         event.cache_bytes, event.cache_live_bytes = cache.allocated_bytes(), cache.nbytes()
+        event.cache_off_bytes = cache.offloaded_bytes()
+        event.cache_moved_bytes, event.cache_moved_ns = cache.moved()
         event.cache_tokens = cache.tokens_per_layer()
         event.cache_stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
                                         kept_sampled(state.step, event.finish_reason is not None))

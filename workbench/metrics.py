@@ -23,6 +23,9 @@ Definitions:
 - cache_bytes / peak_cache_bytes: what the process holds for the KV cache (its tensors' storages, spare
   capacity included), at the end and at its largest; cache_live_bytes / peak_cache_live_bytes: what the tokens
   held take in their stored form (a quantized or evicting policy's saving shows here first).
+- cache_off_bytes / peak_cache_off_bytes: what a two-tier policy (ShadowKV, LServe with offload) holds off the
+  fast tier, in host memory, not counted in cache_bytes; cache_moved_bytes / cache_moved_s: what it brought back
+  from there over the run, and the time that took.
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -63,6 +66,10 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "peak_cache_bytes": max((e.cache_bytes for e in events), default=0),
         "cache_live_bytes": events[-1].cache_live_bytes if events else 0,
         "peak_cache_live_bytes": max((e.cache_live_bytes for e in events), default=0),
+        "cache_off_bytes": events[-1].cache_off_bytes if events else 0,
+        "peak_cache_off_bytes": max((e.cache_off_bytes for e in events), default=0),
+        "cache_moved_bytes": events[-1].cache_moved_bytes if events else 0,
+        "cache_moved_s": events[-1].cache_moved_ns / 1e9 if events else 0.0,
         "finish_reason": trace.finish_reason,
         "lossless": trace.spec.lossless,
         "simulated": list(trace.simulated),

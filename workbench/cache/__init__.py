@@ -10,6 +10,7 @@ from workbench.cache import (  # noqa: F401  (registration)
     kivi,
     mustafar,
     prefix_kv,
+    shadowkv,
     snapkv,
     streaming,
 )

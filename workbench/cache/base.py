@@ -123,6 +123,15 @@ class LayerCache(ABC):
         """Real bytes held by this layer (read every step: subclasses make it cheap)."""
         return int(self.nbytes_per_head().sum())
 
+    def offloaded_bytes(self) -> int:
+        """Bytes this layer holds off the fast tier (a two-tier form's host buffer, workbench/cache/offload.py);
+        `allocated_bytes` and `nbytes` count the fast tier only."""
+        return 0
+
+    def moved(self) -> tuple[int, int]:
+        """(bytes, nanoseconds) brought back from the off tier so far in this run."""
+        return 0, 0
+
     def head_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per kv head, for the views (workbench/cache/stats.py): tokens held, real bytes, bytes of the K/V
         data alone (no positions or indices), and the fraction of the held tokens' K/V elements stored (below
@@ -212,6 +221,15 @@ class KVCache:
         (`untyped_storage().nbytes()`), spare capacity and full-precision buffers included."""
         seen: set[int] = set()
         return sum(layer.allocated_bytes(seen) for layer in self.layers)
+
+    def offloaded_bytes(self) -> int:
+        """Bytes held off the fast tier (two-tier policies: ShadowKV, LServe with offload); 0 for the others."""
+        return sum(layer.offloaded_bytes() for layer in self.layers)
+
+    def moved(self) -> tuple[int, int]:
+        """(bytes, nanoseconds) fetched from the off tier into the fast tier so far, all layers together."""
+        pairs = [layer.moved() for layer in self.layers]
+        return sum(b for b, _ in pairs), sum(ns for _, ns in pairs)
 
     def nbytes_per_layer_head(self) -> torch.Tensor:
         """[layers, kv_heads] real bytes held."""

@@ -258,11 +258,16 @@ def speed_markdown(summary: dict[str, Any]) -> str:
 
 
 def cache_markdown(summary: dict[str, Any]) -> str:
-    """KV-cache bytes the process holds, and the live part when the cache reports it."""
+    """KV-cache bytes the process holds (the fast tier), the live part when the cache reports it, and a two-tier
+    policy's off-tier bytes and traffic."""
     text = f"KV cache **{summary['cache_bytes'] / 2**20:.2f} MiB**"
     live = summary.get("cache_live_bytes")
     if live is not None and live != summary["cache_bytes"]:
         text += f" allocated, **{live / 2**20:.2f} MiB** live"
+    off = summary.get("cache_off_bytes")
+    if off:  # a two-tier policy: what it holds off the fast tier, and what it brought back
+        text += (f"; **{off / 2**20:.2f} MiB** off the fast tier (host), {summary['cache_moved_bytes'] / 2**20:.2f} "
+                 f"MiB fetched back in {summary['cache_moved_s'] * 1e3:.0f} ms")
     return text
 
 
