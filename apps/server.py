@@ -19,6 +19,7 @@ import gradio as gr
 from workbench.spec import DEFAULT_MODEL
 from workbench.views.tokens import CSS
 
+from .bench_tab import build_bench_tab, wire_bench_tab
 from .context import AppContext
 from .generate_tab import LAYOUT_CSS, build_generate_tab, wire_generate_tab
 from .permalinks import RUN_ADDRESS_JS, link_outputs, open_run, wire_permalinks
@@ -42,9 +43,12 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 runs = build_runs_tab()
             with gr.Tab("SQL", id="sql"):
                 sql = build_sql_tab()
+            with gr.Tab("Benchmarks", id="bench") as bench_tab_block:
+                bench = build_bench_tab()
         wire_generate_tab(ctx, generate)
         wire_runs_tab(ctx, runs, runs_tab_block.select)
         wire_sql_tab(ctx, sql)
+        wire_bench_tab(bench, bench_tab_block.select)
         wire_permalinks(demo, ctx, generate, tabs)
 
         def open_from_runs(run_id: str):

@@ -1,6 +1,7 @@
 """The roofline benchmark's parts: the bandwidth method on a small buffer, the bytes a decoding step reads
 against the model's own tensors, and `workbench bench --roofline` end to end on a tiny random model."""
 
+import importlib.util
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from workbench.models import LoadedModel
 from workbench.models.packed_linear import PackedLinear, can_pack, pack_linears
 from workbench.models.random import random_model
 from workbench.spec import TechniqueSpec
+from workbench.views.roofline import load_roofline, roofline_figure
 
 
 def test_bandwidth_of_a_small_buffer_has_a_median_within_its_spread():
@@ -109,6 +111,32 @@ def test_bench_roofline_reports_each_format_against_the_bandwidth(tmp_path):
         assert r["achieved_gb_s"] == pytest.approx(r["bytes_per_token"] * r["tok_per_s"] / 1e9)
         assert r["fraction_of_bandwidth"] == pytest.approx(r["achieved_gb_s"] / peak)
     assert rows["int8"]["bytes_per_token"] < rows["bf16"]["bytes_per_token"]
+
+    # the views draw it: one point per engine under the bandwidth curve; the widget and the app's tab show it
+    figure = roofline_figure(load_roofline(out))
+    points = [t for t in figure.data if t.mode == "markers+text"]
+    assert [(t.name, t.y[0]) for t in points] == [(r["engine"], r["tok_per_s"]) for r in result["rows"]]
+    if importlib.util.find_spec("ipywidgets"):
+        from workbench.widgets import RooflineView
+
+        view = RooflineView(out)
+        assert len(view.figure.data) == len(figure.data) and "int8" in view.table.value
+    if importlib.util.find_spec("gradio"):
+        from workbench.apps import bench_tab
+
+        bench_tab.RESULTS = tmp_path
+        shown, table, note = bench_tab.show_roofline("roofline.json")
+        assert len(shown.data) == len(figure.data) and list(table["engine"]) == ["bf16", "int8"]
+        assert "pick a result" in bench_tab.show_roofline("../secret.json")[2]  # only files of the folder
+
+
+def test_a_file_that_is_not_a_roofline_result_is_a_clear_error(tmp_path):
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(WorkbenchError, match="is not a roofline result"):
+        load_roofline(tmp_path / "other.json")
+    with pytest.raises(WorkbenchError, match="cannot read a roofline result"):
+        load_roofline(tmp_path / "missing.json")
+    assert "workbench bench --roofline" in roofline_figure(None).layout.annotations[0].text
 
 
 def test_bench_roofline_names_the_peers_it_takes(capsys):
