@@ -165,18 +165,57 @@ class CompressionContext:
         return self._calibration[:n_tokens].to(self.device)
 
 
+def parse_layers(text: str, n_layers: int) -> set[tuple[int, str | None]] | None:
+    """The decoder-layer sites a `layers` selector names: None for "all", else a set of (layer, attr) with
+    attr None for every linear of that layer. Syntax: items joined by `/`, each `I`, `I-J` (inclusive) or
+    either followed by `.attr` (qkv, o, gate_up, down): `0-3/7.down/12.qkv`."""
+    if text == "all":
+        return None
+    chosen: set[tuple[int, str | None]] = set()
+    for item in filter(None, text.split("/")):
+        span, _, attr = item.partition(".")
+        lo, dash, hi = span.partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise SpecError(f"layers={text!r}: {item!r} is not a layer index or range; expected e.g. "
+                            "'all', '0-3', '0-3/7.down' (items joined by '/')") from None
+        if not 0 <= first <= last < n_layers:
+            raise SpecError(f"layers={text!r}: {span!r} is outside this model's decoder layers 0-{n_layers - 1}")
+        chosen |= {(i, attr or None) for i in range(first, last + 1)}
+    return chosen
+
+
+def selects(chosen: set[tuple[int, str | None]] | None, site_name: str) -> bool:
+    """Whether a site ("layers.3.qkv") is in a parsed `layers` selector (the LM head is governed by `head`)."""
+    if chosen is None or not site_name.startswith("layers."):
+        return True
+    _, index, attr = site_name.split(".", 2)
+    return (int(index), None) in chosen or (int(index), attr) in chosen
+
+
 @dataclass
 class WeightTransform:
     """Base of every registered compression technique: `apply` replaces linear layers of `model` in place.
 
     Class attributes: `stage` (one of STAGES); `needs_dense`: the transform reads plain dense weights
     (nn.Linear), so it cannot follow a transform that replaced them; `uses_original`: it reads
-    `ctx.original_weight` after earlier transforms ran (so the originals are recorded before any runs)."""
+    `ctx.original_weight` after earlier transforms ran (so the originals are recorded before any runs).
+
+    `layers` restricts a transform to some decoder layers' linears (the per-layer plans of `workbench search`
+    are chains of one quantizer per level, each on its own layers: `int4:bits=2,layers=0-3+int4:bits=3,...`)."""
 
     stage: ClassVar[str] = "quantize"
     needs_dense: ClassVar[bool] = False
     uses_original: ClassVar[bool] = False
     head: bool = param(False, "also compress the LM head / tied embedding")
+    layers: str = param("all", "decoder layers whose linears it compresses: all, or items joined by / such as "
+                        "0-3, 7 or 7.down (attrs qkv, o, gate_up, down)")
+
+    def sites(self, model: LlamaModel) -> list[LinearSite]:
+        """The linear layers this transform compresses: `layers` of the decoder, then the LM head if `head`."""
+        chosen = parse_layers(self.layers, len(model.layers))
+        return [s for s in linear_sites(model, self.head) if selects(chosen, s.name)]
 
     def apply(self, model: LlamaModel, ctx: CompressionContext) -> None:
         raise NotImplementedError
@@ -229,14 +268,16 @@ def _identity(module: nn.Module) -> tuple[int, int]:
     return id(module), id(module._parameters.get("weight"))
 
 
-def check_combination(transforms: list[WeightTransform]) -> None:
-    """Refuse chains that cannot work (SpecError naming both transforms); `transforms` in stage order."""
+def check_combination(transforms: list[WeightTransform], model: LlamaModel) -> None:
+    """Refuse chains that cannot work (SpecError naming both transforms); `transforms` in stage order.
+    Two quantizers may share a chain when their sites are disjoint (a per-layer plan)."""
+    names = [{s.name for s in t.sites(model)} for t in transforms]
     for i, t in enumerate(transforms):
-        for earlier in transforms[:i]:
-            if t.stage == "quantize" and earlier.stage == "quantize":
-                raise SpecError(f"{earlier.name} and {t.name} are both quantizers; a layer is quantized once, "
-                                "so use one of them")
-            if t.needs_dense and not earlier.keeps_dense():
+        for j, earlier in enumerate(transforms[:i]):
+            if t.stage == "quantize" and earlier.stage == "quantize" and names[i] & names[j]:
+                raise SpecError(f"{earlier.name} and {t.name} are both quantizers of the same layers; a layer is "
+                                "quantized once, so use one of them or give them disjoint `layers`")
+            if t.needs_dense and not earlier.keeps_dense() and names[i] & names[j]:
                 raise SpecError(f"{t.name} ({t.stage}) needs the dense weights, but {earlier.name} "
                                 f"({earlier.stage}, applied first) replaced them; use one or the other")
 
@@ -250,8 +291,8 @@ def apply_compression(loaded: LoadedModel, specs: list[TechniqueSpec]) -> list[T
             raise TypeError(f"{t.name}: stage {t.stage!r} is not one of {STAGES}")
     built.sort(key=lambda pair: STAGES.index(pair[1].stage))  # stable within a stage
     transforms = [t for _, t in built]
-    check_combination(transforms)
     model = loaded.model
+    check_combination(transforms, model)
     ctx = CompressionContext(loaded.tokenizer, loaded.dtype, loaded.device, loaded.config.vocab_size)
     if any(t.uses_original or t.stage == "compensate" for t in transforms[1:]):
         for site in linear_sites(model, head=True):

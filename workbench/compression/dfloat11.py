@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
+from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight
 from workbench.errors import SpecError
 from workbench.kernels import cpu_dfloat11
 from workbench.models.packed_linear import packed_product
@@ -201,5 +201,5 @@ class DFloat11(WeightTransform):
         if ctx.dtype != torch.bfloat16:
             dtype = str(ctx.dtype).removeprefix("torch.")
             raise SpecError(f"dfloat11 encodes bfloat16 weights; this model runs in {dtype}; use dtype=bfloat16")
-        for site in linear_sites(model, self.head):
+        for site in self.sites(model):
             self.replace(model, site, DFloat11Linear(dense_weight(site.module), site.module.bias))

@@ -18,7 +18,6 @@ from workbench.compression.base import (
     LinearSite,
     WeightTransform,
     dense_weight,
-    linear_sites,
     weight_nbytes,
 )
 from workbench.compression.calibration import layerwise
@@ -105,7 +104,7 @@ class EoRA(WeightTransform):
     tokens: int = param(4096, "calibration tokens", min=64)
 
     def apply(self, model: nn.Module, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             if self.rank > min(site.module.in_features, site.module.out_features):
                 raise SpecError(f"eora: rank={self.rank} exceeds {site.name}'s shape "

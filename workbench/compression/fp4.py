@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.compression.base import CompressionContext, WeightTransform, check_group, dense_weight, linear_sites
+from workbench.compression.base import CompressionContext, WeightTransform, check_group, dense_weight
 from workbench.compression.calibration import second_moments
 from workbench.compression.formats import FORMATS, ElementFormat, ScaledCodeLinear
 from workbench.registry import param, register
@@ -79,7 +79,7 @@ class FP4(WeightTransform):
     tokens: int = param(2048, "calibration tokens (with calibrate)", min=64)
 
     def apply(self, model: nn.Module, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             check_group("fp4", site, self.group or site.module.in_features)
         importance = second_moments(model, sites, ctx.calibration_ids(self.tokens), diagonal=True) \

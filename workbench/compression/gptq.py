@@ -16,7 +16,6 @@ from workbench.compression.base import (
     WeightTransform,
     check_group,
     dense_weight,
-    linear_sites,
 )
 from workbench.compression.calibration import layerwise
 from workbench.compression.int4 import KERNEL_GROUPS, Int4Linear, affine_params
@@ -110,7 +109,7 @@ class GPTQ(WeightTransform):
     tokens: int = param(4096, "calibration tokens", min=64)
 
     def apply(self, model: torch.nn.Module, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             check_group("gptq", site, self.group)
         ids = ctx.calibration_ids(self.tokens)

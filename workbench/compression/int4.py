@@ -17,7 +17,6 @@ from workbench.compression.base import (
     WeightTransform,
     check_group,
     dense_weight,
-    linear_sites,
 )
 from workbench.kernels import backend_torch, dispatch
 from workbench.kernels import cpu as cpu_kernels
@@ -162,7 +161,7 @@ class Int4(WeightTransform):
     head: bool = param(False, "also compress the LM head / tied embedding")
 
     def apply(self, model, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             check_group("int4", site, self.group)
         for site in sites:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight, linear_sites
+from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight
 from workbench.kernels import cpu as cpu_kernels
 from workbench.kernels import dispatch
 from workbench.registry import param, register
@@ -93,6 +93,6 @@ class Int8(WeightTransform):
     head: bool = param(True, "also compress the LM head / tied embedding")
 
     def apply(self, model, ctx: CompressionContext) -> None:
-        for site in linear_sites(model, self.head):
+        for site in self.sites(model):
             codes, scales = quantize_int8(dense_weight(site.module), ctx.dtype)
             self.replace(model, site, Int8Linear(codes, scales, site.module.bias))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.compression.base import CompressionContext, WeightTransform, check_group, dense_weight, linear_sites
+from workbench.compression.base import CompressionContext, WeightTransform, check_group, dense_weight
 from workbench.compression.formats import FORMATS, ElementFormat, ScaledCodeLinear
 from workbench.registry import param, register
 
@@ -56,7 +56,7 @@ class MX(WeightTransform):
     format: str = param("fp4", "element format", choices=tuple(MX_FORMATS))
 
     def apply(self, model: nn.Module, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             check_group("mx", site, BLOCK)
         fmt = FORMATS[MX_FORMATS[self.format]]

@@ -18,7 +18,6 @@ from workbench.compression.base import (
     WeightTransform,
     check_group,
     dense_weight,
-    linear_sites,
 )
 from workbench.registry import param, register
 
@@ -93,7 +92,7 @@ class MagnitudePrune(WeightTransform):
         return self.storage == "dense"
 
     def apply(self, model, ctx: CompressionContext) -> None:
-        sites = linear_sites(model, self.head)
+        sites = self.sites(model)
         for site in sites:
             check_group("prune", site, 8 if self.pattern == "unstructured" else 4)  # bitmap bytes, 2:4 groups
         for site in sites:
