@@ -25,7 +25,7 @@ from workbench.cache.base import CachePolicy, KVCache
 from workbench.cache.dense import DensePolicy
 from workbench.cache.stats import CacheStats, cache_stats, kept_sampled
 from workbench.decoding.base import Acceptor, DecodeState, Drafter, DraftTree
-from workbench.errors import PromptError
+from workbench.errors import PromptError, SpecError
 from workbench.models.llama import LlamaModel
 from workbench.sampling import Sampler, top_k
 from workbench.spec import RunSpec, TechniqueSpec
@@ -66,6 +66,8 @@ class StepEvent:
     cache_off_bytes: int = 0  # bytes a two-tier policy holds off the fast tier (host memory); cache_bytes excludes them
     cache_moved_bytes: int = 0  # bytes brought back from the off tier so far in the run
     cache_moved_ns: int = 0  # time spent bringing them back so far in the run
+    loaded_tokens: int = 0  # prefill only: prompt tokens whose cache was loaded (a CacheGen file), not prefilled
+    load_ns: int = 0  # prefill only: the time loading them took (inside the time to first token)
     cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
@@ -150,14 +152,21 @@ class Engine:
         state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory)
         text = _TextStream(self.detokenize, spec.stop)
         start = time.perf_counter_ns()
-
-        # Prefill: the whole prompt, logits for its last token only (and every token's last-layer state for a
-        # drafter that learns from them).
-        t0 = time.perf_counter_ns()
-        tokens = torch.tensor(prompt_ids, device=device)
         learns = self.drafter.wants_prompt_states()
+        # a policy may hold the cache of the prompt's first tokens (a CacheGen file): loading counts in the ttft
+        t_load = time.perf_counter_ns()
+        loaded = max((policy.load_prefix(cache, list(prompt_ids)) for policy in self.policies), default=0)
+        load_ns = time.perf_counter_ns() - t_load
+        if loaded and learns:
+            raise SpecError(f"{spec.decode.name} learns from every prompt token's states, but {loaded} of them were "
+                            "loaded from a cache file, not prefilled; use another drafter with a loaded cache")
+
+        # Prefill: the whole prompt (or what a loaded cache leaves), logits for its last token only (and every
+        # token's last-layer state for a drafter that learns from them).
+        t0 = time.perf_counter_ns()
+        tokens = torch.tensor(prompt_ids[loaded:], device=device)
         heads = self.drafter.wants_step_states()  # draft heads read the last layer's states of each step
-        out = model(tokens, torch.arange(len(prompt_ids), device=device), cache, last_only=True,
+        out = model(tokens, torch.arange(loaded, len(prompt_ids), device=device), cache, last_only=True,
                     final_hidden=learns or heads)
         logits = out.logits
         _sync(device)
@@ -173,6 +182,7 @@ class Engine:
         if learns:
             self.drafter.observe_prompt(state, out.final_hidden)
         event = self._event(state, [first], ["bonus"], logits, probs, [0], None, 0, t1 - t0, t1, start, text, budget)
+        event.loaded_tokens, event.load_ns = loaded, load_ns if loaded else 0
         self._record_cache(event, state)
         yield event
         if event.finish_reason:

@@ -26,6 +26,8 @@ Definitions:
 - cache_off_bytes / peak_cache_off_bytes: what a two-tier policy (ShadowKV, LServe with offload) holds off the
   fast tier, in host memory, not counted in cache_bytes; cache_moved_bytes / cache_moved_s: what it brought back
   from there over the run, and the time that took.
+- kv_loaded_tokens / kv_load_s: prompt tokens whose cache a policy loaded from a file (CacheGen's `load`)
+  instead of prefilling them, and the time that took; prefill_s is then the rest of the prompt's prefill.
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -70,6 +72,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "peak_cache_off_bytes": max((e.cache_off_bytes for e in events), default=0),
         "cache_moved_bytes": events[-1].cache_moved_bytes if events else 0,
         "cache_moved_s": events[-1].cache_moved_ns / 1e9 if events else 0.0,
+        "kv_loaded_tokens": events[0].loaded_tokens if events else 0,
+        "kv_load_s": events[0].load_ns / 1e9 if events else 0.0,
         "finish_reason": trace.finish_reason,
         "lossless": trace.spec.lossless,
         "simulated": list(trace.simulated),

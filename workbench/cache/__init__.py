@@ -2,6 +2,7 @@
 
 from workbench.cache import (  # noqa: F401  (registration)
     block_fp,
+    cachegen,
     dense,
     double_sparsity,
     ems,

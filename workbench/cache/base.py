@@ -275,6 +275,12 @@ class CachePolicy:
         """Called once every layer cache exists, before the prefill: attach attention observers here, and
         refuse (SpecError) a storage form this policy cannot work with."""
 
+    def load_prefix(self, cache: KVCache, prompt_ids: list[int]) -> int:
+        """Called once before the prefill with the prompt: a policy that holds the cache of the prompt's first
+        tokens (CacheGen's file) puts them in `cache`, commits them and returns how many, so that only the rest
+        of the prompt is prefilled (at least its last token: it yields the first logits). 0: nothing loaded."""
+        return 0
+
     def on_prefill_end(self, cache: KVCache) -> None:
         """Called once the prompt is committed."""
 

@@ -1,0 +1,104 @@
+"""CacheGen: the KV cache as a range-coded bitstream, written after a prefill and loaded instead of one."""
+
+from dataclasses import dataclass
+
+import constriction
+import pytest
+import torch
+
+from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.cachegen import decode_cache, decode_tensor, encode_tensor
+from workbench.engine import Engine
+from workbench.errors import SpecError
+from workbench.models.random import random_model
+from workbench.spec import RunSpec, TechniqueSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = [int(t) for t in torch.randint(3, 500, (120,), generator=torch.Generator().manual_seed(2))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("llama", seed=4, num_hidden_layers=3, max_position_embeddings=1024)
+
+
+@dataclass
+class Grab(CachePolicy):
+    cache: KVCache | None = None
+
+    def on_cache_built(self, cache: KVCache) -> None:
+        self.cache = cache
+
+
+def run(model, prompt, new=4, **params):
+    engine = Engine(model, RunSpec(max_new_tokens=new, cache=[TechniqueSpec("cachegen", params)]))
+    grab = Grab()
+    engine.policies.append(grab)
+    events = list(engine.run(prompt))
+    return events, grab.cache, engine.policies[0]
+
+
+def roundtrip(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    encoder = constriction.stream.queue.RangeEncoder()
+    side = encode_tensor(x, 10, bits, encoder)
+    stream = encoder.get_compressed()
+    decoder = constriction.stream.queue.RangeDecoder(stream)
+    return decode_tensor(decoder, side, *x.shape, 10), stream.nbytes
+
+
+def test_more_bits_give_a_closer_tensor_and_a_longer_stream():
+    x = torch.randn(2, 300, 16) * torch.linspace(0.1, 4, 16) + torch.randn(2, 1, 16)
+    errors, sizes = zip(*((float((y - x).norm() / x.norm()), n) for y, n in (roundtrip(x, b) for b in (2, 4, 6))))
+    assert errors[0] > 3 * errors[1] > 9 * errors[2] and errors[2] < 0.03
+    assert sizes[0] < sizes[1] < sizes[2] < x.numel() * 2  # below float16 at every setting here
+
+
+def test_a_saved_cache_loads_instead_of_the_prefill(model, tmp_path):
+    path = tmp_path / "prompt.kvc"
+    _, saved_cache, saver = run(model, PROMPT, new=1, save=str(path))
+    assert path.stat().st_size == saver.file_bytes < saver.raw_fp16_bytes
+    longer = PROMPT + [7, 8, 9]
+    events, cache, _ = run(model, longer, load=str(path))
+    assert events[0].loaded_tokens == len(PROMPT) and events[0].load_ns > 0
+    header, layers = decode_cache(path.read_bytes(), model.config.num_kv_heads, model.config.head_dim)
+    assert header["tokens"] == PROMPT
+    for layer, (k, v) in zip(cache.layers, layers):  # the loaded tokens are the file's, the rest prefilled
+        assert torch.equal(layer.k[:, : len(PROMPT)], k) and torch.equal(layer.v[:, : len(PROMPT)], v)
+        assert layer.positions[0, : len(longer)].tolist() == list(range(len(longer)))
+    exact = saved_cache.layers[0].k[:, : len(PROMPT)]
+    assert 0 < float((layers[0][0] - exact).norm() / exact.norm()) < 0.1  # a close copy, not the same cache
+
+
+def test_the_whole_prompt_in_the_file_still_prefills_its_last_token(model, tmp_path):
+    path = tmp_path / "prompt.kvc"
+    run(model, PROMPT, new=1, save=str(path))
+    events, _, _ = run(model, PROMPT, load=str(path))
+    assert events[0].loaded_tokens == len(PROMPT) - 1 and len(events) == 4
+
+
+def test_round_trip_mode_holds_the_decoded_cache(model, tmp_path):
+    path = tmp_path / "prompt.kvc"
+    _, exact, _ = run(model, PROMPT, new=1, save=str(path))
+    _, cache, policy = run(model, PROMPT, new=1)
+    assert 0 < policy.file_bytes < policy.raw_fp16_bytes
+    _, layers = decode_cache(path.read_bytes(), model.config.num_kv_heads, model.config.head_dim)
+    n = len(PROMPT)
+    assert torch.equal(cache.layers[1].v[:, :n], layers[1][1])
+    assert not torch.equal(cache.layers[1].v[:, :n], exact.layers[1].v[:, :n])
+
+
+def test_bad_files_and_mismatched_prompts_are_refused(model, tmp_path):
+    path = tmp_path / "prompt.kvc"
+    run(model, PROMPT, new=1, save=str(path))
+    with pytest.raises(SpecError, match="do not begin this prompt"):
+        run(model, [9] + PROMPT, load=str(path))
+    other = random_model("llama", seed=5, num_hidden_layers=3, max_position_embeddings=1024)
+    with pytest.raises(SpecError, match="encoded from another model"):
+        run(other, PROMPT, load=str(path))
+    junk = tmp_path / "junk.kvc"
+    junk.write_bytes(b"not a cache")
+    with pytest.raises(SpecError, match="not a CacheGen KV file"):
+        run(model, PROMPT, load=str(junk))
+    with pytest.raises(SpecError, match="is not a file"):
+        run(model, PROMPT, load=str(tmp_path / "missing.kvc"))
