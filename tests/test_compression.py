@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRANSFORMS = [t.name for t in registry.techniques("compression")]
 # Parameters that fit the tiny models and keep tests fast; chains for transforms that need an earlier one.
-TEST_CHAINS = {"gptq": "gptq:tokens=256", "fp4": "fp4:tokens=256", "eora": "int4+eora:tokens=256,rank=4"}
+TEST_CHAINS = {"gptq": "gptq:tokens=256", "fp4": "fp4:tokens=256", "eora": "int4+eora:tokens=256,rank=4",
+               "decoupleq": "decoupleq:tokens=256,iters=1,steps=5"}
 BF16_ONLY = {"dfloat11"}
 
 

@@ -5,6 +5,7 @@ docs/compression.md describes each transform and how to measure it.
 """
 
 from workbench.compression import (  # noqa: F401  (registration)
+    decoupleq,
     dfloat11,
     eora,
     fp4,

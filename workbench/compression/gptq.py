@@ -18,15 +18,18 @@ from workbench.compression.base import (
     dense_weight,
 )
 from workbench.compression.calibration import layerwise
-from workbench.compression.int4 import KERNEL_GROUPS, Int4Linear, affine_params
+from workbench.compression.int4 import KERNEL_GROUPS, affine_linear, affine_params
 from workbench.registry import param, register
 
 
 def _group_params(w: torch.Tensor, bits: int, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset [out] of one group's columns w [out, g] on int4's grid, as Int4Linear will hold them
-    (scale and zero = offset + 8 * scale rounded to `param_dtype`), so the error GPTQ feeds forward is exact."""
+    """Scale and offset [out] of one group's columns w [out, g] on int4's grid, as `affine_linear`'s layer will
+    hold them (4 bits: scale and zero = offset + 8 * scale rounded to `param_dtype`; fewer: scale and offset),
+    so the error GPTQ feeds forward is exact."""
     scale, offset = affine_params(w, 2 ** bits - 1)
     scale = scale.to(param_dtype).float()
+    if bits < 4:
+        return scale, offset.to(param_dtype).float()
     zero = (offset + 8 * scale).to(param_dtype).float()
     return scale, zero - 8 * scale
 
@@ -34,9 +37,11 @@ def _group_params(w: torch.Tensor, bits: int, param_dtype: torch.dtype) -> tuple
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group: int = 64, percdamp: float = 0.01,
                   block: int = 128, act_order: bool = False, param_dtype: torch.dtype = torch.float32,
+                  fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize w [out, in] given H = XᵀX / n [in, in]: codes uint8 [out, in], scales and offsets [out, in // group]
-    with w_hat = scale * code + offset. Algorithm 1 of the paper, in float32."""
+    with w_hat = scale * code + offset. Algorithm 1 of the paper, in float32. `fixed` (scales, offsets) gives
+    the grid instead of taking it from the weights (decoupleQ's integer step)."""
     w = w.float().clone()
     out_f, in_f = w.shape
     maxq = 2 ** bits - 1
@@ -48,10 +53,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group: 
     scales = torch.zeros(out_f, n_groups, device=w.device)
     offsets = torch.zeros(out_f, n_groups, device=w.device)
     perm = torch.arange(in_f, device=w.device)
+    if fixed is not None:
+        scales, offsets = fixed[0].float().clone(), fixed[1].float().clone()
     if act_order:
         # Largest-H_jj columns first; group parameters fixed up front from the unquantized weights so each
         # group stays contiguous in storage (the reference code's `static_groups`).
-        for g in range(n_groups):
+        for g in range(n_groups if fixed is None else 0):
             scales[:, g], offsets[:, g] = _group_params(w[:, g * group:(g + 1) * group], bits, param_dtype)
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
@@ -67,7 +74,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group: 
         for i in range(i2 - i1):
             col = perm[i1 + i]
             g = int(col) // group
-            if not act_order and (i1 + i) % group == 0:  # parameters from the already-updated columns
+            if fixed is None and not act_order and (i1 + i) % group == 0:  # parameters from the already-updated columns
                 scales[:, g], offsets[:, g] = _group_params(w1[:, i:i + group], bits, param_dtype)
             scale, offset = scales[:, g], offsets[:, g]
             q = torch.clamp(torch.round((w1[:, i] - offset) / scale), 0, maxq)
@@ -92,15 +99,15 @@ class GPTQ(WeightTransform):
     updates batched in blocks of `block` columns. `act_order` quantizes columns with the largest H_jj
     first (on by default: it lowered perplexity further on SmolLM2-135M). Layers are quantized in order,
     each calibrated on the outputs of the already-quantized ones (compression/calibration.py).
-    The result is an `Int4Linear`, so it runs on the same kernels as `int4`. Left out: the paper's
-    `true-sequential` order within a layer and its 3-bit/2-bit packed kernels (bits below 4 are stored in
-    4-bit codes, so they lose quality without saving bytes); with `act_order` group parameters are fixed
+    The result is an `Int4Linear` (4 bits), so it runs on the same kernels as `int4`. Left out: the paper's
+    `true-sequential` order within a layer and its 3-bit/2-bit kernels (bits below 4 are packed densely in a
+    `LowBitLinear`, real bytes, dequantized per forward: simulated speed); with `act_order` group parameters are fixed
     before the pass (the reference code's `static_groups`), keeping groups contiguous.
     """
 
     stage = "quantize"
 
-    bits: int = param(4, "bits per weight (3 or 2 are stored in 4-bit codes: no bytes saved)", choices=(2, 3, 4))
+    bits: int = param(4, "bits per weight (3 or 2 are packed densely, simulated speed)", choices=(2, 3, 4))
     group: int = param(64, "inputs per scale/offset group; must divide every compressed layer's inputs",
                        choices=KERNEL_GROUPS)
     percdamp: float = param(0.01, "dampening added to H's diagonal, as a fraction of its mean", min=0.0, max=1.0)
@@ -119,7 +126,7 @@ class GPTQ(WeightTransform):
                 w = dense_weight(site.module)
                 codes, scales, offsets = gptq_quantize(w, hessians[site.name], self.bits, self.group,
                                                        self.percdamp, self.block, self.act_order, ctx.dtype)
-                self.replace(model, site, Int4Linear.from_affine(codes, scales, offsets, self.group,
-                                                                 site.module.bias, ctx.dtype))
+                self.replace(model, site, affine_linear(codes, scales, offsets, self.group, self.bits,
+                                                        site.module.bias, ctx.dtype))
 
         layerwise(model, sites, ids, quantize)

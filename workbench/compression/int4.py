@@ -18,6 +18,7 @@ from workbench.compression.base import (
     check_group,
     dense_weight,
 )
+from workbench.compression.formats import pack_codes, unpack_codes
 from workbench.kernels import backend_torch, dispatch
 from workbench.kernels import cpu as cpu_kernels
 from workbench.registry import param, register
@@ -33,15 +34,17 @@ def affine_params(w: torch.Tensor, maxq: int = 15) -> tuple[torch.Tensor, torch.
     return (hi - lo).clamp(min=1e-8) / maxq, lo
 
 
-def quantize_rtn_int4(w: torch.Tensor, group: int, param_dtype: torch.dtype = torch.float32,
+def quantize_rtn_int4(w: torch.Tensor, group: int, param_dtype: torch.dtype = torch.float32, bits: int = 4,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest asymmetric int4 of w [out, in]: codes uint8 [out, in] in 0..15, scales and offsets
-    float32 [out, in // group] (rounded to `param_dtype` first, so codes are nearest on the stored grid)."""
+    """Round-to-nearest asymmetric int4 (or `bits` 3, 2) of w [out, in]: codes uint8 [out, in] in
+    0..2^bits - 1, scales and offsets float32 [out, in // group] (rounded to `param_dtype` first, so codes
+    are nearest on the stored grid)."""
     out_f, in_f = w.shape
+    maxq = 2 ** bits - 1
     wg = w.float().reshape(out_f, in_f // group, group)
-    scale, offset = affine_params(wg)
+    scale, offset = affine_params(wg, maxq)
     scale, offset = scale.to(param_dtype).float(), offset.to(param_dtype).float()
-    codes = torch.clamp(torch.round((wg - offset[..., None]) / scale[..., None]), 0, 15)
+    codes = torch.clamp(torch.round((wg - offset[..., None]) / scale[..., None]), 0, maxq)
     return codes.to(torch.uint8).reshape(out_f, in_f), scale, offset
 
 
@@ -140,6 +143,45 @@ class Int4Linear(CompressedLinear):
         return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size()
 
 
+class LowBitLinear(CompressedLinear):
+    """Weight = scale * code + offset per group of `group` inputs, with 2- or 3-bit codes packed densely row
+    by row (`formats.pack_codes`: 3 bits take 3 bytes per 8 weights) and scales and offsets in the compute
+    dtype. No kernel multiplies these codes here: forward dequantizes and runs a dense matmul (simulated)."""
+
+    simulated = True
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int, bits: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group, self.bits, self.bias = group, bits, bias
+        self.register_buffer("packed", pack_codes(codes.to(torch.uint8), bits))  # [out, ceil(in * bits / 8)]
+        self.register_buffer("scales", scales.to(dtype))  # [out, in // group]
+        self.register_buffer("offsets", offsets.to(dtype))
+
+    def _weight(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        codes = unpack_codes(packed, self.bits, self.in_features).view(len(packed), -1, self.group).float()
+        w = codes * scales.float()[..., None] + offsets.float()[..., None]
+        return w.view(len(packed), self.in_features).to(self.scales.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._weight(self.packed, self.scales, self.offsets)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._weight(self.packed[ids], self.scales[ids], self.offsets[ids])
+
+    def weight_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.offsets))
+
+
+def affine_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int, bits: int,
+                  bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
+    """The layer holding w_hat = scale * code + offset: `Int4Linear` (kernels) for 4 bits, else `LowBitLinear`."""
+    if bits == 4:
+        return Int4Linear.from_affine(codes, scales, offsets, group, bias, dtype)
+    return LowBitLinear(codes, scales, offsets, group, bits, bias, dtype)
+
+
 @register("compression", "int4", lossless=False)
 @dataclass
 class Int4(WeightTransform):
@@ -151,6 +193,8 @@ class Int4(WeightTransform):
     group, 28% of bf16 at group 64. On CPU it runs in the workbench's int4 kernel (bf16, which the one-call
     decoder layer also takes) or torch's `_weight_int4pack_mm_for_cpu` (other dtypes, or where the workbench's
     kernels do not build); elsewhere it dequantizes (simulated).
+    `bits` 3 or 2 keep the same grid with 8 or 4 levels, codes packed at 3 or 2 bits (`LowBitLinear`, real
+    bytes, simulated speed: no kernel): the round-to-nearest baselines of low-bit methods (`decoupleq`).
     Left out: activation-aware scaling (AWQ) and error compensation (see `gptq`, `eora`).
     """
 
@@ -158,6 +202,8 @@ class Int4(WeightTransform):
 
     group: int = param(64, "inputs per scale/offset group; must divide every compressed layer's inputs "
                        "(576 = 9 x 64: use 32 or 64)", choices=KERNEL_GROUPS)
+    bits: int = param(4, "bits per weight; 3 and 2 are packed densely and run simulated (no kernel)",
+                      choices=(2, 3, 4))
     head: bool = param(False, "also compress the LM head / tied embedding")
 
     def apply(self, model, ctx: CompressionContext) -> None:
@@ -165,6 +211,6 @@ class Int4(WeightTransform):
         for site in sites:
             check_group("int4", site, self.group)
         for site in sites:
-            codes, scales, offsets = quantize_rtn_int4(dense_weight(site.module), self.group, ctx.dtype)
-            self.replace(model, site, Int4Linear.from_affine(codes, scales, offsets, self.group, site.module.bias,
-                                                             ctx.dtype))
+            codes, scales, offsets = quantize_rtn_int4(dense_weight(site.module), self.group, ctx.dtype, self.bits)
+            self.replace(model, site, affine_linear(codes, scales, offsets, self.group, self.bits,
+                                                    site.module.bias, ctx.dtype))

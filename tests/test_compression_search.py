@@ -1,0 +1,132 @@
+"""Low-bit int4 (bits 2 and 3), decoupleQ, the `layers` selector, per-layer plans and the HAWQ and EvoPress
+searches, on tiny random models (seconds)."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from workbench.compression.base import apply_compression, dense_weight, linear_sites, weight_nbytes
+from workbench.compression.decoupleq import decoupleq_quantize, expand, layer_loss
+from workbench.compression.evopress import level_switch
+from workbench.compression.gptq import gptq_quantize
+from workbench.compression.hawq import allocate
+from workbench.compression.int4 import Int4Linear, LowBitLinear, quantize_rtn_int4
+from workbench.compression.plan import LevelTable, average_bits, expand_plan_files, plan_string
+from workbench.compression.search import search
+from workbench.errors import SpecError
+from workbench.models import LoadedModel
+from workbench.spec import RunSpec, TechniqueSpec
+
+from .helpers import varied_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def loaded_tiny() -> LoadedModel:
+    model = varied_model("llama").float()
+    return LoadedModel(model, None, model.config, "tiny", "tiny", torch.float32, torch.device("cpu"))
+
+
+def compress(loaded: LoadedModel, text: str) -> None:
+    apply_compression(loaded, [TechniqueSpec.parse(t) for t in text.split("+")])
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_int4_packs_codes_densely(bits):
+    loaded = loaded_tiny()
+    before = {s.name: dense_weight(s.module).clone() for s in linear_sites(loaded.model, head=False)}
+    compress(loaded, f"int4:bits={bits},group=32")
+    for site in linear_sites(loaded.model, head=False):
+        m = site.module
+        assert isinstance(m, LowBitLinear)
+        groups = m.out_features * m.in_features // 32
+        assert weight_nbytes(m) == m.out_features * -(-m.in_features * bits // 8) + 2 * groups * 4
+        codes, scales, offsets = quantize_rtn_int4(before[site.name], 32, torch.float32, bits)
+        assert int(codes.max()) <= 2 ** bits - 1
+        torch.testing.assert_close(m.dequantized_weight(), expand(scales, 32) * codes + expand(offsets, 32))
+
+
+def test_layers_selector_gives_layers_different_transforms():
+    loaded = loaded_tiny()
+    compress(loaded, "int4:bits=2,layers=0/1.down+int4:bits=4,layers=1.qkv/1.o/1.gate_up/2-3")
+    kinds = {s.name: type(s.module) for s in linear_sites(loaded.model, head=False)}
+    assert kinds["layers.0.qkv"] is LowBitLinear and kinds["layers.1.down"] is LowBitLinear
+    assert kinds["layers.1.qkv"] is Int4Linear and kinds["layers.3.down"] is Int4Linear
+
+
+@pytest.mark.parametrize("text, message", [
+    ("int4:layers=0-1+int4:bits=2,layers=1", "both quantizers of the same layers"),
+    ("int4:layers=0-9", "outside this model's decoder layers"),
+    ("int4:layers=a.b", "not a layer index or range"),
+])
+def test_bad_plans_are_refused(text, message):
+    with pytest.raises(SpecError, match=message):
+        compress(loaded_tiny(), text)
+
+
+def test_decoupleq_beats_rtn_and_gptq_on_the_layer_objective():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3 + torch.randn(128, generator=g)
+    h, w = x.T @ x / len(x), torch.randn(64, 128, generator=g) * 0.05
+
+    def loss(codes, scales, offsets):
+        return layer_loss(w, expand(scales, 32) * codes.float() + expand(offsets, 32), h)
+
+    rtn, gptq = loss(*quantize_rtn_int4(w, 32, bits=2)), loss(*gptq_quantize(w, h, 2, 32, act_order=True))
+    codes, scales, offsets = decoupleq_quantize(w, h, 2, 32)
+    assert int(codes.max()) <= 3
+    assert loss(codes, scales, offsets) < 0.95 * gptq < rtn
+
+
+def test_allocate_is_the_exact_optimum():
+    rng = random.Random(0)
+    sizes = {f"s{i}": rng.choice([2, 3, 5]) for i in range(6)}
+    sens = {n: {b: rng.random() * 2 ** -b for b in (2, 3, 4)} for n in sizes}
+    plan = allocate(sens, sizes, 3.0)
+    best = min((dict(zip(sizes, bits)) for bits in itertools.product((2, 3, 4), repeat=6)
+                if sum(sizes[n] * b for n, b in zip(sizes, bits)) <= 3 * sum(sizes.values())),
+               key=lambda p: sum(sens[n][p[n]] for n in p))
+    assert average_bits(plan, sizes) <= 3.0
+    assert sum(sens[n][plan[n]] for n in plan) == pytest.approx(sum(sens[n][best[n]] for n in best))
+
+
+def test_level_switch_keeps_the_budget():
+    sizes = {"a": 4, "b": 4, "c": 9, "d": 9}
+    shapes = {"a": (2, 2), "b": (2, 2), "c": (3, 3), "d": (3, 3)}
+    rng, levels = random.Random(1), {n: 3 for n in sizes}
+    for _ in range(20):
+        child = level_switch(levels, shapes, rng)
+        assert sum(child[n] != levels[n] for n in sizes) == 2
+        assert average_bits(child, sizes) == average_bits(levels, sizes)
+        levels = child
+
+
+def test_a_plan_runs_from_its_string_and_from_a_file(tmp_path):
+    loaded = loaded_tiny()
+    table = LevelTable.build(loaded.model, 32)
+    rng = random.Random(2)
+    levels = {s.name: rng.choice((2, 3, 4)) for s in table.sites}
+    text = plan_string(levels, table.attrs, 32)
+    (tmp_path / "plan.txt").write_text(text + "\n")
+    [chain] = expand_plan_files([f"plan:{tmp_path / 'plan.txt'}"])
+    assert RunSpec.parse(text).compress == [TechniqueSpec.parse(t) for t in chain.split("+")]
+    compress(loaded, chain)
+    for site in linear_sites(loaded.model, head=False):
+        torch.testing.assert_close(site.module.dequantized_weight(), table.weights[site.name][levels[site.name]])
+    with pytest.raises(SpecError, match="does not exist"):
+        expand_plan_files([f"plan:{tmp_path / 'missing.txt'}"])
+
+
+@pytest.mark.parametrize("method", ["hawq", "evopress"])
+def test_search_writes_a_plan_on_budget(method):
+    result = search("random:llama", method, 2.5, 0.05, group=32, tokens=256, samples=1, offspring=2,
+                    survivors=(1,), generations=2, progress=False)
+    assert result.average_bits <= 2.5 and set(result.levels.values()) <= {2, 3, 4}
+    assert RunSpec.parse(result.plan).compress[0].name == "int4"
+
+
+def test_search_refuses_a_budget_outside_the_levels():
+    with pytest.raises(SpecError, match="outside the levels' range"):
+        search("random:llama", "hawq", 5.0, 0.05)
