@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
@@ -72,6 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     store = open_recorder(args)  # first: a second writer is refused before the spec's technique code loads
     try:
         spec = spec_from_args(args)
+        kv_file_options(spec, args)
     except BaseException:
         if store is not None:
             store.close()
@@ -106,9 +108,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\n\n[{summary['n_new_tokens']} tokens, {summary['tok_per_s']:.1f} tok/s, "
               f"ttft {summary['ttft_s'] * 1000:.0f} ms, {summary['target_forwards']} target forwards, "
               f"stopped: {summary['finish_reason']}]", file=sys.stderr)
+        if summary["kv_loaded_tokens"]:
+            print(kv_load_line(summary, args.kv_from or "the file", wb.model(spec).model.config), file=sys.stderr)
         if store is not None:
             print(f"[recorded as run {trace.run_id} in {store.path}]", file=sys.stderr)
     return 0
+
+
+def kv_file_options(spec: RunSpec, args: argparse.Namespace) -> None:
+    """--kv-from / --kv-save as the cachegen policy's load / save (on a cachegen the spec already names)."""
+    settings = {k: v for k, v in (("load", args.kv_from), ("save", args.kv_save)) if v}
+    if not settings:
+        return
+    existing = [t for t in spec.cache if t.name == "cachegen"]
+    if existing:
+        existing[0].params.update(settings)
+    else:
+        spec.cache.append(TechniqueSpec("cachegen", settings))
+    spec.validated()
+
+
+def kv_load_line(summary: dict[str, Any], path: str, config: Any) -> str:
+    """The loaded cache against the prefill it replaced: file bytes, raw float16 bytes, load and prefill time."""
+    n = summary["kv_loaded_tokens"]
+    raw = n * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+    size = Path(path).stat().st_size
+    return (f"[cache of {n} prompt tokens loaded from {path}: {size / 2**20:.2f} MiB, {100 * size / raw:.1f}% of "
+            f"their float16 cache ({raw / 2**20:.2f} MiB), in {summary['kv_load_s'] * 1000:.0f} ms; the rest of the "
+            f"prompt prefilled in {summary['prefill_s'] * 1000:.0f} ms]")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -194,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and metrics")
+    p.add_argument("--kv-from", metavar="FILE", help="load the KV cache of the prompt's leading tokens from a CacheGen "
+                   "file (made with --kv-save) instead of prefilling them: adds cache=cachegen:load=FILE")
+    p.add_argument("--kv-save", metavar="FILE", help="encode the prompt's KV cache into a CacheGen file after the "
+                   "prefill: adds cache=cachegen:save=FILE")
     add_recording_options(p)
     p.set_defaults(func=cmd_generate)
 
