@@ -130,3 +130,16 @@ def test_search_writes_a_plan_on_budget(method):
 def test_search_refuses_a_budget_outside_the_levels():
     with pytest.raises(SpecError, match="outside the levels' range"):
         search("random:llama", "hawq", 5.0, 0.05)
+
+
+def test_pareto_view_marks_the_front():
+    from workbench.views.pareto import pareto_figure, pareto_front
+
+    points = [{"label": "a", "search": None, "linear_share_of_bf16": 0.5, "perplexity": 14.0},
+              {"label": "b", "search": None, "linear_share_of_bf16": 0.3, "perplexity": 20.0},
+              {"label": "c", "search": None, "linear_share_of_bf16": 0.4, "perplexity": 25.0},
+              {"label": "d", "search": "hawq", "linear_share_of_bf16": 0.2, "perplexity": 30.0}]
+    assert [p["label"] for p in pareto_front(points)] == ["d", "b", "a"]
+    fig = pareto_figure(points)
+    assert [t.name for t in fig.data] == ["transforms", "searched plans", "Pareto front"]
+    assert list(fig.data[1].text) == ["d"]
