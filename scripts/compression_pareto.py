@@ -26,8 +26,8 @@ from workbench.models import load_model
 from workbench.spec import RunSpec, TechniqueSpec
 from workbench.text import evaluation_text, text_hash
 
-CHAINS = ["int8:head=false", "int4", "int4:bits=3", "int4:bits=2", "gptq:bits=2", "decoupleq",
-          "fp4", "mx", "prune:sparsity=0.5", "dfloat11:head=false"]
+CHAINS = ["int4:bits=3", "int4:bits=2", "decoupleq", "gptq:bits=2", "int4", "int8:head=false", "mx",
+          "dfloat11:head=false", "gptq", "fp4", "prune:sparsity=0.5"]
 
 
 def main() -> None:
@@ -54,9 +54,15 @@ def main() -> None:
     ids = torch.tensor(base.tokenizer(text)["input_ids"][: args.tokens], device=base.device)
     bf16_bytes = sum(s.module.weight.numel() * 2 for s in linear_sites(base.model, head=False))
     rows = []
-    entries = [("bf16", "", None), *((c, c, None) for c in args.chains),
-               *((f"{m} plan", "+".join(t.to_string() for t in RunSpec.parse(r.plan).compress), m)
-                 for m, r in plans.items())]
+    searched = [(f"{m} plan", "+".join(t.to_string() for t in RunSpec.parse(r.plan).compress), m)
+                for m, r in plans.items()]
+    chains = [(c, c, None) for c in args.chains]
+    entries = [("bf16", "", None), *chains[:2], *searched, *chains[2:]]  # the search's comparison first
+    command = (f"scripts/compression_pareto.py --tokens {args.tokens} --minutes {args.minutes} "
+               f"--budget-bits {args.budget_bits}")
+    meta = {"command": command, "model": args.model, "text": text_hash(text), "tokens": len(ids),
+            "window": args.window, "loadavg_at_start": load}
+    os.makedirs(args.out, exist_ok=True)
     for label, chain, method in entries:
         loaded = load_model(args.model) if chain else base
         start = time.perf_counter()
@@ -70,14 +76,15 @@ def main() -> None:
                      "perplexity": ppl, "apply_s": round(seconds, 1)})
         print(f"{label:<28} {100 * linear / bf16_bytes:6.1f}% of bf16 linears  ppl {ppl:12.3f}  "
               f"({seconds:.0f} s)", flush=True)
+        with open(os.path.join(args.out, "pareto.json"), "w") as f:  # after every point: a long run keeps its part
+            json.dump({**meta, "loadavg_now": os.getloadavg(), "complete": len(rows) == len(entries),
+                       "points": rows}, f, indent=1)
+        if len(rows) == 3 + len(plans):  # the uniform baselines and the plans: the search results
+            write_search(args, meta, rows, plans)
+    draw(rows, args.figure, meta)
 
-    command = (f"scripts/compression_pareto.py --tokens {args.tokens} --minutes {args.minutes} "
-               f"--budget-bits {args.budget_bits}")
-    meta = {"command": command, "model": args.model, "text": text_hash(text), "tokens": len(ids),
-            "window": args.window, "loadavg_at_start": load, "loadavg_at_end": os.getloadavg()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pareto.json"), "w") as f:
-        json.dump({**meta, "points": rows}, f, indent=1)
+
+def write_search(args: argparse.Namespace, meta: dict, rows: list[dict], plans: dict) -> None:
     ppl = {r["label"]: r["perplexity"] for r in rows}
     uniform = {2: "int4:bits=2", 3: "int4:bits=3", 4: "int4"}.get(int(args.budget_bits))
     with open(os.path.join(args.out, "compression_search.json"), "w") as f:
@@ -87,7 +94,6 @@ def main() -> None:
                                  "perplexity": ppl[f"{m} plan"],
                                  "record": {k: v for k, v in r.details.items() if k != "traces"}}
                              for m, r in plans.items()}}, f, indent=1)
-    draw(rows, args.figure, meta)
 
 
 def draw(rows: list[dict], path: str, meta: dict) -> None:

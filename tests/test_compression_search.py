@@ -143,3 +143,27 @@ def test_pareto_view_marks_the_front():
     fig = pareto_figure(points)
     assert [t.name for t in fig.data] == ["transforms", "searched plans", "Pareto front"]
     assert list(fig.data[1].text) == ["d"]
+
+
+@pytest.mark.integration
+def test_decoupleq_two_bit_beats_rtn_and_gptq_on_the_embedded_model():
+    """On the first four decoder layers of SmolLM2-135M (the rest bf16), at the same packed 2-bit size."""
+    import torch.nn.functional as F
+
+    from workbench.models import load_model
+    from workbench.text import evaluation_text
+
+    def perplexity(chain: str) -> tuple[float, int]:
+        loaded = load_model("smollm2-135m", "bfloat16", "cpu")
+        compress(loaded, chain)
+        ids = torch.tensor(loaded.tokenizer(evaluation_text()[:6000])["input_ids"][:512])
+        with torch.no_grad():
+            logits = loaded.model(ids, torch.arange(len(ids))).logits.float()
+        nbytes = sum(weight_nbytes(s.module) for s in linear_sites(loaded.model, head=False)[:16])
+        return float(F.cross_entropy(logits[:-1], ids[1:]).exp()), nbytes
+
+    rtn, rtn_bytes = perplexity("int4:bits=2,layers=0-3")
+    gptq, gptq_bytes = perplexity("gptq:bits=2,layers=0-3,tokens=512")
+    ours, ours_bytes = perplexity("decoupleq:layers=0-3,tokens=512,iters=2,steps=10")
+    assert ours_bytes == rtn_bytes == gptq_bytes
+    assert ours < gptq < rtn

@@ -7,10 +7,10 @@ Quantization", Yao et al., arXiv 2011.10680 (the bit allocation as an integer pr
 Each decoder linear's sensitivity at b bits is Ω_i(b) = Tr(H_i) / n_i · ‖Q_b(W_i) − W_i‖², with H_i the
 Hessian of the calibration loss (next-token cross-entropy) with respect to the layer's n_i weights and Q_b
 round-to-nearest at b bits. Tr(H_i) = E[vᵀ H_i v] over Rademacher v (Hutchinson), each sample one
-Hessian-vector product by double backward through the model in float32. The plan minimises Σ Ω_i(b_i)
-subject to Σ n_i b_i ≤ budget · Σ n_i, solved exactly by dynamic programming over the budget in units
-of the layers' common size (HAWQ-V3 uses an ILP solver for the same problem). Left out: HAWQ's
-activation quantization, and latency or BOPs constraints beside the size budget.
+Hessian-vector product by double backward through the model in float32, on one calibration segment (in
+turn). The plan minimises Σ Ω_i(b_i) subject to Σ n_i b_i ≤ budget · Σ n_i, solved exactly by dynamic
+programming over the budget in units of the layers' common size (HAWQ-V3 uses an ILP solver for the same
+problem). Left out: HAWQ's activation quantization, and latency or BOPs constraints beside the size budget.
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ def hutchinson_traces(model: nn.Module, sites: list[LinearSite], segments: list[
     done = 0
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(samples), desc="hawq: Hutchinson samples", disable=not progress):
+            for k in tqdm(range(samples), desc="hawq: Hutchinson samples", disable=not progress):
+                # One calibration segment per sample, in turn: each sample estimates the trace of the mean
+                # loss's Hessian, and a sample costs one segment's forward and double backward.
+                seg = segments[k % len(segments)]
                 vs = [torch.randint(0, 2, w.shape, generator=g).to(w.dtype) * 2 - 1 for w in weights]
-                for seg in segments:
-                    logits = model(seg, torch.arange(len(seg))).logits.float()
-                    loss = F.cross_entropy(logits[:-1], seg[1:]) / len(segments)
-                    grads = torch.autograd.grad(loss, weights, create_graph=True)
-                    hvs = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weights)
-                    for i, (hv, v) in enumerate(zip(hvs, vs)):
-                        sums[i] += float((hv * v).sum())
+                logits = model(seg, torch.arange(len(seg))).logits.float()
+                loss = F.cross_entropy(logits[:-1], seg[1:])
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                hvs = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weights)
+                for i, (hv, v) in enumerate(zip(hvs, vs)):
+                    sums[i] += float((hv * v).sum())
                 done += 1
                 if time.monotonic() > deadline:
                     break
