@@ -1,4 +1,4 @@
-"""The `workbench` command line: generate, bench, train, list, runs, sql, export, import and app.
+"""The `workbench` command line: generate, bench, train, sweep, list, runs, sql, export, import and app.
 
 Every command turns user mistakes (WorkbenchError) into one line on stderr and exit status 2.
 """
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompt lookup), transformers-assisted (assisted generation, the target's first layers as "
                    "assistant), transformers-early-exit (self-speculation exiting after the first layers), llama-cpp "
                    "and llama-cpp-pld (llama.cpp on the same GGUF, plain and with its prompt lookup; needs "
-                   "llama-cpp-python)")
+                   "llama-cpp-python); with --roofline only llama-cpp (transformers, the default, is left out)")
     p.add_argument("--assistant-layers", type=int, default=8,
                    help="layers of the target that the transformers-assisted peer's assistant keeps, and where "
                    "the transformers-early-exit peer exits")
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.compression.search import add_search_command
 
     add_search_command(sub)
+    from workbench.sweep.command import add_sweep_command
+
+    add_sweep_command(sub)
     add_store_commands(sub)
     return parser
 
