@@ -142,3 +142,5 @@ def test_a_file_that_is_not_a_roofline_result_is_a_clear_error(tmp_path):
 def test_bench_roofline_names_the_peers_it_takes(capsys):
     assert main(["bench", "--roofline", "--model", "random:smollm", "--peers", "kvpress", "--no-store"]) == 2
     assert "--roofline takes peers llama-cpp" in capsys.readouterr().err
+    assert main(["bench", "--roofline", "--model", "random:smollm", "--decode", "prompt_lookup", "--no-store"]) == 2
+    assert "it takes no --decode" in capsys.readouterr().err

@@ -95,6 +95,9 @@ def _format_spec(name: str) -> str | None:
 def run_roofline_bench(args: argparse.Namespace, store=None) -> int:
     from workbench.api import Workbench, hardware_description
 
+    if args.decode or args.compress:
+        raise WorkbenchError("--roofline measures plain decoding in each --format; it takes no --decode or "
+                             "--compress (give a compression chain as --format)")
     formats = list(dict.fromkeys(args.format or DEFAULT_FORMATS))
     peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "transformers"]
     unknown = set(peers) - set(ROOFLINE_PEERS)
