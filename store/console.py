@@ -29,7 +29,7 @@ import pyarrow as pa
 from workbench.errors import StoreError
 
 from .database import connect, default_store_path, stored_version
-from .schema import SCHEMA_VERSION, TABLES, VIEW_NAMES
+from .schema import SCHEMA_VERSION, SWEEP_TABLES, TABLES, VIEW_NAMES
 
 VALID = "valid: one SELECT (or WITH / FROM / VALUES) query, DESCRIBE, SHOW TABLES, SUMMARIZE or EXPLAIN"
 # Table functions that only generate rows; anything else (read_csv, glob, duckdb_settings, ...) is refused.
@@ -281,8 +281,8 @@ def check_query(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 def _check_tree(tree: dict) -> None:
     ctes = {entry["key"].lower() for node in _walk(tree) if isinstance(node.get("cte_map"), dict)
             for entry in node["cte_map"].get("map", [])}
-    allowed = set(TABLES) | set(VIEW_NAMES) | ctes
-    where = f"{VALID} over the store's tables ({', '.join(TABLES)}) and views ({', '.join(VIEW_NAMES)})"
+    allowed = set(TABLES) | set(SWEEP_TABLES) | set(VIEW_NAMES) | ctes
+    where = f"{VALID} over the store's tables ({', '.join(TABLES + SWEEP_TABLES)}) and views ({', '.join(VIEW_NAMES)})"
     for node in _walk(tree):
         kind = node.get("type")
         if not isinstance(kind, str):

@@ -71,10 +71,21 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN cache_moved_s DOUBLE",
         "ALTER TABLE steps ADD COLUMN cache_off_bytes BIGINT",
     ],
+    7: [  # sweeps (workbench/sweep/): a grid's cells, each keyed by spec, prompt, seed, length and model
+        """CREATE TABLE sweeps (
+            sweep_id VARCHAR NOT NULL, name VARCHAR, created_at TIMESTAMP, n_cells INTEGER, grid VARCHAR
+        )""",
+        """CREATE TABLE sweep_cells (
+            sweep_id VARCHAR NOT NULL, cell_key VARCHAR NOT NULL, run_id VARCHAR, spec VARCHAR, prompt VARCHAR,
+            seed INTEGER, repeat INTEGER, status VARCHAR NOT NULL, error VARCHAR, worker VARCHAR,
+            finished_at TIMESTAMP
+        )""",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 TABLES = ("runs", "steps", "tokens", "draft_nodes", "cache_stats")
+SWEEP_TABLES = ("sweeps", "sweep_cells")  # queryable; not part of a run's Parquet export
 
 # A technique list in spec_json ([{"name": ..., "params": {...}}]) as the short string `name:k=v,...+name`.
 _TECHNIQUES = """coalesce(array_to_string(list_transform(
@@ -134,5 +145,20 @@ VIEWS = [
      AND d.hardware = b.hardware AND d.temperature = b.temperature AND d.max_new_tokens = b.max_new_tokens
     GROUP BY d.prompt, d.model, d.dtype, d.device, d.hardware, d.temperature, d.max_new_tokens,
              d.decode, d.accept, d.cache, d.compress""",
+    # A sweep's cells by configuration: how many finished or failed, and the mean metrics of the finished
+    # ones (a cell counts once, its latest record; a re-run sweep adds only the cells it ran).
+    """CREATE OR REPLACE VIEW sweep_summary AS
+    WITH latest AS (
+        SELECT * FROM sweep_cells QUALIFY row_number() OVER (PARTITION BY sweep_id, cell_key
+                                                             ORDER BY finished_at DESC) = 1)
+    SELECT c.sweep_id, any_value(s.name) AS sweep_name, c.spec, count(*) AS cells,
+           count(*) FILTER (WHERE c.status = 'done') AS done, count(*) FILTER (WHERE c.status = 'failed') AS failed,
+           avg(r.tok_per_s) AS tok_per_s, avg(r.decode_tok_per_s) AS decode_tok_per_s,
+           avg(r.mean_accepted_length) AS mean_accepted_length, avg(r.n_new_tokens) AS n_new_tokens,
+           avg(r.peak_cache_bytes) AS peak_cache_bytes, avg(r.weight_bytes) AS weight_bytes,
+           bool_and(r.lossless) AS lossless
+    FROM latest c LEFT JOIN sweeps s USING (sweep_id)
+    LEFT JOIN run_summary r ON r.run_id = c.run_id AND c.status = 'done'
+    GROUP BY c.sweep_id, c.spec""",
 ]
-VIEW_NAMES = ("run_summary", "technique_comparison")
+VIEW_NAMES = ("run_summary", "technique_comparison", "sweep_summary")
