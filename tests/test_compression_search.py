@@ -167,3 +167,12 @@ def test_decoupleq_two_bit_beats_rtn_and_gptq_on_the_embedded_model():
     ours, ours_bytes = perplexity("decoupleq:layers=0-3,tokens=512,iters=2,steps=10")
     assert ours_bytes == rtn_bytes == gptq_bytes
     assert ours < gptq < rtn
+
+
+def test_pareto_widget_draws_the_points():
+    from workbench.widgets import ParetoView
+
+    points = [{"label": "int4", "search": None, "linear_share_of_bf16": 0.28, "perplexity": 15.0},
+              {"label": "hawq plan", "search": "hawq", "linear_share_of_bf16": 0.22, "perplexity": 18.0}]
+    view = ParetoView(points)
+    assert len(view.figure.data) == 3 and "hawq plan" in view.table.value

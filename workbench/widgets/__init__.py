@@ -5,7 +5,8 @@
     race.wait(); DraftTreeView(race.traces[1]); AcceptanceView(race.traces)
 
 One file per widget: `race.py`, `draft_tree.py`, `acceptance.py`, `kv_view.py`, `spec_builder.py`,
-`runs_browser.py`, `roofline_view.py` (a `workbench bench --roofline` result); `token_stream.py` is the
+`runs_browser.py`, `roofline_view.py` (a `workbench bench --roofline` result), `pareto_view.py` (compression
+bytes against perplexity); `token_stream.py` is the
 growing token text, `common.py` what they share. They run on
 ipywidgets 8 and plotly's FigureWidget (`pip install -e ".[notebook]"`); see docs/notebooks.md.
 """
@@ -13,9 +14,11 @@ ipywidgets 8 and plotly's FigureWidget (`pip install -e ".[notebook]"`); see doc
 from .acceptance import AcceptanceView
 from .draft_tree import DraftTreeView
 from .kv_view import KVView
+from .pareto_view import ParetoView
 from .race import Race
 from .roofline_view import RooflineView
 from .runs_browser import RunsBrowser
 from .spec_builder import SpecBuilder
 
-__all__ = ["AcceptanceView", "DraftTreeView", "KVView", "Race", "RooflineView", "RunsBrowser", "SpecBuilder"]
+__all__ = ["AcceptanceView", "DraftTreeView", "KVView", "ParetoView", "Race", "RooflineView", "RunsBrowser",
+           "SpecBuilder"]
