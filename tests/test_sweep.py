@@ -11,6 +11,7 @@ from workbench.errors import SpecError, WorkbenchError
 from workbench.store import Reader, Store
 from workbench.store import writer as store_writer
 from workbench.sweep import Grid, cell_key, load_grid, make_executor, run_sweep
+from workbench.views.sweeps import SWEEP_QUERY, pareto_front, sweep_pareto_figure
 
 TINY = dict(model="random:llama", dtype="float32")
 PROMPTS = ["5 6 7 8", "9 10 11"]
@@ -61,12 +62,24 @@ def test_a_local_sweep_records_its_cells_resumes_and_goes_on_after_a_failed_cell
         assert "space-separated token ids" in report.errors[0]
         again = run_sweep(grid, make_executor(grid), store, progress=False)
         assert (again.skipped, again.done, again.failed) == (4, 0, 2)  # failed cells are tried again
+        cursor = store.con.execute(SWEEP_QUERY, [report.sweep_id])
+        rows = [dict(zip([d[0] for d in cursor.description], r)) for r in cursor.fetchall()]
+    figure = sweep_pareto_figure(rows)
+    points = [t for t in figure.data if t.mode == "markers"]
+    assert len(rows) == 4 and len(points) == 2
+    assert sorted(len(p.customdata[0][0].split(",")) for p in points) == [2, 2]  # each point opens its 2 runs
     with Reader(tmp_path / "runs.duckdb") as reader:
         summary = reader.query("SELECT spec, cells, done, failed, n_new_tokens FROM sweep_summary ORDER BY spec"
                                ).to_pylist()
         runs = reader.query("SELECT count(*) AS n FROM runs r JOIN sweep_cells c USING (run_id)").to_pylist()
     assert [(r["cells"], r["done"], r["failed"], r["n_new_tokens"]) for r in summary] == [(3, 2, 1, 5.0)] * 2
     assert runs == [{"n": 4}]  # the failed cells never began a run
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    points = [(10.0, 5.0), (20.0, 8.0), (15.0, 9.0), (5.0, 1.0), (20.0, 9.0)]  # (tok/s, bytes)
+    assert pareto_front(points, lower_y_better=True) == [3, 0, 1]
+    assert pareto_front(points, lower_y_better=False) == [4]
 
 
 def test_a_version_6_store_gains_the_sweep_tables(tmp_path):
