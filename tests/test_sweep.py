@@ -11,7 +11,7 @@ from workbench.errors import SpecError, WorkbenchError
 from workbench.store import Reader, Store
 from workbench.store import writer as store_writer
 from workbench.sweep import Grid, cell_key, load_grid, make_executor, run_sweep
-from workbench.views.sweeps import SWEEP_QUERY, pareto_front, sweep_pareto_figure
+from workbench.views.sweeps import pareto_front, sweep_pareto_figure, sweep_query
 
 TINY = dict(model="random:llama", dtype="float32")
 PROMPTS = ["5 6 7 8", "9 10 11"]
@@ -62,8 +62,9 @@ def test_a_local_sweep_records_its_cells_resumes_and_goes_on_after_a_failed_cell
         assert "space-separated token ids" in report.errors[0]
         again = run_sweep(grid, make_executor(grid), store, progress=False)
         assert (again.skipped, again.done, again.failed) == (4, 0, 2)  # failed cells are tried again
-        cursor = store.con.execute(SWEEP_QUERY, [report.sweep_id])
-        rows = [dict(zip([d[0] for d in cursor.description], r)) for r in cursor.fetchall()]
+        rows = store.query(sweep_query(report.sweep_id)).to_pylist()
+        with pytest.raises(WorkbenchError, match="bad sweep id"):
+            sweep_query("x' OR 1=1")
     figure = sweep_pareto_figure(rows)
     points = [t for t in figure.data if t.mode == "markers"]
     assert len(rows) == 4 and len(points) == 2

@@ -4,18 +4,27 @@ configuration's run ids (`customdata`), so a surface can open them in the run vi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
 
+from workbench.errors import WorkbenchError
+
 from .palette import column_color
 
 # metric -> whether lower is better (speed is always "higher is better", on x)
 Y_METRICS = {"peak_cache_bytes": True, "weight_bytes": True, "mean_accepted_length": False}
-SWEEP_QUERY = """SELECT c.sweep_id, c.spec, r.run_id, r.tok_per_s, r.peak_cache_bytes, r.weight_bytes,
-    r.mean_accepted_length FROM sweep_cells c JOIN run_summary r USING (run_id)
-    WHERE c.status = 'done' AND c.sweep_id = ?"""
+
+
+def sweep_query(sweep_id: str) -> str:
+    """The rows `sweep_pareto_figure` takes, as one query a sealed Reader runs (the id is checked as hex)."""
+    if not re.fullmatch(r"[0-9a-f]{1,64}", sweep_id):
+        raise WorkbenchError(f"bad sweep id {sweep_id!r}; a sweep id is hexadecimal (see the sweeps table)")
+    return ("SELECT c.sweep_id, c.spec, r.run_id, r.tok_per_s, r.peak_cache_bytes, r.weight_bytes, "
+            "r.mean_accepted_length FROM sweep_cells c JOIN run_summary r USING (run_id) "
+            f"WHERE c.status = 'done' AND c.sweep_id = '{sweep_id}'")
 
 
 def pareto_front(points: Sequence[tuple[float, float]], lower_y_better: bool) -> list[int]:
@@ -30,7 +39,7 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_y_better: bool) ->
 
 
 def sweep_pareto_figure(rows: list[dict[str, Any]], y: str = "peak_cache_bytes") -> go.Figure:
-    """`rows`: one per finished cell (SWEEP_QUERY's columns); averaged here per configuration (`spec`)."""
+    """`rows`: one per finished cell (`sweep_query`'s columns); averaged here per configuration (`spec`)."""
     if y not in Y_METRICS:
         raise ValueError(f"unknown y metric {y!r}; valid: {', '.join(Y_METRICS)}")
     configs: dict[str, list[dict[str, Any]]] = {}
