@@ -5,6 +5,7 @@ writer."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ class SweepReport:
         return {"sweep_id": self.sweep_id, "name": self.name, "cells": self.cells, "skipped": self.skipped,
                 "done": self.done, "failed": self.failed, "workers": self.workers, "wall_s": self.wall_s,
                 "cells_per_min": self.cells_per_min, "overhead_s_per_cell": self.overhead_s,
-                "load_s_per_worker": self.load_s, "run_s": self.run_s}
+                "load_s_per_worker": self.load_s, "run_s": self.run_s,
+                "load_average_1_5_15_min": list(os.getloadavg())}  # at the end: how busy the machine was
 
 
 def make_executor(grid: Grid, ray: bool = False, workers: int = 2, address: str | None = None,
