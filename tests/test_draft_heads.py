@@ -124,3 +124,28 @@ def test_the_command_trains_and_saves_what_the_drafter_loads(tmp_path, capsys):
                  "medusa:heads=2", "--max-new-tokens", "8", "--no-store"]) == 0
     assert main(["train", "medusa", "--model", "random:llama", "--heads", "9"]) == 2
     assert "--heads 9 is out of range" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from workbench import Workbench
+
+    return Workbench(dtype="float32")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", KINDS)
+def test_embedded_float32_output_is_plain_decodings(embedded, kind):
+    """The real model in float32 with heads trained briefly on it: token for token plain decoding's output."""
+    from workbench.training.heads import training_prompt_ids
+
+    wb = embedded
+    loaded = wb.model(wb.default)
+    train_heads(registry.get("decoding", kind).cls, loaded.model, training_prompt_ids(loaded, 3), SETTINGS,
+                minutes=0.5, new_tokens=12, max_steps=20, progress=False)
+    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+                   "Write a Python function that adds two numbers."]:
+        plain = wb.generate(prompt, "max_new_tokens=24")
+        ours = wb.generate(prompt, f"max_new_tokens=24;decode={kind}:heads=3,nodes=8")
+        assert ours.token_ids == plain.token_ids
+        assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
