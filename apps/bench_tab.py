@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.views.pareto import load_points, pareto_figure
 from workbench.views.roofline import load_roofline, roofline_figure
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -24,6 +25,7 @@ class BenchTab:
     message: gr.Markdown
     plot: gr.Plot
     table: gr.Dataframe
+    pareto: gr.Plot
 
 
 def roofline_files() -> list[str]:
@@ -47,6 +49,12 @@ def show_roofline(name: str | None):
     return roofline_figure(result), rows.round(3), note
 
 
+def show_pareto():
+    """The compression Pareto figure of docs/results/pareto.json (empty until scripts/compression_pareto.py ran)."""
+    path = RESULTS / "pareto.json"
+    return pareto_figure(load_points(path) if path.is_file() else [])
+
+
 def build_bench_tab() -> BenchTab:
     gr.Markdown("Plain decoding in each weight format against the machine's read bandwidth, measured in the same "
                 "run: `workbench bench --roofline --json docs/results/roofline.json` (docs/performance.md).")
@@ -55,7 +63,10 @@ def build_bench_tab() -> BenchTab:
     message = gr.Markdown(elem_id="wb-bench-message")
     plot = gr.Plot(elem_id="wb-bench-plot")
     table = gr.Dataframe(interactive=False, elem_id="wb-bench-table")
-    return BenchTab(result, message, plot, table)
+    gr.Markdown("Weight bytes against perplexity for every weight transform and the searched per-layer plans: "
+                "`scripts/compression_pareto.py` (docs/compression.md).")
+    pareto = gr.Plot(elem_id="wb-bench-pareto")
+    return BenchTab(result, message, plot, table, pareto)
 
 
 def wire_bench_tab(tab: BenchTab, selected) -> None:
@@ -63,3 +74,4 @@ def wire_bench_tab(tab: BenchTab, selected) -> None:
     outputs = [tab.plot, tab.table, tab.message]
     tab.result.change(show_roofline, inputs=tab.result, outputs=outputs, api_name="roofline")
     selected(show_roofline, inputs=tab.result, outputs=outputs, api_visibility="private")
+    selected(show_pareto, outputs=tab.pareto, api_visibility="private")

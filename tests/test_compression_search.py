@@ -176,3 +176,19 @@ def test_pareto_widget_draws_the_points():
               {"label": "hawq plan", "search": "hawq", "linear_share_of_bf16": 0.22, "perplexity": 18.0}]
     view = ParetoView(points)
     assert len(view.figure.data) == 3 and "hawq plan" in view.table.value
+
+
+def test_app_benchmarks_tab_draws_the_pareto_file(tmp_path):
+    import json
+
+    from workbench.apps import bench_tab
+
+    points = [{"label": "int4:bits=2", "search": None, "linear_share_of_bf16": 0.16, "perplexity": 900.0}]
+    (tmp_path / "pareto.json").write_text(json.dumps({"points": points}))
+    original, bench_tab.RESULTS = bench_tab.RESULTS, tmp_path
+    try:
+        assert list(bench_tab.show_pareto().data[0].text) == ["int4:bits=2"]
+        bench_tab.RESULTS = tmp_path / "none"
+        assert len(bench_tab.show_pareto().data[0].x) == 0
+    finally:
+        bench_tab.RESULTS = original
