@@ -40,7 +40,13 @@ def main() -> None:
     p.add_argument("--chains", nargs="*", default=CHAINS)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--figure", default="docs/images/compression_pareto.png")
+    p.add_argument("--replot", action="store_true", help="only redraw the figure from the results' pareto.json")
     args = p.parse_args()
+    if args.replot:
+        with open(os.path.join(args.out, "pareto.json")) as f:
+            saved = json.load(f)
+        draw(saved["points"], args.figure, saved)
+        return
 
     load = os.getloadavg()
     plans = {}
@@ -112,8 +118,8 @@ def draw(rows: list[dict], path: str, meta: dict) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("decoder linear weight bytes, % of bf16")
     ax.set_ylabel("perplexity (evaluation text)")
-    ax.set_title(f"{meta['model']}: bytes against perplexity ({meta['tokens']} tokens; stars: searched plans)",
-                 fontsize=9)
+    ax.set_title(f"{meta['model']}: bytes against perplexity ({meta['tokens']} tokens; stars: searched plans; "
+                 f"load {meta['loadavg_at_start'][0]:.1f})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
