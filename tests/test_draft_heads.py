@@ -30,9 +30,10 @@ TRIALS = 800
 
 @pytest.fixture(scope="module", autouse=True)
 def cache_folder(tmp_path_factory):
-    """Checkpoints go to a throwaway workbench cache."""
+    """Checkpoints go to a throwaway folder (the converted models stay in the real cache)."""
+    folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WORKBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
         yield
 
 
