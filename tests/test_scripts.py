@@ -77,6 +77,12 @@ def test_the_store_benchmark_runs(monkeypatch, capsys, tmp_path):
     assert '"runs": 3' in out and "record_run_first_tenth" in out
 
 
+def test_long_context_drafters(script):
+    out = script("long_context_drafters", "--model", "random:llama", "--lengths", "300", "--tasks", "passkey",
+                 "--new-tokens", "4", "--drafters", "triforce:budget=64,chunk=8,window=16 prompt_lookup")
+    assert "triforce" in out and "speed-up" in out
+
+
 def test_compression_bytes(script):
     from workbench.models import load_model
 

@@ -34,6 +34,7 @@ PARAMS = {
     "adaptive": {"drafter": "draft_model:layers=2"},
     "early_exit": {"probe_every": 1},
     "lookahead": {"window": 3, "ngram": 3, "candidates": 2},
+    "triforce": {"budget": 2, "chunk": 1, "window": 1, "k": 2},  # a retrieval cache smaller than the prompt
 }
 
 

@@ -18,5 +18,6 @@ from workbench.decoding import (  # noqa: F401  (registration)
     rsd,
     speculative,
     token_recycling,
+    triforce,
     typical,
 )
