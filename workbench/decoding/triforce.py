@@ -23,6 +23,8 @@ Left out: the paper's bottom level is a small model with a StreamingLLM cache (h
 needs no second model); its retrieval cache is rebuilt from the last query on a GPU each step with chunk
 selection shared by a layer's heads, and drafts of the middle level are themselves verified by a chain with
 rejection sampling of a small model's q. No offloading of the full cache (the paper's second setting).
+Works with every cache policy: the retrieval cache is gathered from what the policy holds (`view()`), and chunk
+means are recomputed when the policy evicts or moves keys; a policy that scores attention keeps its observer.
 """
 
 from __future__ import annotations
@@ -34,23 +36,26 @@ import torch
 from workbench.cache.base import KVCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.decoding.base import Drafter, DraftTree
-from workbench.errors import SpecError
 from workbench.registry import param, register
 
 
 class _QueryTap:
     """Attention observer on a target layer: keeps the mean query of the last forward per KV head [kv, dim]."""
 
-    def __init__(self, group: int):
+    def __init__(self, group: int, inner=None):
         self.group = group
+        self.inner = inner  # a cache policy's own observer (h2o, snapkv...), still fed
         self.query: torch.Tensor | None = None
 
     def observe(self, cache, q: torch.Tensor, k: torch.Tensor, mask) -> None:
         heads, _, dim = q.shape  # q: [heads, T, dim]
         self.query = q.float().mean(1).view(heads // self.group, self.group, dim).mean(1)
+        if self.inner is not None:
+            self.inner.observe(cache, q, k, mask)
 
     def commit(self, offsets: list[int]) -> None:
-        pass
+        if self.inner is not None:
+            self.inner.commit(offsets)
 
 
 @register("decoding", "triforce", lossless=True)
@@ -74,6 +79,7 @@ class TriForce(Drafter):
     _cache: KVCache | None = field(init=False, default=None, repr=False)  # the retrieval cache
     _taps: list[_QueryTap] = field(init=False, default_factory=list, repr=False)
     _means: list[torch.Tensor] = field(init=False, default_factory=list, repr=False)  # [kv, chunks, dim] per layer
+    _ends: list = field(init=False, default_factory=list, repr=False)  # per layer: position of the last key averaged
     _synced: int = field(init=False, default=0)  # committed target tokens the retrieval cache has seen
     _index: dict[tuple[int, ...], int] = field(init=False, default_factory=dict)  # n-gram -> first start
     _indexed: int = field(init=False, default=0)
@@ -87,22 +93,24 @@ class TriForce(Drafter):
     def begin(self, state) -> None:
         cfg = state.model.config
         group = cfg.num_heads // cfg.num_kv_heads
-        for layer in state.cache.layers:
-            if layer.observer is not None:
-                raise SpecError("triforce reads the target's queries and cannot run with a cache policy that "
-                                "scores attention itself (h2o, snapkv, ems...); use another cache policy")
-        self._taps = [_QueryTap(group) for _ in state.cache.layers]
+        self._taps = [_QueryTap(group, layer.observer) for layer in state.cache.layers]
         for layer, tap in zip(state.cache.layers, self._taps):
             layer.observer = tap
         self._means = [torch.empty(0)] * len(self._taps)
+        self._ends = [None] * len(self._taps)
         self._cache, self._synced = None, 0
         self._index, self._indexed = {}, 0
         self._generator = torch.Generator(device=state.model.device).manual_seed(state.sampler.seed + 1)
 
     # -- level 1: the retrieval cache -----------------------------------------------------------------------
 
-    def _chunk_means(self, i: int, keys: torch.Tensor) -> torch.Tensor:
-        """[kv, full chunks, dim] mean key of every full chunk of layer i, extending the ones already computed."""
+    def _chunk_means(self, i: int, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[kv, full chunks, dim] mean key of every full chunk of layer i, extending the ones already computed
+        (recomputed when a cache policy evicted or moved the keys they were averaged over)."""
+        have = self._means[i].shape[1] if self._means[i].dim() == 3 else 0
+        if have and (keys.shape[1] < have * self.chunk or
+                     not torch.equal(pos[:, have * self.chunk - 1], self._ends[i])):
+            self._means[i] = torch.empty(0)
         if self._means[i].dim() != 3:
             self._means[i] = keys.new_zeros(keys.shape[0], 0, keys.shape[2], dtype=torch.float32)
         have, full = self._means[i].shape[1], keys.shape[1] // self.chunk
@@ -110,6 +118,7 @@ class TriForce(Drafter):
             new = keys[:, have * self.chunk: full * self.chunk].float()
             new = new.view(keys.shape[0], full - have, self.chunk, keys.shape[2]).mean(2)
             self._means[i] = torch.cat([self._means[i], new], 1)
+            self._ends[i] = pos[:, full * self.chunk - 1].clone()
         return self._means[i]
 
     def _rebuild(self, state) -> None:
@@ -119,7 +128,7 @@ class TriForce(Drafter):
             keys, values = layer.view()
             n = layer.n_committed
             keys, values, pos = keys[:, :n], values[:, :n], layer.positions[:, :n]
-            chunks = min(max(n - self.window, 0) // self.chunk, self._chunk_means(i, keys).shape[1])
+            chunks = min(max(n - self.window, 0) // self.chunk, self._chunk_means(i, keys, pos).shape[1])
             picks = min(chunks, (self.budget - self.window) // self.chunk)
             # the query of the last verification; before the first one, the recent window's mean key stands in
             query = tap.query if tap.query is not None else keys[:, -self.window:].float().mean(1)
