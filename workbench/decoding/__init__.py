@@ -10,6 +10,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     early_exit,
     hydra,
     layer_skip,
+    lexical_unit,
     lookahead,
     match,
     medusa,
