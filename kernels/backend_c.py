@@ -33,7 +33,7 @@ def unavailable_reason() -> str:
 
 def supports(operation: str, device: torch.device, dtype: torch.dtype) -> bool:
     """CPU only; bf16 activations, except top-k, which takes the float32 logits of any model."""
-    if device.type != "cpu" or operation == "prefill_attention" or not cpu.available():
+    if device.type != "cpu" or operation in ("prefill_attention", "rope_append") or not cpu.available():
         return False
     return operation == "topk" or dtype == torch.bfloat16
 

@@ -218,6 +218,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """RoPE of the fused q|k|v product's q and k heads, and the cache append: qkv [T, heads + 2 kv_heads, dim];
+    k and v of the T tokens written into k_cache, v_cache [kv_heads, capacity, dim] at slots start..start+T-1
+    (reserved by the cache's `writable_buffers`). Returns q [T, heads, dim], rotated."""
+    n, kv_heads = qkv.shape[0], k_cache.shape[0]
+    heads = qkv.shape[1] - 2 * kv_heads
+    qk = rope(qkv[:, : heads + kv_heads], cos, signed_sin)
+    k_cache[:, start: start + n] = qk[:, heads:].transpose(0, 1)
+    v_cache[:, start: start + n] = qkv[:, heads + kv_heads:].transpose(0, 1)
+    return qk[:, :heads]
+
+
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of a 2-D tensor, descending, and their indices."""
     values, indices = torch.topk(x, k, dim=-1)

@@ -1,9 +1,11 @@
 """The Triton backend: GPU kernels for the memory-bound work of a decoding step, behind `dispatch`'s operations.
 
-It takes, on CUDA: RMSNorm and residual add + RMSNorm, RoPE, SwiGLU (`triton_norm.py`), the weight-only int8
-and int4 products with their dequantization fused in (`triton_linear.py`), and decode and tree attention over a
-dense cache view (`triton_attention.py`). Dense bf16 products, prompt attention and top-k stay with torch
-(cuBLAS, FlashAttention and torch's top-k are already the fast paths there). Each operation's `*_fits` check says
+It takes, on CUDA: RMSNorm and residual add + RMSNorm, RoPE, RoPE fused with a dense cache's append, SwiGLU
+(`triton_norm.py`), the weight-only int8 and int4 products with their dequantization fused in
+(`triton_linear.py`), and decode and tree attention over a dense cache view (`triton_attention.py`); and
+DFloat11's decoder for `DFloat11Linear` (`triton_dfloat11.py`, not a dispatch operation: the layer calls it).
+Dense bf16 products, prompt attention and top-k stay with torch (cuBLAS, FlashAttention and torch's top-k are
+already the fast paths there). Each operation's `*_fits` check says
 which inputs the kernel takes; the reference runs the others, and the run records that it did.
 
 Triton's interpreter runs the same kernels on CPU tensors when TRITON_INTERPRET=1 is set before Triton is first
@@ -18,11 +20,11 @@ from __future__ import annotations
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from workbench.kernels import backend_torch, triton_attention, triton_linear, triton_norm
+from workbench.kernels import backend_torch, triton_attention, triton_dfloat11, triton_linear, triton_norm
 
 NAME = "triton"
 OPERATIONS = ("linear_int8", "linear_int4", "attention", "tree_attention", "rms_norm", "add_rms_norm", "rope",
-              "swiglu")
+              "rope_append", "swiglu")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_ROWS = 128  # query rows (query heads per kv head x new tokens) one attention program holds in registers
 
@@ -50,6 +52,9 @@ def supports(operation: str, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     interpreted = interpreting()
     return (device.type == "cuda" and not interpreted) or (device.type == "cpu" and interpreted)
+
+
+decode_dfloat11 = triton_dfloat11.decode_bf16  # cpu_dfloat11.decode_bf16's contract, on the GPU
 
 
 # Linear products: the layouts `workbench/compression/` stores (triton_linear.py's docstring).
@@ -128,6 +133,15 @@ def rope_fits(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> b
             and tuple(signed_sin.shape) == table and cos.is_contiguous() and signed_sin.is_contiguous())
 
 
+def rope_append_fits(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, start: int) -> bool:
+    table = (qkv.shape[0], 1, qkv.shape[2])
+    return (qkv.dim() == 3 and qkv.stride(-1) == 1 and qkv.shape[2] % 2 == 0 and tuple(cos.shape) == table
+            and tuple(signed_sin.shape) == table and cos.is_contiguous() and signed_sin.is_contiguous()
+            and k_cache.stride(-1) == v_cache.stride(-1) == 1 and k_cache.dtype == v_cache.dtype == qkv.dtype
+            and qkv.shape[1] > 2 * k_cache.shape[0])
+
+
 def swiglu_fits(gate_up: torch.Tensor) -> bool:
     return gate_up.stride(-1) == 1 and gate_up.shape[-1] % 2 == 0
 
@@ -144,5 +158,20 @@ def rope(x, cos, signed_sin):
     return triton_norm.rope(x, cos, signed_sin)
 
 
+def rope_append(qkv, cos, signed_sin, k_cache, v_cache, start):
+    return triton_norm.rope_append(qkv, cos, signed_sin, k_cache, v_cache, start)
+
+
 def swiglu(gate_up):
     return triton_norm.swiglu(gate_up)
+
+
+# DFloat11's decoder: not an operation (the layer calls it for its own layout; `DFloat11Linear.decoder`).
+
+def decodes_dfloat11(device: torch.device) -> bool:
+    """Whether `triton_dfloat11` decodes tensors on `device` here (CUDA compiled, or the CPU interpreted)."""
+    interpreted = interpreting()
+    return (device.type == "cuda" and not interpreted) or (device.type == "cpu" and interpreted)
+
+
+decode_dfloat11 = triton_dfloat11.decode_bf16  # cpu_dfloat11.decode_bf16's contract, on the GPU

@@ -39,6 +39,7 @@ OPERATIONS: dict[str, str] = {
     "rms_norm": "RMSNorm of each row",
     "add_rms_norm": "the residual add and the next RMSNorm: (x + delta, rms_norm(x + delta))",
     "rope": "rotary position embedding of q or k in the half layout",
+    "rope_append": "RoPE of the fused q|k|v product's q and k, k and v written into a dense cache's slots",
     "swiglu": "silu(gate) * up of the fused gate|up product",
     "topk": "the k largest values of each row and their indices (k = 1: the greedy choice)",
     "decoder_layers": "consecutive whole decoder layers in one call (their cache slots written in place)",
@@ -83,6 +84,12 @@ def _order(device: torch.device) -> tuple[str, ...]:
     if not getattr(module, "available", lambda: True)():
         raise KernelError(f"{FORCE_VARIABLE}={forced}, but that backend cannot run here: {module.unavailable_reason()}")
     return (forced,) if forced == "torch" else (forced, "torch")
+
+
+def preference(device: torch.device) -> tuple[str, ...]:
+    """The backends tried for `device`, best first (WORKBENCH_KERNELS applied), for a layout's own kernels that
+    are not one of OPERATIONS (DFloat11's decoder)."""
+    return _order(device)
 
 
 def _choose(operation: str, device: torch.device, dtype: torch.dtype) -> ModuleType | None:
@@ -161,10 +168,14 @@ class Kernels:
                 self.fuses = module.decoder_layers_fit
                 self.layer_row = module.layer_row
             setattr(self, operation, bind(operation, module))
+        # the model hands a dense cache's buffers to `rope_append` only where a kernel fuses it (one launch for
+        # RoPE and the append); the reference is the model's own separate RoPE and append
+        self.fuses_rope_append = self.backends.get("rope_append", backend_torch.NAME) != backend_torch.NAME
 
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[..., torch.Tensor]
+    rope_append: Callable[..., torch.Tensor]
     swiglu: Callable[..., torch.Tensor]
     topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     attention: Callable[..., torch.Tensor]
@@ -269,8 +280,10 @@ _DONE = object()
 
 
 def backends_used(used: set[tuple[str, str]]) -> dict[str, str]:
-    """{operation: backend} in OPERATIONS order; an operation that ran in two backends shows both ("c+torch")."""
+    """{operation: backend} in OPERATIONS order, then the kernels a layout runs itself (`note`: DFloat11's
+    decoder); an operation that ran in two backends shows both ("c+torch")."""
     by_operation: dict[str, list[str]] = {}
     for operation, name in used:
         by_operation.setdefault(operation, []).append(name)
-    return {op: "+".join(sorted(by_operation[op])) for op in OPERATIONS if op in by_operation}
+    order = [op for op in OPERATIONS if op in by_operation] + sorted(set(by_operation) - set(OPERATIONS))
+    return {op: "+".join(sorted(by_operation[op])) for op in order}

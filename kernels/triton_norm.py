@@ -94,3 +94,44 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inner))
     _swiglu_kernel[(rows.shape[0], triton.cdiv(inner, block))](rows, out, inner, rows.stride(0), BLOCK=block)
     return out.view(*gate_up.shape[:-1], inner)
+
+
+@triton.jit
+def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, heads, kv_heads, dim, start, qkv_stride_t,
+                        qkv_stride_h, table_stride, k_stride_h, k_stride_s, v_stride_h, v_stride_s,
+                        BLOCK: tl.constexpr):
+    pair = tl.program_id(0)  # token * (heads + 2 kv_heads) + head of the fused q|k|v product
+    width = heads + 2 * kv_heads
+    t, h = pair // width, pair % width
+    cols = tl.arange(0, BLOCK)
+    inside = cols < dim
+    base = qkv_ptr + t * qkv_stride_t + h * qkv_stride_h
+    x = tl.load(base + cols, mask=inside, other=0.0)
+    if h < heads + kv_heads:  # q or k: rotated as `_rope_kernel` rotates (the same bits)
+        xf = x.to(tl.float32)
+        rolled = tl.load(base + (cols + dim // 2) % dim, mask=inside, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + t * table_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * table_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        rotated = (xf * cos + rolled * sin).to(q_ptr.dtype.element_ty)
+        if h < heads:
+            tl.store(q_ptr + (t * heads + h) * dim + cols, rotated, mask=inside)
+        else:  # the key goes straight into its cache slot
+            tl.store(k_ptr + (h - heads) * k_stride_h + (start + t) * k_stride_s + cols, rotated, mask=inside)
+    else:
+        tl.store(v_ptr + (h - heads - kv_heads) * v_stride_h + (start + t) * v_stride_s + cols, x, mask=inside)
+
+
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """qkv [T, heads + 2 kv_heads, dim] (unit last stride); cos, signed_sin [T, 1, dim] contiguous; k_cache,
+    v_cache [kv_heads, capacity, dim] (unit last stride). One launch: q rotated into a new [T, heads, dim], k
+    rotated and v copied into cache slots start..start+T-1."""
+    n, width, dim = qkv.shape
+    kv_heads = k_cache.shape[0]
+    heads = width - 2 * kv_heads
+    q = torch.empty((n, heads, dim), dtype=qkv.dtype, device=qkv.device)
+    _rope_append_kernel[(n * width,)](qkv, cos, signed_sin, q, k_cache, v_cache, heads, kv_heads, dim, start,
+                                      qkv.stride(0), qkv.stride(1), cos.stride(0), k_cache.stride(0),
+                                      k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                                      BLOCK=triton.next_power_of_2(dim))
+    return q

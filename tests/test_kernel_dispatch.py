@@ -93,6 +93,15 @@ def case(operation: str, module):
         q = torch.randn(3, 4, 32, dtype=b16)
         exact = q.double() * cos + q.double().roll(16, dims=-1) * signed_sin
         return (q, cos.to(b16), signed_sin.to(b16)), exact
+    if operation == "rope_append":  # 4 q heads, 2 kv heads; the cache's other slots must stay as they are
+        angles = torch.randn(3, 1, 16).double()
+        cos, signed_sin = angles.cos().repeat(1, 1, 2), torch.cat([-angles.sin(), angles.sin()], -1)
+        qkv = torch.randn(3, 8, 32, dtype=b16)
+        rotated = qkv[:, :6].double() * cos + qkv[:, :6].double().roll(16, dims=-1) * signed_sin
+        caches = big_k.clone(), big_v.clone()
+        exact_k, exact_v = big_k.double(), big_v.double()
+        exact_k[:, 5:8], exact_v[:, 5:8] = rotated[:, 4:].transpose(0, 1), qkv[:, 6:].double().transpose(0, 1)
+        return (qkv, cos.to(b16), signed_sin.to(b16), *caches, 5), (rotated[:, :4], exact_k, exact_v)
     if operation == "swiglu":
         gate_up = torch.randn(3, 128, dtype=b16)
         gate, up = gate_up.double().chunk(2, -1)
@@ -113,8 +122,8 @@ def test_every_backend_that_runs_here_is_tested():
     if "triton" in BACKENDS and TRITON.interpreting():  # every operation the backend takes, on CPU tensors
         assert {op for name, op in CASES if name == "triton"} == set(TRITON.OPERATIONS)
     if cpu.available():  # this project's machines: the C kernels take every operation but prefill attention
-        assert {op for name, op in CASES if name == "c"} == set(dispatch.OPERATIONS) - {"decoder_layers",
-                                                                                        "prefill_attention"}
+        assert {op for name, op in CASES if name == "c"} == set(dispatch.OPERATIONS) - {
+            "decoder_layers", "prefill_attention", "rope_append"}
 
 
 @pytest.mark.parametrize("name,operation", CASES)
@@ -137,11 +146,15 @@ def check(module, operation: str) -> None:
         assert torch.equal(values.double(), exact) and torch.equal(args[0].gather(1, indices), values)
     elif operation == "add_rms_norm":
         assert close(ours[0], exact[0], tight) and close(ours[1], exact[1], tight)
+    elif operation == "rope_append":  # q returned; k and v written into the cache buffers passed in
+        assert close(ours, exact[0], tight) and close(args[3], exact[1], tight) and close(args[4], exact[2], 0)
     else:
         assert ours.dtype == args[0].dtype and close(ours, exact, 2**-6 if "attention" in operation else tight)
     if name != "torch":  # and agrees with the reference on the same inputs
         reference_args = case(operation, backend_torch)[0]
         reference = getattr(backend_torch, operation)(*reference_args)
+        if operation == "rope_append":  # the cache written as the reference's separate RoPE and append write it
+            assert torch.equal(args[4], reference_args[4]) and close(args[3], reference_args[3].double(), tight)
         if operation in ("topk", "add_rms_norm"):
             assert all(close(a, b.double(), 2 * tight) for a, b in zip(ours, reference))
         else:

@@ -12,6 +12,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from workbench.kernels import (  # noqa: E402
     triton_attention,
+    triton_dfloat11,
     triton_kivi,
     triton_linear,
     triton_mustafar,
@@ -30,6 +31,15 @@ KERNELS = {
     "rope": (triton_norm._rope_kernel, dict(
         x_ptr=P16, cos_ptr=P16, sin_ptr=P16, out_ptr=P16, heads=I32, dim=I32, x_stride_t=I32, x_stride_h=I32,
         table_stride=I32), dict(BLOCK=128)),
+    "rope_append": (triton_norm._rope_append_kernel, dict(
+        qkv_ptr=P16, cos_ptr=P16, sin_ptr=P16, q_ptr=P16, k_ptr=P16, v_ptr=P16, heads=I32, kv_heads=I32, dim=I32,
+        start=I32, qkv_stride_t=I32, qkv_stride_h=I32, table_stride=I32, k_stride_h=I32, k_stride_s=I32,
+        v_stride_h=I32, v_stride_s=I32), dict(BLOCK=128)),
+    "dfloat11_lut": (triton_dfloat11._lut_kernel, dict(first_ptr="*i32", entry_ptr="*i16", lut_ptr="*i16",
+                                                       n_codes=I32), dict(BLOCK=1024)),
+    "dfloat11_decode": (triton_dfloat11._decode_kernel, dict(
+        words_ptr="*i32", offsets_ptr="*i32", lut_ptr="*i16", sm_ptr=U8, out_ptr="*i16", n_blocks=I32, block=I32,
+        n_words=I32), dict(CODE_BITS=12, LANES=64, TILE=16)),
     "swiglu": (triton_norm._swiglu_kernel, dict(gu_ptr=P16, out_ptr=P16, inner=I32, stride=I32), dict(BLOCK=1024)),
     "int8": (triton_linear._int8_kernel, dict(
         x_ptr=P16, codes_ptr=P8, scales_ptr=P16, bias_ptr=P16, out_ptr=P16, n=I32, k=I32, x_stride=I32),

@@ -119,8 +119,8 @@ def test_a_model_runs_through_the_triton_kernels(monkeypatch):
 
     ours, used = logits("triton")
     reference, _ = logits("torch")
-    assert {op for op, name in used.items() if name == "triton"} >= {"rms_norm", "add_rms_norm", "rope", "swiglu",
-                                                                       "tree_attention"}
+    assert {op for op, name in used.items() if name == "triton"} >= {"rms_norm", "add_rms_norm", "rope_append",
+                                                                       "swiglu", "tree_attention"}
     assert close(ours, reference.double(), 2**-4)
 
 
@@ -163,3 +163,23 @@ def test_mustafar_attention_reads_the_bitmaps_as_the_cache_holds_them(chunk):
     ours = triton_mustafar.mustafar_layer_attention(q, layer) if chunk is None else \
         triton_mustafar.mustafar_attention(q, layer.tok, *layer.raw.view(), chunk)
     assert close(ours, exact_attention(q, k, v, None), 2**-6) and close(ours, reference.double(), 2**-6)
+
+
+@pytest.mark.parametrize("shape", [(8, 96), (3, 200), (5, 512)])  # one partial tile; blocks of 200; 2 per row
+def test_dfloat11_decodes_bit_for_bit_in_the_triton_kernel(shape):
+    from workbench.compression.dfloat11 import DFloat11Linear
+    from workbench.kernels import triton_dfloat11
+
+    torch.manual_seed(7)
+    w = (torch.randn(*shape) * 0.05).to(B16)
+    w[0, :4] = torch.tensor([0.0, -0.0, 3e38, -1e-38])  # rare exponents: the longest codes
+    layer = DFloat11Linear(w, None)
+    ours = triton_dfloat11.decode_bf16(layer.words, layer.offsets, layer.first, layer.entry, layer.block,
+                                       layer.sign_mantissa)
+    assert torch.equal(ours.view(torch.int16).view(shape), w.view(torch.int16))
+    assert torch.equal(triton_dfloat11.lookup_table(layer.first, layer.entry).long() & 0xFFFF, layer.lut())
+    with dispatch.recording() as used:  # forced to Triton (the fixture): the layer decodes with it, not simulated
+        assert layer.decoder() == "triton" and not layer.simulated
+        ids = torch.tensor([shape[0] - 1, 0])
+        assert torch.equal(layer.rows(ids).view(torch.int16), w[ids].view(torch.int16))
+    assert dispatch.backends_used(used) == {"dfloat11_decode": "triton"}

@@ -13,12 +13,18 @@ import torch
 
 from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight
 from workbench.errors import SpecError
-from workbench.kernels import cpu_dfloat11
+from workbench.kernels import cpu_dfloat11, dispatch
 from workbench.models.packed_linear import packed_product
 from workbench.registry import param, register
 
 MAX_CODE_BITS = 12  # longest Huffman code: the decoder's lookup table has 2^12 entries
 MAX_BLOCK = 256  # exponents per independently decodable block (a divisor of the row length, so rows decode alone)
+
+
+def triton_decodes(device: torch.device) -> bool:
+    """Whether the Triton DFloat11 decoder runs on `device` (CUDA compiled, or the CPU in Triton's interpreter)."""
+    module = dispatch.backend("triton")
+    return module is not None and module.available() and module.decodes_dfloat11(device)
 
 
 def huffman_lengths(counts: torch.Tensor, max_bits: int = MAX_CODE_BITS) -> list[int]:
@@ -101,16 +107,34 @@ class DFloat11Linear(CompressedLinear):
     Buffers: `sign_mantissa` uint8 [out * in], `words` int32 (the exponent bit stream), `offsets` int32
     (where each block of `block` exponents starts; blocks tile rows, so a row decodes on its own) and the
     canonical code table (`first`, `entry`). forward decodes the whole weight (bit-exact) and runs F.linear.
-    On the CPU the decode is a C kernel (`workbench.kernels.cpu_dfloat11`: blocks in parallel over the cores);
-    elsewhere, or without a C compiler, vectorised torch ops stand in for a decoding kernel, and the layer is
-    marked simulated (its speed is not the format's)."""
+    The decode is a kernel where one runs (`decoder`): on CUDA the Triton kernels
+    (`workbench.kernels.triton_dfloat11`: blocks in parallel over the GPU), on the CPU the C kernel
+    (`workbench.kernels.cpu_dfloat11`: blocks in parallel over the cores); elsewhere, or without either,
+    vectorised torch ops stand in for a decoding kernel, and the layer is marked simulated (its speed is not the
+    format's). Which decoder ran is recorded as the run's `dfloat11_decode` kernel."""
 
     @property
     def simulated(self) -> bool:
-        return not self._c_decoder()
+        return self.decoder() == "torch"
 
-    def _c_decoder(self) -> bool:
-        return self.words.is_cpu and cpu_dfloat11.available()
+    def decoder(self) -> str:
+        """The decoder that runs for this layer's device: the first of the device's kernel backends
+        (`dispatch.preference`, so WORKBENCH_KERNELS forces one) with a DFloat11 kernel here, else torch."""
+        for name in dispatch.preference(self.words.device):
+            if name == "triton" and triton_decodes(self.words.device):
+                return name
+            if name == "c" and self.words.is_cpu and cpu_dfloat11.available():
+                return name
+        return "torch"
+
+    def _kernel_decode(self, offsets: torch.Tensor, sign_mantissa: torch.Tensor) -> torch.Tensor | None:
+        """bf16 [len(offsets) * block] through the decoding kernel, or None where torch's decoder must run."""
+        name = self.decoder()
+        dispatch.note("dfloat11_decode", name)
+        if name == "torch":
+            return None
+        decode = cpu_dfloat11.decode_bf16 if name == "c" else dispatch.backend("triton").decode_dfloat11
+        return decode(self.words, offsets, self.first, self.entry, self.block, sign_mantissa)
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -146,9 +170,8 @@ class DFloat11Linear(CompressedLinear):
         return torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits).to(torch.int16).view(torch.bfloat16)
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self._c_decoder():
-            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets, self.first, self.entry, self.block,
-                                              self.sign_mantissa)
+        weight = self._kernel_decode(self.offsets, self.sign_mantissa)
+        if weight is not None:
             return weight.view(self.out_features, self.in_features)
         exponent = decode(self.words, self.offsets, self.lut(), self.block)
         return self._bf16(exponent.reshape(self.out_features, self.in_features),
@@ -157,10 +180,8 @@ class DFloat11Linear(CompressedLinear):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         per_row = self.in_features // self.block
         blocks = (ids[:, None] * per_row + torch.arange(per_row, device=ids.device)).flatten()
-        if self._c_decoder():
-            sign_mantissa = self.sign_mantissa.view(self.out_features, self.in_features)[ids]
-            weight = cpu_dfloat11.decode_bf16(self.words, self.offsets[blocks], self.first, self.entry, self.block,
-                                              sign_mantissa)
+        weight = self._kernel_decode(self.offsets[blocks], self.sign_mantissa.view(self.out_features, -1)[ids])
+        if weight is not None:
             return weight.view(len(ids), self.in_features)
         exponent = decode(self.words, self.offsets[blocks], self.lut(), self.block)
         return self._bf16(exponent.reshape(len(ids), self.in_features),
@@ -183,13 +204,14 @@ class DFloat11(WeightTransform):
     A bf16 weight's 8 exponent bits carry about 2.6 bits of information, so each layer's exponents are
     Huffman-coded (canonical code, at most 12 bits, one code per layer) while sign and mantissa stay raw
     bytes. Exponents are split into blocks with recorded bit offsets (the paper's gap array), so all blocks
-    decode in parallel: here a C kernel on the CPU (blocks spread over the cores, each through a 4096-entry
-    lookup table; `workbench.kernels.cpu_dfloat11`), or a vectorised torch decoder (one symbol per block per
-    step) where it cannot build or off the CPU. Each layer decodes its whole weight before every use and
+    decode in parallel: a Triton kernel on CUDA, a C kernel on the CPU (blocks spread over the cores, each
+    through a 4096-entry lookup table; `workbench.kernels.cpu_dfloat11`), or a vectorised torch decoder (one
+    symbol per block per step) where neither runs. Each layer decodes its whole weight before every use and
     outputs are bit-for-bit those of the bf16 model. A tied embedding reads only the blocks of the rows it
     looks up. Every forward decodes every weight, so a step costs a decode of the model on top of the bf16
-    product (docs/compression.md has the decoder's speed). Left out: the paper's GPU kernel (hierarchical
-    lookup tables in shared memory, decompression of a whole transformer block at once; see the kernels issue).
+    product (docs/compression.md has the decoder's speed). The Triton kernel
+    (`workbench.kernels.triton_dfloat11`) is block-parallel with a lookup table as in the paper's section 3.3;
+    left out: its hierarchical lookup tables in shared memory and one launch decoding a whole transformer block.
     """
 
     stage = "encode"

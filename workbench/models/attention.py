@@ -35,15 +35,16 @@ def attention(
 ) -> torch.Tensor:
     """Attend the new tokens' queries to the cache and to themselves.
 
-    q: [T, heads, dim]; k, v: [T, kv_heads, dim]; positions: [T] logical positions of the new tokens.
+    q: [T, heads, dim]; k, v: [T, kv_heads, dim], or None where the new tokens' keys and values are already
+    written into the cache's reserved slots (`rope_append`); positions: [T] logical positions of the new tokens.
     new_mask: [T, T] bool (True = may attend) among the new tokens, or None for causal.
     kernels: the model's (`dispatch.kernels`); resolved from q when not given.
     Returns [T, heads * dim].
     """
     n_new = q.shape[0]
-    k, v = k.transpose(0, 1), v.transpose(0, 1)
     if layer_cache is not None:
-        layer_cache.append(k, v, positions)
+        if k is not None:
+            layer_cache.append(k.transpose(0, 1), v.transpose(0, 1), positions)
         if layer_cache.observer is not None or layer_cache.attends_itself:
             full_mask = _full_mask(new_mask, n_new, layer_cache.length, q.device)
             if layer_cache.observer is not None:
@@ -52,6 +53,8 @@ def attention(
                 dispatch.note("attention" if n_new == 1 else "tree_attention", "torch")
                 return layer_cache.attend(q.transpose(0, 1), full_mask).transpose(0, 1).reshape(n_new, -1)
         k, v = layer_cache.view()
+    else:
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
     kernels = kernels or dispatch.kernels(q.device, q.dtype)
     if n_new == 1 and new_mask is None:  # one decoding step
         return kernels.attention(q, k, v)

@@ -76,6 +76,8 @@ class DecoderLayer(nn.Module):
             q = ops.rms_norm(q, self.q_norm, self.eps)
             k = ops.rms_norm(k, self.k_norm, self.eps)
             q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        elif (buffers := self._writable(layer_cache, positions, qkv.dtype, ops)) is not None:
+            q, k, v = ops.rope_append(qkv, cos, sin, *buffers), None, None  # one launch: RoPE and the append
         else:  # q and k are adjacent in the fused output: rotate both in one go
             qk = ops.rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv], dim=1)
@@ -84,6 +86,15 @@ class DecoderLayer(nn.Module):
             return x + self.o(out)
         x, h = ops.add_rms_norm(x, self.o(out), self.mlp_norm, self.eps)
         return x + self.down(ops.swiglu(self.gate_up(h)))
+
+
+    @staticmethod
+    def _writable(layer_cache, positions, dtype, ops: dispatch.Kernels):
+        """A dense cache's buffers and first reserved slot for `rope_append`, where a kernel fuses it (None: RoPE
+        and the append run apart; `writable_buffers` reserves the slots only when it answers)."""
+        if layer_cache is None or not ops.fuses_rope_append:
+            return None
+        return layer_cache.writable_buffers(positions, dtype)
 
 
 class LlamaModel(nn.Module):
