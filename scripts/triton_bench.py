@@ -8,6 +8,8 @@ quantized caches the reference's dequantize-then-attend), at the issue's shapes.
   int8 and int4 (group 128); the dense bf16 cuBLAS product of the same shape is timed too.
 - decode attention over a dense cache, KIVI 2- and 4-bit codes and Mustafar's bitmaps (50% sparsity): 4k,
   16k and 32k cached tokens, 32 query heads of 128 dims over 8 kv heads; tree attention of 16 rows.
+- DFloat11's decode of 4096x4096 and 14336x4096 bf16 weights (GB/s of decoded weights) against the torch
+  decoder; RoPE + cache append for 1 and 16 tokens against the separate RoPE and copies.
 Bytes counted are what the kernel must read (weights or cache, in their stored form); times are triton's
 do_bench medians. Needs a CUDA GPU: without one it stops and says so.
 """
@@ -118,6 +120,41 @@ def attention_rows(bench, peak, device, lengths, heads=32, kv=8, d=128):
     return rows
 
 
+def dfloat11_rows(bench, peak, device, shapes):
+    """DFloat11's decode (`triton_dfloat11`) against the torch decoder, bytes counted as decoded bf16 weights (the
+    issue's goal: >= 200 GB/s of them); the bf16 product of the decoded weight at one row is timed beside it."""
+    from workbench.compression.dfloat11 import DFloat11Linear, decode
+    from workbench.kernels import triton_dfloat11
+
+    rows, b16 = [], torch.bfloat16
+    for n, k in shapes:
+        layer = DFloat11Linear((torch.randn(n, k) * 0.02).to(b16), None).to(device)
+        args = (layer.words, layer.offsets, layer.first, layer.entry, layer.block, layer.sign_mantissa)
+        ours = bench(triton_dfloat11.decode_bf16, *args)
+        reference = bench(decode, layer.words, layer.offsets, layer.lut(), layer.block)
+        x = torch.randn(1, k, device=device, dtype=b16)
+        product = bench(torch.nn.functional.linear, x, layer.dequantized_weight())
+        rows.append(row("dfloat11_decode", [n, k], 2 * n * k, ours, reference, peak, bytes_counted="decoded bf16",
+                        stored_bytes=layer.weight_nbytes(), bf16_product_ms=round(product, 4)))
+    return rows
+
+
+def rope_append_rows(bench, peak, device, tokens=(1, 16), heads=32, kv=8, d=128, capacity=4096):
+    """RoPE + the cache append in one launch against the reference's RoPE and two slice copies."""
+    from workbench.kernels import backend_torch, triton_norm
+
+    rows, b16 = [], torch.bfloat16
+    k_cache, v_cache = (torch.zeros(kv, capacity, d, device=device, dtype=b16) for _ in range(2))
+    for t in tokens:
+        qkv = torch.randn(t, heads + 2 * kv, d, device=device, dtype=b16)
+        angles = torch.randn(t, 1, d // 2, device=device)
+        cos, sin = angles.cos().repeat(1, 1, 2).to(b16), torch.cat([-angles.sin(), angles.sin()], -1).to(b16)
+        args = (qkv, cos, sin, k_cache, v_cache, capacity // 2)
+        rows.append(row("rope_append", [t, heads, kv, d], 2 * 2 * t * (heads + 2 * kv) * d,
+                        bench(triton_norm.rope_append, *args), bench(backend_torch.rope_append, *args), peak))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
@@ -133,6 +170,8 @@ def main() -> None:
             return (time.perf_counter() - start) * 1e3
 
         rows = linear_rows(once, None, "cpu", [(128, 256)]) + attention_rows(once, None, "cpu", [256], 4, 2, 32)
+        rows += dfloat11_rows(once, None, "cpu", [(32, 256)])
+        rows += rope_append_rows(once, None, "cpu", (1, 2), 4, 2, 32, 64)
         print(f"smoke run: {len(rows)} rows")
         return
     if not torch.cuda.is_available():
@@ -148,6 +187,7 @@ def main() -> None:
     print(f"{name}, peak {peak or 'unknown'} GB/s")
     rows = linear_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096), (4096, 14336)])
     rows += attention_rows(bench, peak, "cuda", [4096, 16384, 32768])
+    rows += dfloat11_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096)]) + rope_append_rows(bench, peak, "cuda")
     result = {"gpu": name, "peak_gbs": peak, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

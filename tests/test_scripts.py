@@ -213,7 +213,7 @@ def test_triton_bench():
     path = SCRIPTS / ("triton_bench" + ".py")
     run = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True,
                          text=True, env=env, timeout=300)
-    assert run.returncode == 0 and "smoke run: 9 rows" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 0 and "smoke run: 12 rows" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_widget_rate(script):

@@ -19,7 +19,7 @@ def cuda(x):
 
 
 @pytest.mark.parametrize("operation", ["linear_int8", "linear_int4", "attention", "tree_attention", "rms_norm",
-                                       "add_rms_norm", "rope", "swiglu"])
+                                       "add_rms_norm", "rope", "rope_append", "swiglu"])
 def test_each_triton_operation_on_the_gpu(operation):
     from workbench.kernels import backend_triton
 
@@ -31,6 +31,8 @@ def test_each_triton_operation_on_the_gpu(operation):
     ours = getattr(backend_triton, operation)(*args)
     if operation == "add_rms_norm":
         assert close(ours[0].cpu(), exact[0]) and close(ours[1].cpu(), exact[1])
+    elif operation == "rope_append":  # q returned, k and v written into the cache buffers passed in
+        assert close(ours.cpu(), exact[0]) and close(args[3].cpu(), exact[1]) and close(args[4].cpu(), exact[2], 0)
     else:
         assert close(ours.cpu(), exact, 2**-6 if "attention" in operation else 2**-7)
 
@@ -68,4 +70,14 @@ def test_a_model_on_the_gpu_runs_the_triton_kernels():
         cache.commit()
         model(torch.tensor([3], device="cuda"), torch.tensor([8], device="cuda"), cache)
     ran = dispatch.backends_used(used)
-    assert {op for op, name in ran.items() if name == "triton"} >= {"rms_norm", "rope", "swiglu", "attention"}, ran
+    assert {op for op, name in ran.items() if name == "triton"} >= {"rms_norm", "rope_append", "swiglu",
+                                                                      "attention"}, ran
+
+
+def test_dfloat11_decodes_on_the_gpu_bit_for_bit():
+    from workbench.compression.dfloat11 import DFloat11Linear
+
+    w = (torch.randn(256, 512) * 0.05).to(torch.bfloat16)
+    layer = DFloat11Linear(w, None).cuda()
+    assert layer.decoder() == "triton" and not layer.simulated
+    assert torch.equal(layer.dequantized_weight().cpu().view(torch.int16), w.view(torch.int16))
