@@ -83,6 +83,12 @@ def test_long_context_drafters(script):
     assert "triforce" in out and "speed-up" in out
 
 
+def test_long_context_cache(script, tmp_path):
+    out = script("long_context_cache", "--model", "random:llama", "--per-cell", "1", "--lengths", "300",
+                 "--context", "200", "--scored", "8", "--out", str(tmp_path / "r.json"))
+    assert "shadowkv" in out and "file_share" in out and (tmp_path / "r.json").exists()
+
+
 def test_compression_bytes(script):
     from workbench.models import load_model
 
