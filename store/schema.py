@@ -81,6 +81,12 @@ MIGRATIONS: dict[int, list[str]] = {
             finished_at TIMESTAMP
         )""",
     ],
+    8: [  # where a run departs from greedy plain decoding (workbench/divergence.py), and the target's perplexity
+        "ALTER TABLE runs ADD COLUMN departures INTEGER",
+        "ALTER TABLE runs ADD COLUMN departure_rate DOUBLE",
+        "ALTER TABLE runs ADD COLUMN target_perplexity DOUBLE",
+        "ALTER TABLE tokens ADD COLUMN target_argmax INTEGER",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -119,6 +125,7 @@ VIEWS = [
         finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step,
         simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance, warnings,
         cache_off_bytes, peak_cache_off_bytes, cache_moved_bytes, cache_moved_s,
+        departures, departure_rate, target_perplexity,
         json_extract_string(provenance, '$.commit') AS commit,
         {_BACKENDS} AS backend
     FROM runs""",

@@ -84,7 +84,8 @@ def run_row(trace: Trace) -> dict[str, Any]:
                     "tokens_per_step"):
             row[key] = summary[key]
         for key in ("simulated", "warm_start", "cache_live_bytes", "peak_cache_live_bytes", "warnings",
-                    "cache_off_bytes", "peak_cache_off_bytes", "cache_moved_bytes", "cache_moved_s"):
+                    "cache_off_bytes", "peak_cache_off_bytes", "cache_moved_bytes", "cache_moved_s", "departures",
+                    "departure_rate", "target_perplexity"):
             row[key] = summary.get(key)  # NULL until the trace's summary carries them
         provenance = summary.get("provenance")
         row["provenance"] = None if provenance is None else json.dumps(provenance, default=str)
@@ -110,13 +111,13 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
                                               "cache_bytes", "cache_tokens", "text", "finish_reason",
                                               "cache_live_bytes", "cache_off_bytes")}
     tokens: dict[str, list] = {k: [] for k in ("run_id", "position", "token_id", "text", "source", "logprob",
-                                               "entropy", "step")}
+                                               "entropy", "step", "target_argmax")}
     nodes: dict[str, list] = {k: [] for k in ("run_id", "step", "node", "parent", "token_id", "depth", "draft_prob",
                                               "target_prob", "accepted")}
     cache: dict[str, list] = {k: [] for k in ("run_id", "step", "layer", "head", "tokens_held", "bytes", "bits",
                                               "sparsity", "kept", "simulated")}
     for position, token in enumerate(trace.prompt_ids):
-        for key, value in zip(tokens, (rid, position, token, None, "prompt", None, None, None)):
+        for key, value in zip(tokens, (rid, position, token, None, "prompt", None, None, None, None)):
             tokens[key].append(value)
     generated = 0
     sampled = set(sampled_steps(len(trace.events)))
@@ -130,7 +131,9 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
             steps[key].append(value)
         alone = e.text if len(e.tokens) == 1 else None  # a token's own text is known only when it is alone
         for i, token in enumerate(e.tokens):
-            values = (rid, e.positions[i], token, alone, e.sources[i], e.logprobs[i], e.entropies[i], e.step)
+            argmax = getattr(e, "target_argmax", None) or []
+            values = (rid, e.positions[i], token, alone, e.sources[i], e.logprobs[i], e.entropies[i], e.step,
+                      argmax[i] if i < len(argmax) else None)
             for key, value in zip(tokens, values):
                 tokens[key].append(value)
         if e.tree is not None:

@@ -71,6 +71,9 @@ class StepEvent:
     cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
+    # The target's own argmax at each token's position: where it differs from the token, the output departs
+    # from what greedy plain decoding would have produced there (lossy techniques; see workbench/divergence.py).
+    target_argmax: list[int] = field(default_factory=list)
 
     @property
     def n_drafted(self) -> int:
@@ -264,7 +267,7 @@ class Engine:
             alternatives=[list(zip(map(int, row[2 + k:]), row[2: 2 + k])) for row in summary],
             positions=list(range(first_pos, first_pos + len(new_tokens))), text=added, tree=tree,
             draft_ns=draft_ns, verify_ns=verify_ns, accept_ns=end - t_verified, elapsed_ns=end - start,
-            finish_reason=finish,
+            finish_reason=finish, target_argmax=[int(row[2 + k]) for row in summary],
         )
 
     def _record_cache(self, event: StepEvent, state: DecodeState) -> None:

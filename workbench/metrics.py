@@ -28,6 +28,9 @@ Definitions:
   from there over the run, and the time that took.
 - kv_loaded_tokens / kv_load_s: prompt tokens whose cache a policy loaded from a file (CacheGen's `load`)
   instead of prefilling them, and the time that took; prefill_s is then the rest of the prompt's prefill.
+- departures / departure_rate / first_departure: output tokens that are not the target's own argmax at their
+  position, where the output departs from greedy plain decoding (workbench/divergence.py); target_perplexity:
+  the target's perplexity of the output.
 - acceptance_per_position[d]: of the steps that drafted a node at depth d + 1, the fraction that
   accepted a node at that depth.
 """
@@ -35,6 +38,8 @@ Definitions:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from workbench.divergence import divergence
 
 if TYPE_CHECKING:
     from workbench.trace import Trace
@@ -81,6 +86,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "warnings": list(trace.warnings),
         "provenance": trace.provenance,
         **chain_acceptance(trace),
+        **divergence(trace),
     }
 
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from workbench.divergence import departed
 from workbench.trace import Trace
 
 from .kv import cached_positions, latest_kept
@@ -26,6 +27,7 @@ CSS = """
 .wb-bonus {background: #dbeafe; color: #111827}
 .wb-accepted {background: #bbf7d0; color: #111827}
 .wb-kept {background: #bbf7d0; color: #111827}
+.wb-departed {text-decoration: underline wavy #dc2626}
 .wb-evicted {background: #fecaca; color: #111827; text-decoration: line-through}
 .wb-unknown {background: #f3f4f6; color: #111827}
 .wb-byte {font-size: 11px; border: 1px dashed currentColor; border-radius: 3px; padding: 0 2px}
@@ -195,6 +197,7 @@ def event_spans(event, label: Label, held: Callable[[int], str]) -> list[str]:
     if event.tree is not None:
         accepted_nodes = sorted((d, i) for i, (d, a) in enumerate(zip(event.tree.depths, event.tree.accepted))
                                 if a)
+    departures = departed(event)
     for i, token in enumerate(event.tokens):
         draft = target = None
         if event.sources[i] == "accepted" and i < len(accepted_nodes):
@@ -203,7 +206,11 @@ def event_spans(event, label: Label, held: Callable[[int], str]) -> list[str]:
         alternatives = event.alternatives[i] if i < len(event.alternatives) else []
         title = token_title(token, token_source(event, i), event.logprobs[i], alternatives, label, draft, target,
                             held(event.positions[i]))
-        parts.append(_span(label(token), f"wb-{event.sources[i]}", title))
+        cls = f"wb-{event.sources[i]}"
+        if departures[i]:  # not the target's argmax: greedy plain decoding would have picked another token here
+            title += f"\ndeparts from plain decoding, which picks {label(event.target_argmax[i])!r} here"
+            cls += " wb-departed"
+        parts.append(_span(label(token), cls, title))
     return parts
 
 
