@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from workbench import Workbench
+from workbench.eval.quality import encode
 from workbench.eval.suite import suite
 
 
@@ -44,11 +45,16 @@ def main() -> None:
     specs = {"plain": "decode=plain", "draft (lossless)": f"decode={draft}"}
     for t in args.thresholds.split(","):
         specs[f"lexical_unit {t}"] = f"decode={draft};accept=lexical_unit:threshold={t}"
+    loaded = wb.model(wb.spec())
     rows = []
     for item in tqdm(suite(args.categories.split(",") if args.categories else None, per_category=1), desc="prompts"):
         plain = None
+        prompt, chat = item.prompt, {}
+        if not loaded.tokenizer:  # a model without a tokenizer reads the prompt's UTF-8 bytes, given as ids
+            text = item.prompt if isinstance(item.prompt, str) else "\n".join(m["content"] for m in item.prompt)
+            prompt, chat = " ".join(map(str, encode(loaded, text))), {"chat": False}
         for name, spec in specs.items():
-            trace = wb.generate(item.prompt, spec, max_new_tokens=args.new_tokens, temperature=0.0)
+            trace = wb.generate(prompt, spec, max_new_tokens=args.new_tokens, temperature=0.0, **chat)
             s = trace.summary()
             plain = plain or (trace, s)
             share, first = agreement(trace.token_ids, plain[0].token_ids)

@@ -83,6 +83,12 @@ def test_long_context_drafters(script):
     assert "triforce" in out and "speed-up" in out
 
 
+def test_lexical_unit_quality(script, tmp_path):
+    out = script("lexical_unit_quality", "--model", "random:llama", "--categories", "qa", "--new-tokens", "4",
+                 "--draft", "draft_model:layers=1", "--thresholds", "0.0", "--out", str(tmp_path / "r.json"))
+    assert "lexical_unit 0.0" in out and "agreement" in out and (tmp_path / "r.json").exists()
+
+
 def test_long_context_cache(script, tmp_path):
     out = script("long_context_cache", "--model", "random:llama", "--per-cell", "1", "--lengths", "300",
                  "--context", "200", "--scored", "8", "--out", str(tmp_path / "r.json"))
