@@ -8,6 +8,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     draft_model,
     dyspec,
     early_exit,
+    entropy_adaptive,
     hydra,
     layer_skip,
     lexical_unit,
