@@ -95,7 +95,8 @@ def test_a_version_6_store_gains_the_sweep_tables(tmp_path):
     with Store(path) as store:
         tables = {r[0] for r in store.con.execute("SHOW TABLES").fetchall()}
         assert {"sweeps", "sweep_cells", "sweep_summary"} <= tables
-        assert store.con.execute("SELECT max(version) FROM schema_version").fetchall() == [(7,)]
+        version = store.con.execute("SELECT max(version) FROM schema_version").fetchall()
+        assert version == [(store_writer.SCHEMA_VERSION,)]
 
 
 def test_the_sweep_command(tmp_path, capsys):
