@@ -213,6 +213,32 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search_command(sub: argparse._SubParsersAction) -> None:
+    # defined here, not in workbench.compression.search: importing that loads torch, and the parser is built
+    # for every command (a second store writer must be refused before torch loads)
+    p = sub.add_parser("search", help="search a per-layer bit plan under a bit budget (HAWQ or EvoPress)",
+                       description="Searches bits per decoder linear (round-to-nearest 2, 3 or 4) with an average "
+                       "of at most --budget-bits and writes the plan, a RunSpec string, to -o; run it with "
+                       "--compress plan:FILE (docs/compression.md).")
+    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight of the decoder linears")
+    p.add_argument("--method", choices=("evopress", "hawq"), default="evopress")  # search.METHODS
+    p.add_argument("--minutes", type=float, default=3.0, help="time budget (the search stops after it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group")
+    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (standard-library docstrings)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", required=True, help="file the plan is written to")
+    p.add_argument("--json", help="also write the plan, its levels and the search's record to this JSON file")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from workbench.compression.search import cmd_search
+
+    return cmd_search(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_command(sub)
 
-    from workbench.compression.search import add_search_command
-
-    add_search_command(sub)
+    _add_search_command(sub)
     from workbench.sweep.command import add_sweep_command
 
     add_sweep_command(sub)

@@ -21,7 +21,6 @@ from workbench.compression.hawq import allocate, hawq_plan
 from workbench.compression.int4 import KERNEL_GROUPS
 from workbench.compression.plan import LEVELS, LevelTable, average_bits, plan_string
 from workbench.errors import SpecError
-from workbench.spec import DEFAULT_MODEL
 
 METHODS = ("evopress", "hawq")
 
@@ -73,24 +72,6 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
                                         generations, seed, deadline, progress)
     return SearchResult(method, plan_string(levels, table.attrs, group), levels,
                         average_bits(levels, table.sizes), time.monotonic() - start, details)
-
-
-def add_search_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="search a per-layer bit plan under a bit budget (HAWQ or EvoPress)",
-                       description="Searches bits per decoder linear (round-to-nearest 2, 3 or 4) with an average "
-                       "of at most --budget-bits and writes the plan, a RunSpec string, to -o; run it with "
-                       "--compress plan:FILE (docs/compression.md).")
-    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight of the decoder linears")
-    p.add_argument("--method", choices=METHODS, default="evopress")
-    p.add_argument("--minutes", type=float, default=3.0, help="time budget (the search stops after it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group")
-    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (standard-library docstrings)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default="auto")
-    p.add_argument("-o", "--output", required=True, help="file the plan is written to")
-    p.add_argument("--json", help="also write the plan, its levels and the search's record to this JSON file")
-    p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -6,9 +6,17 @@ recorded in the store and skipped when the sweep is run again (docs/sweeps.md).
     report = run_sweep(grid, make_executor(grid), store=Store("runs.duckdb"))
 """
 
-from .executors import CellResult, LocalExecutor, RayExecutor
-from .grid import Cell, Grid, cell_key, load_grid
-from .runner import SweepReport, make_executor, run_sweep
+import importlib
 
-__all__ = ["Cell", "CellResult", "Grid", "LocalExecutor", "RayExecutor", "SweepReport", "cell_key", "load_grid",
-           "make_executor", "run_sweep"]
+# Imported on first use: the CLI builds the `sweep` parser (workbench.sweep.command) for every command, and the
+# executors load torch, which must not happen before a second store writer is refused.
+_EXPORTS = {"CellResult": "executors", "LocalExecutor": "executors", "RayExecutor": "executors", "Cell": "grid",
+            "Grid": "grid", "cell_key": "grid", "load_grid": "grid", "SweepReport": "runner",
+            "make_executor": "runner", "run_sweep": "runner"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'workbench.sweep' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
