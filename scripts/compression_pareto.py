@@ -57,7 +57,10 @@ def main() -> None:
 
     text = evaluation_text()
     base = load_model(args.model)
-    ids = torch.tensor(base.tokenizer(text)["input_ids"][: args.tokens], device=base.device)
+    if base.tokenizer is not None:
+        ids = torch.tensor(base.tokenizer(text)["input_ids"][: args.tokens], device=base.device)
+    else:  # random test models have no tokenizer: the text's bytes as token ids
+        ids = torch.tensor(list(text.encode())[: args.tokens], device=base.device) % base.config.vocab_size
     bf16_bytes = sum(s.module.weight.numel() * 2 for s in linear_sites(base.model, head=False))
     rows = []
     searched = [(f"{m} plan", "+".join(t.to_string() for t in RunSpec.parse(r.plan).compress), m)

@@ -265,5 +265,9 @@ def test_eviction_followed_by_every_storage_form(model, eviction):
         merge = {"merge": 0.0} if eviction == "ems" else {}  # merging needs the dense form (refusal tested above)
         spec = RunSpec(max_new_tokens=NEW_TOKENS, decode=decode_spec("draft_model"),
                        cache=[cache_spec(eviction, share=0.5, **merge), cache_spec(storage)])
+        if storage == "shadowkv":  # it compresses the whole prompt, so it must come before any eviction
+            with pytest.raises(SpecError, match="put it first in the cache chain"):
+                run(model, spec)
+            continue
         tokens, check = run(model, spec)
         assert len(tokens) == NEW_TOKENS and max(check.held[-1]) < check.context, storage

@@ -95,6 +95,12 @@ def test_long_context_cache(script, tmp_path):
     assert "shadowkv" in out and "file_share" in out and (tmp_path / "r.json").exists()
 
 
+def test_compression_pareto(script, tmp_path):
+    out = script("compression_pareto", "--model", "random:llama", "--tokens", "64", "--window", "32", "--minutes",
+                 "0.01", "--chains", "int8", "--out", str(tmp_path), "--figure", str(tmp_path / "p.png"))
+    assert "hawq plan" in out and "evopress plan" in out and (tmp_path / "pareto.json").exists()
+
+
 def test_compression_bytes(script):
     from workbench.models import load_model
 
