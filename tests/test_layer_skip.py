@@ -219,7 +219,8 @@ def test_kept_optimisation_goes_on_across_runs_and_then_stops(monkeypatch):
     assert per_run[-1] == 0 and last._scorer is None and last.skipped == last._opt.best
     fresh = [Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {**params, "keep": False})),
                     memory=memory) for _ in range(2)]
-    default = Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {"context": 4})), memory=memory)
+    default = Engine(model, RunSpec(max_new_tokens=24, decode=TechniqueSpec("layer_skip", {"context": 4})),
+                     memory=memory)
     assert default.drafter.keep is False  # a run depends on its spec, prompt and seed unless warm starts are asked for
     for engine in fresh:
         before = len(plans)
