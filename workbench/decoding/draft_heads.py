@@ -14,12 +14,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from workbench.decoding.base import DecodeState, Drafter, DraftTree
 from workbench.errors import SpecError
+from workbench.registry import param
 from workbench.training.checkpoints import checkpoint_path, load_checkpoint
 
 
@@ -52,19 +53,32 @@ def final_norm(model, hidden: torch.Tensor) -> torch.Tensor:
 class HeadDrafter(Drafter):
     """Base of drafters built on trained heads: loads the checkpoint, builds the tree, reads the states.
 
-    Subclasses set `kind` (the checkpoint's name), implement `settings` (what the checkpoint depends on) and
-    `draft(state, paths)` (one token per path)."""
+    Subclasses set `kind` (the checkpoint's name) and `module_class` (the heads: `module_class(hidden, heads)`),
+    and implement `head_logits` (training and evaluation) and `draft(state)` (one token per path)."""
 
     kind = ""
+    module_class: ClassVar[type] = torch.nn.Module
     # Needs a checkpoint trained for the model: the registry-wide test matrices leave it to
     # tests/test_draft_heads.py, which trains one per test model.
     needs_training = True
-    nodes: int = 0  # set by the subclass's param
+    heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a trained "
+                       "checkpoint", min=1, max=8)
+    nodes: int = param(24, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
     trained: Any = field(init=False, default=None)  # the trained module, in eval mode
     paths: list[tuple[int, ...]] = field(init=False, default_factory=list)
+    parents: list[int] = field(init=False, default_factory=list)  # the tree's shape, fixed for the run
+    width: int = field(init=False, default=0)  # top-k needed from each head
 
     def settings(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What a checkpoint depends on."""
+        return {"heads": self.heads}
+
+    @classmethod
+    def new_module(cls, model, settings: dict[str, Any]) -> torch.nn.Module:
+        """Untrained heads for training, with the target's LM head (frozen) in float32 beside them."""
+        module = cls.module_class(model.config.hidden_size, settings["heads"])
+        module.head_weight = model.lm_head.weight.detach().float()
+        return module
 
     def wants_step_states(self) -> bool:
         return True
@@ -79,19 +93,18 @@ class HeadDrafter(Drafter):
                 raise SpecError(f"no trained {self.kind} drafter for this model with {options}; train one with "
                                 f"`workbench train {self.kind} --model <the same model>` (a few minutes on a CPU), "
                                 f"then run again")
-            state.memory[key] = self.build(payload, state.model)
+            module = self.module_class(state.model.config.hidden_size, payload["settings"]["heads"])
+            module.load_state_dict(payload["state_dict"])
+            state.memory[key] = module.float().eval(), payload["acceptance"]
         self.trained, acc = state.memory[key]
         self.paths = tree_paths(acc, self.nodes)
-
-    def build(self, payload: dict[str, Any], model) -> tuple[Any, list[list[float]]]:
-        """The module from a checkpoint (in the model's dtype) and its measured top-k acceptance."""
-        raise NotImplementedError
+        index = {path: i for i, path in enumerate(self.paths)}
+        self.parents = [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
+        self.width = 1 + max(max(p) for p in self.paths)
 
     def propose(self, state: DecodeState) -> DraftTree:
-        tokens = self.draft(state, self.paths)
-        index = {path: i for i, path in enumerate(self.paths)}
-        parents = [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
-        return DraftTree(tokens, parents)
+        return DraftTree(self.draft(state), list(self.parents))
 
-    def draft(self, state: DecodeState, paths: list[tuple[int, ...]]) -> list[int]:
+    def draft(self, state: DecodeState) -> list[int]:
+        """One token per path of `self.paths`."""
         raise NotImplementedError

@@ -24,7 +24,7 @@ from torch import nn
 
 from workbench.decoding.base import DecodeState
 from workbench.decoding.draft_heads import HeadDrafter, final_norm
-from workbench.registry import param, register
+from workbench.registry import register
 
 
 class HydraHeads(nn.Module):
@@ -48,18 +48,12 @@ class Hydra(HeadDrafter):
     """Trained Hydra heads (`workbench train hydra`): each reads the path drafted before it."""
 
     kind = "hydra"
-    heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a trained "
-                       "checkpoint", min=1, max=8)
-    nodes: int = param(24, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
+    module_class = HydraHeads
 
-    def settings(self) -> dict[str, Any]:
-        return {"heads": self.heads}
-
-    @staticmethod
-    def new_module(model, settings: dict[str, Any]) -> HydraHeads:
-        module = HydraHeads(model.config.hidden_size, settings["heads"])
-        module.head_weight = model.lm_head.weight.detach().float()  # frozen, shared with the target
-        module.embed_weight = model.embed.weight.detach().float()
+    @classmethod
+    def new_module(cls, model, settings: dict[str, Any]) -> HydraHeads:
+        module = super().new_module(model, settings)
+        module.embed_weight = model.embed.weight.detach().float()  # frozen: the heads read the path's tokens
         return module
 
     @staticmethod
@@ -69,25 +63,19 @@ class Hydra(HeadDrafter):
         features = [module.head(d, hidden, embeds[:, :d]) for d in range(1, len(module.inputs) + 1)]
         return torch.stack(features, dim=1) @ module.head_weight.T
 
-    def build(self, payload: dict[str, Any], model) -> tuple[HydraHeads, list[list[float]]]:
-        module = HydraHeads(model.config.hidden_size, payload["settings"]["heads"])
-        module.load_state_dict(payload["state_dict"])
-        return module.float().eval(), payload["acceptance"]
-
-    def draft(self, state: DecodeState, paths: list[tuple[int, ...]]) -> list[int]:
+    def draft(self, state: DecodeState) -> list[int]:
         model = state.model
         h = final_norm(model, state.hidden[-1:])
-        width = 1 + max(max(p) for p in paths)
         token: dict[tuple[int, ...], int] = {}
-        for depth in range(1, max(len(p) for p in paths) + 1):
-            level = [p for p in paths if len(p) == depth]
+        for depth in range(1, len(self.paths[-1]) + 1):  # paths are sorted by depth
+            level = [p for p in self.paths if len(p) == depth]
             parents = sorted({p[:-1] for p in level})  # nodes whose head runs now; () is the pending token
             ids = torch.tensor([[state.pending] + [token[parent[:j]] for j in range(1, depth)] for parent in parents],
                                device=model.device)
             embeds = model.embed(ids).float()  # [R, depth, hidden]
             features = self.trained.head(depth, h.expand(len(parents), -1), embeds)
-            ranked = model.lm_head(features.to(model.dtype)).topk(width, dim=-1).indices.tolist()
+            ranked = model.lm_head(features.to(model.dtype)).topk(self.width, dim=-1).indices.tolist()
             row = {parent: i for i, parent in enumerate(parents)}
             for p in level:
                 token[p] = ranked[row[p[:-1]]][p[-1]]
-        return [token[p] for p in paths]
+        return [token[p] for p in self.paths]

@@ -18,14 +18,13 @@ is exact matching, so the output is plain decoding's).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from workbench.decoding.base import DecodeState
 from workbench.decoding.draft_heads import HeadDrafter, final_norm
-from workbench.registry import param, register
+from workbench.registry import register
 
 
 class MedusaHeads(nn.Module):
@@ -47,33 +46,16 @@ class Medusa(HeadDrafter):
     """Trained Medusa heads (`workbench train medusa`) draft a candidate tree from their top-k guesses."""
 
     kind = "medusa"
-    heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a "
-                             "trained checkpoint", min=1, max=8)
-    nodes: int = param(24, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
-
-    def settings(self) -> dict[str, Any]:
-        return {"heads": self.heads}
-
-    @staticmethod
-    def new_module(model, settings: dict[str, Any]) -> MedusaHeads:
-        module = MedusaHeads(model.config.hidden_size, settings["heads"])
-        module.head_weight = model.lm_head.weight.detach().float()  # frozen, shared with the target
-        return module
+    module_class = MedusaHeads
 
     @staticmethod
     def head_logits(module: MedusaHeads, model, hidden: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
         """Training and evaluation: [B, hidden] normed states -> [B, heads, vocab] float32 logits."""
         return module(hidden) @ module.head_weight.T
 
-    def build(self, payload: dict[str, Any], model) -> tuple[MedusaHeads, list[list[float]]]:
-        module = MedusaHeads(model.config.hidden_size, payload["settings"]["heads"])
-        module.load_state_dict(payload["state_dict"])
-        return module.float().eval(), payload["acceptance"]
-
-    def draft(self, state: DecodeState, paths: list[tuple[int, ...]]) -> list[int]:
+    def draft(self, state: DecodeState) -> list[int]:
         model = state.model
         features = self.trained(final_norm(model, state.hidden[-1:]))[0]  # [heads, hidden]
         logits = model.lm_head(features.to(model.dtype))  # one product for all heads
-        width = 1 + max(max(p) for p in paths)
-        ranked = logits.topk(width, dim=-1).indices.tolist()  # [heads, width]
-        return [ranked[len(p) - 1][p[-1]] for p in paths]
+        ranked = logits.topk(self.width, dim=-1).indices.tolist()  # [heads, width]
+        return [ranked[len(p) - 1][p[-1]] for p in self.paths]
