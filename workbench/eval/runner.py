@@ -324,6 +324,14 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _command_line() -> str:
+    """The command as typed, for the results file (empty when not run as `workbench`)."""
+    import shlex
+    from pathlib import Path
+
+    return shlex.join(["workbench", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("workbench", "cli.py") else ""
+
+
 def _list(text: str | None, kind: type, option: str) -> list | None:
     if text is None:
         return None
@@ -357,11 +365,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "have, at the same budgets)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--out", help="write the JSON here, the table beside it (.md) and the plots (.png)")
+    from workbench.eval.lossy import add_arguments as add_lossy_arguments
+
+    add_lossy_arguments(p)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from workbench.eval.lossy import check_arguments, run_lossy_command
     from workbench.eval.report import markdown, write
 
+    check_arguments(args)
+    if args.lossy:
+        return run_lossy_command(args, _command_line())
     options = EvalOptions(
         model=args.model, dtype=args.dtype, device=args.device, cache=list(args.cache),
         compress=list(args.compress), budgets=_list(args.budgets, float, "--budgets"), combine=args.combine,
