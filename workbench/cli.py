@@ -300,9 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_recording_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="quality of cache policies and weight transforms: perplexity, KL, retrieval",
+    p = sub.add_parser("eval", help="quality of cache policies and weight transforms (perplexity, KL, retrieval); "
+                       "with --lossy, speed against quality of every lossy decoding technique",
                        description="Perplexity, KL divergence and top-1 agreement against the full cache and "
-                       "uncompressed weights, passkey and key-value retrieval, and the kvpress peer (docs/quality.md).")
+                       "uncompressed weights, passkey and key-value retrieval, and the kvpress peer (docs/quality.md). "
+                       "With --lossy: every lossy decoding technique against plain decoding and lossless drafters in "
+                       "one run: speed-up, token agreement, departures, perplexity, code that parses and passes "
+                       "hidden tests (docs/decoding.md).")
     from workbench.eval.runner import add_arguments as add_eval_arguments
 
     add_eval_arguments(p)
