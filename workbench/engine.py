@@ -136,6 +136,7 @@ class Engine:
         if len(prompt_ids) >= context:
             raise PromptError(f"the prompt has {len(prompt_ids)} tokens but the model's context window is "
                               f"{context}; shorten it to at most {context - 1} tokens")
+        self.drafter.check_run(self.model, len(prompt_ids))
 
     def warnings(self, prompt_ids: list[int]) -> list[str]:
         """What the cache policies say a user should know about a run of this prompt (CachePolicy.warnings)."""
@@ -194,7 +195,7 @@ class Engine:
         while True:
             state.step += 1
             t0 = time.perf_counter_ns()
-            tree = self.drafter.propose(state)
+            tree = self.drafter.fit(state, self.drafter.propose(state))
             tree.root = state.pending
             t1 = time.perf_counter_ns()
             # tokens and positions in one host-to-device copy (on a GPU each one waits for the device)

@@ -182,8 +182,16 @@ class Drafter:
         """The prefill's last-layer output [prompt tokens, hidden], after `begin`, when `wants_prompt_states`
         says so: `state.model.logits(hidden[rows])` gives those rows' logits."""
 
+    def check_run(self, model: LlamaModel, prompt_tokens: int) -> None:
+        """Refuse (SpecError) a run this drafter cannot do on `model` with a prompt this long, before it starts."""
+
     def propose(self, state: DecodeState) -> DraftTree:
         raise NotImplementedError
+
+    def fit(self, state: DecodeState, tree: DraftTree) -> DraftTree:
+        """The tree the target verifies this step: `tree` itself, unless the drafter drafts under a memory
+        budget (SpecMemo's mixin, decoding/specmemo.py, cuts it to fit)."""
+        return tree
 
     def observe(self, state: DecodeState, tree: DraftTree, acceptance: Acceptance, logits: torch.Tensor) -> None:
         """Called after verification, once the step's tokens are committed to `state`, with the target's

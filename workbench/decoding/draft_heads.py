@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from workbench.decoding.base import DecodeState, Drafter, DraftTree
+from workbench.decoding.specmemo import MemoryBudget
 from workbench.errors import SpecError
 from workbench.registry import param
 from workbench.training.checkpoints import checkpoint_path, load_checkpoint
@@ -50,7 +51,7 @@ def final_norm(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class HeadDrafter(Drafter):
+class HeadDrafter(MemoryBudget, Drafter):
     """Base of drafters built on trained heads: loads the checkpoint, builds the tree, reads the states.
 
     Subclasses set `kind` (the checkpoint's name) and `module_class` (the heads: `module_class(hidden, heads)`),

@@ -18,14 +18,17 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import torch
+
 from workbench.decoding.base import ROOT, DraftTree
 from workbench.decoding.draft_model import DraftModel
+from workbench.decoding.specmemo import MemoryBudget
 from workbench.registry import param, register
 
 
 @register("decoding", "dyspec", lossless=True)
 @dataclass
-class DySpec(DraftModel):
+class DySpec(MemoryBudget, DraftModel):
     """Grow the draft tree best-first by draft path probability, under a node budget."""
 
     default_acceptor = "match"
@@ -37,8 +40,9 @@ class DySpec(DraftModel):
 
     def propose(self, state) -> DraftTree:
         sampler, tokens = state.sampler, state.tokens
-        held = self._cache[0].length
-        root_q = sampler.probs(self._forward(tokens[held:], held))  # catch up, ending with the pending token
+        root_q = sampler.probs(self._catch_up(state))
+        limit = self.node_limit(state.model, state.pending_position)  # SpecMemo's budget: draft no more than fits
+        budget = self.budget if limit is None else min(self.budget, limit)
         heap: list[tuple[float, int, int, int]] = []  # (-path probability, order, parent, token)
         order = 0
 
@@ -54,9 +58,9 @@ class DySpec(DraftModel):
         parents: list[int] = []
         depth: list[int] = []
         path: list[float] = []
-        while heap and len(tree_tokens) < self.budget:
+        while heap and len(tree_tokens) < budget:
             added = []
-            while heap and len(added) < self.per_round and len(tree_tokens) < self.budget:
+            while heap and len(added) < self.per_round and len(tree_tokens) < budget:
                 negative, _, parent, token = heapq.heappop(heap)
                 tree_tokens.append(token)
                 parents.append(parent)
@@ -64,8 +68,13 @@ class DySpec(DraftModel):
                 path.append(-negative)
                 added.append(len(tree_tokens) - 1)
             growing = [n for n in added if depth[n] < self.max_depth]
-            if growing and len(tree_tokens) < self.budget:
+            if growing and len(tree_tokens) < budget:
                 for node, q in zip(growing, self._tree_forward(tree_tokens, parents, len(tokens) - 1, growing,
                                                                sampler)):
                     offer(node, path[node], q)
         return DraftTree(tree_tokens, parents)
+
+    def _catch_up(self, state) -> torch.Tensor:
+        """Run the draft over the tokens committed since it last ran, ending with the pending token: its logits."""
+        held = self._cache[0].length
+        return self._forward(state.tokens[held:], held)

@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import torch
 
 from workbench.decoding.base import ROOT, Drafter, DraftTree
+from workbench.decoding.specmemo import MemoryBudget
 from workbench.registry import param, register
 from workbench.sampling import top_k
 
@@ -102,7 +103,7 @@ def _depth_first(children: Callable[[tuple[int, ...]], int]) -> list[tuple[int, 
 
 @register("decoding", "token_recycling", lossless=True)
 @dataclass
-class TokenRecycling(Drafter):
+class TokenRecycling(MemoryBudget, Drafter):
     """Draft a fixed-shape tree from an online adjacency matrix of each token's recent top-k successors."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
