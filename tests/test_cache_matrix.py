@@ -38,6 +38,7 @@ CACHE_PARAMS = {
     "prefix_kv": {"window": 2},
     "double_sparsity": {"channels": 4},
     "shadowkv": {"rank": 4, "chunk": 4, "budget_tokens": 8, "outliers": 1, "local": 4},
+    "lserve": {"sink": 2, "local": 4, "page": 2, "physical": 2, "budget_tokens": 4, "probe": 8},
 }
 EVICTING = {"streaming", "h2o", "snapkv", "ems", "prefix_kv"}  # keeping half the context: fewer tokens than seen
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6] + [int(t) for t in torch.randint(
@@ -265,7 +266,7 @@ def test_eviction_followed_by_every_storage_form(model, eviction):
         merge = {"merge": 0.0} if eviction == "ems" else {}  # merging needs the dense form (refusal tested above)
         spec = RunSpec(max_new_tokens=NEW_TOKENS, decode=decode_spec("draft_model"),
                        cache=[cache_spec(eviction, share=0.5, **merge), cache_spec(storage)])
-        if storage == "shadowkv":  # it compresses the whole prompt, so it must come before any eviction
+        if storage in ("shadowkv", "lserve"):  # they move the whole prompt, so they must come before any eviction
             with pytest.raises(SpecError, match="put it first in the cache chain"):
                 run(model, spec)
             continue

@@ -9,6 +9,7 @@ from workbench.cache import (  # noqa: F401  (registration)
     gear,
     h2o,
     kivi,
+    lserve,
     mustafar,
     prefix_kv,
     shadowkv,
