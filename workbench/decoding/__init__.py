@@ -4,7 +4,10 @@ Importing this package registers every technique in it.
 """
 
 from workbench.decoding import (  # noqa: F401  (registration)
+    adadec,
     adaptive,
+    astar,
+    decided,
     draft_model,
     dyspec,
     early_exit,
@@ -19,6 +22,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     prompt_lookup,
     rsd,
     speculative,
+    superposed,
     token_recycling,
     triforce,
     typical,

@@ -133,6 +133,7 @@ class LlamaModel(nn.Module):
         hidden_states: bool = False,
         last_only: bool = False,
         final_hidden: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model over new tokens.
 
@@ -146,8 +147,10 @@ class LlamaModel(nn.Module):
         last_only: compute logits for the last token only (prefill).
         final_hidden: also return the last layer's output for every token (`logits` of any rows of it give
             their logits, a few rows at a time where the whole [T, vocab] would be too large).
+        embeds: [T, hidden] input vectors used instead of the tokens' embeddings (Superposed Decoding feeds a
+            weighted sum of several tokens' embeddings); `tokens` then only gives T.
         """
-        x = self.embed(tokens)
+        x = self.embed(tokens) if embeds is None else embeds.to(self.dtype)
         freqs = positions.to(torch.float32)[:, None, None] * self.inv_freq  # [T, 1, dim / 2]
         cos = freqs.cos().to(x.dtype).repeat(1, 1, 2)
         sin = freqs.sin().to(x.dtype)
