@@ -9,8 +9,8 @@ specs the user adds. All run greedily on the same prompts in one process, the or
 prompts, each technique with its own cross-run memory (as `workbench bench --decode` does).
 
 Prompts: the first `per_category` prompts of each category of the suite (workbench/eval/suite.py), and the
-hidden-test coding tasks (workbench/eval/hidden_tests.py) as the category `code_tests`, whose generation stops at the
-answer's closing code fence.
+hidden-test coding tasks (workbench/eval/hidden_tests.py) as the category `code_tests`. Coding prompts (code_edit
+and code_tests) get their own token budget and stop at the answer's closing code fence, so their code is whole.
 
 Per category and contender:
 - speed_up: new tokens over wall time (prefill included), over plain decoding's on the same prompts;
@@ -52,7 +52,7 @@ LOSSLESS_REFERENCES = ("prompt_lookup", "token_recycling")
 FALLBACK_DRAFTER = "draft_model"
 CODE_TESTS = "code_tests"
 CODE_CATEGORIES = ("code_edit", CODE_TESTS)
-CODE_END = "\n```"  # a coding answer's closing fence: nothing after it is tested, so generation stops there
+CODE_END = "\n```"  # a coding answer's closing fence: nothing after it is checked, so generation stops there
 ALL_CATEGORIES = (*CATEGORIES, CODE_TESTS)
 
 
@@ -140,7 +140,8 @@ def contenders(options: LossyOptions) -> tuple[list[Contender], list[dict[str, s
 
 def eval_prompts(options: LossyOptions) -> list[EvalPrompt]:
     categories = options.categories or list(ALL_CATEGORIES)
-    items = [EvalPrompt(p.category, p.id, p.prompt, options.max_new_tokens)
+    items = [EvalPrompt(p.category, p.id, p.prompt, options.max_new_tokens) if p.category not in CODE_CATEGORIES
+             else EvalPrompt(p.category, p.id, p.prompt, options.code_new_tokens, stop=(CODE_END,))
              for p in suite([c for c in categories if c != CODE_TESTS], options.per_category)]
     if CODE_TESTS in categories:
         tasks = coding_tasks()[: options.code_tasks]
@@ -335,7 +336,8 @@ def plot(result: dict[str, Any], path: str) -> None:
                 continue
             lossless = r["role"] == "lossless"
             ax.scatter(r["speed_up"], y, marker="o" if lossless else "^", color="tab:blue" if lossless else "tab:red")
-            ax.annotate(r["engine"], (r["speed_up"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            name = r["engine"] + (" (exact in this run)" if not lossless and r["lossless_in_run"] else "")
+            ax.annotate(name, (r["speed_up"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axvline(1.0, color="grey", linewidth=1)
         ax.set_xlabel("speed-up over plain decoding (all prompts)")
         ax.set_ylabel(label)
@@ -359,7 +361,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-category", type=int, help="suite prompts per category (default 2)")
     g.add_argument("--code-tasks", type=int, help="hidden-test coding tasks (default all)")
     g.add_argument("--max-new-tokens", type=int, help="new tokens per suite prompt (default 48)")
-    g.add_argument("--code-new-tokens", type=int, help="new tokens per hidden-test coding prompt (default 96)")
+    g.add_argument("--code-new-tokens", type=int, help="new tokens per coding prompt, code_edit and code_tests "
+                   "(default 96; generation stops earlier at the answer's closing code fence)")
 
 
 LOSSY_ONLY = ("techniques", "lossless_drafters", "also", "categories", "per_category", "code_tasks",
