@@ -39,11 +39,10 @@ def test_the_confident_prefix_is_committed_even_where_the_target_disagrees():
     assert none.accepted == [] and none.bonus == 0
 
 
-def test_a_drafter_without_draft_probabilities_gets_a_plain_error():
-    tree = DraftTree.chain([1])
-    logits = one_hot_rows([0, 0])
-    with pytest.raises(SpecError, match="draft distribution"):
-        LexicalUnitAcceptance().accept(tree, logits, logits.softmax(-1), Sampler())
+def test_a_drafter_without_draft_probabilities_is_refused_when_the_spec_is_checked():
+    with pytest.raises(SpecError, match="draft distribution, which prompt_lookup does not report"):
+        RunSpec.parse("decode=prompt_lookup;accept=lexical_unit").validated()
+    assert RunSpec.parse("decode=layer_skip;accept=lexical_unit").validated().accept.name == "lexical_unit"
 
 
 def test_runs_are_labelled_lossy_and_depart_from_plain_decoding():

@@ -153,7 +153,9 @@ class Engine:
         for policy in self.policies:
             policy.prepare(model, self.tokenizer, self.memory)
         cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
-        state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory)
+        state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory, tokenizer=self.tokenizer)
+        self.acceptor.begin(state)
+        judged = self.acceptor.wants_tree_states()  # an acceptor that reads the draft tokens' last-layer states
         text = _TextStream(self.detokenize, spec.stop)
         start = time.perf_counter_ns()
         learns = self.drafter.wants_prompt_states()
@@ -202,12 +204,14 @@ class Engine:
             step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
             tree_tokens, positions = step_ids[0], step_ids[1]
             mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
-            out = model(tree_tokens, positions, cache, mask=mask, final_hidden=heads)
+            out = model(tree_tokens, positions, cache, mask=mask, final_hidden=heads or judged)
             all_logits = out.logits
             _sync(device)
             t2 = time.perf_counter_ns()
             logits = all_logits[: len(tree) + 1]  # aux rows (tree.aux) are the drafter's alone, never candidates
             probs = self.sampler.probs(logits)
+            if judged:
+                state.tree_hidden = out.final_hidden[: len(tree) + 1]
             acceptance = self.acceptor.accept(tree, logits, probs, self.sampler)
             cache.commit([0] + [node + 1 for node in acceptance.accepted])  # rejected nodes and aux slots drop
             new_tokens = [tree.tokens[n] for n in acceptance.accepted] + [acceptance.bonus]

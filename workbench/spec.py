@@ -99,10 +99,14 @@ class RunSpec:
         for ok, message in checks:
             if not ok:
                 raise SpecError(message)
+        decode = self.decode.validated("decoding")
+        accept = self.accept.validated("acceptance") if self.accept else None
+        if accept is not None:  # a pairing that cannot work is refused here, not during the run
+            accept.build("acceptance").check_drafter(decode.build("decoding"))
         return dataclasses.replace(
             self,
-            decode=self.decode.validated("decoding"),
-            accept=self.accept.validated("acceptance") if self.accept else None,
+            decode=decode,
+            accept=accept,
             cache=[t.validated("cache") for t in self.cache],
             compress=[t.validated("compression") for t in self.compress],
         )

@@ -29,6 +29,7 @@ class AdaptiveLength(Drafter):
     """Wrap a chain drafter and adapt its draft length (SpecDec++ threshold, or transformers' heuristic)."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
 
     drafter: str = param("draft_model", "the chain drafter to wrap, as a technique string; inside a spec "
                          "string percent-encode its ':' ',' '=' (e.g. draft_model%3Alayers%3D6)")

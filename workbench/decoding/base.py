@@ -14,7 +14,7 @@ dropped like rejected drafts); the drafter reads their logits in `observe`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -132,6 +132,11 @@ class DecodeState:
     # [tokens committed last step, hidden]: the last row is the state the pending token was predicted from.
     # Set only for drafters whose `wants_step_states` says so (draft heads read it; no second forward).
     hidden: torch.Tensor | None = None
+    # The tokenizer, for techniques that read the output as text (the monitor); None for models without one.
+    tokenizer: Any = None
+    # The verification forward's last-layer states over [root, nodes] (before the final norm), set before
+    # acceptance for acceptors whose `wants_tree_states` says so (the judge reads the draft tokens' states).
+    tree_hidden: torch.Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -163,6 +168,8 @@ class Drafter:
     """
 
     default_acceptor = "match"
+    # True when every tree it proposes carries `draft_probs`: acceptors that read q check it at spec time.
+    draft_distribution = False
     # True when `begin` picked up state kept from earlier runs (an opt-in warm start, e.g. token recycling's
     # hot_start): the run's drafts then depend on what ran before it, and its trace says so.
     warm_started = False
@@ -202,6 +209,17 @@ class Acceptor:
     """Decides which drafted nodes the target accepts, and the bonus token. Registered under `acceptance`."""
 
     lossless = True
+
+    def begin(self, state: DecodeState) -> None:
+        """Called once per run before the first token is chosen. `state` stays the run's own: `state.tokens` are
+        the token ids so far (growing as the run goes), `state.tokenizer` the tokenizer (None without one)."""
+
+    def check_drafter(self, drafter: Drafter) -> None:
+        """Refuse (SpecError) a drafter this acceptor cannot work with; called when a run spec is checked."""
+
+    def wants_tree_states(self) -> bool:
+        """Whether the engine should put the verification forward's last-layer states in `state.tree_hidden`."""
+        return False
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
         """logits, probs: [N + 1, vocab], the target's raw logits and `sampler.probs(logits)`."""

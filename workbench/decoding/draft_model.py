@@ -43,6 +43,7 @@ class DraftModel(Drafter):
     """Draft k tokens with a smaller model (or the target's first layers); verified losslessly."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
 
     k: int = param(4, "tokens drafted per step", min=1, max=32)
     draft: str = param("self", "'self' (the target's first `layers` layers, final norm and head) or a model "

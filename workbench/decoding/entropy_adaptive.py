@@ -30,6 +30,7 @@ class EntropyAdaptiveDrafter(Drafter):
     """The target's first layers write tokens while their entropy stays low; the target writes the rest (lossy)."""
 
     default_acceptor = "trust"
+    draft_distribution = True  # every tree carries its draft distribution q
     layers: int = param(4, "how many of the target's first layers form the small model", min=1)
     threshold: float = param(1.0, "entropy (nats) above which the large model takes over", min=0.0)
     k: int = param(8, "most tokens the small model writes before the large model's turn", min=1, max=64)

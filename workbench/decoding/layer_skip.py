@@ -112,6 +112,7 @@ class LayerSkip(Drafter):
     a static set)."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
 
     k: int = param(8, "most tokens drafted per step", min=1, max=32)
     granularity: str = param("sublayer", "what is skipped: attention and MLP sublayers separately (SWIFT), or "

@@ -12,7 +12,8 @@ step commits at least the target's own token. Because unverified tokens are comm
 from plain decoding's (it is labelled lossy everywhere).
 
 Left out: the paper's fine-tuning of the target itself to predict units (here any drafter that reports its
-draft distribution predicts them: draft_model, lookahead), and its unit-aware training data.
+draft distribution predicts them: draft_model, layer_skip, rsd...; others are refused when the spec is
+checked), and its unit-aware training data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.decoding.base import ROOT, Acceptance, Acceptor, DraftTree
+from workbench.decoding.base import ROOT, Acceptance, Acceptor, Drafter, DraftTree
 from workbench.errors import SpecError
 from workbench.registry import param, register
 from workbench.sampling import Sampler, argmax_rows
@@ -34,12 +35,15 @@ class LexicalUnitAcceptance(Acceptor):
 
     threshold: float = param(0.8, "draft probability each token of a committed unit must reach", min=0.0, max=1.0)
 
+    def check_drafter(self, drafter: Drafter) -> None:
+        if not drafter.draft_distribution:
+            raise SpecError(f"lexical_unit reads the draft distribution, which {drafter.technique_name} does not "
+                            "report; use a drafter that does (draft_model, layer_skip, rsd, triforce, adaptive, "
+                            "entropy_adaptive)")
+
     def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
         accepted: list[int] = []
         if len(tree):
-            if tree.draft_probs is None:
-                raise SpecError("lexical_unit needs a drafter that reports its draft distribution "
-                                "(e.g. decode=draft_model); this drafter proposes tokens without one")
             children = tree.children()
             node = ROOT
             while True:  # down the first-child path while the drafter was confident

@@ -65,6 +65,7 @@ class TriForce(Drafter):
     own KV cache, which drafts a chain for the full target."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
 
     k: int = param(8, "tokens the retrieval-cache level drafts per step (TriForce's gamma2)", min=1, max=32)
     lookup: int = param(4, "tokens prompt lookup proposes to the retrieval-cache level per forward (gamma1)",
