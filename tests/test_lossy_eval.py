@@ -36,7 +36,7 @@ def test_agreement_counts_the_prefix_and_every_position():
 
 def test_every_lossy_decoding_technique_is_a_contender():
     planned, not_run = contenders(LossyOptions())
-    names = {c.label for c in planned} | {n["technique"] for n in not_run}
+    names = {n for c in planned for n in c.covers} | {n["technique"] for n in not_run}
     lossy = {t.name for t in lossy_techniques() if not t.name.startswith("_")}
     assert lossy <= names and {"typical", "lexical_unit", "entropy_adaptive"} <= lossy
     assert [c.label for c in planned[:3]] == ["plain", "prompt_lookup", "token_recycling"]

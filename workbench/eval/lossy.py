@@ -43,7 +43,7 @@ from workbench import registry
 from workbench.errors import SpecError, WorkbenchError
 from workbench.eval.hidden_tests import CodingTask, coding_tasks, extract_code, parses, run_hidden_tests
 from workbench.eval.suite import CATEGORIES, suite, suite_hash
-from workbench.spec import DEFAULT_MODEL
+from workbench.spec import DEFAULT_MODEL, RunSpec
 
 # torch and the model runtime are imported where they are used: `workbench --help` stays fast.
 
@@ -61,6 +61,7 @@ class Contender:
     label: str  # what tables show
     spec: str  # a RunSpec short string
     role: str  # baseline, lossless (a reference drafter), lossy, or extra (a spec the user added)
+    covers: tuple[str, ...] = ()  # the lossy techniques this run shows (a drafter and its own lossy acceptor: both)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,13 @@ def spec_for(technique: registry.Technique) -> str:
     raise SpecError(f"the lossy evaluation does not know where a {technique.category} technique goes in a run spec")
 
 
+def _drafter_and_acceptor(spec: str) -> tuple[str, str]:
+    """The (drafter, acceptor) a run spec string uses: the drafter's default acceptor when it names none."""
+    run = RunSpec.parse(spec)
+    drafter = registry.get("decoding", run.decode.name).cls
+    return run.decode.name, run.accept.name if run.accept else drafter.default_acceptor
+
+
 def contenders(options: LossyOptions) -> tuple[list[Contender], list[dict[str, str]]]:
     """Plain decoding first, the lossless references, the lossy techniques, the extra specs; and the lossy
     techniques that have no run spec (name and reason)."""
@@ -128,12 +136,18 @@ def contenders(options: LossyOptions) -> tuple[list[Contender], list[dict[str, s
         lossy = [t for t in lossy if not t.name.startswith("_")]
     out = [Contender("plain", "decode=plain", "baseline")]
     out += [Contender(name, f"decode={name}", "lossless") for name in options.lossless if name != "plain"]
-    not_run = []
+    not_run, runs = [], {}  # runs: (drafter, acceptor) -> the contender that shows that pair
     for t in lossy:
         try:
-            out.append(Contender(t.name, spec_for(t), "lossy"))
+            spec = spec_for(t)
         except SpecError as err:
             not_run.append({"technique": t.name, "category": t.category, "reason": str(err)})
+            continue
+        pair = _drafter_and_acceptor(spec)
+        seen = runs.get(pair)  # e.g. decode=adadec runs its acceptor `decided`, which names adadec as its drafter
+        covers = tuple(dict.fromkeys((*seen.covers, t.name))) if seen else (t.name,)
+        runs[pair] = Contender(seen.label if seen else t.name, seen.spec if seen else spec, "lossy", covers)
+    out += runs.values()
     out += [Contender(spec, spec, "extra") for spec in options.extra]
     return out, not_run
 
@@ -258,6 +272,7 @@ def aggregate(category: str, contender: Contender, runs: list[dict[str, Any]]) -
     n_scored = sum(r["new_tokens"] for r in scored)
     counted = [r for r in runs if r["departures"] is not None]
     row = {"category": category, "engine": contender.label, "spec": contender.spec, "role": contender.role,
+           "covers": list(contender.covers),
            "lossless_in_run": all(r["lossless"] for r in runs), "prompts": len(runs), "new_tokens": tokens,
            "tok_per_s": tokens / sum(r["seconds"] for r in runs),
            "tokens_per_forward": tokens / max(1, sum(r["target_forwards"] for r in runs)),
@@ -283,6 +298,12 @@ def mark_wins(rows: list[dict[str, Any]], runnable: list[Contender]) -> None:
             row["speed_up"] > max(rivals)
 
 
+def _name(row: dict[str, Any]) -> str:
+    """A row's engine, and the other lossy techniques its run also shows."""
+    more = [f"`{n}`" for n in row.get("covers", []) if n != row["engine"]]
+    return f"`{row['engine']}`" + (f" (with {', '.join(more)})" if more else "")
+
+
 def _cell(value: Any, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -299,7 +320,7 @@ def markdown(result: dict[str, Any]) -> str:
         wins = [c for c in categories for x in rows if x["category"] == c and x["engine"] == r["engine"]
                 and x["faster_than_lossless"]]
         wins_text = ("all prompts; " if r["faster_than_lossless"] else "") + (", ".join(wins) or "none")
-        lines.append(f"| `{r['engine']}` | `{r['spec']}` | {'yes' if r['lossless_in_run'] else '**no**'} | "
+        lines.append(f"| {_name(r)} | `{r['spec']}` | {'yes' if r['lossless_in_run'] else '**no**'} | "
                      f"{r['speed_up']:.2f}x | {r['tokens_per_forward']:.2f} | {r['agreement_prefix']:.2f} | "
                      f"{r['agreement_positions']:.2f} | {_cell(r['departure_rate'])} | "
                      f"{_cell(r['target_perplexity'], '{:.2f}')} ({_cell(r['perplexity_ratio'])}) | "
