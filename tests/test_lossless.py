@@ -30,6 +30,7 @@ TEST_PARAMS = {
     "draft_model": {"layers": 2},
     "rsd": {"layers": 2},
     "dyspec": {"layers": 2},
+    "longspec": {"layers": 2, "sink": 2, "window": 8},  # a view smaller than the prompts
     "adaptive": {"drafter": "draft_model:layers=2"},
 }
 # Prompts with repeats, so that copying drafters find something to copy.

@@ -31,6 +31,7 @@ PARAMS = {
     "draft_model": {"layers": 2},
     "rsd": {"layers": 2},
     "dyspec": {"layers": 2},
+    "longspec": {"layers": 2, "sink": 1, "window": 2},  # a view smaller than the context
     "adaptive": {"drafter": "draft_model:layers=2"},
     "early_exit": {"probe_every": 1},
     "lookahead": {"window": 3, "ngram": 3, "candidates": 2},

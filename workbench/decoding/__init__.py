@@ -15,6 +15,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     hydra,
     layer_skip,
     lexical_unit,
+    longspec,
     lookahead,
     match,
     medusa,

@@ -16,6 +16,7 @@ temperature > 0 with its acceptor, and its threshold-based stopping (here the bu
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,41 +41,46 @@ class DySpec(MemoryBudget, DraftModel):
 
     def propose(self, state) -> DraftTree:
         sampler, tokens = state.sampler, state.tokens
-        root_q = sampler.probs(self._catch_up(state))
+        held = self._cache[0].length
+        root_q = sampler.probs(self._forward(tokens[held:], held))  # catch up, ending with the pending token
         limit = self.node_limit(state.model, state.pending_position)  # SpecMemo's budget: draft no more than fits
         budget = self.budget if limit is None else min(self.budget, limit)
-        heap: list[tuple[float, int, int, int]] = []  # (-path probability, order, parent, token)
-        order = 0
+        return grow_tree(root_q, lambda tree, parents, wanted: self._tree_forward(tree, parents, len(tokens) - 1,
+                                                                                  wanted, sampler),
+                         budget, self.per_round, self.top, self.max_depth)
 
-        def offer(parent: int, path: float, q) -> None:
-            nonlocal order
-            values, ids = q.topk(self.top)
-            for value, token in zip(values.tolist(), ids.tolist()):
-                heapq.heappush(heap, (-path * value, order, parent, token))
-                order += 1
 
-        offer(ROOT, 1.0, root_q)
-        tree_tokens: list[int] = []
-        parents: list[int] = []
-        depth: list[int] = []
-        path: list[float] = []
-        while heap and len(tree_tokens) < budget:
-            added = []
-            while heap and len(added) < self.per_round and len(tree_tokens) < budget:
-                negative, _, parent, token = heapq.heappop(heap)
-                tree_tokens.append(token)
-                parents.append(parent)
-                depth.append(1 if parent == ROOT else depth[parent] + 1)
-                path.append(-negative)
-                added.append(len(tree_tokens) - 1)
-            growing = [n for n in added if depth[n] < self.max_depth]
-            if growing and len(tree_tokens) < budget:
-                for node, q in zip(growing, self._tree_forward(tree_tokens, parents, len(tokens) - 1, growing,
-                                                               sampler)):
-                    offer(node, path[node], q)
-        return DraftTree(tree_tokens, parents)
+def grow_tree(root_q: torch.Tensor, expand: Callable[[list[int], list[int], list[int]], list[torch.Tensor]],
+              budget: int, per_round: int, top: int, max_depth: int) -> DraftTree:
+    """A tree grown best-first by draft path probability from the root's draft distribution root_q [vocab]:
+    `expand(tokens, parents, wanted)` runs the draft over the tree so far and returns the draft distributions
+    after the `wanted` nodes (one draft forward per round of `per_round` nodes)."""
+    heap: list[tuple[float, int, int, int]] = []  # (-path probability, order, parent, token)
+    order = 0
 
-    def _catch_up(self, state) -> torch.Tensor:
-        """Run the draft over the tokens committed since it last ran, ending with the pending token: its logits."""
-        held = self._cache[0].length
-        return self._forward(state.tokens[held:], held)
+    def offer(parent: int, path: float, q) -> None:
+        nonlocal order
+        values, ids = q.topk(top)
+        for value, token in zip(values.tolist(), ids.tolist()):
+            heapq.heappush(heap, (-path * value, order, parent, token))
+            order += 1
+
+    offer(ROOT, 1.0, root_q)
+    tree_tokens: list[int] = []
+    parents: list[int] = []
+    depth: list[int] = []
+    path: list[float] = []
+    while heap and len(tree_tokens) < budget:
+        added = []
+        while heap and len(added) < per_round and len(tree_tokens) < budget:
+            negative, _, parent, token = heapq.heappop(heap)
+            tree_tokens.append(token)
+            parents.append(parent)
+            depth.append(1 if parent == ROOT else depth[parent] + 1)
+            path.append(-negative)
+            added.append(len(tree_tokens) - 1)
+        growing = [n for n in added if depth[n] < max_depth]
+        if growing and len(tree_tokens) < budget:
+            for node, q in zip(growing, expand(tree_tokens, parents, growing)):
+                offer(node, path[node], q)
+    return DraftTree(tree_tokens, parents)
