@@ -1,6 +1,6 @@
-"""ShadowKV and CacheGen against the full cache and an existing policy on the long-context suite, in one run.
+"""ShadowKV, LServe and CacheGen against the full cache and an existing policy on the long-context suite, in one run.
 
-    .venv/bin/python scripts/long_context_cache.py [--per-cell 2] [--lengths 2048 4096 7168]
+    .venv/bin/python scripts/long_context_cache.py [--per-cell 2] [--lengths 2048 4096 7168] [--specs lserve ...]
 
 For every retrieval prompt (passkey, key-value) of `workbench.eval.long_context` and every spec (taking turns per
 prompt, so machine load falls on all alike): the answer's score, the fast-tier bytes after the prefill
@@ -33,6 +33,8 @@ SPECS = {
     "shadowkv": "cache=shadowkv",
     "snapkv": "cache=snapkv:fraction=0.25,window=32",
     "cachegen": "cache=cachegen",
+    "lserve": "cache=lserve",
+    "lserve_wide": "cache=lserve:streaming=0.25,budget_tokens=512",
 }
 
 
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--context", type=int, default=2048, help="tokens before the scored ones (perplexity, KL)")
     parser.add_argument("--scored", type=int, default=128, help="tokens scored for perplexity and KL")
+    parser.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS),
+                        help="which specs to run (full, the reference, always runs)")
     parser.add_argument("--out", default="docs/results/long_context_cache.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared, busy machine the "
                         "thread pool's waits on small operations dominate)")
@@ -110,9 +114,10 @@ def main() -> None:
     loaded = wb.model(wb.default)
     count = token_counter(loaded)
     items = long_context_suite(count, args.lengths, ("passkey", "kv"), args.per_cell)
-    rows = retrieval(wb, items, SPECS)
+    specs = {name: SPECS[name] for name in SPECS if name == "full" or name in args.specs}
+    rows = retrieval(wb, items, specs)
     summary = {}
-    for name in SPECS:
+    for name in specs:
         mine = [r for r in rows if r["spec"] == name]
         full = {r["id"]: r for r in rows if r["spec"] == "full"}
         summary[name] = {
@@ -131,9 +136,10 @@ def main() -> None:
         "command": "python scripts/long_context_cache.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if k not in ("out", "model")),
-        "specs": SPECS, "summary": summary,
-        "quality": quality(wb, SPECS, args.context, 1, args.scored),
-        "cachegen_load": load_against_prefill(wb, [i for i in items if i.task == "kv" and i.id.endswith("-0")]),
+        "specs": specs, "summary": summary,
+        "quality": quality(wb, specs, args.context, 1, args.scored),
+        "cachegen_load": load_against_prefill(wb, [i for i in items if i.task == "kv" and i.id.endswith("-0")])
+        if "cachegen" in specs else [],
         "rows": rows,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "seconds": round(time.time() - start), "threads": torch.get_num_threads(),

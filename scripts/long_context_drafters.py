@@ -1,10 +1,11 @@
-"""Long-context drafters against plain decoding on the long-context suite, interleaved in one process.
+"""Long-context drafters (TriForce, LongSpec, a SpecMemo budget) against plain decoding on the long-context suite.
 
 For every prompt of `workbench.eval.long_context` (passkey, key-value retrieval, summarization at each length),
-plain decoding and each drafter generate greedily from the same prompt one after the other; per run: tokens
-per target forward, decode speed (tokens after the first / time after the prefill), whether the tokens equal
-plain decoding's, and the answer's score (retrieval accuracy, or topic coverage for summaries). Speed-ups are
-the drafter's decode speed over plain's on the same prompt, then the median per length.
+plain decoding and each drafter generate greedily from the same prompt one after the other, in one process; per
+run: tokens per target forward, the tree's mean size, decode speed (tokens after the first / time after the
+prefill), whether the tokens equal plain decoding's, and the answer's score (retrieval accuracy, or topic coverage
+for summaries). Speed-ups are the drafter's decode speed over plain's on the same prompt, then the median per
+length.
 
     .venv/bin/python scripts/long_context_drafters.py --lengths 2048,4096,7168 --new-tokens 32 \
         --out docs/results/long_context_drafters.json
@@ -26,7 +27,9 @@ from workbench.eval.long_context import TASKS, long_context_suite, score, summar
 from workbench.eval.quality import decode as decode_ids
 from workbench.eval.quality import encode
 
-DRAFTERS = ("triforce", "prompt_lookup")
+# token recycling with and without SpecMemo's memory budget (2 MB: the root and about two nodes at 2k tokens on the
+# embedded model in float32, fewer as the context grows)
+DRAFTERS = ("triforce", "prompt_lookup", "longspec", "token_recycling", "token_recycling:budget_mb=2")
 
 
 def main() -> None:
@@ -59,6 +62,7 @@ def main() -> None:
             rows.append({"id": item.id, "task": item.task, "length": item.length, "decode": decode,
                          "prompt_tokens": len(trace.prompt_ids), "new_tokens": s["n_new_tokens"],
                          "tokens_per_forward": s["mean_accepted_length"], "prefill_s": s["prefill_s"],
+                         "mean_tree_nodes": sum(e.n_drafted for e in trace.events[1:]) / max(len(trace.events) - 1, 1),
                          "decode_tok_per_s": s["decode_tok_per_s"],
                          "speedup": s["decode_tok_per_s"] / plain[1]["decode_tok_per_s"],
                          "identical_to_plain": trace.token_ids == plain[0].token_ids,
@@ -72,7 +76,9 @@ def main() -> None:
         summary[decode] = {
             "by_length": {str(n): {"median_speedup": statistics.median(r["speedup"] for r in mine if r["length"] == n),
                                    "mean_tokens_per_forward": statistics.mean(r["tokens_per_forward"] for r in mine
-                                                                              if r["length"] == n)}
+                                                                              if r["length"] == n),
+                                   "mean_tree_nodes": statistics.mean(r["mean_tree_nodes"] for r in mine
+                                                                      if r["length"] == n)}
                           for n in sorted({r["length"] for r in mine})},
             "all_identical_to_plain": all(r["identical_to_plain"] for r in mine),
             "scores": summarize_scores(mine)}
