@@ -20,6 +20,7 @@ from workbench.views.replay import check_run_id, load_trace
 from workbench.views.runs import filter_runs, run_label
 
 from .context import AppContext
+from .sweep_panel import SweepPanel, build_sweep_panel, wire_sweep_panel
 
 LIMIT = 500  # newest runs listed
 COLUMNS = ["run_id", "created_at", "status", "decode", "accept", "cache", "compress", "temperature", "tok_per_s",
@@ -48,6 +49,7 @@ class RunsTab:
     export_format: gr.Radio
     export: gr.Button
     export_file: gr.File
+    sweeps: SweepPanel
 
 
 def load_runs(ctx: AppContext) -> list[dict[str, Any]]:
@@ -168,8 +170,9 @@ def build_runs_tab() -> RunsTab:
     with gr.Row():
         compare_acceptance = gr.Plot(label="acceptance of the selected runs")
         compare_timeline = gr.Plot(label="speed and memory of the selected runs")
+    sweeps = build_sweep_panel()
     return RunsTab(status, decode, text, refresh, table, selected, compare, compare_acceptance, compare_timeline,
-                   open_id, open_button, message, compared, export_format, export, export_file)
+                   open_id, open_button, message, compared, export_format, export, export_file, sweeps)
 
 
 def wire_runs_tab(ctx: AppContext, tab: RunsTab, tab_selected: Any) -> None:
@@ -178,6 +181,7 @@ def wire_runs_tab(ctx: AppContext, tab: RunsTab, tab_selected: Any) -> None:
     inputs = [tab.status, tab.decode, tab.text, tab.selected]
     common = {"concurrency_id": "store", "concurrency_limit": 4}
     tab.refresh.click(refresh, inputs=inputs, outputs=outputs, api_name="runs", **common)
+    wire_sweep_panel(ctx, tab.sweeps, tab, [tab.refresh.click, tab_selected])
     for trigger in (tab.status.input, tab.decode.input, tab.text.submit, tab_selected):
         trigger(refresh, inputs=inputs, outputs=outputs, api_visibility="private", **common)
 

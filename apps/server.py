@@ -25,10 +25,11 @@ from .generate_tab import LAYOUT_CSS, build_generate_tab, wire_generate_tab
 from .permalinks import RUN_ADDRESS_JS, link_outputs, open_run, wire_permalinks
 from .runs_tab import build_runs_tab, wire_runs_tab
 from .sql_tab import build_sql_tab, wire_sql_tab
+from .sweep_panel import SWEEP_CLICK_JS
 
 # System fonts only: a page that asks no other server for anything works with no network.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-LAUNCH_STYLE = {"theme": THEME, "css": CSS + LAYOUT_CSS}
+LAUNCH_STYLE = {"theme": THEME, "css": CSS + LAYOUT_CSS, "js": SWEEP_CLICK_JS}
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

@@ -1,6 +1,7 @@
 """The command line on tiny random models: output shapes, streaming and one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -66,9 +67,9 @@ def test_generate_streams_text(capsys):
     (["generate", "hi", "--model", "no-such-model-xyz"], "no-such-model-xyz"),
     (["generate", "5", *RANDOM, "--decode", "telepathy"], "unknown decoding technique 'telepathy'; valid: "),
     (["generate", "5", *RANDOM, "--decode", "plain:k=3"], "has no parameter 'k'"),
-    (["generate", "5", *RANDOM, "--cache", "nope"], "unknown cache technique 'nope'; valid: block_fp, cachegen, dense"),
+    (["generate", "5", *RANDOM, "--cache", "nope"], "unknown cache technique 'nope'; valid: .*dense, .*h2o"),
     (["generate", "5", *RANDOM, "--compress", "int3"],
-     "unknown compression technique 'int3'; valid: decoupleq, dfloat11, eora"),
+     "unknown compression technique 'int3'; valid: .*dfloat11, .*int4, .*int8"),
     (["generate", "5", *RANDOM, "--temperature", "-2"], "temperature must be >= 0"),
     (["generate", "5", "--model", "random:llama", "--device", "cuda"], "no CUDA GPU"),
     (["generate", "5", "--model", "random:gpt2"], "unknown random variant"),
@@ -77,7 +78,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, args, message):
     code, _, err = run_cli(capsys, *args)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert re.search(message, err), err  # the valid-name lists grow: checked as patterns
 
 
 def test_installed_command_exits_nonzero_on_bad_input():

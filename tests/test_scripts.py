@@ -83,6 +83,15 @@ def test_long_context_drafters(script):
     assert "triforce" in out and "speed-up" in out
 
 
+def test_sweep_local_vs_ray(script, tmp_path):
+    pytest.importorskip("ray", reason="Ray is the sweep extra (make setup installs it)")
+    (tmp_path / "p.txt").write_text("5 6 7 8\n9 10 11\n")
+    out = script("sweep_local_vs_ray", "--model", "random:llama", "--spec", "", "--spec", "temperature=0.7",
+                 "--prompts", str(tmp_path / "p.txt"), "--seeds", "0", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "r.json"))
+    assert "local:" in out and "ray:" in out and "identical tokens: 2/2 greedy cells, 2/2 sampled" in out
+
+
 def test_lexical_unit_quality(script, tmp_path):
     out = script("lexical_unit_quality", "--model", "random:llama", "--categories", "qa", "--new-tokens", "4",
                  "--draft", "draft_model:layers=1", "--thresholds", "0.0", "--out", str(tmp_path / "r.json"))

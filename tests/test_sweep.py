@@ -128,3 +128,22 @@ def test_the_same_sweep_on_local_ray_gives_the_same_tokens(tmp_path):
     assert (remote.done, remote.workers, len(remote.load_s)) == (12, 2, 2)
     assert remote.token_ids == local.token_ids and len(local.token_ids) == 12
     assert workers == [("ray-0",), ("ray-1",)]
+
+
+def test_the_long_context_suite_as_a_prompt_source(tmp_path, capsys):
+    from workbench.eval.long_context import long_context_suite
+
+    (tmp_path / "g.toml").write_text('model = "random:llama"\n[prompts]\n'
+                                     'long_context = { lengths = [300], tasks = ["passkey", "kv"], seed = 1 }\n')
+    grid = load_grid(tmp_path / "g.toml")
+    expected = long_context_suite(lambda text: len(text.encode()), [300], ("passkey", "kv"), 1, 1)
+    assert grid.prompts == [item.prompt for item in expected] and len(grid.prompts) == 2
+    assert all(len(p.encode()) <= 300 for p in grid.prompts)  # a model without a tokenizer counts bytes
+    (tmp_path / "bad.toml").write_text('[prompts]\nlong_context = { lengths = [300], tasks = ["riddles"] }\n')
+    with pytest.raises(WorkbenchError, match="unknown long-context tasks.*valid: passkey, kv, summarization"):
+        load_grid(tmp_path / "bad.toml")
+    base = ["sweep", "--model", "random:llama", "--no-store", "--no-progress"]
+    assert main([*base, "--long-context-tasks", "kv"]) == 2
+    assert "--long-context-tasks needs --long-context" in capsys.readouterr().err
+    assert main([*base, "--long-context", "2k"]) == 2
+    assert "bad long-context lengths" in capsys.readouterr().err

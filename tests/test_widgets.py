@@ -206,3 +206,27 @@ def test_runs_browser_lists_filters_compares_and_opens(raced):
     assert "DraftTreeView" in kinds and "KVView" in kinds
     browser._guard(lambda: browser.open_run("zz"))
     assert "is not a run id" in browser.message.value
+
+
+def test_a_click_on_a_sweep_point_selects_compares_and_opens_its_runs(tmp_path):
+    from plotly.callbacks import Points
+
+    from workbench.store import Store
+    from workbench.sweep import Grid, make_executor, run_sweep
+
+    grid = Grid(specs=["", "decode=prompt_lookup:k=4"], prompts=["5 6 7 8 5 6 7 8", "9 10 11 9 10 11"],
+                max_new_tokens=5, model="random:llama", dtype="float32")
+    with Store(tmp_path / "runs.duckdb") as store:
+        run_sweep(grid, make_executor(grid), store, progress=False)
+    browser = RunsBrowser(tmp_path / "runs.duckdb")
+    view = browser.sweeps
+    assert view.sweep.value == grid.sweep_id() and "4 finished cells" in view.message.value
+    points = [t for t in view.figure.data if t.customdata is not None]
+    assert sorted(t.name for t in points) == ["decode=prompt_lookup:k=4", "plain"]
+    clicked = points[0]
+    clicked._dispatch_on_click(Points(point_inds=[0], xs=list(clicked.x), ys=list(clicked.y)), None)
+    run_ids = clicked.customdata[0][0].split(",")
+    assert list(browser.picked.value) == run_ids and browser.message.value.startswith("opened ")
+    assert browser.opened.run_id == run_ids[0] and browser.compare_figure.data
+    view.metric.value = "target_perplexity"
+    assert view.figure.layout.yaxis.title.text.startswith("target_perplexity")

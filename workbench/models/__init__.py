@@ -19,7 +19,7 @@ from workbench.errors import DeviceError, ModelError
 from workbench.models import embedded
 from workbench.models.config import ModelConfig
 from workbench.models.gguf import read_gguf
-from workbench.models.hf import read_hf
+from workbench.models.hf import hf_folder, read_hf
 from workbench.models.llama import LlamaModel
 from workbench.models.packed_linear import PackedLinear
 from workbench.models.random import TINY_VARIANTS, random_model
@@ -97,6 +97,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: s
         tokenizer, source = (load_tokenizer(folder) if has_tokenizer(folder) else None), str(folder)
     model = model_from_hf_state_dict(config, state, dt, dev)
     return LoadedModel(model, tokenizer, config, name, source, dt, dev)
+
+
+def load_model_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase | None:
+    """Only the tokenizer `load_model(name_or_path)` would give (None for random models and folders without
+    one), without reading the weights: for building prompts before any model loads (sweeps)."""
+    name = name_or_path.strip()
+    if name.startswith(RANDOM_PREFIX):
+        return None
+    if name.lower() in embedded.EMBEDDED_ALIASES:
+        path = embedded.embedded_gguf_path()
+        folder = embedded.cache_folder(path, embedded.EMBEDDED_NAME)
+        return load_tokenizer(folder if (folder / "model.safetensors").is_file() else path)
+    if name.lower().endswith(".gguf"):
+        return load_tokenizer(Path(name).expanduser())
+    folder = hf_folder(name)
+    return load_tokenizer(folder) if has_tokenizer(folder) else None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,9 +34,7 @@ def read_hf(path_or_hub_id: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
 
     Tensors keep the checkpoint's names and dtype; `model_from_hf_state_dict` converts them.
     """
-    folder = Path(path_or_hub_id).expanduser()
-    if not folder.is_dir():
-        folder = _cached_snapshot(str(path_or_hub_id))
+    folder = hf_folder(path_or_hub_id)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{folder} has no config.json; {valid_sources()}")
@@ -51,6 +49,12 @@ def read_hf(path_or_hub_id: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     for shard in _safetensors_files(folder):
         state.update(load_file(shard))
     return config, state, folder
+
+
+def hf_folder(path_or_hub_id: str | Path) -> Path:
+    """The checkpoint folder: the path itself, or a hub id's snapshot in the local cache."""
+    folder = Path(path_or_hub_id).expanduser()
+    return folder if folder.is_dir() else _cached_snapshot(str(path_or_hub_id))
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

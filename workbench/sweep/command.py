@@ -10,7 +10,7 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.spec import DEFAULT_MODEL
 
-from .grid import Grid, load_grid, read_prompts, suite_prompts
+from .grid import Grid, load_grid, long_context_prompts, read_prompts, suite_prompts
 
 
 def add_sweep_command(sub: Any) -> None:
@@ -27,6 +27,10 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--prompts", help="a file of prompts, one per line")
     p.add_argument("--suite", help="comma-separated categories of the prompt suite (or 'all')")
     p.add_argument("--per-category", type=int, help="with --suite: prompts per category (default all)")
+    p.add_argument("--long-context", metavar="LENGTHS", help="the long-context suite's prompts at these "
+                   "comma-separated token lengths (e.g. 2048,4096; docs/performance.md, long context)")
+    p.add_argument("--long-context-tasks", help="with --long-context: comma-separated tasks (passkey, kv, "
+                   "summarization; default all)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--repeats", type=int, help="runs of each cell (default 1)")
@@ -46,7 +50,7 @@ def add_sweep_command(sub: Any) -> None:
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
-    grid = load_grid(args.grid) if args.grid else Grid()
+    grid = load_grid(args.grid, args.model) if args.grid else Grid()
     if args.spec:
         grid.specs = list(args.spec)
     for axis in args.axis or []:
@@ -54,10 +58,18 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         if not eq or not name.strip() or not values:
             raise WorkbenchError(f"bad --axis {axis!r}; expected FIELD=V1,V2 (e.g. decode.k=4,8)")
         grid.axes[name.strip()] = values.split("|") if "|" in values else values.split(",")
+    if args.long_context_tasks and not args.long_context:
+        raise WorkbenchError("--long-context-tasks needs --long-context LENGTHS")
+    given: list[str] = []  # the options' prompt sources add up, and together replace the grid file's
     if args.prompts:
-        grid.prompts = read_prompts(args.prompts)
+        given += read_prompts(args.prompts)
     if args.suite:
-        grid.prompts = suite_prompts(None if args.suite == "all" else args.suite.split(","), args.per_category)
+        given += suite_prompts(None if args.suite == "all" else args.suite.split(","), args.per_category)
+    if args.long_context:
+        tasks = args.long_context_tasks.split(",") if args.long_context_tasks else None
+        given += long_context_prompts(args.model or grid.model, args.long_context.split(","), tasks)
+    if given:
+        grid.prompts = given
     if args.seeds:
         try:
             grid.seeds = [int(s) for s in args.seeds.split(",")]

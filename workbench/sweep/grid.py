@@ -16,6 +16,8 @@ A grid file is TOML (or YAML with the same keys):
     file = "prompts.txt"                                     # one prompt per line (relative to the grid file)
     # or: suite = ["qa", "math"], per_category = 2            (the prompt suite, workbench/eval/suite.py)
     # or: text = ["first prompt", "second prompt"]
+    # or: long_context = [2048, 4096]            (the long-context suite at these lengths, all tasks; or a
+    #     table: long_context = { lengths = [2048], tasks = ["passkey", "kv"], per_cell = 1, seed = 0 })
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from workbench.errors import SpecError, WorkbenchError
 from workbench.spec import DEFAULT_MODEL, RunSpec
 
 GRID_KEYS = {"name", "specs", "axes", "prompts", "max_new_tokens", "seeds", "repeats", "model", "dtype", "device"}
-PROMPT_KEYS = {"file", "suite", "per_category", "text"}
+PROMPT_KEYS = {"file", "suite", "per_category", "text", "long_context"}
+LONG_CONTEXT_KEYS = {"lengths", "tasks", "per_cell", "seed"}
 TECHNIQUE_FIELDS = ("decode", "accept", "cache", "compress")  # "field.param" axes set a technique's parameter
 
 
@@ -166,7 +169,40 @@ def suite_prompts(categories: list[str] | str | None, per_category: int | None) 
         raise WorkbenchError(str(err)) from None
 
 
-def prompts_from(table: dict[str, Any], folder: Path) -> list[str]:
+def long_context_prompts(model: str, lengths: list[int], tasks: list[str] | None = None, per_cell: int = 1,
+                         seed: int = 0) -> list[str]:
+    """The long-context suite's prompts (workbench/eval/long_context.py) at `lengths` tokens of `model`'s
+    tokenizer (UTF-8 bytes for a model without one), read without loading the weights."""
+    from workbench.eval.long_context import TASKS, long_context_suite
+    from workbench.models import load_model_tokenizer
+
+    try:
+        lengths = [int(n) for n in lengths]
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"bad long-context lengths {lengths!r}; expected token counts such as 2048") from None
+    if not lengths or min(lengths) < 64:
+        raise WorkbenchError(f"bad long-context lengths {lengths!r}; give at least one length of 64 tokens or more")
+    unknown = set(tasks or ()) - set(TASKS)
+    if unknown:
+        raise WorkbenchError(f"unknown long-context tasks {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    tokenizer = load_model_tokenizer(model)
+    count = (lambda text: len(tokenizer.encode(text))) if tokenizer is not None else (lambda text: len(text.encode()))
+    items = long_context_suite(count, lengths, tasks or TASKS, per_cell, seed)
+    return [item.prompt for item in items]
+
+
+def _long_context_from(value: Any, model: str) -> list[str]:
+    if isinstance(value, dict):
+        unknown = set(value) - LONG_CONTEXT_KEYS
+        if unknown:
+            raise WorkbenchError(f"unknown keys in long_context: {sorted(unknown)}; valid: "
+                                 f"{', '.join(sorted(LONG_CONTEXT_KEYS))}")
+        return long_context_prompts(model, list(value.get("lengths") or []), value.get("tasks"),
+                                    int(value.get("per_cell", 1)), int(value.get("seed", 0)))
+    return long_context_prompts(model, value if isinstance(value, list) else [value])
+
+
+def prompts_from(table: dict[str, Any], folder: Path, model: str = DEFAULT_MODEL) -> list[str]:
     unknown = set(table) - PROMPT_KEYS
     if unknown:
         raise WorkbenchError(f"unknown keys in [prompts]: {sorted(unknown)}; valid: {', '.join(sorted(PROMPT_KEYS))}")
@@ -175,12 +211,15 @@ def prompts_from(table: dict[str, Any], folder: Path) -> list[str]:
         out += read_prompts(folder / table["file"])
     if "suite" in table:
         out += suite_prompts(table["suite"], table.get("per_category"))
+    if "long_context" in table:
+        out += _long_context_from(table["long_context"], model)
     out += [str(t) for t in table.get("text", [])]
     return out
 
 
-def load_grid(path: str | Path) -> Grid:
-    """A Grid from a TOML (.toml) or YAML (.yaml, .yml) file."""
+def load_grid(path: str | Path, model: str | None = None) -> Grid:
+    """A Grid from a TOML (.toml) or YAML (.yaml, .yml) file; `model` overrides the file's (its tokenizer
+    measures long-context prompts)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -206,7 +245,8 @@ def load_grid(path: str | Path) -> Grid:
     if unknown:
         raise WorkbenchError(f"unknown keys in {path}: {sorted(unknown)}; valid: {', '.join(sorted(GRID_KEYS))}")
     grid = Grid(**{k: v for k, v in data.items() if k != "prompts"})
-    grid.prompts = prompts_from(data.get("prompts") or {}, path.parent)
+    grid.model = model or grid.model
+    grid.prompts = prompts_from(data.get("prompts") or {}, path.parent, grid.model)
     grid.axes = {k: list(v) if isinstance(v, list) else [v] for k, v in grid.axes.items()}
     grid.name = grid.name or path.stem
     return grid

@@ -3,7 +3,8 @@
 Reads through a sealed read-only `workbench.store.Reader`, so nothing here can change the store. The list,
 its labels and filter are the app's Runs tab's (`views.runs`), a stored run comes back as a Trace through
 `views.replay.load_trace`, and the comparison is `views.figures.compare_figure` beside the acceptance
-figures. An opened run shows its text, its draft trees and its KV cache (`open_run(run_id)`).
+figures. An opened run shows its text, its draft trees and its KV cache (`open_run(run_id)`). The store's
+sweeps are drawn below (`SweepView`); clicking a point selects, compares and opens that configuration's runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import plotly.graph_objects as go
 from workbench.api import Workbench
 from workbench.trace import Trace
 from workbench.views.figures import compare_figure
-from workbench.views.replay import load_trace
+from workbench.views.replay import check_run_id, load_trace
 from workbench.views.runs import filter_runs, run_label
 from workbench.views.tokens import Label, stats_markdown, tokens_html
 
@@ -25,6 +26,7 @@ from .acceptance import AcceptanceView
 from .common import STYLE, label_of, markdown_html, on_change, set_figure
 from .draft_tree import DraftTreeView
 from .kv_view import KVView
+from .sweep_view import SweepView
 
 LIMIT = 500  # newest runs listed
 METRICS = ["tok_per_s", "mean_accepted_length", "acceptance_rate", "peak_cache_bytes", "n_new_tokens"]
@@ -59,9 +61,10 @@ class RunsBrowser(w.VBox):
         self.compare_button.on_click(lambda _: self._guard(lambda: self.compare(list(self.picked.value))))
         self.open_button.on_click(lambda _: self._guard(lambda: self.open_run(self.picked.value[0]) if self.picked.value
                                                         else self._say("select a run to open")))
+        self.sweeps = SweepView(self.reader, on_pick=lambda ids: self._guard(lambda: self.pick_runs(ids)))
         super().__init__([w.HTML(STYLE), w.HBox([self.status, self.decode, self.text, self.refresh_button]),
                           self.picked, w.HBox([self.compare_button, self.open_button]), self.message,
-                          self.comparison, self.opened_box])
+                          self.comparison, self.opened_box, self.sweeps])
         self.refresh()
 
     def refresh(self) -> None:
@@ -72,6 +75,18 @@ class RunsBrowser(w.VBox):
         self.decode.options = ["all", *names]
         self.decode.value = keep
         self._filter()
+
+    def pick_runs(self, run_ids: list[str]) -> None:
+        """Select these runs (a sweep point's), compare them and open the first."""
+        listed = ", ".join(f"'{check_run_id(i)}'" for i in run_ids)
+        known = {r["run_id"] for r in self.rows}
+        self.rows += [r for r in self.reader.query(f"SELECT * FROM run_summary WHERE run_id IN ({listed})").to_pylist()
+                      if r["run_id"] not in known]  # older than the newest LIMIT
+        self.status.value, self.decode.value, self.text.value = "all", "all", ""
+        self._filter()
+        self.picked.value = tuple(i for i in run_ids if i in {r["run_id"] for r in self.rows})
+        self.compare(list(self.picked.value))
+        self.open_run(self.picked.value[0])
 
     def _filter(self) -> None:
         self.shown = filter_runs(self.rows, self.status.value, self.decode.value, self.text.value)
