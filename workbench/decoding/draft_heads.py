@@ -50,6 +50,25 @@ def final_norm(model, hidden: torch.Tensor) -> torch.Tensor:
     return x * model.norm.float()
 
 
+def load_trained(state: DecodeState, kind: str, settings: dict[str, Any], build) -> tuple[torch.nn.Module, Any]:
+    """`kind`'s trained module for this model and settings (built by `build(settings)`, float32, eval mode) and its
+    measured acceptance; loaded once per model, or a SpecError saying how to train it."""
+    path = checkpoint_path(kind, state.model, settings)
+    key = f"{kind}:{path.name}"  # loaded once per model; the checkpoint never changes what a run does
+    if key not in state.memory:
+        payload = load_checkpoint(path)
+        if payload is None:
+            options = ",".join(f"{k}={v}" for k, v in settings.items())
+            flags = " ".join(f"--{k} {v}" for k, v in settings.items())
+            raise SpecError(f"no trained {kind} drafter for this model with {options}; train one with "
+                            f"`workbench train {kind} {flags} --model <the same model>` (minutes on a CPU), then "
+                            f"run again")
+        module = build(payload["settings"])
+        module.load_state_dict(payload["state_dict"])
+        state.memory[key] = module.float().eval(), payload["acceptance"]
+    return state.memory[key]
+
+
 @dataclass
 class HeadDrafter(MemoryBudget, Drafter):
     """Base of drafters built on trained heads: loads the checkpoint, builds the tree, reads the states.
@@ -75,6 +94,19 @@ class HeadDrafter(MemoryBudget, Drafter):
         return {"heads": self.heads}
 
     @classmethod
+    def depth(cls, settings: dict[str, Any]) -> int:
+        """Tokens guessed past the target's own, per position (what training and acceptance measure)."""
+        return settings["heads"]
+
+    @classmethod
+    def training_data(cls, sequences, model, settings: dict[str, Any]):
+        """Training and held-out data from self-distilled sequences: independent positions (the heads read one
+        state); drafters that attend over the context return `training.heads.Contexts` instead."""
+        from workbench.training.heads import Positions
+
+        return Positions.of(sequences, model, cls.depth(settings))
+
+    @classmethod
     def new_module(cls, model, settings: dict[str, Any]) -> torch.nn.Module:
         """Untrained heads for training, with the target's LM head (frozen) in float32 beside them."""
         module = cls.module_class(model.config.hidden_size, settings["heads"])
@@ -85,19 +117,8 @@ class HeadDrafter(MemoryBudget, Drafter):
         return True
 
     def begin(self, state: DecodeState) -> None:
-        path = checkpoint_path(self.kind, state.model, self.settings())
-        key = f"{self.kind}:{path.name}"  # loaded once per model; the checkpoint never changes what a run does
-        if key not in state.memory:
-            payload = load_checkpoint(path)
-            if payload is None:
-                options = ",".join(f"{k}={v}" for k, v in self.settings().items())
-                raise SpecError(f"no trained {self.kind} drafter for this model with {options}; train one with "
-                                f"`workbench train {self.kind} --model <the same model>` (a few minutes on a CPU), "
-                                f"then run again")
-            module = self.module_class(state.model.config.hidden_size, payload["settings"]["heads"])
-            module.load_state_dict(payload["state_dict"])
-            state.memory[key] = module.float().eval(), payload["acceptance"]
-        self.trained, acc = state.memory[key]
+        self.trained, acc = load_trained(state, self.kind, self.settings(),
+                                         lambda s: self.module_class(state.model.config.hidden_size, s["heads"]))
         self.paths = tree_paths(acc, self.nodes)
         index = {path: i for i, path in enumerate(self.paths)}
         self.parents = [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]

@@ -21,7 +21,7 @@ from workbench.models.config import ModelConfig
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [T, vocab] float32 (or [1, vocab] with last_only)
+    logits: torch.Tensor | None  # [T, vocab] float32 (or [1, vocab] with last_only); None with no_logits
     hidden_states: list[torch.Tensor] | None = None  # input to each layer run, then the final output
     final_hidden: torch.Tensor | None = None  # the last layer's output for every token [T, hidden], if asked
 
@@ -134,6 +134,7 @@ class LlamaModel(nn.Module):
         last_only: bool = False,
         final_hidden: bool = False,
         embeds: torch.Tensor | None = None,
+        no_logits: bool = False,
     ) -> ModelOutput:
         """Run the model over new tokens.
 
@@ -149,6 +150,8 @@ class LlamaModel(nn.Module):
             their logits, a few rows at a time where the whole [T, vocab] would be too large).
         embeds: [T, hidden] input vectors used instead of the tokens' embeddings (Superposed Decoding feeds a
             weighted sum of several tokens' embeddings); `tokens` then only gives T.
+        no_logits: skip the final norm and LM head (logits None), for callers that read `final_hidden` only (a
+            drafter with a head of its own on a prefix of the layers: Kangaroo).
         """
         x = self.embed(tokens) if embeds is None else embeds.to(self.dtype)
         freqs = positions.to(torch.float32)[:, None, None] * self.inv_freq  # [T, 1, dim / 2]
@@ -179,7 +182,7 @@ class LlamaModel(nn.Module):
         final = x if final_hidden else None
         if last_only:
             x = x[-1:]
-        return ModelOutput(self.logits(x), states, final)
+        return ModelOutput(None if no_logits else self.logits(x), states, final)
 
     def _run_fused(self, ops: dispatch.Kernels, x: torch.Tensor, rows: list[list[int]], cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor:

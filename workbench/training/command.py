@@ -7,11 +7,11 @@ import json
 
 from workbench.spec import DEFAULT_MODEL
 
-TRAINABLE = ("medusa", "hydra")  # decoding techniques whose drafters are trained here
+TRAINABLE = ("medusa", "hydra", "clover", "kangaroo")  # drafters trained here
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a drafter (medusa, hydra) on the model's own outputs",
+    p = sub.add_parser("train", help="train a drafter (" + ", ".join(TRAINABLE) + ") on the model's own outputs",
                        description="Self-distillation: the model continues prompts built from Python's standard "
                        "library (never the benchmark suite's), then the drafter's heads learn to guess its next "
                        "tokens from its last-layer states. The checkpoint goes in the workbench cache next to the "
@@ -21,6 +21,8 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--heads", type=int, default=4, help="number of draft heads (default 4)")
+    p.add_argument("--layers", type=int, default=2, help="fastdraft: layers of the draft model; kangaroo: the "
+                   "target's first layers it drafts with (default 2)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget of the training loop (default 8); "
                    "making the data takes a few minutes more the first time, then it is cached")
     p.add_argument("--prompts", type=int, default=160, help="training prompts (default 160)")
@@ -45,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     wb = Workbench(args.model, args.dtype, args.device)
     loaded = wb.model(wb.default)
     cls = registry.get("decoding", args.kind).cls
-    settings = {"heads": args.heads}
+    settings = {"layers": args.layers} if args.kind == "kangaroo" else {"heads": args.heads}
     report = train_heads(cls, loaded.model, training_prompt_ids(loaded, args.prompts, args.seed), settings,
                          minutes=args.minutes, seed=args.seed, new_tokens=args.new_tokens,
                          eos_ids=loaded.eos_token_ids, max_steps=args.max_steps)
@@ -55,7 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({report['steps']} steps, data {report['distill_seconds'] / 60:.1f} min, "
           f"{report['train_positions']} positions); final loss {report['curve'][-1][2]:.3f}")
     print(f"held-out top-1 acceptance: {top1}")
-    print(f"saved {path}; run it with --decode {args.kind}" + (f":heads={args.heads}" if args.heads != 4 else ""))
+    defaults = {p.name: p.default for p in registry.get("decoding", args.kind).params}
+    options = ",".join(f"{k}={v}" for k, v in settings.items() if v != defaults[k])
+    print(f"saved {path}; run it with --decode {args.kind}" + (f":{options}" if options else ""))
     if args.json:
         summary = {k: v for k, v in report.items() if k != "state_dict"}
         with open(args.json, "w") as f:

@@ -43,9 +43,62 @@ class Positions:
             following.append(padded[offsets])
         return cls(torch.cat(hidden), torch.cat(following))
 
+    def __len__(self) -> int:
+        return len(self.hidden)
+
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.randint(len(self.hidden), (size,), generator=generator)
         return self.hidden[rows], self.following[rows]
+
+    def chunks(self, rows: int):
+        """Every position once, `rows` at a time: (inputs, following) pairs for evaluation."""
+        for start in range(0, len(self.hidden), rows):
+            yield self.hidden[start:start + rows], self.following[start:start + rows]
+
+
+@dataclass
+class Contexts:
+    """Whole sequences, for drafters that attend over the context (clover, kangaroo): each sequence's states
+    at every position, and its usable positions with the tokens that follow them (as in `Positions`)."""
+
+    states: list[torch.Tensor]  # per sequence [T, hidden] float32: what the drafter reads at every position
+    positions: list[torch.Tensor]  # per sequence, the usable positions t (from the prompt's last token on)
+    following: list[torch.Tensor]  # per sequence [P, depth + 1] the tokens at t+1 .. t+1+depth, -1 past the end
+    per_sequence: int = 64  # positions a training batch draws from each of its sequences (one sequence per batch
+    # of 64: the context attention runs over whole sequences, which costs more than the positions' heads)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, sequences: list[Sequence], model, depth: int, states) -> Contexts:
+        """`states(seq)` gives what the drafter reads at each of the sequence's positions."""
+        out = cls([], [], [])
+        for seq in sequences:
+            t = torch.arange(seq.start, len(seq.tokens) - 1)
+            if not len(t):
+                continue
+            padded = torch.cat([seq.tokens, torch.full((depth + 1,), -1, dtype=seq.tokens.dtype)])
+            out.states.append(states(seq).float().clone())
+            out.positions.append(t)
+            out.following.append(padded[t[:, None] + 1 + torch.arange(depth + 1)])
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.positions)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
+        """About `size` positions, `per_sequence` from each of random sequences: ([(states, t)], following)."""
+        inputs, following = [], []
+        for s in torch.randint(len(self.states), (max(1, size // self.per_sequence),), generator=generator).tolist():
+            rows = torch.randint(len(self.positions[s]), (self.per_sequence,), generator=generator)
+            inputs.append((self.states[s], self.positions[s][rows]))
+            following.append(self.following[s][rows])
+        return inputs, torch.cat(following)
+
+    def chunks(self, rows: int):
+        """Every position once, a sequence's `rows` at a time."""
+        for states, t, following in zip(self.states, self.positions, self.following):
+            for start in range(0, len(t), rows):
+                yield [(states, t[start:start + rows])], following[start:start + rows]
 
 
 def training_prompt_ids(loaded, count: int, seed: int = 0) -> list[list[int]]:
@@ -83,13 +136,13 @@ def distilled(model, prompts: list[list[int]], new_tokens: int, eos_ids: list[in
 def topk_acceptance(drafter_cls, module, model, data: Positions, settings: dict[str, Any], width: int,
                     rows: int = 512) -> list[list[float]]:
     """acc[d][i]: how often head d+1's i-th ranked guess is the target's token, over held-out positions."""
-    hits = torch.zeros(settings["heads"], width)
-    counts = torch.zeros(settings["heads"])
-    for start in range(0, len(data.hidden), rows):
-        hidden, following = data.hidden[start:start + rows], data.following[start:start + rows]
-        logits = drafter_cls.head_logits(module, model, hidden, following)  # [B, heads, vocab]
+    depth = drafter_cls.depth(settings)
+    hits = torch.zeros(depth, width)
+    counts = torch.zeros(depth)
+    for inputs, following in data.chunks(rows):
+        logits = drafter_cls.head_logits(module, model, inputs, following)  # [B, heads, vocab]
         ranked = logits.topk(width, dim=-1).indices
-        target = following[:, 1:settings["heads"] + 1]
+        target = following[:, 1:depth + 1]
         valid = target >= 0
         hits += ((ranked == target[..., None]) & valid[..., None]).sum(0).float()
         counts += valid.sum(0).float()
@@ -103,14 +156,15 @@ def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str
     checkpoint the drafter loads; returns what was saved (loss curve, held-out acceptance, timings)."""
     sequences, distill_seconds = distilled(model, prompts, new_tokens, list(eos_ids or []), progress)
     train_seqs, held_seqs = split(sequences)
-    depth = settings["heads"]
-    data, held = Positions.of(train_seqs, model, depth), Positions.of(held_seqs, model, depth)
+    depth = drafter_cls.depth(settings)
+    data = drafter_cls.training_data(train_seqs, model, settings)
+    held = drafter_cls.training_data(held_seqs, model, settings)
     torch.manual_seed(seed)
     module = drafter_cls.new_module(model, settings)
 
     def loss_of_batch(generator: torch.Generator) -> torch.Tensor:
-        hidden, following = data.batch(batch, generator)
-        logits = drafter_cls.head_logits(module, model, hidden, following)
+        inputs, following = data.batch(batch, generator)
+        logits = drafter_cls.head_logits(module, model, inputs, following)
         target = following[:, 1:depth + 1]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
 
@@ -121,7 +175,7 @@ def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "settings": settings, "acceptance": acc, "curve": report.curve, "steps": report.steps,
         "train_seconds": report.seconds, "distill_seconds": distill_seconds, "seed": seed,
-        "train_positions": len(data.hidden), "held_out_positions": len(held.hidden),
+        "train_positions": len(data), "held_out_positions": len(held),
         "model": model_fingerprint(model), "new_tokens": new_tokens, "prompts": len(prompts),
     }
     save_checkpoint(checkpoint_path(drafter_cls.kind, model, settings), payload)
