@@ -92,12 +92,6 @@ def test_sweep_local_vs_ray(script, tmp_path):
     assert "local:" in out and "ray:" in out and "identical tokens: 2/2 greedy cells, 2/2 sampled" in out
 
 
-def test_lexical_unit_quality(script, tmp_path):
-    out = script("lexical_unit_quality", "--model", "random:llama", "--categories", "qa", "--new-tokens", "4",
-                 "--draft", "draft_model:layers=1", "--thresholds", "0.0", "--out", str(tmp_path / "r.json"))
-    assert "lexical_unit 0.0" in out and "agreement" in out and (tmp_path / "r.json").exists()
-
-
 def test_long_context_cache(script, tmp_path):
     out = script("long_context_cache", "--model", "random:llama", "--per-cell", "1", "--lengths", "300",
                  "--context", "200", "--scored", "8", "--out", str(tmp_path / "r.json"))
