@@ -21,6 +21,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     lookahead,
     match,
     medusa,
+    monitor,
     plain,
     prompt_lookup,
     rsd,
