@@ -11,6 +11,8 @@ from workbench.decoding.base import Acceptance, Acceptor, DraftTree
 from workbench.eval.lossy import LossyOptions, agreement, contenders, evaluate_lossy, lossy_techniques
 from workbench.registry import register
 
+from . import helpers  # noqa: F401  (registers the drafter that breaks at step 3)
+
 
 @register("acceptance", "_test_second_best", lossless=False)
 @dataclass
@@ -65,10 +67,12 @@ def test_a_lossy_technique_is_measured_against_plain_decoding():
 def test_a_technique_that_cannot_run_is_listed_with_its_reason():
     options = LossyOptions(techniques=[], extra=["decode=draft_model:layers=2;accept=lexical_unit"],
                            **{**TINY, "categories": ["qa"]})
-    options.extra.append("decode=draft_model:draft=no-such-model")
+    options.extra += ["decode=draft_model:draft=no-such-model", "decode=_test_breaks_at_step_3"]
     result = evaluate_lossy(options, progress=False)
-    assert [n["technique"] for n in result["not_run"]] == ["decode=draft_model:draft=no-such-model"]
+    assert [n["technique"] for n in result["not_run"]] == ["decode=draft_model:draft=no-such-model",
+                                                          "decode=_test_breaks_at_step_3"]
     assert "no-such-model" in result["not_run"][0]["reason"]
+    assert result["not_run"][1]["reason"] == "failed: RuntimeError: drafter broke"  # a bug is reported, not hidden
     assert {r["engine"] for r in result["rows"]} == {"plain", "decode=draft_model:layers=2;accept=lexical_unit"}
 
 

@@ -209,10 +209,11 @@ def evaluate_lossy(options: LossyOptions, progress: bool = True) -> dict[str, An
             prompt, chat = as_input(WARMUP_PROMPT)
             wb.generate(prompt, specs[c.label], memory=memories[c.label], max_new_tokens=8, **chat)
             runnable.append(c)
-        except WorkbenchError as err:
+        except Exception as err:  # one technique that cannot run (or is broken) must not stop the others
             if c.role == "baseline":
                 raise
-            not_run.append({"technique": c.label, "spec": c.spec, "reason": str(err)})
+            reason = str(err) if isinstance(err, WorkbenchError) else f"failed: {type(err).__name__}: {err}"
+            not_run.append({"technique": c.label, "spec": c.spec, "reason": reason})
 
     runs: list[dict[str, Any]] = []
     outputs: dict[tuple[str, str], list[int]] = {}
