@@ -92,6 +92,12 @@ def test_sweep_local_vs_ray(script, tmp_path):
     assert "local:" in out and "ray:" in out and "identical tokens: 2/2 greedy cells, 2/2 sampled" in out
 
 
+def test_thread_wait_ab(script, tmp_path):
+    out = script("thread_wait_ab", "--model", "random:llama", "--prompt", "5 6 7", "--max-new-tokens", "4",
+                 "--repeat", "1", "--out", str(tmp_path / "r.json"))
+    assert "passive (sleep)" in out and "active (spin)" in out and (tmp_path / "r.json").exists()
+
+
 def test_long_context_cache(script, tmp_path):
     out = script("long_context_cache", "--model", "random:llama", "--per-cell", "1", "--lengths", "300",
                  "--context", "200", "--scored", "8", "--out", str(tmp_path / "r.json"))

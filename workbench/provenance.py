@@ -7,6 +7,7 @@ figure can be trusted, or told apart, later. The git facts are read once per pro
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -78,4 +79,5 @@ def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch
         "kernels_note": cpu_kernels.unavailable_reason() or None,
         "versions": {p: _version(p) for p in ("torch", "transformers", "duckdb", "workbench")},
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
