@@ -16,9 +16,9 @@ candidates runs as one tree, depth by depth, on the cache's scratch region (`loo
 Under sampling the confident steps draw from the target's (processed) distribution; reranking stays greedy.
 
 Left out: the paper learns the threshold per model (a logistic regression on entropies of right and wrong
-tokens); here it is the parameter `threshold`, in nats, 1.0 by default. The first token after the prompt is
-the target's own choice (it is chosen from the prefill, before any drafter runs), and a lookahead does not stop
-at end-of-sequence tokens.
+tokens); here it is the parameter `threshold`, in nats, 1.5 by default (so that on code a minority of
+positions pause). The first token after the prompt is the target's own choice (it is chosen from the
+prefill, before any drafter runs), and a lookahead does not stop at end-of-sequence tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class AdaDecDrafter(Drafter):
     lookahead (lossy)."""
 
     default_acceptor = "decided"
-    threshold: float = param(1.0, "entropy (nats) of the target's next-token distribution above which decoding "
+    threshold: float = param(1.5, "entropy (nats) of the target's next-token distribution above which decoding "
                              "pauses to rerank (inf: never, plain greedy decoding)", min=0.0)
     candidates: int = param(3, "top tokens reranked at a pause", min=2, max=16)
     lookahead: int = param(4, "greedy tokens generated after each candidate to score it", min=1, max=16)
