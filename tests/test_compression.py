@@ -30,8 +30,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TRANSFORMS = [t.name for t in registry.techniques("compression")]
 # Parameters that fit the tiny models and keep tests fast; chains for transforms that need an earlier one.
 TEST_CHAINS = {"gptq": "gptq:tokens=256", "fp4": "fp4:tokens=256", "eora": "int4+eora:tokens=256,rank=4",
-               "decoupleq": "decoupleq:tokens=256,iters=1,steps=5"}
+               "decoupleq": "decoupleq:tokens=256,iters=1,steps=5",
+               # delta transforms, on an int8 base, over the random fine-tunes of `delta_finetunes`
+               "finetune": "int8+finetune:tune=lora", "dare": "int8+dare", "compeft": "int8+compeft",
+               "adapter1bit": "int8+adapter1bit"}
 BF16_ONLY = {"dfloat11"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def delta_finetunes(tmp_path_factory):
+    """Random deltas cached as the tiny models' fine-tunes (full and LoRA), for the delta transforms of the
+    matrix; their training and quality are tested in test_delta_compression.py."""
+    from workbench.training.checkpoints import checkpoint_path, save_checkpoint
+    from workbench.training.finetune import finetune_settings
+
+    folder = tmp_path_factory.mktemp("finetunes")
+    g = torch.Generator().manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
+        for variant in ("llama", "smollm"):
+            model = varied_model(variant)
+            for mode in ("full", "lora"):
+                settings = finetune_settings(mode, 16, "auto", len(model.layers))
+                deltas = {s.name: {"delta": torch.randn(s.module.weight.shape, generator=g) * 0.01} if mode == "full"
+                          else {"a": torch.randn(16, s.module.in_features, generator=g) * 0.1, "scale": 1.0,
+                                "b": torch.randn(s.module.out_features, 16, generator=g) * 0.1}
+                          for s in linear_sites(model, head=False)}
+                save_checkpoint(checkpoint_path("finetune", model, settings), {"settings": settings, "deltas": deltas})
+        yield
 
 
 def chain(name: str) -> list[TechniqueSpec]:

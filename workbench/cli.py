@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.training.command import add_train_command
 
     add_train_command(sub)
+    from workbench.training.finetune_command import add_finetune_command
+
+    add_finetune_command(sub)
 
     _add_search_command(sub)
     from workbench.sweep.command import add_sweep_command

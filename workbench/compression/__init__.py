@@ -5,7 +5,11 @@ docs/compression.md describes each transform and how to measure it.
 """
 
 from workbench.compression import (  # noqa: F401  (registration)
+    adapter1bit,
+    compeft,
+    dare,
     decoupleq,
+    delta,
     dfloat11,
     eora,
     fp4,

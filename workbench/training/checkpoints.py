@@ -24,19 +24,25 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     cached = getattr(model, "_workbench_fingerprint", None)
     if cached:
         return cached
-    digest = hashlib.sha256(repr(model.config).encode())
-    weight = model.embed.weight.detach()
-    # float32 values: the same model loaded in bfloat16 or float32 (from the same file) is the same model
-    digest.update(weight.float().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    fingerprint = digest.hexdigest()[:12]
+    fingerprint = fingerprint_of(model.config, model.embed.weight)
     model._workbench_fingerprint = fingerprint  # the embedding is never modified in place
     return fingerprint
 
 
-def checkpoint_path(kind: str, model: torch.nn.Module, settings: dict[str, Any]) -> Path:
-    """Where `kind`'s checkpoint for this model and these settings lives."""
+def fingerprint_of(config: object, embedding: torch.Tensor) -> str:
+    """`model_fingerprint` from a configuration and the token embedding matrix [vocab, hidden] (for callers
+    holding the embedding apart from the model, e.g. after a compressed LM head replaced a tied one)."""
+    digest = hashlib.sha256(repr(config).encode())
+    # float32 values: the same model loaded in bfloat16 or float32 (from the same file) is the same model
+    digest.update(embedding.detach().float().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def checkpoint_path(kind: str, model: torch.nn.Module, settings: dict[str, Any], fingerprint: str | None = None,
+                    ) -> Path:
+    """Where `kind`'s checkpoint for this model (or the model of `fingerprint`) and these settings lives."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return cache_root() / "drafters" / f"{kind}-{model_fingerprint(model)}-{key}.pt"
+    return cache_root() / "drafters" / f"{kind}-{fingerprint or model_fingerprint(model)}-{key}.pt"
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
