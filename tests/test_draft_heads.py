@@ -1,4 +1,4 @@
-"""Trained draft heads (medusa, hydra): the training pipeline, the candidate tree, and losslessness.
+"""Trained draft heads (medusa, hydra, falcon): the training pipeline, the candidate tree, and losslessness.
 
 The registry-wide matrices (test_lossless, test_distribution, test_cache_matrix) skip drafters that need a
 trained checkpoint; this file trains one per model in seconds and runs the same checks on it.
@@ -22,7 +22,7 @@ from workbench.training.heads import train_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KINDS = ["medusa", "hydra"]
+KINDS = ["medusa", "hydra", "falcon"]
 SETTINGS = {"heads": 3}
 PARAMS = {"heads": 3, "nodes": 8}
 TRIALS = 800
@@ -44,11 +44,14 @@ def model():
 
 @pytest.fixture(scope="module")
 def reports(model):
-    """Both kinds trained on the tiny model's own continuations of random prompts."""
+    """Every kind trained on the tiny model's own continuations of random prompts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the tests' one_thread: tiny ops are slower on two
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(8, (6,), generator=generator).tolist() for _ in range(24)]
-    return {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS, minutes=0.5,
-                              new_tokens=16, max_steps=200, progress=False) for kind in KINDS}
+    yield {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS, minutes=3,
+                             new_tokens=16, max_steps=200, progress=False) for kind in KINDS}
+    torch.set_num_threads(threads)
 
 
 def run(model, name, params, **spec):
@@ -97,6 +100,20 @@ def test_sampled_output_follows_the_target(model, reports, kind):
 def test_without_a_checkpoint_the_error_says_how_to_train_one(model, reports, kind):
     with pytest.raises(SpecError, match=f"workbench train {kind}"):
         run(model, kind, {"heads": 2})  # trained with 3 heads only
+
+
+def test_falcon_glancing_shows_the_target_in_proportion_to_the_wrong_guesses():
+    from workbench.decoding.falcon import glanced
+
+    truth = torch.tensor([[5, 6], [5, 6], [5, 6], [5, -1]])
+    guess = torch.tensor([[5, 6], [5, 0], [0, 0], [0, 3]])
+    out = glanced(guess, truth, torch.Generator().manual_seed(0))
+    assert out[0].tolist() == [5, 6]  # all right: nothing shown
+    assert out[1, 0] == 5 and out[1, 1] in (0, 6)  # one wrong: ceil(0.5) = 1 slot shown, either of the two
+    assert sorted((out[2] == truth[2]).tolist()) == [False, True]  # two wrong: one shown, one left as guessed
+    assert out[3, 0] in (0, 5) and out[3, 1] == 0  # past the end: the padding, never the guess
+    many = glanced(torch.zeros(4000, 2, dtype=torch.long), torch.ones(4000, 2, dtype=torch.long), None)
+    assert (many == 1).sum(1).eq(1).all()  # always exactly one of two wrong guesses shown
 
 
 def test_training_prompts_never_come_from_the_benchmark_suite():

@@ -13,6 +13,8 @@ from workbench.decoding import (  # noqa: F401  (registration)
     dyspec,
     early_exit,
     entropy_adaptive,
+    falcon,
+    fastdraft,
     hydra,
     kangaroo,
     layer_skip,

@@ -56,6 +56,8 @@ class DraftModel(Drafter):
     _plan: list[int] | None = field(init=False, default=None)
     _cache: KVCache | None = field(init=False, default=None, repr=False)
     _generator: torch.Generator | None = field(init=False, default=None, repr=False)
+    # Set by a drafter that brings its own draft model (fastdraft's trained one): drafts with it, all its layers.
+    given_model: LlamaModel | None = field(init=False, default=None, repr=False)
     # Set by the adaptive-length wrapper: given the draft probabilities of the tokens drafted so far, whether
     # to stop drafting now.
     stop_rule: Callable[[list[float]], bool] | None = field(init=False, default=None, repr=False)
@@ -67,7 +69,9 @@ class DraftModel(Drafter):
 
     def begin(self, state) -> None:
         target = state.model
-        if self.compress:
+        if self.given_model is not None:
+            self._model, self._plan, n_layers = self.given_model, None, self.given_model.config.num_layers
+        elif self.compress:
             # Compressing takes seconds (minutes if calibrated): one copy per target and chain, kept across runs.
             key = f"draft_model:compress={self.compress}"
             model = state.memory.get(key)

@@ -7,7 +7,7 @@ import json
 
 from workbench.spec import DEFAULT_MODEL
 
-TRAINABLE = ("medusa", "hydra", "clover", "kangaroo")  # drafters trained here
+TRAINABLE = ("medusa", "hydra", "clover", "falcon", "fastdraft", "kangaroo")  # drafters trained here
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SpecError("--minutes must be positive, --prompts at least 2 and --new-tokens at least --heads + 2")
     wb = Workbench(args.model, args.dtype, args.device)
     loaded = wb.model(wb.default)
+    if args.kind == "fastdraft":  # a whole draft model, not heads: its own training (decoding/fastdraft.py)
+        from workbench.decoding.fastdraft import train_command
+
+        report = train_command(loaded, args)
+        return _write_json(args, report)
     cls = registry.get("decoding", args.kind).cls
     settings = {"layers": args.layers} if args.kind == "kangaroo" else {"heads": args.heads}
     report = train_heads(cls, loaded.model, training_prompt_ids(loaded, args.prompts, args.seed), settings,
@@ -60,6 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     defaults = {p.name: p.default for p in registry.get("decoding", args.kind).params}
     options = ",".join(f"{k}={v}" for k, v in settings.items() if v != defaults[k])
     print(f"saved {path}; run it with --decode {args.kind}" + (f":{options}" if options else ""))
+    return _write_json(args, report)
+
+
+def _write_json(args: argparse.Namespace, report: dict) -> int:
     if args.json:
         summary = {k: v for k, v in report.items() if k != "state_dict"}
         with open(args.json, "w") as f:
