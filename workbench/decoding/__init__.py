@@ -16,6 +16,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     falcon,
     fastdraft,
     hydra,
+    judge,
     kangaroo,
     layer_skip,
     lexical_unit,

@@ -7,7 +7,8 @@ import json
 
 from workbench.spec import DEFAULT_MODEL
 
-TRAINABLE = ("medusa", "hydra", "clover", "falcon", "fastdraft", "kangaroo")  # drafters trained here
+TRAINABLE = ("medusa", "hydra", "clover", "falcon", "fastdraft", "kangaroo", "judge")  # drafters (and the judge
+# acceptor's head) trained here
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=4, help="number of draft heads (default 4)")
     p.add_argument("--layers", type=int, default=2, help="fastdraft: layers of the draft model; kangaroo: the "
                    "target's first layers it drafts with (default 2)")
+    p.add_argument("--width", type=int, default=0, help="judge: hidden width of the judge head (default 0: linear)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget of the training loop (default 8); "
                    "making the data takes a few minutes more the first time, then it is cached")
     p.add_argument("--prompts", type=int, default=160, help="training prompts (default 160)")
@@ -44,8 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SpecError(f"--heads {args.heads} is out of range; expected 1 to 8")
     if args.minutes <= 0 or args.prompts < 2 or args.new_tokens < args.heads + 2:
         raise SpecError("--minutes must be positive, --prompts at least 2 and --new-tokens at least --heads + 2")
+    if not 0 <= args.width <= 4096:
+        raise SpecError(f"--width {args.width} is out of range; expected 0 (a linear head) to 4096")
     wb = Workbench(args.model, args.dtype, args.device)
     loaded = wb.model(wb.default)
+    if args.kind == "judge":  # the judge acceptor's head (decoding/judge.py, training/judge.py)
+        from workbench.training.judge import train_command as train_judge_command
+
+        return _write_json(args, train_judge_command(loaded, args))
     if args.kind == "fastdraft":  # a whole draft model, not heads: its own training (decoding/fastdraft.py)
         from workbench.decoding.fastdraft import train_command
 
