@@ -66,7 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          eos_ids=loaded.eos_token_ids, max_steps=args.max_steps)
     path = checkpoint_path(args.kind, loaded.model, settings)
     top1 = ", ".join(f"head {d + 1}: {row[0]:.2f}" for d, row in enumerate(report["acceptance"]))
-    print(f"trained {args.kind} ({args.heads} heads) in {report['train_seconds'] / 60:.1f} min "
+    if args.kind == "kangaroo":  # one adapter, guessing the token after the target's own
+        top1 = f"adapter: {report['acceptance'][0][0]:.2f}"
+    shape = ", ".join(f"{k} {v}" for k, v in settings.items())
+    print(f"trained {args.kind} ({shape}) in {report['train_seconds'] / 60:.1f} min "
           f"({report['steps']} steps, data {report['distill_seconds'] / 60:.1f} min, "
           f"{report['train_positions']} positions); final loss {report['curve'][-1][2]:.3f}")
     print(f"held-out top-1 acceptance: {top1}")

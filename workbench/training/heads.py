@@ -64,8 +64,9 @@ class Contexts:
     states: list[torch.Tensor]  # per sequence [T, hidden] float32: what the drafter reads at every position
     positions: list[torch.Tensor]  # per sequence, the usable positions t (from the prompt's last token on)
     following: list[torch.Tensor]  # per sequence [P, depth + 1] the tokens at t+1 .. t+1+depth, -1 past the end
-    per_sequence: int = 64  # positions a training batch draws from each of its sequences (one sequence per batch
-    # of 64: the context attention runs over whole sequences, which costs more than the positions' heads)
+    # positions a training batch draws from each of its sequences: the context attention runs over whole
+    # sequences, which costs more than the heads on the positions, so a batch of 64 reads one long sequence
+    per_sequence: int = 64
 
     @classmethod
     @torch.no_grad()
@@ -86,12 +87,16 @@ class Contexts:
         return sum(len(t) for t in self.positions)
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
-        """About `size` positions, `per_sequence` from each of random sequences: ([(states, t)], following)."""
-        inputs, following = [], []
-        for s in torch.randint(len(self.states), (max(1, size // self.per_sequence),), generator=generator).tolist():
-            rows = torch.randint(len(self.positions[s]), (self.per_sequence,), generator=generator)
+        """`size` positions, up to `per_sequence` distinct ones from each of random sequences:
+        ([(states, t)], following)."""
+        inputs, following, drawn = [], [], 0
+        while drawn < size:
+            s = int(torch.randint(len(self.states), (1,), generator=generator))
+            count = min(self.per_sequence, len(self.positions[s]), size - drawn)
+            rows = torch.randperm(len(self.positions[s]), generator=generator)[:count]
             inputs.append((self.states[s], self.positions[s][rows]))
             following.append(self.following[s][rows])
+            drawn += count
         return inputs, torch.cat(following)
 
     def chunks(self, rows: int):
