@@ -185,7 +185,8 @@ def test_spec_builder_has_controls_for_every_registered_technique():
             for p in technique.params:  # each control starts at the parameter's default
                 assert controls.params[p.name][1].value == p.default
             assert builder.error == "", f"{category} {technique.name}: {builder.error}"
-        controls.choice.value = controls.choice.options[0]
+        # then a drafter every acceptor takes (it reports its draft distribution, which lexical_unit reads)
+        controls.choice.value = "draft_model" if category == "decoding" else controls.choice.options[0]
 
 
 def test_runs_browser_lists_filters_compares_and_opens(raced):
