@@ -1,11 +1,11 @@
 """A*-decoding: best-first search over partial outputs under a budget, scored by the model's own
 log-probability. LOSSY.
 
-Paper: Chatziveroglou, "A*-Decoding: Token-Efficient Inference Scaling" (2025). Decoding is a search over a
-state space of partial solutions: A* keeps a frontier ordered by f = g + h, expands the most promising state
-(extends it by the model's candidate continuations) and stops at a complete state or when the compute budget
-is spent. The paper scores states with a process reward model. No reward model is available here, so the
-score is the model's own: g is the negative log-probability of the partial output under the target, and h
+Paper: Chatziveroglou, "A*-Decoding: Token-Efficient Inference Scaling" (arXiv 2505.13672). Decoding is a
+search over a state space of partial solutions: A* keeps a frontier ordered by f = g + h, expands the most
+promising state (extends it by the model's candidate continuations) and stops at a complete state or when the
+compute budget is spent. The paper scores states with a process reward model. No reward model is available
+here, so the score is the model's own: g is the negative log-probability of the partial output under the target, and h
 charges `heuristic` nats for each token still missing to the segment's length (0, the default, never
 overestimates, so with budget enough the search returns the most likely segment: uniform-cost search).
 
