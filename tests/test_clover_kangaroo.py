@@ -90,6 +90,18 @@ def test_sampled_output_follows_the_target(model, reports, kind):
     assert tv(wrong, exact).max() > bound, tv(wrong, exact)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_output_is_plain_decodings_under_every_cache_policy(model, reports, kind):
+    """Clover keeps its own keys and Kangaroo drafts on the target's cache: both compose with every policy."""
+    from .test_cache_matrix import CACHE_PARAMS
+
+    for policy in registry.techniques("cache"):
+        cache = [TechniqueSpec(policy.name, CACHE_PARAMS.get(policy.name, {}))]
+        plain, _ = run(model, "plain", {}, cache=cache)
+        ours, _ = run(model, kind, PARAMS[kind], cache=cache)
+        assert ours == plain, policy.name
+
+
 @pytest.mark.parametrize("kind, other", [("clover", {"heads": 2}), ("kangaroo", {"layers": 1})])
 def test_without_a_checkpoint_the_error_says_how_to_train_one(model, reports, kind, other):
     with pytest.raises(SpecError, match=f"workbench train {kind}"):
