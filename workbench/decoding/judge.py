@@ -60,7 +60,7 @@ def judge_settings(width: int) -> dict[str, int]:
 class JudgeAcceptance(Acceptor):
     """Also accept a draft token the target did not pick when a trained judge head says it is correct (lossy)."""
 
-    threshold: float = param(0.5, "judge probability above which a draft token the target did not pick is "
+    threshold: float = param(0.9, "judge probability above which a draft token the target did not pick is "
                              "accepted; 1 never overrules the target (matching's output)", min=0.0, max=1.0)
     width: int = param(0, "hidden width of the judge head it loads; 0: a linear head (the paper's)", min=0, max=4096)
     _state: DecodeState | None = field(init=False, default=None, repr=False)

@@ -78,12 +78,15 @@ def precision_recall(head: JudgeHead, states: torch.Tensor, labels: torch.Tensor
 
 def train_judge(model, prompts: list[list[int]], *, width: int = 0, minutes: float = 2.0, seed: int = 0,
                 new_tokens: int = 128, eos_ids: list[int] | None = None, alternatives: int = 3, near: float = 0.5,
-                positions: int = 48, batch: int = 256, max_steps: int = 2000, lr: float = 3e-3,
+                positions: int = 48, sequences: int = 48, batch: int = 256, max_steps: int = 2000, lr: float = 3e-3,
                 progress: bool = True) -> dict[str, Any]:
     """Train a judge head for `model` on its own continuations of `prompts` (token ids), save the checkpoint
-    the `judge` acceptor loads, and return what was saved (loss curve, held-out precision and recall)."""
-    sequences, distill_seconds = distilled(model, prompts, new_tokens, list(eos_ids or []), progress)
-    train_seqs, held_seqs = split(sequences)
+    the `judge` acceptor loads, and return what was saved (loss curve, held-out precision and recall).
+    Examples come from at most `sequences` of the continuations (each costs a forward over its sequence),
+    `positions` per sequence; the held-out ones from a sixth as many of the held-out continuations."""
+    continuations, distill_seconds = distilled(model, prompts, new_tokens, list(eos_ids or []), progress)
+    train_seqs, held_seqs = split(continuations)
+    train_seqs, held_seqs = train_seqs[:sequences], held_seqs[:max(1, sequences // 6)]
     start = time.perf_counter()
     x, y, _ = judge_examples(model, train_seqs, alternatives, near, positions, seed, progress)
     hx, hy, hgreedy = judge_examples(model, held_seqs, alternatives, near, positions, seed + 1, progress)
@@ -105,7 +108,8 @@ def train_judge(model, prompts: list[list[int]], *, width: int = 0, minutes: flo
         "settings": judge_settings(width), "curve": report.curve, "steps": report.steps,
         "train_seconds": report.seconds, "distill_seconds": distill_seconds, "examples_seconds": examples_seconds,
         "train_examples": len(y), "train_correct_share": float(y.mean()), "held_out_non_greedy": held_out,
-        "alternatives": alternatives, "near": near, "positions": positions, "seed": seed,
+        "alternatives": alternatives, "near": near, "positions": positions, "sequences": len(train_seqs),
+        "held_out_sequences": len(held_seqs), "seed": seed,
         "model": model_fingerprint(model), "new_tokens": new_tokens, "prompts": len(prompts),
     }
     save_checkpoint(checkpoint_path("judge", model, judge_settings(width)), payload)
