@@ -125,6 +125,9 @@ def train_fastdraft(target: LlamaModel, prompts: list[list[int]], layers: int, *
                         f"{target.config.num_layers}")
     sequences, distill_seconds = distilled(target, prompts, new_tokens, list(eos_ids or []), progress)
     train_seqs, held_seqs = split(sequences)
+    train_seqs = [s for s in train_seqs if len(s.tokens) - 1 > s.start]  # a batch always has a label
+    if not train_seqs:
+        raise SpecError("fastdraft: the model ended every training continuation at once; nothing to learn from")
     torch.manual_seed(seed)
     draft = new_draft(target, layers)
     before = agreement(draft.eval(), held_seqs)
