@@ -41,8 +41,8 @@ BF16_ONLY = {"dfloat11"}
 def delta_finetunes(tmp_path_factory):
     """Random deltas cached as the tiny models' fine-tunes (full and LoRA), for the delta transforms of the
     matrix; their training and quality are tested in test_delta_compression.py."""
-    from workbench.training.checkpoints import checkpoint_path, save_checkpoint
-    from workbench.training.finetune import finetune_settings
+    from workbench.training.checkpoints import save_checkpoint
+    from workbench.training.finetune import finetune_path, finetune_settings
 
     folder = tmp_path_factory.mktemp("finetunes")
     g = torch.Generator().manual_seed(0)
@@ -50,13 +50,13 @@ def delta_finetunes(tmp_path_factory):
         mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
         for variant in ("llama", "smollm"):
             model = varied_model(variant)
-            for mode in ("full", "lora"):
+            for mode in ("full", "lora", "lora1bit"):
                 settings = finetune_settings(mode, 16, "auto", len(model.layers))
                 deltas = {s.name: {"delta": torch.randn(s.module.weight.shape, generator=g) * 0.01} if mode == "full"
                           else {"a": torch.randn(16, s.module.in_features, generator=g) * 0.1, "scale": 1.0,
                                 "b": torch.randn(s.module.out_features, 16, generator=g) * 0.1}
                           for s in linear_sites(model, head=False)}
-                save_checkpoint(checkpoint_path("finetune", model, settings), {"settings": settings, "deltas": deltas})
+                save_checkpoint(finetune_path(model, settings), {"settings": settings, "deltas": deltas})
         yield
 
 

@@ -15,8 +15,8 @@ from workbench.compression.int8 import Int8Linear
 from workbench.errors import SpecError
 from workbench.models import LoadedModel
 from workbench.spec import TechniqueSpec
-from workbench.training.checkpoints import checkpoint_path, save_checkpoint
-from workbench.training.finetune import encoded, finetune, finetune_settings, heldout_loss, task_examples
+from workbench.training.checkpoints import save_checkpoint
+from workbench.training.finetune import encoded, finetune, finetune_path, finetune_settings, heldout_loss, task_examples
 
 from .helpers import varied_model
 
@@ -38,12 +38,12 @@ def tuned(tmp_path_factory):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         payloads = {}
-        for mode in ("full", "lora"):
+        for mode in ("full", "lora", "lora1bit"):
             model = tiny().model
             settings = finetune_settings(mode, 16, "auto", len(model.layers))
             payloads[mode] = finetune(model, None, settings, minutes=1.0, max_steps=12, batch=2, lr=1e-2,
                                       heldout_examples=24, progress=False)
-            save_checkpoint(checkpoint_path("finetune", model, settings), payloads[mode])
+            save_checkpoint(finetune_path(model, settings), payloads[mode])
         torch.set_num_threads(threads)
         yield payloads
 
@@ -74,6 +74,12 @@ def test_finetune_lowers_heldout_loss_and_the_transform_applies_it(tuned, mode):
     loaded = compressed(f"finetune:tune={mode}")
     assert len(delta_layers(loaded)) == len(tuned[mode]["deltas"])
     assert heldout(loaded) == pytest.approx(report["tuned_loss"], abs=1e-3)
+
+
+def test_adapter1bit_runs_what_the_quantization_aware_finetune_trained(tuned):
+    report = tuned["lora1bit"]["report"]
+    assert report["tuned_loss"] < report["base_loss"] - 0.5
+    assert heldout(compressed("adapter1bit")) == pytest.approx(report["tuned_loss"], abs=1e-3)
 
 
 def test_task_split_is_by_module():
@@ -179,3 +185,11 @@ def test_packed_examples_score_as_separate_forwards():
     examples = encoded(task_examples()[1][:6], None, loaded.config.vocab_size)
     separate = heldout_loss(loaded.model, examples, pack=1)
     assert heldout_loss(loaded.model, examples, pack=6) == pytest.approx(separate, rel=1e-5)
+
+
+def test_adapter1bit_product_scales_fit_the_product_better(tuned):
+    entry = tuned["lora"]["deltas"]["layers.1.gate_up"]
+    product = entry["b"] @ entry["a"]
+    errors = {fit: (OneBitLora(entry["a"], entry["b"], 1.0, torch.float32, fit).decode() - product).norm()
+              for fit in ("factor", "product")}
+    assert errors["product"] < errors["factor"] < product.norm()

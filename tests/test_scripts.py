@@ -110,6 +110,13 @@ def test_compression_pareto(script, tmp_path):
     assert "hawq plan" in out and "evopress plan" in out and (tmp_path / "pareto.json").exists()
 
 
+def test_delta_compression(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    out = script("delta_compression", "--model", "random:llama", "--minutes", "0.05", "--max-steps", "2",
+                 "--specs", "dare:p=0.5", "adapter1bit", "--out", str(tmp_path / "d.json"))
+    assert "dare:p=0.5" in out and "of the gain" in out and (tmp_path / "d.json").exists()
+
+
 def test_compression_bytes(script):
     from workbench.models import load_model
 

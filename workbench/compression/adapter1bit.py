@@ -30,16 +30,31 @@ def sign_dequantize(signs: torch.Tensor, scales: torch.Tensor, cols: int) -> tor
     return (bits * 2 - 1) * scales[:, None]
 
 
+def product_scales(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales for sign(A) [r, in] and sign(B) [out, r] fitted to the product: only c_k = s^A_k s^B_k matters to
+    ΔŴ = Σ_k c_k sign(b_k) sign(a_k)ᵀ, so c [r] is the least-squares fit of ΔŴ to B A (an r × r system:
+    G_kl = (sign b_k · sign b_l)(sign a_k · sign a_l), h_k = sign(b_k)ᵀ B A sign(a_k)), split as √|c_k| per side
+    with c_k's sign on A's scale."""
+    sa, sb = torch.where(a >= 0, 1.0, -1.0).double(), torch.where(b >= 0, 1.0, -1.0).double()  # [r, in], [out, r]
+    gram = (sb.T @ sb) * (sa @ sa.T)
+    target = ((sb.T @ (b.double() @ a.double())) * sa).sum(dim=1)
+    c = torch.linalg.lstsq(gram, target[:, None]).solution[:, 0]
+    root = c.abs().sqrt()
+    return (root * c.sign()).to(dtype), root.to(dtype)
+
+
 class OneBitLora(DeltaCodec):
     """ΔW = scale · B̂ Â: A [r, in] as signs with a scale per row, B [out, r] as signs with a scale per column
     (stored transposed, [r, out], so each rank direction is one packed row). Applied as two thin products."""
 
     simulated = False  # the factors are unpacked per call, but the products are LoRA's own two thin ones
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype, fit: str = "factor"):
         super().__init__()
         a_signs, a_scales = sign_quantize(a, dtype)
         b_signs, b_scales = sign_quantize(b.T, dtype)
+        if fit == "product":
+            a_scales, b_scales = product_scales(a, b, dtype)
         self.register_buffer("a_signs", a_signs)
         self.register_buffer("a_scales", a_scales)
         self.register_buffer("b_signs", b_signs)
@@ -78,10 +93,14 @@ class Adapter1Bit(DeltaTransform):
     training) and its other adapter forms (here LoRA only).
     """
 
-    modes = ("lora",)
+    modes = ("lora", "lora1bit")
 
-    tune: str = param("lora", "the cached fine-tune whose adapter it stores in 1 bit (lora only)",
-                      choices=("lora",))
+    fit: str = param("factor", "scales: factor (each factor's least-squares scale, the paper's) or product (fitted "
+                     "so the 1-bit product is least-squares closest to B A)", choices=("factor", "product"))
+
+    tune: str = param("lora1bit", "the cached LoRA fine-tune it stores in 1 bit: lora1bit (trained through its "
+                      "1-bit form, as the paper does) or lora (quantized after training)",
+                      choices=("lora", "lora1bit"))
 
     def codec(self, name: str, entry: dict[str, Any], dtype: torch.dtype) -> DeltaCodec:
-        return OneBitLora(entry["a"], entry["b"], entry["scale"], dtype)
+        return OneBitLora(entry["a"], entry["b"], entry["scale"], dtype, self.fit)

@@ -15,6 +15,7 @@ import torch
 from workbench.compression.delta import DeltaCodec, DeltaTransform, dense_entry, tensor_nbytes
 from workbench.registry import param, register
 
+
 def dare_mask(shape: tuple[int, int], p: float, seed: int) -> torch.Tensor:
     """The kept positions [out, in] (bool): each entry dropped with probability p, drawn by torch's CPU
     generator from `seed`, so the mask is rebuilt from the seed alone."""

@@ -142,16 +142,6 @@ def delta_bytes(model: nn.Module) -> tuple[int, int]:
     return sum(m.codec.nbytes() for m in layers), sum(m.reference_nbytes for m in layers)
 
 
-def fingerprint(model: nn.Module, ctx: CompressionContext) -> str:
-    """The base model's fingerprint, also after an earlier transform compressed a tied LM head (the embedding
-    is then read from the head's original weight, which apply_compression recorded before any transform)."""
-    from workbench.training.checkpoints import fingerprint_of, model_fingerprint
-
-    if isinstance(model.embed, TiedEmbedding) and not getattr(model, "_workbench_fingerprint", None):
-        return fingerprint_of(model.config, ctx.original["lm_head"])
-    return model_fingerprint(model)
-
-
 def dense_entry(entry: dict[str, Any]) -> torch.Tensor:
     """A checkpoint entry's ΔW [out, in] in float32 (B A scaled for a LoRA entry)."""
     if "delta" in entry:
@@ -171,27 +161,29 @@ class DeltaTransform(WeightTransform):
     whose codec `codec()` makes. Tuned linears outside `layers` get the delta uncompressed."""
 
     stage = "compensate"
-    modes = ("full", "lora")  # the fine-tunes this transform can read
+    modes = ("full", "lora", "lora1bit")  # the fine-tunes this transform can read
 
-    tune: str = param("full", "the cached fine-tune whose delta it applies: full (a few layers' weights) or lora",
-                      choices=("full", "lora"))
+    tune: str = param("full", "the cached fine-tune whose delta it applies: full (a few layers' weights), lora, or "
+                      "lora1bit (LoRA trained through its 1-bit form)", choices=("full", "lora", "lora1bit"))
     tune_rank: int = param(16, "the LoRA fine-tune's rank (tune=lora)", min=1, max=256)
     tune_layers: str = param("auto", "the fine-tune's layers, as given to `workbench finetune --layers` "
-                             "(auto: the last 4 for full, all for lora)")
+                             "(auto: the last 4 for full, all for the LoRA modes)")
 
     def codec(self, name: str, entry: dict[str, Any], dtype: torch.dtype) -> DeltaCodec:
         raise NotImplementedError
 
     def apply(self, model: nn.Module, ctx: CompressionContext) -> None:
-        from workbench.training.checkpoints import checkpoint_path, load_checkpoint
-        from workbench.training.finetune import finetune_settings
+        from workbench.training.checkpoints import load_checkpoint
+        from workbench.training.finetune import finetune_path, finetune_settings
 
         if self.tune not in self.modes:
             raise SpecError(f"{self.name}: tune={self.tune} is not supported; valid: {', '.join(self.modes)}")
         settings = finetune_settings(self.tune, self.tune_rank, self.tune_layers, len(model.layers))
-        payload = load_checkpoint(checkpoint_path("finetune", model, settings, fingerprint(model, ctx)))
+        # a tied embedding now read from an earlier transform's compressed head: the key uses the original
+        embedding = ctx.original["lm_head"] if isinstance(model.embed, TiedEmbedding) else None
+        payload = load_checkpoint(finetune_path(model, settings, embedding))
         if payload is None:
-            rank = f" --rank {self.tune_rank}" if self.tune == "lora" else ""
+            rank = f" --rank {self.tune_rank}" if self.tune != "full" else ""
             raise SpecError(f"{self.name}: no cached {self.tune} fine-tune of this model (layers "
                             f"{settings['layers']}); make it first with `workbench finetune --mode {self.tune}"
                             f"{rank}" + (f" --layers {self.tune_layers}`" if self.tune_layers != "auto" else "`"))

@@ -11,7 +11,10 @@ Two kinds of delta, trained with AdamW under a time budget (`loop.train`) on eve
 layers (never the LM head or embeddings):
 - `full`: the layers' weights themselves (a dense ΔW per linear, W_ft = W + ΔW);
 - `lora`: LoRA (Hu et al., arXiv 2106.09685): W_ft = W + (α/r)·B A with A [r, in] random and B [out, r] zero
-  at the start, α = r here.
+  at the start, α = r here;
+- `lora1bit`: the same adapter trained quantization-aware for `adapter1bit`, as the 1-bit adapters paper
+  trains its adapters: the forward uses each factor's 1-bit form (signs times a mean magnitude per row of A
+  and per column of B), the backward passes the gradient straight through to the float factors.
 The result is cached like the drafters' checkpoints (`checkpoints.py`), keyed by the model's fingerprint and
 the delta's settings (task, mode, rank, layers), together with the held-out losses before and after.
 """
@@ -26,6 +29,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,9 +41,10 @@ from workbench.training.corpus import MODULES
 from workbench.training.loop import train
 
 TASK = "docsum"
-MODES = ("full", "lora")
+MODES = ("full", "lora", "lora1bit")
+LORA_MODES = ("lora", "lora1bit")
 FULL_LAYERS = 4  # `full` tunes the last this many decoder layers unless told otherwise
-LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}
+LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "lora1bit": 1e-3}
 
 
 @dataclass
@@ -127,14 +132,22 @@ def heldout_loss(model: nn.Module, examples: Sequence[tuple[torch.Tensor, int]],
     return total / count
 
 
+def sign_ste(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """w's 1-bit form, sign(w) times the mean magnitude along `dim` (per row of A, per column of B: what
+    `adapter1bit` stores), with a straight-through gradient to w."""
+    quantized = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=dim, keepdim=True)
+    return w + (quantized - w).detach()
+
+
 class TunedLinear(nn.Module):
-    """A frozen linear plus a trainable delta: base(x) + x ΔWᵀ (`full`) or base(x) + (α/r)·B(Ax) (`lora`)."""
+    """A frozen linear plus a trainable delta: base(x) + x ΔWᵀ (`full`) or base(x) + (α/r)·B(Ax) (`lora`;
+    `lora1bit` runs the factors in their 1-bit form in the forward, straight-through in the backward)."""
 
     def __init__(self, base: nn.Linear, mode: str, rank: int, generator: torch.Generator):
         super().__init__()
         self.base, self.mode = base, mode
         out_features, in_features = base.weight.shape
-        if mode == "lora":
+        if mode in LORA_MODES:
             # LoRA's initialisation: A random (Kaiming-uniform scale), B zero, so training starts at the base model
             bound = 1 / math.sqrt(in_features)
             self.a = nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound)
@@ -144,13 +157,14 @@ class TunedLinear(nn.Module):
             self.delta = nn.Parameter(torch.zeros(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "lora":
-            return self.base(x) + F.linear(F.linear(x, self.a), self.b) * self.scale
+        if self.mode in LORA_MODES:
+            a, b = (sign_ste(self.a, 1), sign_ste(self.b, 0)) if self.mode == "lora1bit" else (self.a, self.b)
+            return self.base(x) + F.linear(F.linear(x, a), b) * self.scale
         return self.base(x) + F.linear(x, self.delta)
 
     def entry(self) -> dict[str, Any]:
         """What the checkpoint keeps for this linear (float32, on the CPU)."""
-        if self.mode == "lora":
+        if self.mode in LORA_MODES:
             return {"a": self.a.detach().cpu().clone(), "b": self.b.detach().cpu().clone(), "scale": self.scale}
         return {"delta": self.delta.detach().cpu().clone()}
 
@@ -159,7 +173,7 @@ def resolve_layers(mode: str, layers: str, n_layers: int) -> str:
     """`auto` -> the last FULL_LAYERS decoder layers for `full`, every layer for `lora`."""
     if layers != "auto":
         return layers
-    if mode == "lora":
+    if mode in LORA_MODES:
         return "all"
     first = max(0, n_layers - FULL_LAYERS)
     return f"{first}-{n_layers - 1}"
@@ -169,10 +183,20 @@ def finetune_settings(mode: str, rank: int, layers: str, n_layers: int) -> dict[
     """The checkpoint key of a fine-tune (the rank only matters to `lora`)."""
     if mode not in MODES:
         raise SpecError(f"fine-tune: unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "lora" and not 1 <= rank <= 256:
+    if mode in LORA_MODES and not 1 <= rank <= 256:
         raise SpecError(f"fine-tune: rank {rank} is out of range; expected 1 to 256")
-    return {"task": TASK, "mode": mode, "rank": rank if mode == "lora" else 0,
+    return {"task": TASK, "mode": mode, "rank": rank if mode in LORA_MODES else 0,
             "layers": resolve_layers(mode, layers, n_layers)}
+
+
+def finetune_path(model: nn.Module, settings: dict[str, Any], embedding: torch.Tensor | None = None) -> Path:
+    """Where the fine-tune of `settings` for this model is cached. The key hashes the model's embedding rounded
+    to bfloat16, so a fine-tune made in float32 applies to the same model loaded in bfloat16 (`embedding`: the
+    embedding matrix, when the model no longer holds it, e.g. after a compressed tied LM head replaced it)."""
+    from workbench.training.checkpoints import checkpoint_path, fingerprint_of
+
+    weight = model.embed.weight if embedding is None else embedding
+    return checkpoint_path("finetune", model, settings, fingerprint_of(model.config, weight.to(torch.bfloat16)))
 
 
 def finetune(model: nn.Module, tokenizer, settings: dict[str, Any], *, minutes: float, max_steps: int = 2000,

@@ -19,11 +19,12 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
                        "`compeft` and `adapter1bit` apply it compressed.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="auto")
-    p.add_argument("--mode", choices=("full", "lora"), default="full",
-                   help="full: the layers' own weights (a dense delta); lora: LoRA adapters (default full)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (--mode lora; default 16)")
+    p.add_argument("--mode", choices=("full", "lora", "lora1bit"), default="full",
+                   help="full: the layers' own weights (a dense delta); lora: LoRA adapters; lora1bit: LoRA trained "
+                   "through its 1-bit form, for adapter1bit (default full)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (--mode lora or lora1bit; default 16)")
     p.add_argument("--layers", default="auto", help="decoder layers tuned, as the transforms' `layers` selector "
-                   "(auto: the last 4 for full, all for lora)")
+                   "(auto: the last 4 for full, all for the LoRA modes)")
     p.add_argument("--minutes", type=float, default=4.0, help="time budget of the training loop (default 4)")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8, help="examples per step (default 8)")
@@ -35,20 +36,20 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from workbench.models import load_model
-    from workbench.training.checkpoints import checkpoint_path, save_checkpoint
-    from workbench.training.finetune import finetune, finetune_settings
+    from workbench.training.checkpoints import save_checkpoint
+    from workbench.training.finetune import finetune, finetune_path, finetune_settings
 
     loaded = load_model(args.model, "float32", args.device)  # trained in float32; applied in any dtype
     settings = finetune_settings(args.mode, args.rank, args.layers, len(loaded.model.layers))
     payload = finetune(loaded.model, loaded.tokenizer, settings, minutes=args.minutes, max_steps=args.max_steps,
                        batch=args.batch, lr=args.lr, seed=args.seed)
-    path = checkpoint_path("finetune", loaded.model, settings)
+    path = finetune_path(loaded.model, settings)
     save_checkpoint(path, payload)
     report = payload["report"]
     print(f"fine-tuned ({args.mode}, layers {settings['layers']}) for {report['steps']} steps in "
           f"{report['train_seconds'] / 60:.1f} min: held-out loss {report['base_loss']:.3f} -> "
           f"{report['tuned_loss']:.3f} ({report['heldout_examples']} examples)")
-    tune = f"tune={args.mode}" + (f",tune_rank={args.rank}" if args.mode == "lora" and args.rank != 16 else "") + (
+    tune = f"tune={args.mode}" + (f",tune_rank={args.rank}" if args.mode != "full" and args.rank != 16 else "") + (
         f",tune_layers={args.layers}" if args.layers != "auto" else "")
     print(f"saved {path}; apply it with --compress finetune:{tune} (or dare/compeft/adapter1bit with the same)")
     if args.json:
