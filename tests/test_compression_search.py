@@ -192,3 +192,21 @@ def test_app_benchmarks_tab_draws_the_pareto_file(tmp_path):
         assert len(bench_tab.show_pareto().data[0].x) == 0
     finally:
         bench_tab.RESULTS = original
+
+
+def test_evopress_budget_holds_within_a_generation():
+    import time
+
+    from workbench.compression.evopress import evopress_plan
+
+    model = loaded_tiny().model
+    table = LevelTable.build(model, 32)
+    g = torch.Generator().manual_seed(0)
+    segments = [torch.randint(0, model.config.vocab_size, (32,), generator=g) for _ in range(2)]
+    start = {name: 3 for name in table.sizes}
+    begin = time.monotonic()
+    # 3000 offspring: one generation scores them all (many seconds); the deadline falls inside it
+    levels, details = evopress_plan(model, table, segments, start, 3000, (4, 2), 10, 0, begin + 0.3, progress=False)
+    assert time.monotonic() - begin < 2.0
+    assert details["generations"] == 0 and levels == start
+    assert all(torch.equal(s.module.weight, dense_weight(s.module)) for s in table.sites)

@@ -10,8 +10,10 @@ the total size stays exactly on budget. Offspring are chosen by multi-step selec
 few calibration tokens, the best `survivors` of each step go on to a step with more tokens, and the last
 step's best (with the parent scored alongside, so the parent is kept if no child beats it) becomes the next
 parent. The fitness is the KL divergence of the plan's next-token distributions from the uncompressed
-model's on the calibration text (lower is better). Left out: the paper's database of non-uniform levels
-(here levels are plain RTN bit widths), its layer-dropping and unstructured-sparsity variants.
+model's on the calibration text (lower is better). The time budget is checked before every plan is scored:
+when it runs out mid-generation, that generation is dropped and the current parent is the result.
+Left out: the paper's database of non-uniform levels (here levels are plain RTN bit widths), its
+layer-dropping and unstructured-sparsity variants.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.compression.plan import LEVELS, LevelTable, calibration_kl, reference_logprobs
+
+
+class OutOfTime(Exception):
+    """The search's deadline passed during a generation."""
 
 
 def level_switch(levels: dict[str, int], shapes: dict[str, tuple[int, int]], rng: random.Random) -> dict[str, int]:
@@ -55,6 +61,8 @@ def evopress_plan(model: nn.Module, table: LevelTable, segments: list[torch.Tens
     reference = reference_logprobs(model, segments)
 
     def fitness(levels: dict[str, int], n: int) -> float:
+        if time.monotonic() > deadline:  # checked before every scoring, so the budget holds within a generation
+            raise OutOfTime
         table.install(levels)
         return calibration_kl(model, segments[:n], reference[:n])
 
@@ -71,8 +79,8 @@ def evopress_plan(model: nn.Module, table: LevelTable, segments: list[torch.Tens
             parent = final[best]
             history.append(scores[best])
             bar.set_postfix(kl=f"{scores[best]:.4f}")
-            if time.monotonic() > deadline:
-                break
+    except OutOfTime:  # the generation under way is dropped; the parent is the best plan scored so far
+        pass
     finally:
         for site in table.sites:  # leave the model as it came
             site.module.weight.data = dense[site.name]

@@ -29,7 +29,7 @@ from workbench.compression.plan import LEVELS, LevelTable
 
 def hutchinson_traces(model: nn.Module, sites: list[LinearSite], segments: list[torch.Tensor], samples: int,
                       seed: int, deadline: float, progress: bool = True) -> tuple[dict[str, float], int]:
-    """Tr(H_i) per site (mean over the samples drawn before `deadline`, at least one), and the sample count."""
+    """Tr(H_i) per site (mean over the samples that fit before `deadline`, at least one), and the sample count."""
     weights = [s.module.weight for s in sites]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -38,23 +38,30 @@ def hutchinson_traces(model: nn.Module, sites: list[LinearSite], segments: list[
         w.requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
     sums = [0.0] * len(sites)
-    done = 0
+    done, last = 0, 0.0  # samples finished, and the last one's seconds
     try:
         with torch.enable_grad():
             for k in tqdm(range(samples), desc="hawq: Hutchinson samples", disable=not progress):
+                # The budget holds within samples: after the first, a sample starts only if one more (as long
+                # as the last) fits, and one whose forward ends past the deadline is dropped before its
+                # double backward, the costly part.
+                if done and time.monotonic() + last > deadline:
+                    break
+                begin = time.monotonic()
                 # One calibration segment per sample, in turn: each sample estimates the trace of the mean
                 # loss's Hessian, and a sample costs one segment's forward and double backward.
                 seg = segments[k % len(segments)]
                 vs = [torch.randint(0, 2, w.shape, generator=g).to(w.dtype) * 2 - 1 for w in weights]
                 logits = model(seg, torch.arange(len(seg))).logits.float()
+                if done and time.monotonic() > deadline:
+                    break
                 loss = F.cross_entropy(logits[:-1], seg[1:])
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 hvs = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weights)
                 for i, (hv, v) in enumerate(zip(hvs, vs)):
                     sums[i] += float((hv * v).sum())
                 done += 1
-                if time.monotonic() > deadline:
-                    break
+                last = time.monotonic() - begin
     finally:
         for w in weights:
             w.requires_grad_(False)
