@@ -31,7 +31,7 @@ from torch import nn
 
 from workbench.decoding.base import DecodeState
 from workbench.decoding.draft_attention import DraftAttention, KeptKeys, causal_mask
-from workbench.decoding.draft_heads import HeadDrafter, final_norm
+from workbench.decoding.draft_heads import HeadDrafter, final_norm, tree_size
 from workbench.registry import register
 
 
@@ -81,6 +81,8 @@ class Clover(HeadDrafter):
 
     kind = "clover"
     module_class = CloverHeads
+    # 6 nodes: the fastest tree on the 2-core CPU (24 verify too many rows; docs/performance.md)
+    nodes: int = tree_size(6)
     _augment_keys: KeptKeys = field(init=False, default_factory=KeptKeys, repr=False)
     _memory: KeptKeys = field(init=False, default_factory=KeptKeys, repr=False)  # the decoder's keys
     _last: torch.Tensor | None = field(init=False, default=None, repr=False)  # augmented state before pending

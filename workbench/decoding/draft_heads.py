@@ -43,6 +43,11 @@ def tree_paths(acc: list[list[float]], nodes: int) -> list[tuple[int, ...]]:
     return sorted(chosen, key=lambda p: (len(p), p))
 
 
+def tree_size(default: int):
+    """The `nodes` parameter with a drafter's own default (a tree costs its rows in every verification)."""
+    return param(default, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
+
+
 def final_norm(model, hidden: torch.Tensor) -> torch.Tensor:
     """The target's final RMSNorm in float32 (what its LM head reads)."""
     x = hidden.float()
@@ -83,7 +88,7 @@ class HeadDrafter(MemoryBudget, Drafter):
     needs_training = True
     heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a trained "
                        "checkpoint", min=1, max=8)
-    nodes: int = param(24, "candidate tree size, the paths of highest measured acceptance", min=1, max=128)
+    nodes: int = tree_size(24)
     trained: Any = field(init=False, default=None)  # the trained module, in eval mode
     paths: list[tuple[int, ...]] = field(init=False, default_factory=list)
     parents: list[int] = field(init=False, default_factory=list)  # the tree's shape, fixed for the run

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from workbench.decoding.base import DecodeState
-from workbench.decoding.draft_heads import HeadDrafter, final_norm
+from workbench.decoding.draft_heads import HeadDrafter, final_norm, tree_size
 from workbench.registry import register
 
 
@@ -49,6 +49,8 @@ class Hydra(HeadDrafter):
 
     kind = "hydra"
     module_class = HydraHeads
+    # 6 nodes: the fastest tree on the 2-core CPU (24 verify too many rows; docs/performance.md)
+    nodes: int = tree_size(6)
 
     @classmethod
     def new_module(cls, model, settings: dict[str, Any]) -> HydraHeads:

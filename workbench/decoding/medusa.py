@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from workbench.decoding.base import DecodeState
-from workbench.decoding.draft_heads import HeadDrafter, final_norm
+from workbench.decoding.draft_heads import HeadDrafter, final_norm, tree_size
 from workbench.registry import register
 
 
@@ -47,6 +47,8 @@ class Medusa(HeadDrafter):
 
     kind = "medusa"
     module_class = MedusaHeads
+    # 6 nodes: the fastest tree on the 2-core CPU (24 verify too many rows; docs/performance.md)
+    nodes: int = tree_size(6)
 
     @staticmethod
     def head_logits(module: MedusaHeads, model, hidden: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
