@@ -2,6 +2,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # two threads wait on each other on a busy machine
+
 LIMITS = ["adadec:threshold=inf", "astar:budget=1", "superposed:k=1,alpha=0"]
 
 
