@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = ["clover", "kangaroo"]
 SETTINGS = {"clover": {"heads": 3}, "kangaroo": {"layers": 2}}
 PARAMS = {"clover": {"heads": 3, "nodes": 8}, "kangaroo": {"layers": 2, "k": 4, "threshold": 0.3}}
-TRIALS = 400
+TRIALS = 300
 
 
 @pytest.fixture(scope="module", autouse=True)
