@@ -174,6 +174,7 @@ class FastDraft(Drafter):
     fastdraft`); verified losslessly."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
     # Needs a checkpoint trained for the model: tests/test_fastdraft.py trains one per test model.
     needs_training = True
     k: int = param(4, "tokens drafted per step", min=1, max=32)

@@ -66,6 +66,7 @@ class Kangaroo(Drafter):
     """The target's first `layers` layers and a trained adapter (`workbench train kangaroo`) draft a chain."""
 
     default_acceptor = "speculative"
+    draft_distribution = True  # every tree carries its draft distribution q
     kind: ClassVar[str] = "kangaroo"
     needs_training: ClassVar[bool] = True  # the registry-wide matrices leave it to tests/test_kangaroo.py
 
