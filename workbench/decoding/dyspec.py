@@ -33,6 +33,7 @@ class DySpec(MemoryBudget, DraftModel):
     """Grow the draft tree best-first by draft path probability, under a node budget."""
 
     default_acceptor = "match"
+    draft_distribution = False  # its trees are verified by matching and carry no q
 
     budget: int = param(12, "most nodes in a tree", min=1, max=256)
     per_round: int = param(4, "nodes added per draft forward", min=1, max=64)

@@ -24,7 +24,7 @@ import torch
 
 from workbench.decoding.base import ROOT, Acceptance, Acceptor, Drafter, DraftTree
 from workbench.errors import SpecError
-from workbench.registry import param, register
+from workbench.registry import param, register, techniques
 from workbench.sampling import Sampler, argmax_rows
 
 
@@ -36,10 +36,11 @@ class LexicalUnitAcceptance(Acceptor):
     threshold: float = param(0.8, "draft probability each token of a committed unit must reach", min=0.0, max=1.0)
 
     def check_drafter(self, drafter: Drafter) -> None:
-        if not drafter.draft_distribution:
+        if not getattr(drafter, "draft_distribution", False):
+            able = ", ".join(t.name for t in techniques("decoding") if getattr(t.cls, "draft_distribution", False)
+                             and not t.name.startswith("_"))
             raise SpecError(f"lexical_unit reads the draft distribution, which {drafter.technique_name} does not "
-                            "report; use a drafter that does (draft_model, layer_skip, rsd, triforce, adaptive, "
-                            "entropy_adaptive)")
+                            f"report; use a drafter that does ({able})")
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
         accepted: list[int] = []
