@@ -15,7 +15,7 @@ LoRA factors of a `lora` tune, in the model's dtype), the ratio the bars are abo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -163,9 +163,10 @@ class DeltaTransform(WeightTransform):
     stage = "compensate"
     modes = ("full", "lora", "lora1bit")  # the fine-tunes this transform can read
 
+    head: bool = field(default=False, init=False)  # the LM head is never tuned, so not a parameter here
     tune: str = param("full", "the cached fine-tune whose delta it applies: full (a few layers' weights), lora, or "
                       "lora1bit (LoRA trained through its 1-bit form)", choices=("full", "lora", "lora1bit"))
-    tune_rank: int = param(16, "the LoRA fine-tune's rank (tune=lora)", min=1, max=256)
+    tune_rank: int = param(16, "the LoRA fine-tune's rank (tune=lora or lora1bit)", min=1, max=256)
     tune_layers: str = param("auto", "the fine-tune's layers, as given to `workbench finetune --layers` "
                              "(auto: the last 4 for full, all for the LoRA modes)")
 
