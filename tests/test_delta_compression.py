@@ -193,3 +193,26 @@ def test_adapter1bit_product_scales_fit_the_product_better(tuned):
     errors = {fit: (OneBitLora(entry["a"], entry["b"], 1.0, torch.float32, fit).decode() - product).norm()
               for fit in ("factor", "product")}
     assert errors["product"] < errors["factor"] < product.norm()
+
+
+@pytest.mark.integration
+def test_embedded_model_finetune_and_dare(tmp_path, monkeypatch):
+    """SmolLM2-135M: a few full fine-tune steps on its last layer lower the held-out loss, and the cached delta
+    applies to the model loaded in bfloat16 (the float32 fine-tune's key), exactly under dare:p=0."""
+    from workbench.models import load_model
+
+    monkeypatch.setattr("workbench.training.checkpoints.cache_root", lambda: tmp_path)
+    loaded = load_model("smollm2-135m", "float32", "cpu")
+    settings = finetune_settings("full", 16, "29", len(loaded.model.layers))
+    payload = finetune(loaded.model, loaded.tokenizer, settings, minutes=3.0, max_steps=4, batch=4, lr=1e-4,
+                       heldout_examples=16, progress=False)
+    assert payload["report"]["tuned_loss"] < payload["report"]["base_loss"]
+    save_checkpoint(finetune_path(loaded.model, settings), payload)
+    examples = encoded(task_examples()[1][:16], loaded.tokenizer, loaded.config.vocab_size)
+    losses = {}
+    for text in ("finetune:tune_layers=29", "dare:p=0,tune_layers=29"):
+        model = load_model("smollm2-135m", "bfloat16", "cpu")
+        apply_compression(model, [TechniqueSpec.parse(text)])
+        assert len(delta_layers(model)) == 4
+        losses[text] = heldout_loss(model.model, examples)
+    assert losses["finetune:tune_layers=29"] == losses["dare:p=0,tune_layers=29"]
