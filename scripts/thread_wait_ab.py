@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 SETTINGS = {"active (spin)": {"OMP_WAIT_POLICY": "ACTIVE"}, "passive (sleep)": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "one thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
+            "spin 300k (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
+            "spin 30k": {"GOMP_SPINCOUNT": "30000"}, "spin 3k": {"GOMP_SPINCOUNT": "3000"},
+            "one thread": {"OMP_NUM_THREADS": "1"}}
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -35,7 +37,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each runs every setting once")
     parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--busy", type=int, default=0, help="start this many busy-looping processes for the "
+                        "measurement: a shared machine, reproducibly")
     args = parser.parse_args()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        measure(args)
+    finally:
+        for process in busy:
+            process.kill()
+
+
+def measure(args: argparse.Namespace) -> None:
     speeds: dict[str, list[float]] = {name: [] for name in SETTINGS}
     load_before = os.getloadavg()
     for round_ in range(args.repeat):
@@ -43,10 +56,11 @@ def main() -> None:
         for name in names:
             speeds[name].append(tok_per_s(args, SETTINGS[name]))
     load_after = os.getloadavg()
-    result = {"command": " ".join(sys.argv), "load_average_before": load_before, "load_average_after": load_after,
+    result = {"command": " ".join(sys.argv), "busy_processes": args.busy, "load_average_before": load_before,
+              "load_average_after": load_after,
               "decode_tok_per_s": speeds, "median": {n: statistics.median(v) for n, v in speeds.items()}}
     for name, median in result["median"].items():
-        print(f"{name:>16}: {median:7.1f} tok/s (median of {len(speeds[name])}: "
+        print(f"{name:>30}: {median:7.1f} tok/s (median of {len(speeds[name])}: "
               f"{', '.join(f'{v:.1f}' for v in speeds[name])})")
     print(f"load average: {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     if args.out:

@@ -5,10 +5,12 @@ import os
 from typing import Any
 
 # OpenMP threads that spin while they wait for each other stall every operation when another process holds a
-# core: on the 2-core machine shared with other jobs, plain decoding fell from 12 to 0.6 tok/s (docs/
-# performance.md, "Threads on a shared machine"). Sleeping waits avoid that. This must be set before torch
-# loads its OpenMP runtime; a value set by the user wins, and each run's provenance records it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# core (libgomp's default spin: 2.3 tok/s on the shared 2-core machine), and threads that sleep at once halve
+# the speed of a quiet one (50 against 110 tok/s). A short spin keeps both: 107 quiet, 15 shared (docs/
+# performance.md, "Threads on a shared machine"). Set before torch loads its OpenMP runtime; a user's
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins, and each run's provenance records them.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 __version__ = "0.1.0"
 __all__ = ["RunSpec", "TechniqueSpec", "Workbench"]

@@ -79,5 +79,5 @@ def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch
         "kernels_note": cpu_kernels.unavailable_reason() or None,
         "versions": {p: _version(p) for p in ("torch", "transformers", "duckdb", "workbench")},
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
     }
