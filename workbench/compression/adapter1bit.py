@@ -1,7 +1,7 @@
 """1-bit adapters: a LoRA fine-tune's factors stored as signs with one scale per rank direction.
 
 Paper: "Revisiting the Parameter Efficiency of Adapters from the Perspective of Precision Redundancy",
-Jie et al., ICCV 2023.
+Jie et al., ICCV 2023, arXiv 2307.16867.
 """
 
 from __future__ import annotations
