@@ -167,3 +167,19 @@ def test_embedded_float32_output_is_plain_decodings(embedded, kind):
         ours = wb.generate(prompt, f"max_new_tokens=24;decode={kind}:heads=3,nodes=8")
         assert ours.token_ids == plain.token_ids
         assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
+
+
+def test_a_model_has_one_fingerprint_in_float32_and_bfloat16():
+    """A checkpoint trained on the model in one dtype is found for the same model in the other."""
+    from workbench.models import load_model
+    from workbench.training.checkpoints import model_fingerprint
+
+    full = load_model("random:llama", "float32", "cpu").model
+    half = load_model("random:llama", "bfloat16", "cpu").model
+    assert full.embed.weight.dtype == torch.float32 and half.embed.weight.dtype == torch.bfloat16
+    assert not torch.equal(full.embed.weight, half.embed.weight.float())  # the values do differ
+    assert model_fingerprint(full) == model_fingerprint(half)
+    other = load_model("random:llama", "float32", "cpu").model
+    with torch.no_grad():
+        other.embed.weight[0, 0] += 1.0
+    assert model_fingerprint(other) != model_fingerprint(full)

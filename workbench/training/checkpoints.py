@@ -20,7 +20,7 @@ from workbench.models.embedded import cache_root
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """12 hex digits identifying a model: its configuration and its embedding matrix (as float32)."""
+    """12 hex digits identifying a model: its configuration and its embedding matrix (rounded to bfloat16)."""
     cached = getattr(model, "_workbench_fingerprint", None)
     if cached:
         return cached
@@ -33,8 +33,10 @@ def fingerprint_of(config: object, embedding: torch.Tensor) -> str:
     """`model_fingerprint` from a configuration and the token embedding matrix [vocab, hidden] (for callers
     holding the embedding apart from the model, e.g. after a compressed LM head replaced a tied one)."""
     digest = hashlib.sha256(repr(config).encode())
-    # float32 values: the same model loaded in bfloat16 or float32 (from the same file) is the same model
-    digest.update(embedding.detach().float().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    # the values rounded to bfloat16: the same model loaded in bfloat16 or in float32 (from the same file) is
+    # the same model, so a checkpoint trained in one dtype is found in the other
+    rounded = embedding.detach().to(torch.bfloat16).float().contiguous()
+    digest.update(rounded.view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
