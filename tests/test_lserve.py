@@ -48,12 +48,12 @@ def test_fast_and_off_tier_bytes_are_the_tensors_storages(model):
     c = model.config
     fast = off = streaming = 0
     for layer in cache.layers:
-        assert isinstance(layer, LServeLayerCache) and layer.n_paged == (len(PROMPT) - 1 - 16) // 8 * 8
+        assert isinstance(layer, LServeLayerCache) and layer.n_prefix == (len(PROMPT) - 1 - 16) // 8 * 8
         s = int(layer.streaming.sum())
         streaming += s
         assert layer.sink_k.shape == (s, 4, c.head_dim)  # streaming heads: their sinks alone
-        assert layer.host_k.shape == layer.host_v.shape == (c.num_kv_heads - s, layer.n_paged, c.head_dim)
-        assert layer.k_min.shape == (c.num_kv_heads - s, layer.n_paged // 4, c.head_dim)
+        assert layer.host_k.shape == layer.host_v.shape == (c.num_kv_heads - s, layer.n_prefix, c.head_dim)
+        assert layer.k_min.shape == (c.num_kv_heads - s, layer.n_prefix // 4, c.head_dim)
         held = (layer.sink_k, layer.sink_v, layer.k_min, layer.k_max, layer.tail.k, layer.tail.v, layer.tail.pos)
         fast += sum(t.untyped_storage().nbytes() for t in held)
         off += sum(t.untyped_storage().nbytes() for t in (layer.host_k, layer.host_v))

@@ -53,13 +53,13 @@ def test_fast_and_off_tier_bytes_are_the_tensors_storages(model):
     events, cache = run(model, **SMALL)
     fast = off = 0
     for layer in cache.layers:
-        assert isinstance(layer, ShadowKVLayerCache) and layer.n_shadow == (len(PROMPT) - 1 - 16) // 8 * 8
+        assert isinstance(layer, ShadowKVLayerCache) and layer.n_prefix == (len(PROMPT) - 1 - 16) // 8 * 8
         held = (layer.u, layer.w, layer.landmarks, layer.outlier, layer.outlier_k, layer.outlier_v,
                 layer.tail.k, layer.tail.v, layer.tail.pos)
         fast += sum(t.untyped_storage().nbytes() for t in held)
         off += layer.host_v.untyped_storage().nbytes()
         assert layer.host_v.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in held}
-        assert layer.host_v.shape == (model.config.num_kv_heads, layer.n_shadow, model.config.head_dim)
+        assert layer.host_v.shape == (model.config.num_kv_heads, layer.n_prefix, model.config.head_dim)
     assert events[-1].cache_bytes == fast and events[-1].cache_off_bytes == off > 0
     dense = next(iter(Engine(model, RunSpec(max_new_tokens=1)).run(PROMPT))).cache_bytes
     assert events[-1].cache_bytes < 0.5 * dense  # the fast tier holds far less than a dense cache

@@ -8,16 +8,16 @@ import torch
 
 from workbench.cache.base import CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
-from workbench.cache.offload import HostTier
+from workbench.cache.offload import HostTier, TwoTierLayerCache
 from workbench.errors import SpecError
 from workbench.kernels.backend_torch import group_rows, grouped_sdpa
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
 
 
-class LServeLayerCache(LayerCache):
-    """One layer. Before `compress` every token is dense in `tail`; after it, for the first n = `n_paged` prompt
-    tokens (positions start .. start + n - 1, whole physical pages):
+class LServeLayerCache(TwoTierLayerCache):
+    """One layer. Before `compress` every token is dense in `tail`; after it, for the first n = `n_prefix` prompt
+    tokens (positions prefix_start .. prefix_start + n - 1, whole physical pages):
 
     - streaming kv heads (`streaming` [kv_heads] bool): only the first `sink` tokens, `sink_k`, `sink_v`
       [streaming heads, sink, dim], in the fast tier; the rest of those n tokens is freed;
@@ -26,7 +26,7 @@ class LServeLayerCache(LayerCache):
     - every head: `tail`, a dense cache of the prompt's last `local` tokens and every token generated since.
     """
 
-    attends_itself = True
+    name, held_as = "lserve", "in pages"
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int, sink: int,
                  local: int, page: int, physical: int, budget_tokens: int, probe: int):
@@ -37,7 +37,7 @@ class LServeLayerCache(LayerCache):
         self.tier = HostTier(device)
         self.local_mass: torch.Tensor | None = None  # [kv_heads]: prefill attention on sinks + window
         self.streaming = torch.zeros(self.kv_heads, dtype=torch.bool)
-        self.n_paged, self.start = 0, 0
+        self.n_prefix, self.prefix_start = 0, 0
         self.sink_k = self.sink_v = self.k_min = self.k_max = self.host_k = self.host_v = None
         self.n_committed = 0
 
@@ -61,7 +61,7 @@ class LServeLayerCache(LayerCache):
         unit = self.page * self.physical
         n = (self.tail.n_committed - self.local) // unit * unit
         self.streaming = streaming.clone()
-        if self.n_paged or n < unit:
+        if self.n_prefix or n < unit:
             return
         pos = self.tail.positions[0, :n]
         if not torch.equal(pos, pos[0] + torch.arange(n, device=pos.device)) or \
@@ -74,7 +74,7 @@ class LServeLayerCache(LayerCache):
         pages = k[d].float().view(int(d.sum()), n // self.page, self.page, self.head_dim)
         self.k_min, self.k_max = pages.amin(2).to(k.dtype), pages.amax(2).to(k.dtype)
         self.host_k, self.host_v = self.tier.put(k[d]), self.tier.put(v[d])
-        self.n_paged, self.start = n, int(pos[0])
+        self.n_prefix, self.prefix_start = n, int(pos[0])
         self.tail.keep(torch.arange(n, self.tail.length))  # the tail gives the moved slots back
         self.tail.n_committed = self.tail.length
 
@@ -87,13 +87,13 @@ class LServeLayerCache(LayerCache):
         group = heads // self.kv_heads
         if mask is None:  # a causal prompt with nothing before it
             mask = torch.ones(n_q, n_q, dtype=torch.bool, device=q.device).tril_()
-        if not self.n_paged:  # the prefill (nothing paged yet): dense, and measure the heads
+        if not self.n_prefix:  # the prefill (nothing paged yet): dense, and measure the heads
             k, v = self.tail.view()
             if self.local_mass is None:
                 self._measure_heads(q, k)
             return grouped_sdpa(q, k, v, group_rows(mask, group))
         tail_k, tail_v = (t.float() for t in self.tail.view())
-        tail_mask = mask[:, self.n_paged:]
+        tail_mask = mask[:, self.n_prefix:]
         qf = q.float().view(self.kv_heads, group, n_q, dim)
         out = torch.empty_like(qf)
         s = self.streaming.to(q.device)
@@ -133,47 +133,22 @@ class LServeLayerCache(LayerCache):
         """Every held token dense, for inspection only (attention never calls it): dense heads' paged tokens read
         from the off tier (not counted as traffic); streaming heads' freed tokens, past their sinks, as zeros."""
         tail_k, tail_v = self.tail.view()
-        if not self.n_paged:
+        if not self.n_prefix:
             return tail_k, tail_v
         out = []
         for sink, host, tail in ((self.sink_k, self.host_k, tail_k), (self.sink_v, self.host_v, tail_v)):
-            paged = tail.new_zeros(self.kv_heads, self.n_paged, self.head_dim)
+            paged = tail.new_zeros(self.kv_heads, self.n_prefix, self.head_dim)
             paged[self.streaming, :self.sink] = sink
             paged[~self.streaming] = host.to(tail.device)
             out.append(torch.cat([paged, tail], 1))
         return out[0], out[1]
 
-    @property
-    def length(self) -> int:
-        return self.n_paged + self.tail.length
 
-    @property
-    def positions(self) -> torch.Tensor:
-        paged = torch.arange(self.start, self.start + self.n_paged, device=self.tail.pos.device)
-        return torch.cat([paged.expand(self.kv_heads, -1), self.tail.positions], 1)
 
-    def keep(self, slots: torch.Tensor) -> None:
-        n = self.n_paged
-        if n and (slots.dim() != 1 or slots.shape[0] < n or not torch.equal(slots[:n].cpu(), torch.arange(n))):
-            raise SpecError("lserve holds the prompt in pages and cannot evict from it; drop the eviction policy or "
-                            "use it without lserve")
-        self.tail.keep(slots[n:] - n)
-        self.n_committed = self.length
 
-    def keep_uncommitted(self, offsets: list[int]) -> None:
-        self.tail.n_committed = self.n_committed - self.n_paged
-        self.tail.keep_uncommitted(offsets)
 
-    def truncate(self, length: int) -> None:
-        self.tail.truncate(length - self.n_paged)
-        self.tail.n_committed = min(self.tail.n_committed, self.tail.length)
 
-    def commit(self, offsets: list[int] | None = None) -> None:
-        super().commit(offsets)
-        self.tail.n_committed = self.tail.length
 
-    def allocated_bytes(self, seen: set[int]) -> int:
-        return self.tail.allocated_bytes(seen) + sum(t.untyped_storage().nbytes() for t in self._fast_tensors())
 
     def nbytes_per_head(self) -> torch.Tensor:
         """Real fast-tier bytes per kv head: its tail, plus its sinks (streaming) or its page bounds (dense)."""
@@ -189,11 +164,7 @@ class LServeLayerCache(LayerCache):
         data = per_head - self.tail.length * self.tail.pos.element_size()
         return [self.length] * self.kv_heads, per_head, data, [1.0] * self.kv_heads
 
-    def offloaded_bytes(self) -> int:
-        return self.tier.nbytes()
 
-    def moved(self) -> tuple[int, int]:
-        return self.tier.moved_bytes, self.tier.moved_ns
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

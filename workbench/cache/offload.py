@@ -12,6 +12,10 @@ import time
 
 import torch
 
+from workbench.errors import SpecError
+
+from .base import LayerCache
+
 
 class HostTier:
     """Holds off-tier tensors and counts what is fetched back: `moved_bytes` and `moved_ns` over the run."""
@@ -46,3 +50,55 @@ class HostTier:
     def nbytes(self) -> int:
         """Bytes held in the off tier (the storages themselves)."""
         return sum(t.untyped_storage().nbytes() for t in self.tensors)
+
+
+class TwoTierLayerCache(LayerCache):
+    """A layer whose first `n_prefix` prompt tokens (positions prefix_start .. prefix_start + n_prefix - 1) a
+    policy holds in its own two-tier form, before a dense `tail` (the prompt's last tokens and every token
+    generated since): the bookkeeping ShadowKV and LServe share. A subclass sets `tail`, `tier` (a HostTier),
+    `kv_heads`, `n_prefix`, `prefix_start`, `n_committed`, and says what its fast tier holds (`_fast_tensors`)
+    and how it holds the prompt (`held_as`, for the refusal to evict from it)."""
+
+    attends_itself = True
+    held_as = "in two tiers"
+
+    def _fast_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        return self.n_prefix + self.tail.length
+
+    @property
+    def positions(self) -> torch.Tensor:
+        prefix = torch.arange(self.prefix_start, self.prefix_start + self.n_prefix, device=self.tail.pos.device)
+        return torch.cat([prefix.expand(self.kv_heads, -1), self.tail.positions], 1)
+
+    def keep(self, slots: torch.Tensor) -> None:
+        n = self.n_prefix
+        if n and (slots.dim() != 1 or slots.shape[0] < n or not torch.equal(slots[:n].cpu(), torch.arange(n))):
+            raise SpecError(f"{self.name} holds the prompt {self.held_as} and cannot evict from it; drop the "
+                            f"eviction policy or use it without {self.name}")
+        self.tail.keep(slots[n:] - n)
+        self.n_committed = self.length
+
+    def keep_uncommitted(self, offsets: list[int]) -> None:
+        self.tail.n_committed = self.n_committed - self.n_prefix
+        self.tail.keep_uncommitted(offsets)
+
+    def truncate(self, length: int) -> None:
+        self.tail.truncate(length - self.n_prefix)
+        self.tail.n_committed = min(self.tail.n_committed, self.tail.length)
+
+    def commit(self, offsets: list[int] | None = None) -> None:
+        super().commit(offsets)
+        self.tail.n_committed = self.tail.length
+
+    def allocated_bytes(self, seen: set[int]) -> int:
+        return self.tail.allocated_bytes(seen) + sum(t.untyped_storage().nbytes() for t in self._fast_tensors())
+
+    def offloaded_bytes(self) -> int:
+        return self.tier.nbytes()
+
+    def moved(self) -> tuple[int, int]:
+        return self.tier.moved_bytes, self.tier.moved_ns

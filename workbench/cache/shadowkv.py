@@ -8,7 +8,7 @@ import torch
 
 from workbench.cache.base import CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
-from workbench.cache.offload import HostTier
+from workbench.cache.offload import HostTier, TwoTierLayerCache
 from workbench.errors import SpecError
 from workbench.kernels.backend_torch import group_rows, grouped_sdpa
 from workbench.models.config import ModelConfig
@@ -26,7 +26,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inv
     return x * cos - rotated * sin if inverse else x * cos + rotated * sin
 
 
-class ShadowKVLayerCache(LayerCache):
+class ShadowKVLayerCache(TwoTierLayerCache):
     """One layer in two tiers. Before `compress` every token is dense in `tail`; after it:
 
     - fast tier: `u` [n, rank] and `w` [rank, kv_heads * dim], the prompt's pre-RoPE keys as u @ w (a truncated
@@ -35,9 +35,9 @@ class ShadowKVLayerCache(LayerCache):
       keys their landmark summarises worst (`outlier` [kv_heads, chunks] bool marks them); `tail`, a dense cache
       of the prompt's last tokens (the local window) and every token generated since;
     - off tier: `host_v` [kv_heads, n, dim], every prompt token's value (HostTier).
-    The n = `n_shadow` prompt tokens sit at positions shadow_start .. shadow_start + n - 1, before the tail's."""
+    The n = `n_prefix` prompt tokens sit at positions prefix_start .. prefix_start + n - 1, before the tail's."""
 
-    attends_itself = True
+    name, held_as = "shadowkv", "in its low-rank form"
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int,
                  rank: int, chunk: int, budget_tokens: int, outliers: int, local: int):
@@ -49,7 +49,7 @@ class ShadowKVLayerCache(LayerCache):
         self.rank, self.chunk, self.budget_tokens = rank, chunk, budget_tokens
         self.n_outliers, self.local = outliers, local
         self.tier = HostTier(device)
-        self.n_shadow, self.shadow_start = 0, 0
+        self.n_prefix, self.prefix_start = 0, 0
         self.u = self.w = self.landmarks = self.outlier = self.outlier_k = self.outlier_v = self.host_v = None
         self.n_committed = 0
 
@@ -57,7 +57,7 @@ class ShadowKVLayerCache(LayerCache):
     def compress(self) -> None:
         """Move the committed prompt, but its last `local` tokens, into the two-tier form (whole chunks only)."""
         n = (self.tail.n_committed - self.local) // self.chunk * self.chunk
-        if self.n_shadow or n < self.chunk:
+        if self.n_prefix or n < self.chunk:
             return
         pos = self.tail.positions[0, :n]
         if not torch.equal(pos, pos[0] + torch.arange(n, device=pos.device)) or \
@@ -84,7 +84,7 @@ class ShadowKVLayerCache(LayerCache):
         self.outlier_k = k.gather(1, tokens[..., None].expand(-1, -1, k.shape[2])).to(dtype)
         self.outlier_v = v.gather(1, tokens[..., None].expand(-1, -1, v.shape[2])).to(dtype)
         self.host_v = self.tier.put(self.tail.v[:, :n])
-        self.n_shadow, self.shadow_start = n, int(pos[0])
+        self.n_prefix, self.prefix_start = n, int(pos[0])
         self.tail.keep(torch.arange(n, self.tail.length))  # the tail gives the moved slots back
         self.tail.n_committed = self.tail.length
 
@@ -96,7 +96,7 @@ class ShadowKVLayerCache(LayerCache):
         """Keys rebuilt from the low-rank factors, RoPE applied: tokens [kv_heads, ...] -> [kv_heads, ..., dim]."""
         w = self.w.float().view(-1, self.kv_heads, self.head_dim).transpose(0, 1)  # [kv_heads, rank, dim]
         pre = torch.einsum("h...r,hrd->h...d", self.u.float()[tokens], w)
-        return rotate(pre, tokens + self.shadow_start, self.inv_freq.to(pre.device))
+        return rotate(pre, tokens + self.prefix_start, self.inv_freq.to(pre.device))
 
     # -- attention ----------------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,7 +105,7 @@ class ShadowKVLayerCache(LayerCache):
         qf = q.float().view(self.kv_heads, group, n_q, dim)
         if mask is None:  # a causal prompt with nothing before it
             mask = torch.ones(n_q, n_q, dtype=torch.bool, device=q.device).tril_()
-        if not self.n_shadow:  # the prefill (nothing compressed yet): dense
+        if not self.n_prefix:  # the prefill (nothing compressed yet): dense
             k, v = self.tail.view()
             return grouped_sdpa(q, k, v, group_rows(mask, group))
         tail_k, tail_v = (t.float() for t in self.tail.view())
@@ -122,7 +122,7 @@ class ShadowKVLayerCache(LayerCache):
         keys = torch.cat([keys, *(t.float()[:, None].expand(-1, n_q, -1, -1) for t in (self.outlier_k, tail_k))], 2)
         values = torch.cat([values, *(t.float()[:, None].expand(-1, n_q, -1, -1) for t in (self.outlier_v, tail_v))],
                            2)
-        visible = torch.cat([mask.new_ones(n_q, tokens.shape[2] + n_fixed), mask[:, self.n_shadow:]], 1)
+        visible = torch.cat([mask.new_ones(n_q, tokens.shape[2] + n_fixed), mask[:, self.n_prefix:]], 1)
         return _softmax_attend(qf, keys, values, visible[None, None]).reshape(heads, n_q, dim).to(q.dtype)
 
     # -- the LayerCache contract --------------------------------------------------------------------------------
@@ -132,9 +132,9 @@ class ShadowKVLayerCache(LayerCache):
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held token dense (keys rebuilt, values read from the off tier, not counted as traffic): for
         inspection only; attention never calls it."""
-        if not self.n_shadow:
+        if not self.n_prefix:
             return self.tail.view()
-        tokens = torch.arange(self.n_shadow, device=self.u.device).expand(self.kv_heads, -1)
+        tokens = torch.arange(self.n_prefix, device=self.u.device).expand(self.kv_heads, -1)
         k = self._shadow_keys(tokens)
         out = self.outlier.repeat_interleave(self.chunk, 1)
         k[out] = self.outlier_k.float().flatten(0, 1)
@@ -142,37 +142,12 @@ class ShadowKVLayerCache(LayerCache):
         return (torch.cat([k.to(tail_k.dtype), tail_k], 1),
                 torch.cat([self.host_v.to(tail_v.device), tail_v], 1))
 
-    @property
-    def length(self) -> int:
-        return self.n_shadow + self.tail.length
 
-    @property
-    def positions(self) -> torch.Tensor:
-        shadow = torch.arange(self.shadow_start, self.shadow_start + self.n_shadow, device=self.tail.pos.device)
-        return torch.cat([shadow.expand(self.kv_heads, -1), self.tail.positions], 1)
 
-    def keep(self, slots: torch.Tensor) -> None:
-        n = self.n_shadow
-        if n and (slots.dim() != 1 or slots.shape[0] < n or not torch.equal(slots[:n].cpu(), torch.arange(n))):
-            raise SpecError("shadowkv holds the prompt in its low-rank form and cannot evict from it; drop the "
-                            "eviction policy or use it without shadowkv")
-        self.tail.keep(slots[n:] - n)
-        self.n_committed = self.length
 
-    def keep_uncommitted(self, offsets: list[int]) -> None:
-        self.tail.n_committed = self.n_committed - self.n_shadow
-        self.tail.keep_uncommitted(offsets)
 
-    def truncate(self, length: int) -> None:
-        self.tail.truncate(length - self.n_shadow)
-        self.tail.n_committed = min(self.tail.n_committed, self.tail.length)
 
-    def commit(self, offsets: list[int] | None = None) -> None:
-        super().commit(offsets)
-        self.tail.n_committed = self.tail.length
 
-    def allocated_bytes(self, seen: set[int]) -> int:
-        return self.tail.allocated_bytes(seen) + sum(t.untyped_storage().nbytes() for t in self._fast_tensors())
 
     def nbytes(self) -> int:
         return self.tail.nbytes() + sum(t.numel() * t.element_size() for t in self._fast_tensors())
@@ -185,11 +160,7 @@ class ShadowKVLayerCache(LayerCache):
         data = per_head - self.tail.length * self.tail.pos.element_size()
         return [self.length] * self.kv_heads, [per_head] * self.kv_heads, [data] * self.kv_heads, [1.0] * self.kv_heads
 
-    def offloaded_bytes(self) -> int:
-        return self.tier.nbytes()
 
-    def moved(self) -> tuple[int, int]:
-        return self.tier.moved_bytes, self.tier.moved_ns
 
 
 def _softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
