@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,6 +47,26 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_one_thread() -> Iterator[None]:
+    """`one_thread` for a module's fixtures (training a drafter once for all its tests), which run before a
+    test's own fixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def throwaway_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A module's trained checkpoints (drafters, judges) go to a throwaway folder; the converted models stay
+    in the real cache."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
+        yield folder
 
 
 @pytest.fixture(autouse=True)

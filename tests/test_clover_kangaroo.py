@@ -19,21 +19,12 @@ from workbench.spec import RunSpec, TechniqueSpec
 from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
 from workbench.training.heads import train_heads
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 KINDS = ["clover", "kangaroo"]
 SETTINGS = {"clover": {"heads": 3}, "kangaroo": {"layers": 2}}
 PARAMS = {"clover": {"heads": 3, "nodes": 8}, "kangaroo": {"layers": 2, "k": 4, "threshold": 0.3}}
 TRIALS = 300
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_folder(tmp_path_factory):
-    """Checkpoints go to a throwaway folder (the converted models stay in the real cache)."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +33,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def reports(model):
-    """Both trained on the tiny model's own continuations of random prompts (on one thread: a module fixture
-    runs outside the `one_thread` fixture, and two threads make a tiny model's steps ten times slower here)."""
+def reports(model, throwaway_checkpoints, module_one_thread):
+    """Both trained on the tiny model's own continuations of random prompts."""
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(8, (6,), generator=generator).tolist() for _ in range(48)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS[kind], minutes=0.5,
-                                  new_tokens=16, max_steps=100, lr=3e-3, progress=False) for kind in KINDS}
-    finally:
-        torch.set_num_threads(threads)
+    return {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS[kind], minutes=0.5,
+                              new_tokens=16, max_steps=100, lr=3e-3, progress=False) for kind in KINDS}
 
 
 def run(model, name, params, **spec):

@@ -20,21 +20,12 @@ from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, 
 from workbench.training.corpus import overlaps_suite, training_prompts
 from workbench.training.heads import train_heads
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 KINDS = ["medusa", "hydra", "falcon"]
 SETTINGS = {"heads": 3}
 PARAMS = {"heads": 3, "nodes": 8}
 TRIALS = 800
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_folder(tmp_path_factory):
-    """Checkpoints go to a throwaway folder (the converted models stay in the real cache)."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +34,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def reports(model):
+def reports(model, throwaway_checkpoints, module_one_thread):
     """Every kind trained on the tiny model's own continuations of random prompts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture runs before the tests' one_thread: tiny ops are slower on two
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(8, (6,), generator=generator).tolist() for _ in range(24)]
-    yield {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS, minutes=3,
-                             new_tokens=16, max_steps=200, progress=False) for kind in KINDS}
-    torch.set_num_threads(threads)
+    return {kind: train_heads(registry.get("decoding", kind).cls, model, prompts, SETTINGS, minutes=3,
+                              new_tokens=16, max_steps=200, progress=False) for kind in KINDS}
 
 
 def run(model, name, params, **spec):

@@ -17,18 +17,9 @@ from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 TRIALS = 800
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_folder(tmp_path_factory):
-    """Checkpoints go to a throwaway folder (the converted models stay in the real cache)."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +28,11 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def report(model):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture runs before the tests' one_thread: tiny ops are slower on two
+def report(model, throwaway_checkpoints, module_one_thread):
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(8, (6,), generator=generator).tolist() for _ in range(24)]
-    yield train_fastdraft(model, prompts, 2, minutes=3, new_tokens=16, max_steps=150, batch_tokens=64,
-                          window=32, lr=3e-3, progress=False)
-    torch.set_num_threads(threads)
+    return train_fastdraft(model, prompts, 2, minutes=3, new_tokens=16, max_steps=150, batch_tokens=64,
+                           window=32, lr=3e-3, progress=False)
 
 
 def run(model, params, name="fastdraft", **spec):

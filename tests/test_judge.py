@@ -14,16 +14,8 @@ from workbench.training.judge import train_judge
 
 from .helpers import PROMPTS, varied_model
 
+pytestmark = pytest.mark.usefixtures("throwaway_checkpoints")
 DRAFT = TechniqueSpec("draft_model", {"layers": 1, "k": 3})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_folder(tmp_path_factory):
-    """Checkpoints go to a throwaway folder."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("workbench.training.checkpoints.cache_root", lambda: folder)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +24,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def trained(model):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops are slower on two threads
+def trained(model, throwaway_checkpoints, module_one_thread):
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (8,), generator=generator).tolist() for _ in range(10)]
     start = time.perf_counter()
     report = train_judge(model, prompts, minutes=1, new_tokens=12, positions=12, batch=64, max_steps=150,
                          progress=False)
-    yield report, time.perf_counter() - start
-    torch.set_num_threads(threads)
+    return report, time.perf_counter() - start
 
 
 def run(model, accept: dict, temperature: float = 0.0):
