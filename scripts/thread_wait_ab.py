@@ -1,9 +1,11 @@
-"""Plain decoding under OpenMP's two wait policies (and one thread), each in a fresh `workbench generate`
-process, in turns: median tok/s of each and the load average around them. The workbench sets
-OMP_WAIT_POLICY=PASSIVE unless the user sets it; this measures what that costs on a quiet machine and what it
-saves on a shared one.
+"""Plain decoding under OpenMP's wait settings (spin forever, libgomp's default spin, shorter spins, sleep at
+once, one thread), each in a fresh `workbench generate` process, in turns: median tok/s of each and the load
+average around them. The workbench sets GOMP_SPINCOUNT=3000 unless the user sets it or OMP_WAIT_POLICY; this
+measures what each setting gives on a quiet machine and on a shared one (`--busy N` busy-looping processes).
 
-    .venv/bin/python scripts/thread_wait_ab.py --repeat 3 --out docs/results/thread_wait.json
+    .venv/bin/python scripts/thread_wait_ab.py --repeat 2 --out docs/results/thread_wait_quiet.json
+    .venv/bin/python scripts/thread_wait_ab.py --repeat 2 --busy 6 --max-new-tokens 48 \
+        --out docs/results/thread_wait_busy6.json
 """
 
 from __future__ import annotations
