@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.decoding.base import ROOT, Acceptance, Acceptor, DecodeState, DraftTree
+from workbench.decoding.base import DecodeState, DraftTree
 from workbench.decoding.draft_heads import final_norm
+from workbench.decoding.match import MatchAcceptor
 from workbench.errors import SpecError
 from workbench.registry import param, register
-from workbench.sampling import Sampler, argmax_rows
 from workbench.training.checkpoints import checkpoint_path, load_checkpoint
 
 
@@ -57,7 +57,7 @@ def judge_settings(width: int) -> dict[str, int]:
 
 @register("acceptance", "judge", lossless=False)
 @dataclass
-class JudgeAcceptance(Acceptor):
+class JudgeAcceptance(MatchAcceptor):
     """Also accept a draft token the target did not pick when a trained judge head says it is correct (lossy)."""
 
     threshold: float = param(0.9, "judge probability above which a draft token the target did not pick is "
@@ -90,19 +90,5 @@ class JudgeAcceptance(Acceptor):
         states = final_norm(self._state.model, self._state.tree_hidden[1: len(tree) + 1])
         return (torch.sigmoid(self._head(states)) > self.threshold).tolist()
 
-    def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
-        children = tree.children()
-        judged = self.judged(tree)
-        choices = argmax_rows(logits) if sampler.greedy else None
-        accepted: list[int] = []
-        node = ROOT
-        while True:
-            row = node + 1
-            token = choices[row] if choices is not None else int(sampler.draw(probs[row]))
-            match = next((c for c in children[node] if tree.tokens[c] == token), None)
-            if match is None:  # the target would not have picked any child: the judge may still accept one
-                match = next((c for c in children[node] if judged[c]), None)
-            if match is None:
-                return Acceptance(accepted, token)
-            accepted.append(match)
-            node = match
+    def rescued(self, tree: DraftTree) -> list[bool]:
+        return self.judged(tree)  # matching's walk, where the judge may accept a child the target did not pick

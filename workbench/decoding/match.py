@@ -28,6 +28,7 @@ class MatchAcceptor(Acceptor):
 
     def accept(self, tree: DraftTree, logits: torch.Tensor, probs: torch.Tensor, sampler: Sampler) -> Acceptance:
         children = tree.children()
+        rescued = self.rescued(tree)
         # Greedy: every row's choice at once, one host transfer. Sampling: one draw per visited row,
         # in walk order, so the random stream is consumed exactly as plain decoding consumes it.
         choices = argmax_rows(logits) if sampler.greedy else None
@@ -37,7 +38,14 @@ class MatchAcceptor(Acceptor):
             row = node + 1
             token = choices[row] if choices is not None else int(sampler.draw(probs[row]))
             match = next((c for c in children[node] if tree.tokens[c] == token), None)
+            if match is None and rescued is not None:  # a lossy subclass may accept a child anyway
+                match = next((c for c in children[node] if rescued[c]), None)
             if match is None:
                 return Acceptance(accepted, token)
             accepted.append(match)
             node = match
+
+    def rescued(self, tree: DraftTree) -> list[bool] | None:
+        """Per node, whether to accept it when the target chose another token there; None (matching itself,
+        lossless): never. Judge Decoding overrides it."""
+        return None
