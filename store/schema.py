@@ -87,6 +87,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN target_perplexity DOUBLE",
         "ALTER TABLE tokens ADD COLUMN target_argmax INTEGER",
     ],
+    9: [  # the target forwards a drafter runs itself (search expansions, lookaheads), beside the verifications
+        "ALTER TABLE runs ADD COLUMN drafter_forwards INTEGER",
+        "ALTER TABLE runs ADD COLUMN tokens_per_target_forward DOUBLE",
+        "ALTER TABLE steps ADD COLUMN drafter_forwards INTEGER",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -125,7 +130,7 @@ VIEWS = [
         finish_reason, lossless, alpha, predicted_tokens_per_step, tokens_per_step,
         simulated, warm_start, cache_live_bytes, peak_cache_live_bytes, provenance, warnings,
         cache_off_bytes, peak_cache_off_bytes, cache_moved_bytes, cache_moved_s,
-        departures, departure_rate, target_perplexity,
+        departures, departure_rate, target_perplexity, drafter_forwards, tokens_per_target_forward,
         json_extract_string(provenance, '$.commit') AS commit,
         {_BACKENDS} AS backend
     FROM runs""",

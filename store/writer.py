@@ -85,7 +85,7 @@ def run_row(trace: Trace) -> dict[str, Any]:
             row[key] = summary[key]
         for key in ("simulated", "warm_start", "cache_live_bytes", "peak_cache_live_bytes", "warnings",
                     "cache_off_bytes", "peak_cache_off_bytes", "cache_moved_bytes", "cache_moved_s", "departures",
-                    "departure_rate", "target_perplexity"):
+                    "departure_rate", "target_perplexity", "drafter_forwards", "tokens_per_target_forward"):
             row[key] = summary.get(key)  # NULL until the trace's summary carries them
         provenance = summary.get("provenance")
         row["provenance"] = None if provenance is None else json.dumps(provenance, default=str)
@@ -109,7 +109,7 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
     steps: dict[str, list] = {k: [] for k in ("run_id", "step", "draft_ns", "verify_ns", "accept_ns", "elapsed_ns",
                                               "nodes_drafted", "tokens_accepted", "bonus_token", "n_tokens",
                                               "cache_bytes", "cache_tokens", "text", "finish_reason",
-                                              "cache_live_bytes", "cache_off_bytes")}
+                                              "cache_live_bytes", "cache_off_bytes", "drafter_forwards")}
     tokens: dict[str, list] = {k: [] for k in ("run_id", "position", "token_id", "text", "source", "logprob",
                                                "entropy", "step", "target_argmax")}
     nodes: dict[str, list] = {k: [] for k in ("run_id", "step", "node", "parent", "token_id", "depth", "draft_prob",
@@ -126,7 +126,8 @@ def detail_tables(trace: Trace) -> dict[str, pa.Table]:
     for e in trace.events:
         values = (rid, e.step, e.draft_ns, e.verify_ns, e.accept_ns, e.elapsed_ns, e.n_drafted, e.n_accepted,
                   "bonus" in e.sources, len(e.tokens), e.cache_bytes, sum(e.cache_tokens), e.text, e.finish_reason,
-                  getattr(e, "cache_live_bytes", None), getattr(e, "cache_off_bytes", None))
+                  getattr(e, "cache_live_bytes", None), getattr(e, "cache_off_bytes", None),
+                  getattr(e, "drafter_forwards", None))
         for key, value in zip(steps, values):
             steps[key].append(value)
         alone = e.text if len(e.tokens) == 1 else None  # a token's own text is known only when it is alone

@@ -79,3 +79,28 @@ def test_cli_lists_it_lossy_and_its_run_json_says_lossless_false(capsys):
                  "--decode", "astar", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["lossless"] is False and result["departures"] is not None
+
+
+def test_its_search_forwards_count_as_target_forwards_beside_the_verifications(tmp_path):
+    """A* commits several tokens per verification, but each expansion is a forward of the whole target: the
+    summary's tokens per target forward counts them, the mean accepted length does not."""
+    from workbench import Workbench
+    from workbench.store import Reader, Store
+    from workbench.views.replay import load_trace
+
+    wb = Workbench("random:llama", dtype="float32")
+    with Store(tmp_path / "runs.duckdb") as store:
+        wb.store = store
+        trace = wb.generate("5 6 7 8", "max_new_tokens=12;decode=astar:depth=3,budget=4")
+        plain = wb.generate("5 6 7 8", "max_new_tokens=12").summary()
+        s = trace.summary()
+        searched = sum(e.drafter_forwards for e in trace.events)
+        assert searched > 0 and s["drafter_forwards"] == searched
+        assert s["tokens_per_target_forward"] == s["n_new_tokens"] / (s["target_forwards"] + searched)
+        assert s["tokens_per_target_forward"] < s["mean_accepted_length"]
+        assert plain["drafter_forwards"] == 0 and plain["tokens_per_target_forward"] == plain["mean_accepted_length"]
+        row = store.con.execute("SELECT drafter_forwards, tokens_per_target_forward FROM run_summary "
+                                "WHERE run_id = ?", [trace.run_id]).fetchone()
+        assert row == (searched, s["tokens_per_target_forward"])
+    with Reader(tmp_path / "runs.duckdb") as reader:
+        assert load_trace(reader.query, trace.run_id).summary()["drafter_forwards"] == searched

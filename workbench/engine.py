@@ -68,6 +68,9 @@ class StepEvent:
     cache_moved_ns: int = 0  # time spent bringing them back so far in the run
     loaded_tokens: int = 0  # prefill only: prompt tokens whose cache was loaded (a CacheGen file), not prefilled
     load_ns: int = 0  # prefill only: the time loading them took (inside the time to first token)
+    # Forwards through all of the target's layers that the drafter ran itself while drafting (a search's
+    # expansions, lookaheads, a draft over a sparse view of the target's cache), beside the step's verification
+    drafter_forwards: int = 0
     cache_tokens: list[int] = field(default_factory=list)  # tokens held per layer
     finish_reason: str | None = None  # "eos", "stop", "length" on the last step
     cache_stats: CacheStats | None = None  # per layer and head; kept positions on sampled steps (cache/stats.py)
@@ -184,11 +187,13 @@ class Engine:
             policy.on_prefill_end(cache)
         if heads:
             state.hidden = out.final_hidden[-1:]
+        counted = _whole_forwards(model)
         self.drafter.begin(state)
         if learns:
             self.drafter.observe_prompt(state, out.final_hidden)
         event = self._event(state, [first], ["bonus"], logits, probs, [0], None, 0, t1 - t0, t1, start, text, budget)
         event.loaded_tokens, event.load_ns = loaded, load_ns if loaded else 0
+        event.drafter_forwards = _whole_forwards(model) - counted
         self._record_cache(event, state)
         yield event
         if event.finish_reason:
@@ -197,8 +202,10 @@ class Engine:
         while True:
             state.step += 1
             t0 = time.perf_counter_ns()
+            counted = _whole_forwards(model)
             tree = self.drafter.fit(state, self.drafter.propose(state))
             tree.root = state.pending
+            drafter_forwards = _whole_forwards(model) - counted
             t1 = time.perf_counter_ns()
             # tokens and positions in one host-to-device copy (on a GPU each one waits for the device)
             step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
@@ -222,7 +229,9 @@ class Engine:
             sources = ["accepted"] * len(acceptance.accepted) + ["bonus"]
             event = self._event(state, new_tokens, sources, logits, probs, rows, record, t1 - t0, t2 - t1, t2, start,
                                 text, budget)  # commits the tokens to the state
+            counted = _whole_forwards(model)
             self.drafter.observe(state, tree, acceptance, all_logits)
+            event.drafter_forwards = drafter_forwards + _whole_forwards(model) - counted
             for policy in self.policies:
                 policy.on_step_end(cache)
             if len(event.tokens) < len(new_tokens):  # the output ended inside the accepted path (EOS, a stop,
@@ -285,6 +294,11 @@ class Engine:
         event.cache_tokens = cache.tokens_per_layer()
         event.cache_stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
                                         kept_sampled(state.step, event.finish_reason is not None))
+
+
+def _whole_forwards(model) -> int:
+    """Forwards the model has run through all of its layers (LlamaModel counts them; 0 for other models)."""
+    return getattr(model, "whole_forwards", 0)
 
 
 def _tree_record(tree: DraftTree, accepted: list[int], probs: torch.Tensor) -> TreeRecord:

@@ -1,8 +1,14 @@
 """Every run metric, computed from a Trace in one place. Surfaces render these; they never recompute.
 
 Definitions:
-- target_forwards: target model forwards, the prefill included (one per StepEvent).
-- mean_accepted_length: generated tokens per target forward (1.0 for plain decoding).
+- target_forwards: the target's verification forwards, the prefill included (one per StepEvent).
+- mean_accepted_length: generated tokens per verification forward (1.0 for plain decoding).
+- drafter_forwards: forwards through all of the target's layers that the drafter ran itself (a search's
+  expansions, lookaheads, drafts over a sparse view of the target's cache); partial forwards (a self-draft's
+  first layers) are not counted.
+- tokens_per_target_forward: generated tokens per forward through the whole target, the drafter's own
+  included. For drafters that run the target while drafting (astar, adadec, superposed, triforce) the mean
+  accepted length overstates what decoding saved; this does not.
 - ttft_s: time to first token, the prefill and the first token's choice.
 - tok_per_s: generated tokens over the whole run's time (prefill included).
 - decode_tok_per_s: tokens after the first, over the time after the first.
@@ -53,10 +59,13 @@ def summarize(trace: Trace) -> dict[str, Any]:
     drafted = sum(e.n_drafted for e in events)
     accepted = sum(e.n_accepted for e in events)
     forwards = len(events)
+    drafter_forwards = sum(e.drafter_forwards for e in events)
     return {
         "n_new_tokens": n_new,
         "target_forwards": forwards,
         "mean_accepted_length": n_new / forwards if forwards else 0.0,
+        "drafter_forwards": drafter_forwards,
+        "tokens_per_target_forward": n_new / (forwards + drafter_forwards) if forwards else 0.0,
         "ttft_s": ttft_s,
         "total_s": total_s,
         "tok_per_s": n_new / total_s if total_s else 0.0,

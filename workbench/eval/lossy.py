@@ -15,6 +15,9 @@ and code_tests) get their own token budget and stop at the answer's closing code
 Per category and contender:
 - decode_speed_up: tokens after the first over the time after the first (the prefill, the same forward for every
   technique, left out), over plain decoding's on the same prompts; speed_up: the same end to end, prefill included;
+- tokens_per_forward: output tokens per verification forward; tokens_per_target_forward: per forward through the
+  whole target, the drafter's own included (A*'s expansions, AdaDec's lookaheads, Superposed Decoding's passes),
+  which says what the technique saved in target forwards;
 - agreement_prefix: the mean, over prompts, of the share of plain decoding's tokens that the output reproduces
   before its first difference from plain's output (1 = identical up to plain's length);
 - agreement_positions: the mean share of positions (over the longer of the two outputs) holding the same token
@@ -229,7 +232,7 @@ def evaluate_lossy(options: LossyOptions, progress: bool = True) -> dict[str, An
                 outputs[(item.id, c.label)] = trace.token_ids
                 run = {"id": item.id, "category": item.category, "engine": c.label, "new_tokens": s["n_new_tokens"],
                        "seconds": s["total_s"], "decode_seconds": s["total_s"] - s["ttft_s"],
-                       "target_forwards": s["target_forwards"],
+                       "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
                        "departures": s["departures"], "target_perplexity": s["target_perplexity"],
                        "lossless": s["lossless"]}
                 if item.category in CODE_CATEGORIES:
@@ -283,6 +286,9 @@ def aggregate(category: str, contender: Contender, runs: list[dict[str, Any]]) -
            "decode_tok_per_s": sum(r["new_tokens"] - 1 for r in runs) / max(1e-9, sum(r["decode_seconds"]
                                                                                          for r in runs)),
            "tokens_per_forward": tokens / max(1, sum(r["target_forwards"] for r in runs)),
+           # the drafter's own forwards through the whole target (search, lookaheads) counted too
+           "tokens_per_target_forward": tokens / max(1, sum(r["target_forwards"] + r.get("drafter_forwards", 0)
+                                                            for r in runs)),
            "agreement_prefix": statistics.mean(r["agreement_prefix"] for r in runs),
            "agreement_positions": statistics.mean(r["agreement_positions"] for r in runs),
            "departure_rate": (sum(r["departures"] for r in counted) / max(1, sum(r["new_tokens"] for r in counted))
@@ -316,9 +322,9 @@ def _cell(value: Any, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-COLUMNS = ("technique", "run spec", "lossless", "speed-up (decode)", "speed-up (end to end)", "tokens/forward",
-           "agreement (prefix)", "agreement (positions)", "departure rate", "perplexity (x plain)", "code parses",
-           "hidden tests", "faster than the lossless drafters in")
+COLUMNS = ("technique", "run spec", "lossless", "speed-up (decode)", "speed-up (end to end)",
+           "tokens/forward (/target forward)", "agreement (prefix)", "agreement (positions)", "departure rate",
+           "perplexity (x plain)", "code parses", "hidden tests", "faster than the lossless drafters in")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -332,7 +338,8 @@ def markdown(result: dict[str, Any]) -> str:
                 and x["faster_than_lossless"]]
         wins_text = ("all prompts; " if r["faster_than_lossless"] else "") + (", ".join(wins) or "none")
         cells = [_name(r), f"`{r['spec']}`", "yes" if r["lossless_in_run"] else "**no**",
-                 f"{r['decode_speed_up']:.2f}x", f"{r['speed_up']:.2f}x", f"{r['tokens_per_forward']:.2f}",
+                 f"{r['decode_speed_up']:.2f}x", f"{r['speed_up']:.2f}x",
+                 f"{r['tokens_per_forward']:.2f} ({r.get('tokens_per_target_forward', r['tokens_per_forward']):.2f})",
                  f"{r['agreement_prefix']:.2f}", f"{r['agreement_positions']:.2f}", _cell(r["departure_rate"]),
                  f"{_cell(r['target_perplexity'])} ({_cell(r['perplexity_ratio'])})",
                  _cell(r["parse_rate"], "{:.0%}"), _cell(r["tests_passed"], "{:.0%}"),

@@ -108,6 +108,8 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # forwards through every layer so far: the engine tells a drafter's own target forwards from this
+        self.whole_forwards = 0
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 on the weights' device, whatever dtype the weights are cast to.
@@ -159,6 +161,7 @@ class LlamaModel(nn.Module):
         sin = freqs.sin().to(x.dtype)
         sin = torch.cat((-sin, sin), dim=-1)
         plan = range(len(self.layers)) if layers is None else layers
+        self.whole_forwards += layers is None
         states = [] if hidden_states else None
         ops = dispatch.kernels(x.device, x.dtype)  # this forward's operations, resolved once
         # Consecutive layers that a backend takes whole run in one call (the `decoder_layers` operation): the

@@ -80,6 +80,7 @@ def load_trace(query: Query, run_id: str) -> Trace:
             alternatives=[[] for _ in toks], positions=[t["position"] for t in toks], text=s["text"] or "",
             tree=tree, draft_ns=s["draft_ns"], verify_ns=s["verify_ns"], accept_ns=s["accept_ns"],
             elapsed_ns=s["elapsed_ns"], cache_bytes=s["cache_bytes"], cache_tokens=[],
+            drafter_forwards=s.get("drafter_forwards") or 0,
             finish_reason=s["finish_reason"], target_argmax=[t.get("target_argmax") for t in toks])
         _attach_cache(event, kv.get(s["step"], []))
         events.append(event)
