@@ -104,3 +104,13 @@ def test_its_search_forwards_count_as_target_forwards_beside_the_verifications(t
         assert row == (searched, s["tokens_per_target_forward"])
     with Reader(tmp_path / "runs.duckdb") as reader:
         assert load_trace(reader.query, trace.run_id).summary()["drafter_forwards"] == searched
+
+
+def test_the_stats_line_shows_the_search_forwards():
+    from workbench.views.tokens import forwards_markdown
+
+    line = forwards_markdown({"n_new_tokens": 12, "target_forwards": 4, "drafter_forwards": 8,
+                              "tokens_per_target_forward": 1.0})
+    assert "12 tokens in 4 forwards" in line and "+8 the drafter ran" in line and "**1.00** tokens per" in line
+    assert forwards_markdown({"n_new_tokens": 3, "target_forwards": 3, "drafter_forwards": 0}) == \
+        "3 tokens in 3 forwards"

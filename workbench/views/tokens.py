@@ -302,6 +302,15 @@ def provenance_markdown(provenance: dict[str, Any] | None) -> str:
     return "<sub>" + html.escape(" · ".join(parts)) + "</sub>"
 
 
+def forwards_markdown(s: dict[str, Any]) -> str:
+    """Tokens over verification forwards, and over all target forwards when the drafter ran some itself."""
+    text = f"{s['n_new_tokens']} tokens in {s['target_forwards']} forwards"
+    if s.get("drafter_forwards"):
+        text += (f" (+{s['drafter_forwards']} the drafter ran: "
+                 f"**{s['tokens_per_target_forward']:.2f}** tokens per target forward)")
+    return text
+
+
 def stats_markdown(trace: Trace | None, status: str) -> str:
     """The line under a column: tok/s, mean accepted length, cache bytes, badges, warnings and status; when
     the run has ended, where it came from."""
@@ -309,7 +318,7 @@ def stats_markdown(trace: Trace | None, status: str) -> str:
         return status
     s: dict[str, Any] = trace.summary()
     line = " · ".join([speed_markdown(s), f"mean accepted length **{s['mean_accepted_length']:.2f}**",
-                       cache_markdown(s), f"{s['n_new_tokens']} tokens in {s['target_forwards']} forwards",
+                       cache_markdown(s), forwards_markdown(s),
                        *run_badges(s), status])
     lines = [line] + [f'<span class="wb-warning">⚠ {html.escape(w)}</span>' for w in s.get("warnings") or []]
     if trace.status != "running":
