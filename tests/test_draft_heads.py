@@ -17,6 +17,7 @@ from workbench.engine import Engine
 from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
+from workbench.training.corpus import KINDS as PROMPT_KINDS
 from workbench.training.corpus import overlaps_suite, training_prompts
 from workbench.training.heads import train_heads
 
@@ -108,7 +109,13 @@ def test_training_prompts_never_come_from_the_benchmark_suite():
     prompts = training_prompts(160)
     assert len(prompts) == 160 and len(set(prompts)) == 160
     assert prompts == training_prompts(160)  # deterministic for a seed
+    assert prompts != training_prompts(160, seed=1)
     assert overlaps_suite(prompts) == []
+    assert {p.kind for p in prompts} == set(PROMPT_KINDS)  # the suite's kinds of task, in equal shares
+    chats = [p for p in prompts if p.kind == "multi_turn"]
+    assert all([role for role, _ in p.messages] == ["user", "assistant", "user"] for p in chats)
+    assert all(p.messages[1][1] is None for p in chats)  # the target's own reply, filled in when distilling
+    assert all(p.messages[-1][0] == "user" and p.messages[-1][1] for p in prompts)
     from workbench.eval.suite import suite
 
     leaked = suite()[0].prompt

@@ -22,7 +22,7 @@ from workbench.decoding.base import DecodeState, Drafter, DraftTree
 from workbench.decoding.specmemo import MemoryBudget
 from workbench.errors import SpecError
 from workbench.registry import param
-from workbench.training.checkpoints import checkpoint_path, load_checkpoint
+from workbench.training.checkpoints import load_checkpoint, trained_path
 
 
 def tree_paths(acc: list[list[float]], nodes: int) -> list[tuple[int, ...]]:
@@ -58,7 +58,7 @@ def final_norm(model, hidden: torch.Tensor) -> torch.Tensor:
 def load_trained(state: DecodeState, kind: str, settings: dict[str, Any], build) -> tuple[torch.nn.Module, Any]:
     """`kind`'s trained module for this model and settings (built by `build(settings)`, float32, eval mode) and its
     measured acceptance; loaded once per model, or a SpecError saying how to train it."""
-    path = checkpoint_path(kind, state.model, settings)
+    path = trained_path(kind, state.model, settings)
     key = f"{kind}:{path.name}"  # loaded once per model; the checkpoint never changes what a run does
     if key not in state.memory:
         payload = load_checkpoint(path)

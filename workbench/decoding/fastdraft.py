@@ -33,7 +33,7 @@ from workbench.errors import SpecError
 from workbench.models.llama import LlamaModel
 from workbench.models.packed_linear import PackedLinear, pack_linears
 from workbench.registry import param, register
-from workbench.training.checkpoints import checkpoint_path, load_checkpoint, model_fingerprint, save_checkpoint
+from workbench.training.checkpoints import load_checkpoint, model_fingerprint, save_checkpoint, trained_path
 from workbench.training.loop import train
 
 if TYPE_CHECKING:  # distill imports the engine, which imports the drafters
@@ -146,7 +146,7 @@ def train_fastdraft(target: LlamaModel, prompts: list[list[int]], layers: int, *
         "held_out_positions": sum(len(s.tokens) - 1 - s.start for s in held_seqs),
         "new_tokens": new_tokens, "prompts": len(prompts),
     }
-    save_checkpoint(checkpoint_path("fastdraft", target, settings), payload)
+    save_checkpoint(trained_path("fastdraft", target, settings), payload)
     return payload
 
 
@@ -157,7 +157,7 @@ def train_command(loaded, args: argparse.Namespace) -> dict[str, Any]:
     report = train_fastdraft(loaded.model, training_prompt_ids(loaded, args.prompts, args.seed), args.layers,
                              minutes=args.minutes, seed=args.seed, new_tokens=args.new_tokens,
                              eos_ids=loaded.eos_token_ids, max_steps=args.max_steps)
-    path = checkpoint_path("fastdraft", loaded.model, report["settings"])
+    path = trained_path("fastdraft", loaded.model, report["settings"])
     print(f"trained fastdraft ({args.layers} layers) in {report['train_seconds'] / 60:.1f} min "
           f"({report['steps']} steps, data {report['distill_seconds'] / 60:.1f} min, "
           f"{report['train_positions']} positions); final loss {report['curve'][-1][2]:.3f}")
@@ -182,7 +182,7 @@ class FastDraft(Drafter):
     _inner: DraftModel | None = field(init=False, default=None, repr=False)
 
     def begin(self, state) -> None:
-        path = checkpoint_path("fastdraft", state.model, {"layers": self.layers})
+        path = trained_path("fastdraft", state.model, {"layers": self.layers})
         key = f"fastdraft:{path.name}:{state.model.dtype}"  # loaded once per model
         if key not in state.memory:
             payload = load_checkpoint(path)

@@ -34,7 +34,7 @@ from workbench.decoding.draft_heads import final_norm
 from workbench.decoding.match import MatchAcceptor
 from workbench.errors import SpecError
 from workbench.registry import param, register
-from workbench.training.checkpoints import checkpoint_path, load_checkpoint
+from workbench.training.checkpoints import load_checkpoint, trained_path
 
 
 class JudgeHead(torch.nn.Module):
@@ -70,7 +70,7 @@ class JudgeAcceptance(MatchAcceptor):
         model = state.model
         key = f"judge:width={self.width}"
         if key not in state.memory:  # loaded once per model
-            payload = load_checkpoint(checkpoint_path("judge", model, judge_settings(self.width)))
+            payload = load_checkpoint(trained_path("judge", model, judge_settings(self.width)))
             if payload is None:
                 raise SpecError(f"no judge trained for this model (width {self.width}); train one with `workbench "
                                 "train judge` (add --model for another model, --width for another width)")

@@ -47,6 +47,14 @@ def checkpoint_path(kind: str, model: torch.nn.Module, settings: dict[str, Any],
     return cache_root() / "drafters" / f"{kind}-{fingerprint or model_fingerprint(model)}-{key}.pt"
 
 
+def trained_path(kind: str, model: torch.nn.Module, settings: dict[str, Any]) -> Path:
+    """`checkpoint_path` of something trained on the corpus's prompts (drafters, the judge): keyed by the corpus's
+    version too, so one trained on other prompts is never loaded silently."""
+    from workbench.training.corpus import CORPUS_VERSION
+
+    return checkpoint_path(kind, model, {**settings, "corpus": CORPUS_VERSION})
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

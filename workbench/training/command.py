@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from workbench import registry
     from workbench.api import Workbench
     from workbench.errors import SpecError
-    from workbench.training.checkpoints import checkpoint_path
+    from workbench.training.checkpoints import trained_path
     from workbench.training.heads import train_heads, training_prompt_ids
 
     if not 1 <= args.heads <= 8:
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = train_heads(cls, loaded.model, training_prompt_ids(loaded, args.prompts, args.seed), settings,
                          minutes=args.minutes, seed=args.seed, new_tokens=args.new_tokens,
                          eos_ids=loaded.eos_token_ids, max_steps=args.max_steps)
-    path = checkpoint_path(args.kind, loaded.model, settings)
+    path = trained_path(args.kind, loaded.model, settings)
     top1 = ", ".join(f"head {d + 1}: {row[0]:.2f}" for d, row in enumerate(report["acceptance"]))
     if args.kind == "kangaroo":  # one adapter, guessing the token after the target's own
         top1 = f"adapter: {report['acceptance'][0][0]:.2f}"

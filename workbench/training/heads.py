@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from workbench.training.checkpoints import checkpoint_path, load_checkpoint, model_fingerprint, save_checkpoint
+from workbench.engine import Engine
+from workbench.spec import RunSpec, TechniqueSpec
+from workbench.training.checkpoints import (
+    checkpoint_path,
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+    trained_path,
+)
 from workbench.training.corpus import training_prompts
 from workbench.training.distill import Sequence, distill, split
 from workbench.training.loop import train
@@ -106,18 +114,31 @@ class Contexts:
                 yield [(states, t[start:start + rows])], following[start:start + rows]
 
 
-def training_prompt_ids(loaded, count: int, seed: int = 0) -> list[list[int]]:
-    """Training prompts as token ids: the standard library's text through the chat template; a model without
-    a tokenizer (the tiny test models) gets random ids instead."""
+def training_prompt_ids(loaded, count: int, seed: int = 0, reply_tokens: int = 64) -> list[list[int]]:
+    """Training prompts as token ids: the corpus's chats through the chat template, each earlier assistant turn
+    of a multi-turn chat being the target's own greedy reply (up to `reply_tokens` tokens); a model without a
+    tokenizer (the tiny test models) gets random ids instead."""
     if loaded.tokenizer is None:
         generator = torch.Generator().manual_seed(seed)
         vocab = loaded.config.vocab_size
         return [torch.randint(vocab, (16,), generator=generator).tolist() for _ in range(count)]
+    tokenizer = loaded.tokenizer
+
+    def ids_of(messages: list[dict[str, str]]) -> list[int]:
+        chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(chat, add_special_tokens=False)["input_ids"][-1024:]
+
+    spec = RunSpec(decode=TechniqueSpec("plain"), max_new_tokens=reply_tokens).validated()
     out = []
-    for text in training_prompts(count, seed):
-        chat = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                    tokenize=False)
-        out.append(loaded.tokenizer(chat, add_special_tokens=False)["input_ids"][-1024:])
+    for prompt in training_prompts(count, seed):
+        messages: list[dict[str, str]] = []
+        for role, content in prompt.messages:
+            if content is None:  # the target's own reply to the chat so far
+                engine = Engine(loaded.model, spec, list(loaded.eos_token_ids or []), lambda _ids: "")
+                reply = [t for event in engine.run(ids_of(messages)) for t in event.tokens]
+                content = tokenizer.decode(reply, skip_special_tokens=True).strip()
+            messages.append({"role": role, "content": content})
+        out.append(ids_of(messages))
     return out
 
 
@@ -183,5 +204,5 @@ def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str
         "train_positions": len(data), "held_out_positions": len(held),
         "model": model_fingerprint(model), "new_tokens": new_tokens, "prompts": len(prompts),
     }
-    save_checkpoint(checkpoint_path(drafter_cls.kind, model, settings), payload)
+    save_checkpoint(trained_path(drafter_cls.kind, model, settings), payload)
     return payload

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from workbench.decoding.draft_heads import final_norm
 from workbench.decoding.judge import JudgeHead, judge_settings
-from workbench.training.checkpoints import checkpoint_path, model_fingerprint, save_checkpoint
+from workbench.training.checkpoints import model_fingerprint, save_checkpoint, trained_path
 from workbench.training.distill import Sequence, split
 from workbench.training.heads import distilled, training_prompt_ids
 from workbench.training.loop import train
@@ -112,7 +112,7 @@ def train_judge(model, prompts: list[list[int]], *, width: int = 0, minutes: flo
         "held_out_sequences": len(held_seqs), "seed": seed,
         "model": model_fingerprint(model), "new_tokens": new_tokens, "prompts": len(prompts),
     }
-    save_checkpoint(checkpoint_path("judge", model, judge_settings(width)), payload)
+    save_checkpoint(trained_path("judge", model, judge_settings(width)), payload)
     return payload
 
 
@@ -126,6 +126,6 @@ def train_command(loaded, args: argparse.Namespace) -> dict[str, Any]:
     for row in report["held_out_non_greedy"]:
         print(f"held out, tokens the target would not pick: threshold {row['threshold']}: precision "
               f"{row['precision']:.2f}, recall {row['recall']:.2f} ({row['correct']} of {row['examples']} correct)")
-    path = checkpoint_path("judge", loaded.model, judge_settings(args.width))
+    path = trained_path("judge", loaded.model, judge_settings(args.width))
     print(f"saved {path}; run it with --accept judge" + (f":width={args.width}" if args.width else ""))
     return report
