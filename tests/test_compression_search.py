@@ -13,7 +13,7 @@ from workbench.compression.evopress import level_switch
 from workbench.compression.gptq import gptq_quantize
 from workbench.compression.hawq import allocate
 from workbench.compression.int4 import Int4Linear, LowBitLinear, quantize_rtn_int4
-from workbench.compression.plan import LevelTable, average_bits, expand_plan_files, plan_string
+from workbench.compression.plan import LEVELS, LevelTable, average_bits, expand_plan_files, plan_string
 from workbench.compression.search import search
 from workbench.errors import SpecError
 from workbench.models import LoadedModel
@@ -83,12 +83,12 @@ def test_decoupleq_beats_rtn_and_gptq_on_the_layer_objective():
 def test_allocate_is_the_exact_optimum():
     rng = random.Random(0)
     sizes = {f"s{i}": rng.choice([2, 3, 5]) for i in range(6)}
-    sens = {n: {b: rng.random() * 2 ** -b for b in (2, 3, 4)} for n in sizes}
-    plan = allocate(sens, sizes, 3.0)
-    best = min((dict(zip(sizes, bits)) for bits in itertools.product((2, 3, 4), repeat=6)
-                if sum(sizes[n] * b for n, b in zip(sizes, bits)) <= 3 * sum(sizes.values())),
+    sens = {n: {k: rng.random() * 2 ** -k for k in (0, 1, 2)} for n in sizes}
+    plan = allocate(sens, sizes, 1.0)
+    best = min((dict(zip(sizes, ks)) for ks in itertools.product((0, 1, 2), repeat=6)
+                if sum(sizes[n] * k for n, k in zip(sizes, ks)) <= sum(sizes.values())),
                key=lambda p: sum(sens[n][p[n]] for n in p))
-    assert average_bits(plan, sizes) <= 3.0
+    assert sum(sizes[n] * plan[n] for n in plan) <= sum(sizes.values())
     assert sum(sens[n][plan[n]] for n in plan) == pytest.approx(sum(sens[n][best[n]] for n in best))
 
 
@@ -105,10 +105,10 @@ def test_level_switch_keeps_the_budget():
 
 def test_a_plan_runs_from_its_string_and_from_a_file(tmp_path):
     loaded = loaded_tiny()
-    table = LevelTable.build(loaded.model, 32)
+    table = LevelTable.build(loaded.model)
     rng = random.Random(2)
-    levels = {s.name: rng.choice((2, 3, 4)) for s in table.sites}
-    text = plan_string(levels, table.attrs, 32)
+    levels = {s.name: rng.randrange(len(LEVELS)) for s in table.sites}
+    text = plan_string(levels, table.attrs)
     (tmp_path / "plan.txt").write_text(text + "\n")
     [chain] = expand_plan_files([f"plan:{tmp_path / 'plan.txt'}"])
     assert RunSpec.parse(text).compress == [TechniqueSpec.parse(t) for t in chain.split("+")]
@@ -119,12 +119,27 @@ def test_a_plan_runs_from_its_string_and_from_a_file(tmp_path):
         expand_plan_files([f"plan:{tmp_path / 'missing.txt'}"])
 
 
-@pytest.mark.parametrize("method", ["hawq", "evopress"])
-def test_search_writes_a_plan_on_budget(method):
+@pytest.mark.parametrize("method,quantizer", [("hawq", "rtn"), ("evopress", "rtn"), ("hawq", "gptq")])
+def test_search_writes_a_plan_on_budget(method, quantizer):
+    # uniform 2.5 bits at group 32 stores 2.5 + 32 / 32 = 3.5 bits per weight, scales and offsets included
     result = search("random:llama", method, 2.5, 0.05, group=32, tokens=256, samples=1, offspring=2,
-                    survivors=(1,), generations=2, progress=False)
-    assert result.average_bits <= 2.5 and set(result.levels.values()) <= {2, 3, 4}
-    assert RunSpec.parse(result.plan).compress[0].name == "int4"
+                    survivors=(1,), generations=2, progress=False, quantizer=quantizer)
+    assert result.average_bits <= 3.5 and set(result.levels.values()) <= set(range(len(LEVELS)))
+    assert {t.name for t in RunSpec.parse(result.plan).compress} == {"rtn": {"int4"}, "gptq": {"gptq"}}[quantizer]
+
+
+def test_a_plans_budget_is_its_real_bytes():
+    """average_bits counts codes, scales and offsets: it equals the bits the plan's bf16 layers really hold."""
+    loaded = loaded_tiny()
+    loaded.model.to(torch.bfloat16)
+    loaded.dtype = torch.bfloat16
+    table = LevelTable.build(loaded.model)
+    rng = random.Random(3)
+    levels = {s.name: rng.randrange(len(LEVELS)) for s in table.sites}
+    compress(loaded, "+".join(t.to_string() for t in RunSpec.parse(plan_string(levels, table.attrs)).compress))
+    held = sum(weight_nbytes(s.module) for s in linear_sites(loaded.model, head=False))
+    assert 8 * held / sum(table.sizes.values()) == pytest.approx(average_bits(levels, table.sizes))
+    assert [lv.cost for lv in LEVELS] == [2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
 
 
 def test_search_refuses_a_budget_outside_the_levels():
@@ -200,7 +215,7 @@ def test_evopress_budget_holds_within_a_generation():
     from workbench.compression.evopress import evopress_plan
 
     model = loaded_tiny().model
-    table = LevelTable.build(model, 32)
+    table = LevelTable.build(model)
     g = torch.Generator().manual_seed(0)
     segments = [torch.randint(0, model.config.vocab_size, (32,), generator=g) for _ in range(2)]
     start = {name: 3 for name in table.sizes}

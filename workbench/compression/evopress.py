@@ -3,17 +3,18 @@
 Paper: "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary Search", Sieberling et al.,
 arXiv 2410.14649.
 
-The search is a (1 + λ) evolution over plans (a level per decoder linear, here round-to-nearest bits 2, 3,
-4), starting from the uniform plan at the budget. Each generation makes λ offspring of the parent by the
-paper's level-switch mutation: one linear goes up a level and another of the same shape goes down one, so
-the total size stays exactly on budget. Offspring are chosen by multi-step selection: all are scored on a
-few calibration tokens, the best `survivors` of each step go on to a step with more tokens, and the last
-step's best (with the parent scored alongside, so the parent is kept if no child beats it) becomes the next
-parent. The fitness is the KL divergence of the plan's next-token distributions from the uncompressed
-model's on the calibration text (lower is better). The time budget is checked before every plan is scored:
-when it runs out mid-generation, that generation is dropped and the current parent is the result.
-Left out: the paper's database of non-uniform levels (here levels are plain RTN bit widths), its
-layer-dropping and unstructured-sparsity variants.
+The search is a (1 + λ) evolution over plans (a level per decoder linear from a database of compressed
+weights: bits 2, 3, 4 at groups 64 and 32, round-to-nearest or GPTQ, in equal steps of half a bit stored per
+weight, compression/plan.py), starting from the uniform plan at the budget. Each generation makes λ offspring
+of the parent by the paper's level-switch mutation: one linear goes up a level and another of the same shape
+goes down one, so the total size stays exactly on budget. Offspring are chosen by multi-step selection: all
+are scored on a few calibration tokens, the best `survivors` of each step go on to a step with more tokens,
+and the last step's best (with the parent scored alongside, so the parent is kept if no child beats it)
+becomes the next parent. The fitness is the KL divergence of the plan's next-token distributions from the
+uncompressed model's on the calibration text (lower is better). The time budget is checked before every plan
+is scored: when it runs out mid-generation, that generation is dropped and the current parent is the result.
+Left out: the paper's finer level databases (here six levels), its layer-dropping and unstructured-sparsity
+variants.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class OutOfTime(Exception):
 def level_switch(levels: dict[str, int], shapes: dict[str, tuple[int, int]], rng: random.Random) -> dict[str, int]:
     """The paper's mutation: one site up a level and one of the same shape down one (size unchanged)."""
     child = dict(levels)
+    top = len(LEVELS) - 1
     while True:
-        up = rng.choice([n for n, b in levels.items() if b < max(LEVELS)])
-        downs = [n for n, b in levels.items() if b > min(LEVELS) and n != up and shapes[n] == shapes[up]]
+        up = rng.choice([n for n, k in levels.items() if k < top])
+        downs = [n for n, k in levels.items() if k > 0 and n != up and shapes[n] == shapes[up]]
         if downs:
             down = rng.choice(downs)
             child[up] += 1
@@ -53,7 +55,7 @@ def evopress_plan(model: nn.Module, table: LevelTable, segments: list[torch.Tens
     `survivors[k]` plans. Returns the best plan and a history of its fitness per generation."""
     rng = random.Random(seed)
     shapes = {s.name: tuple(s.module.weight.shape) for s in table.sites}
-    if not any(b < max(LEVELS) for b in start.values()) or not any(b > min(LEVELS) for b in start.values()):
+    if not any(k < len(LEVELS) - 1 for k in start.values()) or not any(k > 0 for k in start.values()):
         return start, {"generations": 0, "fitness": []}  # all at one end: no level switch keeps the budget
     dense = {s.name: s.module.weight.data for s in table.sites}
     steps = len(survivors) + 1

@@ -4,12 +4,15 @@ Papers: "HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural Networks",
 arXiv 1911.03852 (trace sensitivity, Hutchinson's estimator), and "HAWQ-V3: Dyadic Neural Network
 Quantization", Yao et al., arXiv 2011.10680 (the bit allocation as an integer program under a size budget).
 
-Each decoder linear's sensitivity at b bits is Ω_i(b) = Tr(H_i) / n_i · ‖Q_b(W_i) − W_i‖², with H_i the
-Hessian of the calibration loss (next-token cross-entropy) with respect to the layer's n_i weights and Q_b
-round-to-nearest at b bits. Tr(H_i) = E[vᵀ H_i v] over Rademacher v (Hutchinson), each sample one
-Hessian-vector product by double backward through the model in float32, on one calibration segment (in
-turn). The plan minimises Σ Ω_i(b_i) subject to Σ n_i b_i ≤ budget · Σ n_i, solved exactly by dynamic
-programming over the budget in units of the layers' common size (HAWQ-V3 uses an ILP solver for the same
+Each decoder linear's sensitivity at level l (bits and group, compression/plan.py) is
+Ω_i(l) = Tr(H_i) / n_i · ‖Q_l(W_i) − W_i‖², with H_i the Hessian of the calibration loss (next-token
+cross-entropy) with respect to the layer's n_i weights and Q_l the level's quantizer (round-to-nearest or
+GPTQ). Tr(H_i) = E[vᵀ H_i v] over Rademacher v (Hutchinson), each sample one Hessian-vector product by
+double backward through the model in float32, on one calibration segment (in turn). A trace estimate below
+zero (noise: too few samples for that layer) is raised to zero's neighbour, the smallest positive estimate,
+as a negative Ω would reward error. The plan minimises Σ Ω_i(l_i) subject to the bits stored (codes,
+scales, offsets) staying within the budget, solved exactly by dynamic programming over the budget in units
+of the layers' common size times the levels' half-bit step (HAWQ-V3 uses an ILP solver for the same
 problem). Left out: HAWQ's activation quantization, and latency or BOPs constraints beside the size budget.
 """
 
@@ -70,14 +73,16 @@ def hutchinson_traces(model: nn.Module, sites: list[LinearSite], segments: list[
     return {s.name: total / done for s, total in zip(sites, sums)}, done
 
 
-def allocate(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], budget_bits: float) -> dict[str, int]:
-    """Bits per site minimising Σ sensitivity[site][bits] with Σ size · bits ≤ budget_bits · Σ size (exact DP)."""
+def allocate(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:
+    """A level per site minimising Σ sensitivity[site][level] with Σ size · level ≤ budget · Σ size (exact DP).
+    Levels are integers whose cost grows linearly with them (indices into LEVELS, or bit widths)."""
     names = list(sensitivity)
     unit = math.gcd(*(sizes[n] for n in names))
-    low = min(LEVELS)
-    capacity = math.floor((budget_bits - low) * sum(sizes[n] for n in names) / unit + 1e-9)
+    levels = sorted(sensitivity[names[0]])
+    low = levels[0]
+    capacity = math.floor((budget - low) * sum(sizes[n] for n in names) / unit + 1e-9)
     if capacity < 0:
-        raise ValueError(f"a budget of {budget_bits} bits is below the lowest level, {low}")
+        raise ValueError(f"a budget of {budget} is below the lowest level, {low}")
     best = [0.0] + [math.inf] * capacity  # best[c]: least total sensitivity spending c extra units
     choices: list[list[int]] = []
     for name in names:
@@ -86,7 +91,7 @@ def allocate(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], bu
         for c, value in enumerate(best):
             if value == math.inf:
                 continue
-            for bits in LEVELS:
+            for bits in levels:
                 c2 = c + (bits - low) * cost
                 if c2 <= capacity and value + sensitivity[name][bits] < new[c2]:
                     new[c2], pick[c2] = value + sensitivity[name][bits], bits
@@ -101,10 +106,15 @@ def allocate(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], bu
 
 
 def hawq_plan(model: nn.Module, table: LevelTable, originals: dict[str, torch.Tensor],
-              segments: list[torch.Tensor], budget_bits: float, samples: int, seed: int, deadline: float,
+              segments: list[torch.Tensor], budget: float, samples: int, seed: int, deadline: float,
               progress: bool = True) -> tuple[dict[str, int], dict]:
-    """The HAWQ plan for `budget_bits` and what it was built from (traces, samples drawn)."""
+    """The HAWQ plan for `budget` (a position on the level scale, plan.level_index) and what it was built
+    from (traces, samples drawn, how many estimates were below zero)."""
     traces, drawn = hutchinson_traces(model, table.sites, segments, samples, seed, deadline, progress)
-    sensitivity = {n: {b: traces[n] / table.sizes[n] * table.error(n, b, originals[n]) for b in LEVELS}
+    positive = [t for t in traces.values() if t > 0]
+    floor = min(positive) if positive else 1.0
+    used = {n: t if t > 0 else floor for n, t in traces.items()}
+    sensitivity = {n: {k: used[n] / table.sizes[n] * table.error(n, k, originals[n]) for k in range(len(LEVELS))}
                    for n in traces}
-    return allocate(sensitivity, table.sizes, budget_bits), {"hutchinson_samples": drawn, "traces": traces}
+    return allocate(sensitivity, table.sizes, budget), {
+        "hutchinson_samples": drawn, "traces": traces, "negative_traces": len(traces) - len(positive)}

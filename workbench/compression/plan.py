@@ -1,32 +1,59 @@
-"""Per-layer compression plans: a bit width per decoder linear, written as a chain of `int4` transforms.
+"""Per-layer compression plans: a level (bits and group) per decoder linear, written as a chain of transforms.
 
-A plan maps every decoder linear ("layers.3.down") to a level (bits 2, 3 or 4 of round-to-nearest `int4`).
-As a spec it is one `int4:bits=B,group=G,layers=...` per level used, each on its own layers (the shared
-`layers` selector of compression/base.py), so a plan is an ordinary `compress` string: runnable inline or
-from a file with `--compress plan:FILE` (the file holds the RunSpec string `compress=...` that
-`workbench search` writes). The LM head stays as it is (bf16) in plans and in the uniform baselines alike.
+A level is a bit width (2, 3, 4) at a group size (64 or 32). Its cost is what it really stores per weight:
+the code bits plus a bf16 scale and offset per group (32 bits / group), so `LEVELS` runs 2.5, 3.0, ... 5.0
+bits per weight in equal steps of half a bit, and a plan's budget counts the scales too (uniform 3-bit at
+group 64 costs 3.5). The quantizer of the levels is round-to-nearest (`int4`) or GPTQ (`gptq`, as in
+EvoPress's level database). As a spec a plan is one `int4:bits=B,group=G,layers=...` (or `gptq:...`) per
+level used, each on its own layers (the shared `layers` selector of compression/base.py), so it is an
+ordinary `compress` string: runnable inline or from a file with `--compress plan:FILE` (the file holds the
+RunSpec string `compress=...` that `workbench search` writes). The LM head stays as it is (bf16) in plans
+and in the uniform baselines alike.
 
-The searches (`hawq`, `evopress`) share `LevelTable`: every site's weight at every level, made once, and a
-way to put a plan's weights into the model as plain linears holding exactly the dequantized weights (the
-same products the plan's layers compute, at dense speed) to score it on calibration text.
+The searches (`hawq`, `evopress`) share `LevelTable`: every site's weight at every level, made once (GPTQ's
+from each layer's input Hessian in the uncompressed model, each layer independently, as EvoPress's
+database), and a way to put a plan's weights into the model as plain linears holding exactly the dequantized
+weights (the same products the plan's layers compute, at dense speed) to score it on calibration text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workbench.compression.base import LinearSite, dense_weight, linear_sites
+from workbench.compression.gptq import gptq_quantize
 from workbench.compression.int4 import quantize_rtn_int4
 from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 
-LEVELS = (2, 3, 4)  # bits per weight a plan may give a linear
+SCALE_BITS = 32  # a bf16 scale and offset per group
+QUANTIZERS = {"rtn": "int4", "gptq": "gptq"}  # the levels' quantizer -> the transform that runs it in a plan
+
+
+class Level(NamedTuple):
+    bits: int
+    group: int
+
+    @property
+    def cost(self) -> float:
+        """Bits stored per weight: the code plus the group's scale and offset."""
+        return self.bits + SCALE_BITS / self.group
+
+
+LEVELS = tuple(sorted((Level(b, g) for b in (2, 3, 4) for g in (64, 32)), key=lambda lv: lv.cost))
+LEVEL_STEP = 0.5  # bits per weight between consecutive levels (EvoPress's level switch keeps the size)
 PLAN_PREFIX = "plan:"
+
+
+def level_index(bits: float, group: int) -> float:
+    """The position on the level scale of `bits` at `group` (a budget's cost; fractional between levels)."""
+    return (bits + SCALE_BITS / group - LEVELS[0].cost) / LEVEL_STEP
 
 
 def by_layer(names: list[str]) -> dict[int, list[str]]:
@@ -38,12 +65,12 @@ def by_layer(names: list[str]) -> dict[int, list[str]]:
     return per_layer
 
 
-def plan_specs(levels: dict[str, int], attrs: list[str], group: int) -> list[TechniqueSpec]:
-    """The compress chain of a plan: one int4 transform per bit width used, ordered by bits; its `layers`
-    names whole layers (all `attrs` at that width) as ranges, the others as i.attr."""
+def plan_specs(levels: dict[str, int], attrs: list[str], quantizer: str = "rtn") -> list[TechniqueSpec]:
+    """The compress chain of a plan (levels: indices into LEVELS): one transform per level used, ordered by
+    cost; its `layers` names whole layers (all `attrs` at that level) as ranges, the others as i.attr."""
     specs = []
-    for bits in sorted(set(levels.values())):
-        per_layer = by_layer([n for n, b in levels.items() if b == bits])
+    for level in sorted(set(levels.values())):
+        per_layer = by_layer([n for n, b in levels.items() if b == level])
         items, whole = [], [i for i, a in sorted(per_layer.items()) if sorted(a) == sorted(attrs)]
         start = None
         for k, i in enumerate(whole):  # consecutive whole layers as ranges
@@ -52,13 +79,14 @@ def plan_specs(levels: dict[str, int], attrs: list[str], group: int) -> list[Tec
                 items.append(str(i) if start == i else f"{start}-{i}")
                 start = None
         items += [f"{i}.{a}" for i, a_list in sorted(per_layer.items()) if i not in whole for a in a_list]
-        specs.append(TechniqueSpec("int4", {"bits": bits, "group": group, "layers": "/".join(items)}))
+        bits, group = LEVELS[level]
+        specs.append(TechniqueSpec(QUANTIZERS[quantizer], {"bits": bits, "group": group, "layers": "/".join(items)}))
     return specs
 
 
-def plan_string(levels: dict[str, int], attrs: list[str], group: int) -> str:
-    """The RunSpec string of a plan: `compress=int4:bits=2,...+int4:bits=3,...`."""
-    return RunSpec(compress=plan_specs(levels, attrs, group)).to_string()
+def plan_string(levels: dict[str, int], attrs: list[str], quantizer: str = "rtn") -> str:
+    """The RunSpec string of a plan: `compress=int4:bits=2,group=64,...+int4:bits=3,...`."""
+    return RunSpec(compress=plan_specs(levels, attrs, quantizer)).to_string()
 
 
 def expand_plan_files(items: list[str]) -> list[str]:
@@ -81,43 +109,52 @@ def expand_plan_files(items: list[str]) -> list[str]:
 
 
 def average_bits(levels: dict[str, int], sizes: dict[str, int]) -> float:
-    """Bits per weight of the plan's codes, weighted by each linear's weight count."""
-    return sum(levels[n] * sizes[n] for n in levels) / sum(sizes[n] for n in levels)
+    """Bits stored per weight by the plan (codes, scales and offsets), weighted by each linear's weight count."""
+    return sum(LEVELS[levels[n]].cost * sizes[n] for n in levels) / sum(sizes[n] for n in levels)
 
 
 @dataclass
 class LevelTable:
-    """Every decoder linear's dequantized weight at every level (round-to-nearest, `group`), for scoring plans."""
+    """Every decoder linear's dequantized weight at every level (`quantizer` rtn or gptq), for scoring plans."""
 
     sites: list[LinearSite]
-    weights: dict[str, dict[int, torch.Tensor]]  # site name -> bits -> [out, in] in the model's dtype
+    weights: dict[str, dict[int, torch.Tensor]]  # site name -> level index -> [out, in] in the model's dtype
     sizes: dict[str, int]  # weights per site
-    group: int
+    quantizer: str = "rtn"
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: nn.Module, group: int) -> LevelTable:
+    def build(cls, model: nn.Module, quantizer: str = "rtn", hessians: dict[str, torch.Tensor] | None = None,
+              progress: bool = False) -> LevelTable:
+        """`hessians` (H = XᵀX / n per site, from the uncompressed model) are needed for gptq."""
+        from tqdm.auto import tqdm
+
         sites = linear_sites(model, head=False)
         weights, sizes = {}, {}
-        for site in sites:
+        for site in tqdm(sites, desc=f"levels ({quantizer})", disable=not progress):
             w = dense_weight(site.module)
-            if w.shape[1] % group:
-                raise SpecError(f"search: group={group} does not divide {site.name}'s {w.shape[1]} inputs")
+            for group in sorted({lv.group for lv in LEVELS}):
+                if w.shape[1] % group:
+                    raise SpecError(f"search: group={group} does not divide {site.name}'s {w.shape[1]} inputs")
             weights[site.name] = {}
-            for bits in LEVELS:
-                codes, scales, offsets = quantize_rtn_int4(w, group, w.dtype, bits)
+            for k, (bits, group) in enumerate(LEVELS):
+                if quantizer == "gptq":
+                    codes, scales, offsets = gptq_quantize(w, hessians[site.name], bits, group, act_order=True,
+                                                           param_dtype=w.dtype)
+                else:
+                    codes, scales, offsets = quantize_rtn_int4(w, group, w.dtype, bits)
                 w_hat = codes.float().view(*scales.shape, group) * scales[..., None] + offsets[..., None]
-                weights[site.name][bits] = w_hat.view_as(w).to(w.dtype)
+                weights[site.name][k] = w_hat.view_as(w).to(w.dtype)
             sizes[site.name] = w.numel()
-        return cls(sites, weights, sizes, group)
+        return cls(sites, weights, sizes, quantizer)
 
     @property
     def attrs(self) -> list[str]:
         return sorted({s.name.split(".", 2)[2] for s in self.sites})
 
-    def error(self, name: str, bits: int, original: torch.Tensor) -> float:
-        """‖Q_bits(W) − W‖² of one site."""
-        return float((self.weights[name][bits].float() - original.float()).pow(2).sum())
+    def error(self, name: str, level: int, original: torch.Tensor) -> float:
+        """‖Q(W) − W‖² of one site at a level."""
+        return float((self.weights[name][level].float() - original.float()).pow(2).sum())
 
     def install(self, levels: dict[str, int]) -> None:
         """Point every site's linear at its level's weight (the model must hold nn.Linear at each site)."""
