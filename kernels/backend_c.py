@@ -31,9 +31,12 @@ def unavailable_reason() -> str:
     return cpu.unavailable_reason()
 
 
+NOT_TAKEN = ("prefill_attention", "rope_append", "kivi_attention", "mustafar_attention")  # the reference runs them
+
+
 def supports(operation: str, device: torch.device, dtype: torch.dtype) -> bool:
     """CPU only; bf16 activations, except top-k, which takes the float32 logits of any model."""
-    if device.type != "cpu" or operation in ("prefill_attention", "rope_append") or not cpu.available():
+    if device.type != "cpu" or operation in NOT_TAKEN or not cpu.available():
         return False
     return operation == "topk" or dtype == torch.bfloat16
 

@@ -188,6 +188,21 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out.reshape(heads, n, dim)  # the CUDA kernels may return a strided layout
 
 
+# Attention over a compressed cache layer's stored form, one decoding step (q: [1, heads, dim]; `layer` as it
+# stands after the step's token was appended). The references are the model's own path: KIVI's codes
+# dequantized (`view`), then `attention`; Mustafar's torch SpMV (`MustafarLayerCache.attend`).
+
+def kivi_attention(q: torch.Tensor, layer) -> torch.Tensor:
+    """q over a KIVI `CompressedLayerCache` (workbench/cache/kivi.py), every key visible. Returns [1, heads * dim]."""
+    k, v = layer.view()
+    return attention(q, k, v)
+
+
+def mustafar_attention(q: torch.Tensor, layer) -> torch.Tensor:
+    """q over a `MustafarLayerCache` (workbench/cache/mustafar.py), every key visible. Returns [1, heads * dim]."""
+    return layer.attend(q.transpose(0, 1), None).transpose(0, 1).reshape(1, -1)
+
+
 # The small work between the products.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

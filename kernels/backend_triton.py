@@ -2,7 +2,8 @@
 
 It takes, on CUDA: RMSNorm and residual add + RMSNorm, RoPE, RoPE fused with a dense cache's append, SwiGLU
 (`triton_norm.py`), the weight-only int8 and int4 products with their dequantization fused in
-(`triton_linear.py`), and decode and tree attention over a dense cache view (`triton_attention.py`); and
+(`triton_linear.py`), decode and tree attention over a dense cache view (`triton_attention.py`), one decoding
+step's attention over KIVI's codes and Mustafar's bitmaps (`triton_kivi.py`, `triton_mustafar.py`); and
 DFloat11's decoder for `DFloat11Linear` (`triton_dfloat11.py`, not a dispatch operation: the layer calls it).
 Dense bf16 products, prompt attention and top-k stay with torch (cuBLAS, FlashAttention and torch's top-k are
 already the fast paths there). Each operation's `*_fits` check says
@@ -20,11 +21,19 @@ from __future__ import annotations
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from workbench.kernels import backend_torch, triton_attention, triton_dfloat11, triton_linear, triton_norm
+from workbench.kernels import (
+    backend_torch,
+    triton_attention,
+    triton_dfloat11,
+    triton_kivi,
+    triton_linear,
+    triton_mustafar,
+    triton_norm,
+)
 
 NAME = "triton"
 OPERATIONS = ("linear_int8", "linear_int4", "attention", "tree_attention", "rms_norm", "add_rms_norm", "rope",
-              "rope_append", "swiglu")
+              "rope_append", "swiglu", "kivi_attention", "mustafar_attention")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_ROWS = 128  # query rows (query heads per kv head x new tokens) one attention program holds in registers
 
@@ -115,6 +124,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, new_mask: torch.Tensor | None,
                    n_past: int) -> torch.Tensor:
     return triton_attention.tree_attention(q, k, v, new_mask, n_past)
+
+
+# Attention over a compressed cache layer's stored form (one decoding step; `layer` after the step's append).
+
+def _layer_fits(q: torch.Tensor, layer) -> bool:
+    """One query row per head group over a layer whose every kv head is compressed (heads kept raw take the
+    reference), with the raw window's keys in q's dtype."""
+    raw_k, raw_v = layer.raw.view()
+    return q.shape[0] == 1 and not layer.n_full and _attention_fits(q, raw_k, raw_v) and raw_k.dtype == q.dtype
+
+
+def kivi_attention_fits(q: torch.Tensor, layer) -> bool:
+    return _layer_fits(q, layer)
+
+
+def mustafar_attention_fits(q: torch.Tensor, layer) -> bool:
+    return _layer_fits(q, layer) and q.shape[2] % 8 == 0
+
+
+def kivi_attention(q: torch.Tensor, layer) -> torch.Tensor:
+    return triton_kivi.kivi_layer_attention(q, layer)
+
+
+def mustafar_attention(q: torch.Tensor, layer) -> torch.Tensor:
+    return triton_mustafar.mustafar_layer_attention(q, layer)
 
 
 # The small work between the products.

@@ -43,8 +43,13 @@ OPERATIONS: dict[str, str] = {
     "swiglu": "silu(gate) * up of the fused gate|up product",
     "topk": "the k largest values of each row and their indices (k = 1: the greedy choice)",
     "decoder_layers": "consecutive whole decoder layers in one call (their cache slots written in place)",
+    "kivi_attention": "one decoding step's query over a KIVI cache layer: its packed codes and full-precision window",
+    "mustafar_attention": "one decoding step's query over a Mustafar cache layer: its bitmaps, nonzeros and window",
 }
 LINEAR_OPERATIONS = {"bf16": "linear", "int8": "linear_int8", "int4": "linear_int4"}  # weight format -> operation
+# Attention a compressed cache layer answers for a one-token step (`LayerCache.attention_operation`), reading its
+# stored form; the model calls them only where a kernel takes them (`Kernels.reads_stored_form`)
+LAYER_ATTENTION_OPERATIONS = ("kivi_attention", "mustafar_attention")
 SMALL_QUERY = 64  # up to this many new tokens take `attention`/`tree_attention`; more take `prefill_attention`
 
 BACKENDS: dict[str, tuple[str, ...]] = {"cpu": ("c", "torch"), "cuda": ("triton", "torch")}  # preference order
@@ -171,6 +176,10 @@ class Kernels:
         # the model hands a dense cache's buffers to `rope_append` only where a kernel fuses it (one launch for
         # RoPE and the append); the reference is the model's own separate RoPE and append
         self.fuses_rope_append = self.backends.get("rope_append", backend_torch.NAME) != backend_torch.NAME
+        # likewise a compressed layer's own attention: its reference is the model's own path (dequantize the
+        # codes, or the layer's `attend`), so only a kernel that reads the stored form is worth the call
+        self.reads_stored_form = {op for op in LAYER_ATTENTION_OPERATIONS
+                                  if self.backends.get(op, backend_torch.NAME) != backend_torch.NAME}
 
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -182,6 +191,8 @@ class Kernels:
     tree_attention: Callable[..., torch.Tensor]
     prefill_attention: Callable[..., torch.Tensor]
     decoder_layers: Callable[..., torch.Tensor]
+    kivi_attention: Callable[..., torch.Tensor]
+    mustafar_attention: Callable[..., torch.Tensor]
     fuses: Callable[..., bool]
     layer_row: Callable[..., list[int] | None]
 

@@ -10,8 +10,8 @@ softmax, then does the same for the values with their per-token scales. The resi
 dense chunk kernel into the same partial results (`triton_attention.Partials`), and one merge combines both.
 
 Left out: heads kept raw (`raw_heads`) and tree verification (several query rows with a mask) over the codes,
-which still take the reference (dequantize, then attend). The model does not call this yet: the cache layer
-would need to hand its fields to an attention operation (see docs/kernels.md).
+which still take the reference (dequantize, then attend). The model calls it through the `kivi_attention`
+operation (`backend_triton`), which a KIVI layer names as its `attention_operation` (docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ online softmax; the dense window goes through the dense chunk kernel into the sa
 
 Left out: the paper's tiled bitmap format and its load balancing across warps; heads kept raw (`raw_heads`)
 and tree verification over the pruned tokens (the reference `MustafarLayerCache.attend` runs those). The model
-does not call this yet (docs/kernels.md, the cache hook).
+calls it through the `mustafar_attention` operation, which a Mustafar layer names as its `attention_operation`.
 """
 
 from __future__ import annotations

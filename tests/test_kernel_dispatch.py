@@ -64,6 +64,9 @@ def case(operation: str, module):
         codes, scales, offsets = quantize_rtn_int4(w.float(), 32, b16)
         weight = codes.double() * scales.double().repeat_interleave(32, 1) + offsets.double().repeat_interleave(32, 1)
         return (x, *module.pack_int4(codes, scales, offsets, b16), 32, bias), x.double() @ weight.T + bias.double()
+    if operation in dispatch.LAYER_ATTENTION_OPERATIONS:  # a compressed layer after a step's append
+        layer, q = compressed_layer(operation), torch.randn(1, 4, 32, dtype=b16)
+        return (q, layer), exact_attention(q, *layer.view(), None)
     big_k, big_v = torch.randn(2, 40, 32, dtype=b16), torch.randn(2, 40, 32, dtype=b16)  # a cache's buffers
     if operation == "attention":
         q, k, v = torch.randn(1, 4, 32, dtype=b16), big_k[:, :10], big_v[:, :10]  # strided views, as a cache's
@@ -112,6 +115,25 @@ def case(operation: str, module):
     raise AssertionError(operation)
 
 
+def compressed_layer(operation: str):
+    """A KIVI (2-bit) or Mustafar (50%) layer of 2 kv heads x 32 dims: 61 tokens, most of them compressed, and
+    one step's token appended after them."""
+    from workbench.cache.kivi import KiviCodec
+    from workbench.cache.mustafar import MustafarCodec, MustafarLayerCache
+    from workbench.cache.quantized import CompressedLayerCache
+
+    b16 = torch.bfloat16
+    if operation == "kivi_attention":
+        layer = CompressedLayerCache(KiviCodec(2, 16, 16), 2, 32, b16, CPU, 128, residual=16)
+    else:
+        layer = MustafarLayerCache(MustafarCodec(32, 0.5, b16), 2, 32, b16, CPU, 128, residual=8)
+    layer.append(*torch.randn(2, 2, 60, 32, dtype=b16), torch.arange(60))
+    layer.commit()
+    layer.append(*torch.randn(2, 2, 1, 32, dtype=b16), torch.tensor([60]))
+    assert layer.n_compressed >= 40 and layer.attention_operation == operation
+    return layer
+
+
 CASES = [(name, op) for name in BACKENDS for op in dispatch.OPERATIONS if op != "decoder_layers"
          and dispatch.backend(name).supports(op, CPU, torch.bfloat16)]
 
@@ -123,7 +145,7 @@ def test_every_backend_that_runs_here_is_tested():
         assert {op for name, op in CASES if name == "triton"} == set(TRITON.OPERATIONS)
     if cpu.available():  # this project's machines: the C kernels take every operation but prefill attention
         assert {op for name, op in CASES if name == "c"} == set(dispatch.OPERATIONS) - {
-            "decoder_layers", "prefill_attention", "rope_append"}
+            "decoder_layers", "prefill_attention", "rope_append", *dispatch.LAYER_ATTENTION_OPERATIONS}
 
 
 @pytest.mark.parametrize("name,operation", CASES)

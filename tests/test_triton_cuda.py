@@ -81,3 +81,23 @@ def test_dfloat11_decodes_on_the_gpu_bit_for_bit():
     layer = DFloat11Linear(w, None).cuda()
     assert layer.decoder() == "triton" and not layer.simulated
     assert torch.equal(layer.dequantized_weight().cpu().view(torch.int16), w.view(torch.int16))
+
+
+@pytest.mark.parametrize("cache,operation", [("kivi:bits=2,group=8,channels=8,residual=8", "kivi_attention"),
+                                             ("mustafar:sparsity=0.5,residual=4", "mustafar_attention")])
+def test_compressed_caches_attend_through_their_kernels_on_the_gpu(monkeypatch, cache, operation):
+    from workbench.api import Workbench
+    from workbench.kernels import dispatch
+
+    def run(force: str):
+        monkeypatch.setenv("WORKBENCH_KERNELS", force)
+        dispatch.reset()
+        trace = Workbench("random:llama", dtype="float32", device="cuda").generate(
+            " ".join(str(i) for i in range(5, 45)), f"cache={cache};max_new_tokens=16;ignore_eos=true")
+        return trace.token_ids, trace.summary()["provenance"]["backends"]
+
+    ours, used = run("triton")
+    reference, used_reference = run("torch")
+    dispatch.reset()
+    assert used[operation] == "triton" and operation not in used_reference
+    assert ours == reference

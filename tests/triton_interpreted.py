@@ -183,3 +183,26 @@ def test_dfloat11_decodes_bit_for_bit_in_the_triton_kernel(shape):
         ids = torch.tensor([shape[0] - 1, 0])
         assert torch.equal(layer.rows(ids).view(torch.int16), w[ids].view(torch.int16))
     assert dispatch.backends_used(used) == {"dfloat11_decode": "triton"}
+
+
+@pytest.mark.parametrize("cache,operation", [("kivi:bits=2,group=8,channels=8,residual=8", "kivi_attention"),
+                                             ("mustafar:sparsity=0.5,residual=4", "mustafar_attention")])
+def test_a_compressed_cache_attends_through_its_kernel_in_a_whole_run(monkeypatch, cache, operation):
+    """Greedy tokens of a whole run with the one-token steps' attention read from the codes / bitmaps by the
+    kernel are the reference path's (float32: the kernels' rounding cannot flip a choice), and the run's
+    provenance says which ran. Only the compressed attention is interpreted (the rest would only slow it)."""
+    from workbench.api import Workbench
+
+    monkeypatch.setattr(backend_triton, "OPERATIONS", dispatch.LAYER_ATTENTION_OPERATIONS)
+
+    def run(force: str):
+        monkeypatch.setenv("WORKBENCH_KERNELS", force)
+        dispatch.reset()
+        trace = Workbench("random:llama", dtype="float32").generate(
+            " ".join(str(i) for i in range(5, 21)), f"cache={cache};max_new_tokens=6;ignore_eos=true")
+        return trace.token_ids, trace.summary()["provenance"]["backends"]
+
+    ours, used = run("triton")
+    reference, used_reference = run("torch")
+    assert used[operation] == "triton" and operation not in used_reference
+    assert len(ours) == 6 and ours == reference

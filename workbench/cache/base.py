@@ -67,6 +67,9 @@ class LayerCache(ABC):
     n_committed: int = 0
     observer: AttentionObserver | None = None  # set by policies that need attention weights
     attends_itself = False  # True: `attention` calls attend() instead of attending over view()
+    # A `dispatch` operation (q, layer) that answers one decoding step's attention over the stored form itself
+    # (a kernel reading KIVI's codes, Mustafar's bitmaps); None: the model attends over `view` or `attend`
+    attention_operation: str | None = None
 
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:

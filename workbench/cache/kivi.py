@@ -45,6 +45,8 @@ class KiviCodec(Codec):
     - `raw_heads`: `full["k"]`, `full["v"]` [raw heads, N, d] in the model's dtype, for the heads left uncoded.
     """
 
+    attention_operation = "kivi_attention"  # kernels/triton_kivi.py reads this layout
+
     def __init__(self, bits: int, group: int, channels: int):
         self.bits, self.group, self.channels = bits, group, channels
 
@@ -75,8 +77,9 @@ class KiviPolicy(CompressedPolicy):
     full-precision residual window; when it holds `residual` committed tokens they are quantized in groups
     (asymmetric round-to-nearest, float16 scale and minimum, codes bit-packed). Drafts stay raw until
     committed. The layer holds only the codes, their scales and the residual window (layout: KiviCodec), so the
-    bytes the process holds shrink with the codes. Left out: the fused dequantize-matmul kernels (attention
-    runs on K/V dequantized per step), and the paper's defaults (group 32, residual 128) are replaced by group
+    bytes the process holds shrink with the codes. A one-token step's attention reads the codes in a fused
+    kernel where one runs (kernels/triton_kivi.py, on CUDA); elsewhere, and for trees and raw heads, K/V are
+    dequantized per step. Left out: the paper's defaults (group 32, residual 128) are replaced by group
     64 / residual 64 so the scales and the window fit the byte bars at 2k tokens (see docs/cache.md).
     """
 

@@ -25,6 +25,7 @@ class MustafarCodec(Codec):
     nonzeros packed in channel order, in the model's dtype."""
 
     group = 1
+    attention_operation = "mustafar_attention"  # kernels/triton_mustafar.py reads this layout
 
     def __init__(self, head_dim: int, sparsity: float, dtype: torch.dtype):
         self.head_dim, self.dtype = head_dim, dtype
@@ -62,7 +63,8 @@ class MustafarCodec(Codec):
 class MustafarLayerCache(CompressedLayerCache):
     """Attention straight from the bitmap form: scores q·k as gathered products over each key's nonzeros,
     and the output as a scatter-add of probability-weighted value nonzeros. This is the torch reference of
-    the paper's SpMV kernel; a Triton kernel would replace `_sparse_scores` and `_sparse_output`."""
+    the paper's SpMV kernel; a one-token step takes the Triton kernel instead where it runs (its codec's
+    `attention_operation`, kernels/triton_mustafar.py)."""
 
     attends_itself = True
 
@@ -137,10 +139,12 @@ class MustafarPolicy(CompressedPolicy):
     tokens at a time and so holds 32 to 288 dense, and on SmolLM2-135M (head_dim 64, half the paper's models')
     a 32-token window costs several times the perplexity of a 256-token one for a few percent fewer bytes
     (docs/cache.md has the figures).
-    Left out: the CUDA kernel (this is a torch reference: it expands each bitmap to indices per call, so it is
-    slow), the tiling of the bitmap format, and the kernel path's batching of compression 256 tokens at a
-    time. The reference's threshold (kthvalue, keep >=) keeps one channel more than (1 - sparsity) * head_dim;
-    here exactly head_dim - round(sparsity * head_dim) are kept, so the stated sparsity is the real one.
+    A one-token step's attention runs in a Triton kernel reading the bitmaps on CUDA (kernels/triton_mustafar.py);
+    elsewhere, and for trees and raw heads, in this torch reference (it expands each bitmap to indices per call,
+    so it is slow). Left out: the tiling of the bitmap format, and the kernel path's batching of compression 256
+    tokens at a time. The reference's threshold (kthvalue, keep >=) keeps one channel more than
+    (1 - sparsity) * head_dim; here exactly head_dim - round(sparsity * head_dim) are kept, so the stated sparsity
+    is the real one.
     """
 
     sparsity: float = param(0.5, "fraction of each token's K and V channels pruned", min=0.0, max=0.99)

@@ -47,6 +47,7 @@ class Codec(ABC):
     """Encodes groups of `group` tokens of one layer's keys and values."""
 
     group: int = 1
+    attention_operation: str | None = None  # the layer's `attention_operation` (a kernel reading this layout)
 
     @abstractmethod
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[Fields, Fields]:
@@ -130,6 +131,10 @@ class CompressedLayerCache(LayerCache):
         # else [1 or kv_heads, N] int32.
         self.cpos: torch.Tensor | None = None
         self.cpos_start = 0
+
+    @property
+    def attention_operation(self) -> str | None:  # type: ignore[override]
+        return self.codec.attention_operation
 
     def _new_raw(self, capacity: int) -> DenseLayerCache:
         raw = DenseLayerCache(self.kv_heads, self.head_dim, self.dtype, self.device, capacity)

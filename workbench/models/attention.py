@@ -4,7 +4,9 @@ The model calls `attention` once per layer with the new tokens' q, k, v. The lay
 (or, with no cache, the new tokens are the whole context) and the scores are computed against every
 token the cache holds plus the new ones. Which tokens the new ones may see among themselves comes from
 `new_mask` (a tree mask during verification); every committed token is visible to every new token.
-Compressed storage forms (quantized, sparse, selected tokens) plug in through the cache's `view`.
+Compressed storage forms (quantized, sparse, selected tokens) plug in through the cache's `view`, or attend
+themselves (`attend`); a one-token step over a form a kernel reads directly (KIVI's codes, Mustafar's bitmaps:
+the layer's `attention_operation`) runs that kernel where the dispatch binds one.
 """
 
 from __future__ import annotations
@@ -42,9 +44,14 @@ def attention(
     Returns [T, heads * dim].
     """
     n_new = q.shape[0]
+    kernels = kernels or dispatch.kernels(q.device, q.dtype)
     if layer_cache is not None:
         if k is not None:
             layer_cache.append(k.transpose(0, 1), v.transpose(0, 1), positions)
+        stored_form = layer_cache.attention_operation
+        if (stored_form in kernels.reads_stored_form and n_new == 1 and new_mask is None
+                and layer_cache.observer is None):  # a kernel reads the compressed form itself (KIVI, Mustafar)
+            return getattr(kernels, stored_form)(q, layer_cache)
         if layer_cache.observer is not None or layer_cache.attends_itself:
             full_mask = _full_mask(new_mask, n_new, layer_cache.length, q.device)
             if layer_cache.observer is not None:
@@ -55,7 +62,6 @@ def attention(
         k, v = layer_cache.view()
     else:
         k, v = k.transpose(0, 1), v.transpose(0, 1)
-    kernels = kernels or dispatch.kernels(q.device, q.dtype)
     if n_new == 1 and new_mask is None:  # one decoding step
         return kernels.attention(q, k, v)
     if n_new <= SMALL_QUERY or new_mask is not None:
