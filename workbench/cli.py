@@ -217,14 +217,18 @@ def _add_search_command(sub: argparse._SubParsersAction) -> None:
     # defined here, not in workbench.compression.search: importing that loads torch, and the parser is built
     # for every command (a second store writer must be refused before torch loads)
     p = sub.add_parser("search", help="search a per-layer bit plan under a bit budget (HAWQ or EvoPress)",
-                       description="Searches bits per decoder linear (round-to-nearest 2, 3 or 4) with an average "
-                       "of at most --budget-bits and writes the plan, a RunSpec string, to -o; run it with "
-                       "--compress plan:FILE (docs/compression.md).")
-    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight of the decoder linears")
+                       description="Searches a level per decoder linear (bits 2, 3 or 4 at group 64 or 32) whose "
+                       "stored bytes (codes, scales, offsets) are at most uniform --budget-bits at --group's, and "
+                       "writes the plan, a RunSpec string, to -o; run it with --compress plan:FILE "
+                       "(docs/compression.md).")
+    p.add_argument("--budget-bits", type=float, required=True,
+                   help="the plan's bytes are at most those of uniform --budget-bits at --group")
     p.add_argument("--method", choices=("evopress", "hawq"), default="evopress")  # search.METHODS
     p.add_argument("--minutes", type=float, default=3.0, help="time budget (the search stops after it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group")
+    p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group of the uniform budget")
+    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",  # plan.QUANTIZERS
+                   help="the levels' quantizer: round to nearest (int4) or GPTQ per layer (gptq)")
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (standard-library docstrings)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="auto")

@@ -94,7 +94,7 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
 
 def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.model, args.method, args.budget_bits, args.minutes, args.seed, args.group, args.tokens,
-                    args.device, quantizer=getattr(args, "quantizer", "rtn"))
+                    args.device, quantizer=args.quantizer)
     with open(args.output, "w") as f:
         f.write(result.plan + "\n")
     if args.json:
