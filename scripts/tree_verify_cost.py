@@ -3,9 +3,11 @@ ones, random weights of SmolLM2-135M's shapes, bf16, packed linears (best of thr
 
     python scripts/tree_verify_cost.py            # the current tree attention
     python scripts/tree_verify_cost.py --compare  # also the earlier float32 batched products, alternating
+    python scripts/tree_verify_cost.py --tokens 1,2,4,7,11,13,17,25 --lm-head  # tree sizes; the LM head alone
 """
 
 import argparse
+import time
 
 import torch
 from decode_step_breakdown import cached_model, chain_inputs, forward_ms
@@ -29,12 +31,15 @@ def float32_grouped_attention(q, k, v, mask):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compare", action="store_true", help="also time the earlier float32 tree attention")
+    parser.add_argument("--tokens", default="1,2,4,8,16,32", help="token counts to time, comma-separated")
+    parser.add_argument("--lm-head", action="store_true", help="also time the LM head's product alone at 1-4 rows "
+                        "(what a draft head's guess costs: hydra and clover run one per tree depth)")
     args = parser.parse_args()
     variants = {"fused SDPA": attention._grouped_attention}
     if args.compare:
         variants["float32 products"] = float32_grouped_attention
     model, cache = cached_model(100)
-    for n in (0, 1, 3, 7, 15, 31):
+    for n in [int(t) - 1 for t in args.tokens.split(",")]:
         inputs = chain_inputs(n, 100)
         best = {name: float("inf") for name in variants}
         for _ in range(3):
@@ -42,6 +47,23 @@ def main() -> None:
                 attention._grouped_attention = fn
                 best[name] = min(best[name], forward_ms(model, cache, *inputs))
         print(f"{n + 1:>3} tokens: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in best.items()))
+    if args.lm_head:
+        for rows in (1, 2, 3, 4):
+            print(f"LM head, {rows} rows: {lm_head_ms(model, rows):.2f} ms")
+
+
+@torch.inference_mode()
+def lm_head_ms(model, rows: int, repeats: int = 30) -> float:
+    """Best of three `repeats`-call means of the LM head's product alone over `rows` states."""
+    x = torch.randn(rows, model.config.hidden_size, dtype=torch.bfloat16)
+    model.lm_head(x)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.lm_head(x)
+        best = min(best, (time.perf_counter() - start) / repeats * 1e3)
+    return best
 
 
 if __name__ == "__main__":

@@ -149,8 +149,9 @@ def test_decode_step_breakdown(script):
 
 
 def test_tree_verify_cost(script):
-    out = script("tree_verify_cost", patches={"decode_step_breakdown.SHAPES": TINY_SHAPES})
-    assert out.strip()
+    out = script("tree_verify_cost", "--tokens", "1,3", "--lm-head",
+                 patches={"decode_step_breakdown.SHAPES": TINY_SHAPES})
+    assert "  1 tokens" in out and "  3 tokens" in out and "LM head, 4 rows" in out
 
 
 def test_self_speculation_bound(script):
