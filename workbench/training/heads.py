@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from workbench.engine import Engine
 from workbench.spec import RunSpec, TechniqueSpec
@@ -114,7 +115,8 @@ class Contexts:
                 yield [(states, t[start:start + rows])], following[start:start + rows]
 
 
-def training_prompt_ids(loaded, count: int, seed: int = 0, reply_tokens: int = 64) -> list[list[int]]:
+def training_prompt_ids(loaded, count: int, seed: int = 0, reply_tokens: int = 64,
+                        progress: bool = True) -> list[list[int]]:
     """Training prompts as token ids: the corpus's chats through the chat template, each earlier assistant turn
     of a multi-turn chat being the target's own greedy reply (up to `reply_tokens` tokens); a model without a
     tokenizer (the tiny test models) gets random ids instead."""
@@ -130,7 +132,7 @@ def training_prompt_ids(loaded, count: int, seed: int = 0, reply_tokens: int = 6
 
     spec = RunSpec(decode=TechniqueSpec("plain"), max_new_tokens=reply_tokens).validated()
     out = []
-    for prompt in training_prompts(count, seed):
+    for prompt in tqdm(training_prompts(count, seed), desc="building prompts", unit="prompt", disable=not progress):
         messages: list[dict[str, str]] = []
         for role, content in prompt.messages:
             if content is None:  # the target's own reply to the chat so far
