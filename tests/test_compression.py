@@ -33,7 +33,8 @@ TEST_CHAINS = {"gptq": "gptq:tokens=256", "fp4": "fp4:tokens=256", "eora": "int4
                "decoupleq": "decoupleq:tokens=256,iters=1,steps=5",
                # delta transforms, on an int8 base, over the random fine-tunes of `delta_finetunes`
                "finetune": "int8+finetune:tune=lora", "dare": "int8+dare", "compeft": "int8+compeft",
-               "adapter1bit": "int8+adapter1bit"}
+               "adapter1bit": "int8+adapter1bit",
+               "prunenet": "prunenet:multiple=16,episodes=2+int4:group=32"}  # int4: every linear replaced
 BF16_ONLY = {"dfloat11"}
 
 

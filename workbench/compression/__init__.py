@@ -18,6 +18,7 @@ from workbench.compression import (  # noqa: F401  (registration)
     int8,
     mx,
     prune,
+    prunenet,
 )
 from workbench.compression.base import STAGES, CompressedLinear, WeightTransform, apply_compression
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from workbench.models.llama import LlamaModel
     from workbench.spec import TechniqueSpec
 
-STAGES = ("quantize", "prune", "encode", "compensate")
+STAGES = ("slice", "quantize", "prune", "encode", "compensate")  # slice: structured pruning that shrinks layers
 
 
 class CompressedLinear(nn.Module):
@@ -200,7 +200,9 @@ class WeightTransform:
 
     Class attributes: `stage` (one of STAGES); `needs_dense`: the transform reads plain dense weights
     (nn.Linear), so it cannot follow a transform that replaced them; `uses_original`: it reads
-    `ctx.original_weight` after earlier transforms ran (so the originals are recorded before any runs).
+    `ctx.original_weight` after earlier transforms ran (so the originals are recorded before any runs);
+    `reshapes`: it changes layers' shapes (structured pruning), so nothing that compares with the original
+    weights may follow it on those layers.
 
     `layers` restricts a transform to some decoder layers' linears (the per-layer plans of `workbench search`
     are chains of one quantizer per level, each on its own layers: `int4:bits=2,layers=0-3+int4:bits=3,...`)."""
@@ -208,6 +210,7 @@ class WeightTransform:
     stage: ClassVar[str] = "quantize"
     needs_dense: ClassVar[bool] = False
     uses_original: ClassVar[bool] = False
+    reshapes: ClassVar[bool] = False
     head: bool = param(False, "also compress the LM head / tied embedding")
     layers: str = param("all", "decoder layers whose linears it compresses: all, or items joined by / such as "
                         "0-3, 7 or 7.down (attrs qkv, o, gate_up, down)")
@@ -277,6 +280,9 @@ def check_combination(transforms: list[WeightTransform], model: LlamaModel) -> N
             if t.stage == "quantize" and earlier.stage == "quantize" and names[i] & names[j]:
                 raise SpecError(f"{earlier.name} and {t.name} are both quantizers of the same layers; a layer is "
                                 "quantized once, so use one of them or give them disjoint `layers`")
+            if earlier.reshapes and (t.uses_original or t.stage == "compensate") and names[i] & names[j]:
+                raise SpecError(f"{t.name} ({t.stage}) compares with the original weights, but {earlier.name} "
+                                "changed their shapes first; use one or the other, or give them disjoint `layers`")
             if t.needs_dense and not earlier.keeps_dense() and names[i] & names[j]:
                 raise SpecError(f"{t.name} ({t.stage}) needs the dense weights, but {earlier.name} "
                                 f"({earlier.stage}, applied first) replaced them; use one or the other")

@@ -171,7 +171,9 @@ class LlamaModel(nn.Module):
         keep: list = []  # what the rows point into
         for entry in plan:
             i, part = (entry, None) if isinstance(entry, int) else entry
-            row = ops.layer_row(self.layers[i], positions, cache[i], mask, keep) if fusable and part is None else None
+            # The one-call layers take the config's MLP width: a layer pruned narrower (prunenet) runs on its own.
+            whole = part is None and self.layers[i].down.in_features == self.config.intermediate_size
+            row = ops.layer_row(self.layers[i], positions, cache[i], mask, keep) if fusable and whole else None
             if row is not None:
                 rows.append(row)
                 continue
