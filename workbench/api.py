@@ -170,6 +170,8 @@ class Workbench:
             trace.status = "done"
         finally:
             trace.provenance["backends"] = backends(loaded.model, used)
+            if engine.static is not None:  # how the decoding steps ran: static (graphs) or eager, and why
+                trace.provenance["graphs"] = engine.static.report()
             if self.store is not None:
                 if trace.status == "running":  # ended by something other than an Exception (SystemExit...)
                     trace.status = "interrupted"

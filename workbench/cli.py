@@ -41,12 +41,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", default=None, help="always generate max-new-tokens")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: on when the model has one)")
+    g.add_argument("--graphs", choices=["auto", "on", "off", "compile"],
+                   help="the static decoding step: auto (CUDA graphs on CUDA, off elsewhere), on, off, or compile "
+                        "(torch.compile reduce-overhead)")
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     spec = RunSpec.parse(args.spec)
     simple = ("model", "dtype", "device", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
-              "ignore_eos", "chat")
+              "ignore_eos", "chat", "graphs")
     for name in simple:
         if getattr(args, name) is not None:
             setattr(spec, name, getattr(args, name))

@@ -27,6 +27,7 @@ from workbench.cache.stats import CacheStats, cache_stats, kept_sampled
 from workbench.decoding.base import Acceptor, DecodeState, Drafter, DraftTree
 from workbench.errors import PromptError, SpecError
 from workbench.models.llama import LlamaModel
+from workbench.models.static_step import StaticSteps
 from workbench.sampling import Sampler, top_k
 from workbench.spec import RunSpec, TechniqueSpec
 
@@ -131,6 +132,7 @@ class Engine:
         self.policies: list[CachePolicy] = [t.build("cache") for t in self.spec.cache] if policies is None else policies
         self.sampler = Sampler(self.spec.temperature, self.spec.top_k, self.spec.top_p, self.spec.min_p,
                                self.spec.seed, device=model.device)
+        self.static: StaticSteps | None = None  # the run's static decoding steps (graphs), once it has started
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         context = self.model.config.context_window
@@ -156,6 +158,7 @@ class Engine:
         for policy in self.policies:
             policy.prepare(model, self.tokenizer, self.memory)
         cache = build_cache(model, self.policies, len(prompt_ids) + budget + DRAFT_HEADROOM)
+        self.static = static = StaticSteps(model, cache, self.policies, spec.graphs)
         state = DecodeState(model, cache, self.sampler, list(prompt_ids), memory=self.memory, tokenizer=self.tokenizer)
         self.acceptor.begin(state)
         judged = self.acceptor.wants_tree_states()  # an acceptor that reads the draft tokens' last-layer states
@@ -211,7 +214,9 @@ class Engine:
             step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
             tree_tokens, positions = step_ids[0], step_ids[1]
             mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
-            out = model(tree_tokens, positions, cache, mask=mask, final_hidden=heads or judged)
+            # the static step (a CUDA graph's replay) where the run allows it, else the eager forward
+            out = static.forward(tree_tokens, positions, mask, heads or judged) or \
+                model(tree_tokens, positions, cache, mask=mask, final_hidden=heads or judged)
             all_logits = out.logits
             _sync(device)
             t2 = time.perf_counter_ns()

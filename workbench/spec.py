@@ -26,6 +26,9 @@ DEFAULT_MODEL = "smollm2-135m"
 # also encode `:`, `,`, `=` and `+`, which separate the parts of a technique.
 _SAFE_FIELD = "/.-_~@()[]<>!*':,=+"
 _SAFE_PARAM = "/.-_~@()[]<>!*'"
+# auto: CUDA graphs of the decoding step on a CUDA device, off elsewhere; on: the static step everywhere
+# (captured on CUDA, eager elsewhere); off: the eager forward; compile: torch.compile(mode="reduce-overhead")
+GRAPH_MODES = ("auto", "on", "off", "compile")
 
 
 def _enc(value: Any, safe: str = _SAFE_PARAM) -> str:
@@ -83,6 +86,7 @@ class RunSpec:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     chat: bool | None = None  # None: use the chat template when the model has one
+    graphs: str = "auto"  # the static decoding step (workbench/models/static_step.py): one of GRAPH_MODES
 
     # ---- validation -------------------------------------------------------------------------------
     def validated(self) -> RunSpec:
@@ -95,6 +99,8 @@ class RunSpec:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.graphs in GRAPH_MODES, f"unknown graphs mode {self.graphs!r}; valid: auto (CUDA graphs on a CUDA "
+             "device, off elsewhere), on (the static step everywhere), off, compile (torch.compile, CUDA only)"),
         ]
         for ok, message in checks:
             if not ok:

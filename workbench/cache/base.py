@@ -70,6 +70,7 @@ class LayerCache(ABC):
     # A `dispatch` operation (q, layer) that answers one decoding step's attention over the stored form itself
     # (a kernel reading KIVI's codes, Mustafar's bitmaps); None: the model attends over `view` or `attend`
     attention_operation: str | None = None
+    fixed_shape = False  # a static step's view of the buffers (workbench/models/static_step.py): attends itself
 
     @abstractmethod
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:

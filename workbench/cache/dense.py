@@ -86,6 +86,11 @@ class DenseLayerCache(LayerCache):
         start = self._reserve(positions)  # first: it may grow (replace) the buffers
         return self.k, self.v, start
 
+    def claim(self, n: int) -> None:
+        """Count `n` more slots as held: tokens a static step (workbench/models/static_step.py) wrote into the
+        buffers itself, positions included."""
+        self._length += n
+
     def _reserve(self, positions: torch.Tensor) -> int:
         """Slots for the new tokens at `positions`; returns the first."""
         start, end = self._length, self._length + positions.shape[-1]  # positions: [T] or [kv_heads, T]

@@ -45,6 +45,9 @@ def attention(
     """
     n_new = q.shape[0]
     kernels = kernels or dispatch.kernels(q.device, q.dtype)
+    if layer_cache is not None and layer_cache.fixed_shape:  # a static step: every slot, masked (static_step.py)
+        dispatch.note("static_attention", "torch")
+        return layer_cache.attend_fixed(q, k, v, positions)
     if layer_cache is not None:
         if k is not None:
             layer_cache.append(k.transpose(0, 1), v.transpose(0, 1), positions)
