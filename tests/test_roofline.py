@@ -14,8 +14,15 @@ from workbench.compression.base import apply_compression
 from workbench.compression.int4 import Int4Linear
 from workbench.compression.int8 import Int8Linear
 from workbench.errors import WorkbenchError
-from workbench.eval.bandwidth import ReadBuffer, last_level_cache_bytes, main_memory_buffer_bytes, read_bandwidth
+from workbench.eval.bandwidth import (
+    METHODS,
+    ReadBuffer,
+    last_level_cache_bytes,
+    main_memory_buffer_bytes,
+    read_bandwidth,
+)
 from workbench.eval.roofline import kv_read_bytes, mean_decode_context, weight_read_bytes
+from workbench.kernels import cpu
 from workbench.models import LoadedModel
 from workbench.models.packed_linear import PackedLinear, can_pack, pack_linears
 from workbench.models.random import random_model
@@ -32,11 +39,31 @@ def test_bandwidth_of_a_small_buffer_has_a_median_within_its_spread():
     assert len(result.samples) == 5 and result.as_dict()["median_gb_s"] == result.median
 
 
+@pytest.mark.skipif(not cpu.available(), reason="the C kernels do not run here")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_read_kernel_reads_every_value(threads):
+    values = torch.arange(1000, dtype=torch.float32)  # not a multiple of its 128-value chunks: the tail counts too
+    assert cpu.read_f32(values, threads) == 999 * 1000 / 2
+    assert cpu.read_f32(values[:100], threads) == 99 * 100 / 2  # under one chunk: all tail
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_bandwidth_method_measures_a_small_buffer(method):
+    if method == "kernel" and not cpu.available():
+        with pytest.raises(WorkbenchError, match="use torch.sum"):
+            read_bandwidth(1 << 20, 1, method)
+        return
+    result = read_bandwidth(1 << 20, repeats=2, method=method)
+    assert result.method == method and len(result.samples) == 2 and min(result.samples) > 0
+
+
 def test_bandwidth_rejects_a_tiny_buffer_and_no_repeats():
     with pytest.raises(WorkbenchError, match="at least 4096 bytes"):
         ReadBuffer(100)
     with pytest.raises(WorkbenchError, match="at least 1"):
         ReadBuffer(1 << 16).measure(0)
+    with pytest.raises(WorkbenchError, match="valid: kernel, torch.sum"):
+        ReadBuffer(1 << 16).measure(1, "stream")
 
 
 def test_main_memory_buffer_is_larger_than_the_last_level_cache():
@@ -106,6 +133,11 @@ def test_bench_roofline_reports_each_format_against_the_bandwidth(tmp_path):
     peak = result["bandwidth"]["main_memory"]["median_gb_s"]
     assert code == 0 and set(rows) == {"bf16", "int8"} and plot.stat().st_size > 0
     assert len(result["bandwidth"]["main_memory"]["samples"]) == 2  # one before the warm-up, one per round
+    # the ceiling is the kernels' read where they run, torch.sum over the same buffers the second figure
+    second = result["bandwidth_torch_sum"]
+    assert result["bandwidth"]["main_memory"]["method"] == ("kernel" if cpu.available() else "torch.sum")
+    assert set(second) == (set(result["bandwidth"]) if cpu.available() else set())
+    assert all(b["method"] == "torch.sum" and len(b["samples"]) == 2 for b in second.values())
     for r in rows.values():
         assert r["bytes_per_token"] == sum(r["read_bytes"].values())
         assert r["achieved_gb_s"] == pytest.approx(r["bytes_per_token"] * r["tok_per_s"] / 1e9)

@@ -6,8 +6,9 @@ the read rate decoding achieves, and the read bandwidth measured in the same pro
 bandwidth.py) is its ceiling, the roofline. Per format the command reports tok/s over the decode steps
 (prefill and the first token excluded), bytes read per token (the model's own tensors as the step reads
 them, plus the mean KV cache read), achieved GB/s, its fraction of the measured bandwidth, and the time per
-token that is not reading weights at that bandwidth. llama.cpp on the same GGUF (`--peers llama-cpp`) is
-measured the same way, its bytes being the GGUF's tensors.
+token that is not reading weights at that bandwidth. The bandwidth is the C kernels' read (the ceiling: it
+streams at least as fast as the products), with torch.sum's rate over the same buffers as a second figure.
+llama.cpp on the same GGUF (`--peers llama-cpp`) is measured the same way, its bytes being the GGUF's tensors.
 
 Bandwidth reads and decoding runs are interleaved (one read of each buffer before every round of prompts, the
 engines' order alternating), so a neighbour's load moves both alike and the fraction stays meaningful.
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from workbench.compression.base import CompressedLinear
 from workbench.compression.int8 import Int8Linear
 from workbench.errors import WorkbenchError
-from workbench.eval.bandwidth import ReadBuffer, main_memory_buffer_bytes
+from workbench.eval.bandwidth import ReadBuffer, default_method, main_memory_buffer_bytes
 from workbench.eval.llama_cpp_peer import llama_cpp_peer
 from workbench.eval.prompts import BASELINE_PROMPTS
 from workbench.kernels import dispatch
@@ -133,7 +134,10 @@ def run_roofline_bench(args: argparse.Namespace, store=None) -> int:
 
     memory = ReadBuffer(args.bandwidth_bytes or main_memory_buffer_bytes())
     same_size = {name: ReadBuffer(int(b)) for name, b in totals.items()}  # the step's bytes, read again and again
-    bandwidth = {"main_memory": memory.measure(1), **{n: b.measure(1) for n, b in same_size.items()}}
+    buffers = {"main_memory": memory, **same_size}
+    method = default_method()
+    bandwidth = {name: b.measure(1, method) for name, b in buffers.items()}
+    second = {name: b.measure(1, "torch.sum") for name, b in buffers.items()} if method != "torch.sum" else {}
     for engine in engines.values():  # warm-up: first calls pay for allocation and thread start-up
         engine(0, 8)
     counts = {name: [0, 0.0] for name in engines}
@@ -141,9 +145,10 @@ def run_roofline_bench(args: argparse.Namespace, store=None) -> int:
         bar = tqdm(total=args.repeats * len(prompt_ids) * len(engines), desc="roofline", unit="run")
         for r in range(args.repeats):
             for i in range(len(prompt_ids)):
-                bandwidth["main_memory"].add(memory.measure(1))
-                for name, buffer in same_size.items():
-                    bandwidth[name].add(buffer.measure(1))
+                for name, buffer in buffers.items():
+                    bandwidth[name].add(buffer.measure(1, method))
+                    if second:
+                        second[name].add(buffer.measure(1, "torch.sum"))
                 for name in (list(engines) if (r + i) % 2 == 0 else list(reversed(engines))):
                     tokens, seconds = engines[name](i, args.max_new_tokens)
                     counts[name][0] += tokens
@@ -160,6 +165,7 @@ def run_roofline_bench(args: argparse.Namespace, store=None) -> int:
             "engine": name, "tok_per_s": tok_s, "bytes_per_token": totals[name], "read_bytes": read_bytes[name],
             "achieved_gb_s": totals[name] * tok_s / 1e9, "fraction_of_bandwidth": totals[name] * tok_s / 1e9 / peak,
             "same_size_gb_s": size_bw, "fraction_of_same_size": totals[name] * tok_s / 1e9 / size_bw,
+            "same_size_torch_sum_gb_s": second[name].median if second else size_bw,
             "ms_per_token": 1e3 / tok_s, "roofline_ms_per_token": totals[name] / peak / 1e6,
             "ms_not_reading": 1e3 / tok_s - totals[name] / peak / 1e6,
             "ratio_to_first": tok_s / (counts[formats[0]][0] / counts[formats[0]][1]),
@@ -169,9 +175,11 @@ def run_roofline_bench(args: argparse.Namespace, store=None) -> int:
         "prompt_tokens": [len(p) for p in prompt_ids], "mean_context": context, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "machine": hardware_description(first.device),
         "provenance": provenance(first.model, first.device, first.dtype, used),
-        "bandwidth_method": "torch.sum over a float32 buffer on all threads, median of interleaved reads "
-                            "(workbench/eval/bandwidth.py)",
+        "bandwidth_method": ("the C kernels' AVX-512 read (workbench_read_f32)" if method == "kernel" else
+                             "torch.sum") + " over a float32 buffer on all threads, median of interleaved reads "
+                                            "(workbench/eval/bandwidth.py)",
         "bandwidth": {name: b.as_dict() for name, b in bandwidth.items()},
+        "bandwidth_torch_sum": {name: b.as_dict() for name, b in second.items()},
         "rows": rows,
     }
     _print(result)
@@ -190,14 +198,18 @@ def _workbench_decode(wb, prompt: str, spec, n: int) -> tuple[int, float]:
 
 def _print(result: dict[str, Any]) -> None:
     b = result["bandwidth"]["main_memory"]
-    print(f"\nread bandwidth (main memory, {b['buffer_bytes'] / 2**20:.0f} MiB buffer): median "
+    print(f"\nread bandwidth by {b['method']} (main memory, {b['buffer_bytes'] / 2**20:.0f} MiB buffer): median "
           f"{b['median_gb_s']:.1f} GB/s over {len(b['samples'])} reads ({b['low_gb_s']:.1f}-{b['high_gb_s']:.1f})")
+    if result["bandwidth_torch_sum"]:
+        t = result["bandwidth_torch_sum"]["main_memory"]
+        print(f"torch.sum over the same buffer: median {t['median_gb_s']:.1f} GB/s")
     w = max(len(r["engine"]) for r in result["rows"]) + 2
-    print(f"{'engine':<{w}}{'tok/s':>8}{'MB/token':>10}{'GB/s':>7}{'of bw':>7}{'of same-size':>13}"
+    print(f"{'engine':<{w}}{'tok/s':>8}{'MB/token':>10}{'GB/s':>7}{'of bw':>7}{'of same-size':>13}{'torch.sum':>10}"
           f"{'ms/token':>10}{'roofline ms':>12}{'not reading':>12}")
     for r in result["rows"]:
         print(f"{r['engine']:<{w}}{r['tok_per_s']:>8.1f}{r['bytes_per_token'] / 1e6:>10.1f}{r['achieved_gb_s']:>7.1f}"
-              f"{r['fraction_of_bandwidth']:>7.0%}{r['fraction_of_same_size']:>13.0%}{r['ms_per_token']:>10.2f}"
+              f"{r['fraction_of_bandwidth']:>7.0%}{r['fraction_of_same_size']:>13.0%}"
+              f"{r['same_size_torch_sum_gb_s']:>10.1f}{r['ms_per_token']:>10.2f}"
               f"{r['roofline_ms_per_token']:>12.2f}{r['ms_not_reading']:>12.2f}")
 
 
