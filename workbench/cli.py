@@ -219,14 +219,16 @@ def cmd_app(args: argparse.Namespace) -> int:
 def _add_search_command(sub: argparse._SubParsersAction) -> None:
     # defined here, not in workbench.compression.search: importing that loads torch, and the parser is built
     # for every command (a second store writer must be refused before torch loads)
-    p = sub.add_parser("search", help="search a per-layer bit plan under a bit budget (HAWQ or EvoPress)",
+    p = sub.add_parser("search", help="search a per-layer plan under a bit budget (HAWQ, EvoPress or FLIQS)",
                        description="Searches a level per decoder linear (bits 2, 3 or 4 at group 64 or 32) whose "
                        "stored bytes (codes, scales, offsets) are at most uniform --budget-bits at --group's, and "
                        "writes the plan, a RunSpec string, to -o; run it with --compress plan:FILE "
                        "(docs/compression.md).")
     p.add_argument("--budget-bits", type=float, required=True,
                    help="the plan's bytes are at most those of uniform --budget-bits at --group")
-    p.add_argument("--method", choices=("evopress", "hawq"), default="evopress")  # search.METHODS
+    p.add_argument("--method", choices=("evopress", "hawq", "fliqs"), default="evopress",  # search.METHODS
+                   help="evopress, hawq (levels above), or fliqs (integer and float formats per linear, "
+                   "compression/fliqs.py)")
     p.add_argument("--minutes", type=float, default=3.0, help="time budget (the search stops after it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group of the uniform budget")

@@ -1,7 +1,7 @@
 """`workbench search`: a per-layer plan of levels (bits and group, compression/plan.py) no larger than uniform
-`--budget-bits` at `--group` (bytes of codes, scales and offsets), by HAWQ or EvoPress, written as a RunSpec
-string (`compress=int4:bits=2,group=32,layers=...+...`, or `gptq:...` with `--quantizer gptq`) that
-`--compress plan:FILE` runs.
+`--budget-bits` at `--group` (bytes of codes, scales and offsets), by HAWQ or EvoPress (or FLIQS over integer
+and float formats, compression/fliqs.py), written as a RunSpec string (`compress=int4:bits=2,group=32,
+layers=...+...`, or `gptq:...` with `--quantizer gptq`) that `--compress plan:FILE` runs.
 
     workbench search --budget-bits 3.0 --method evopress --minutes 3 -o plan.txt
     workbench generate --compress plan:plan.txt "def fib(n):"
@@ -22,10 +22,18 @@ from workbench.compression.calibration import segments as split_segments
 from workbench.compression.evopress import evopress_plan
 from workbench.compression.hawq import allocate, hawq_plan
 from workbench.compression.int4 import KERNEL_GROUPS
-from workbench.compression.plan import LEVELS, QUANTIZERS, LevelTable, average_bits, level_index, plan_string
+from workbench.compression.plan import (
+    LEVELS,
+    QUANTIZERS,
+    SCALE_BITS,
+    LevelTable,
+    average_bits,
+    level_index,
+    plan_string,
+)
 from workbench.errors import SpecError
 
-METHODS = ("evopress", "hawq")
+METHODS = ("evopress", "hawq", "fliqs")
 
 
 @dataclass
@@ -61,6 +69,12 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
         raise SpecError(f"search: unknown quantizer {quantizer!r}; valid: {', '.join(QUANTIZERS)}")
     if group not in KERNEL_GROUPS:
         raise SpecError(f"search: --group {group} is not one of {', '.join(map(str, KERNEL_GROUPS))}")
+    if method == "fliqs":  # integer and float formats of its own menu, under the same bytes (compression/fliqs.py)
+        if quantizer != "rtn":
+            raise SpecError("search: --quantizer applies to hawq and evopress; fliqs searches its own formats")
+        from workbench.compression.fliqs import fliqs_search
+
+        return fliqs_search(model_name, budget_bits + SCALE_BITS / group, minutes, seed, tokens, device, progress)
     budget = level_index(budget_bits, group)
     if not 0 <= budget <= len(LEVELS) - 1:
         raise SpecError(f"search: --budget-bits {budget_bits} at group {group} is outside the levels' range "
