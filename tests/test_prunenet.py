@@ -108,3 +108,10 @@ def test_kept_count_rounds_to_the_multiple():
     assert kept_count(1536, 0.3, 64) == 1088 and kept_count(1536, 0.25, 128) == 1152
     assert [s.name for s in linear_sites(loaded_tiny().model, head=False)][2:4] == ["layers.0.gate_up",
                                                                                      "layers.0.down"]
+
+
+def test_the_spectrum_of_a_tall_matrix_is_its_singular_values():
+    w = torch.randn(96, 32)
+    expected = torch.linalg.svdvals(w).sort().values
+    torch.testing.assert_close(spectrum(w), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(spectrum(w.T), expected, atol=1e-4, rtol=1e-4)
