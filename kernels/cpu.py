@@ -16,8 +16,8 @@ the bits its one-token step would: lossless drafters stay token-identical to pla
 
 The C file is compiled with the system's C compiler the first time it is needed and cached under
 `~/.cache/workbench/kernels` (or `$WORKBENCH_KERNEL_CACHE`), keyed by the source's hash. Where there is no
-compiler, the CPU lacks AVX512-BF16 or AVX512-VBMI, or `WORKBENCH_CPU_KERNELS=0` is set, `available()` is
-False and callers keep their torch paths.
+compiler, the CPU lacks AVX512-BF16, or `WORKBENCH_CPU_KERNELS=0` is set, `available()` is False and callers
+keep their torch paths.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _build() -> ctypes.CDLL | None:
         _reason = f"the built library {target} could not be loaded ({err}); delete it to rebuild"
         return None
     if not lib.workbench_cpu_supported():
-        _reason = "this CPU lacks AVX512-BF16 or AVX512-VBMI, which they need (no fix on this machine)"
+        _reason = "this CPU lacks AVX512-BF16, which they need (no fix on this machine)"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.workbench_gemm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -147,38 +147,20 @@ def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] int8 in -127..127 -> [N/16, K * 16] uint8: per 16 output rows, chunks of 4 inputs (64 bytes), each
-    code as sign and magnitude (bit 7 the sign), in the order the C kernel interleaves them: 128-bit lane L of a
-    chunk holds outputs 4L .. 4L+3, the chunk's first input pair in its low 8 bytes and the second in its high 8.
-    Where K is not a multiple of 4, the last pair is a 32-byte half chunk: its 128-bit lane L holds outputs
-    4L .. 4L+3 in its low 8 bytes and 4L+8 .. 4L+11 in its high 8."""
-    if bool((codes == -128).any()):
-        raise ValueError("int8 codes for the CPU kernels must lie in -127..127 (symmetric); -128 has no magnitude")
+    """[N, K] int8 -> [N/16, K, 16]: per 16 output rows, each input column's codes side by side."""
     n, k = codes.shape
-    signed = codes.to(torch.int16).abs().to(torch.uint8) | ((codes < 0).to(torch.uint8) << 7)
-    whole = k // 4 * 4
-    # [block, lane, output in lane, chunk, pair in chunk, input] -> [block, chunk, lane, pair, output, input]
-    chunks = signed[:, :whole].reshape(n // 16, 4, 4, k // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    # the half chunk: [block, half, lane, output in lane, input] -> [block, lane, half, output, input]
-    tail = signed[:, whole:].reshape(n // 16, 2, 2, 4, k - whole).permute(0, 2, 1, 3, 4)
-    return torch.cat([chunks.reshape(n // 16, -1), tail.reshape(n // 16, -1)], dim=1)
+    return codes.reshape(n // 16, 16, k).transpose(1, 2).contiguous()
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
-    """The dense [N, K] int8 codes back from `pack_int8`'s layout."""
-    blocks, k = packed.shape[0], packed.shape[1] // 16
-    whole = k // 4 * 4
-    chunks = packed[:, :whole * 16].reshape(blocks, k // 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5)
-    tail = packed[:, whole * 16:].reshape(blocks, 2, 2, 4, k - whole).permute(0, 2, 1, 3, 4)
-    signed = torch.cat([chunks.reshape(blocks * 16, whole), tail.reshape(blocks * 16, k - whole)], dim=1)
-    codes = (signed & 127).to(torch.int8)
-    return torch.where(signed >= 128, -codes, codes)
+    """The dense [N, K] codes back from `pack_int8`'s layout."""
+    blocks, k = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * 16, k)
 
 
 def int8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of the dense codes [len(ids), K], unpacking only their blocks."""
-    blocks = unpack_int8(packed[ids // 16]).view(len(ids), 16, -1)
-    return blocks[torch.arange(len(ids)), ids % 16]
+    """Rows `ids` of the dense codes [len(ids), K], read from `pack_int8`'s layout without unpacking the rest."""
+    return packed[ids // 16, :, ids % 16]
 
 
 # int4 chunks: byte P of a block's 64-byte chunk of 8 inputs holds, in its low and high nibble, the codes of

@@ -13,8 +13,7 @@
 // Layouts (packed once in Python, kernels/cpu.py):
 //   bf16: W as [N/16][K/2][16][2]: for each block of 16 output rows, each pair of input columns holds
 //         the 16 rows' two weights side by side, as AVX512-BF16's dot-product instruction consumes them.
-//   int8: codes as [N/16][K * 16 bytes] in chunks of 4 inputs (64 bytes), one sign-and-magnitude byte per
-//         weight in the order int8_tile interleaves them, with a float32 scale per output row.
+//   int8: codes as [N/16][K][16], one int8 per weight, with a float32 scale per output row.
 //   int4: codes as [N/16][K/8][64 bytes], two 4-bit codes per byte in the order int4_tile unpacks them, with a
 //         bf16 scale and offset per output row and group of inputs as [N/16][K/group][2][16].
 // N must be a multiple of 16 and K even (int4: K and the group multiples of 8).
@@ -35,7 +34,7 @@
 int workbench_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("avx512bf16");
 }
 
 static inline float bf16_to_float(uint16_t v) {
@@ -43,7 +42,7 @@ static inline float bf16_to_float(uint16_t v) {
     return bits.f;
 }
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
 // 16 bf16 values widened to float32 (exact: bf16 is float32's top half).
@@ -101,69 +100,25 @@ TARGET INLINE void bf16_tile(const Product *p, int64_t m0, int64_t nb, const int
         }
 }
 
-// int8 codes as bf16 pairs for AVX512-BF16's dot products, like bf16_tile's weights: widening each code to
-// float32 (two conversions per 16 codes) made the int8 product compute-bound, reading slower per byte than
-// bf16 (docs/performance.md). Codes are stored as sign and magnitude (bit 7 the sign, bits 0-6 |code|), so
-// two 128-entry byte lookups (vpermi2b) give the low and high byte of |code| as bf16 (exact: |code| <= 127
-// has at most 7 significant bits), the sign bit is copied into the high byte, and interleaving the two bytes
-// gives 32 bf16 weights. A 64-byte chunk holds 4 inputs of the block's 16 outputs; in 128-bit lane L, bytes
-// 0-7 are inputs 4c, 4c+1 and bytes 8-15 inputs 4c+2, 4c+3 of outputs 4L .. 4L+3 (two bytes per output), so
-// the low and high interleaves give the two input pairs in bf16_tile's order; where K is not a multiple of 4,
-// a 32-byte half chunk ends each block. The row scale is applied once to the float32 sum.
-// The low and high byte of the bf16 bits of 0 .. 127 (bf16(a) = float32(a)'s top 16 bits).
-static const uint8_t BF16_LOW[128] = {
-    0x00,0x80,0x00,0x40,0x80,0xA0,0xC0,0xE0,0x00,0x10,0x20,0x30,0x40,0x50,0x60,0x70,0x80,0x88,0x90,0x98,0xA0,0xA8,0xB0,0xB8,0xC0,0xC8,0xD0,0xD8,0xE0,0xE8,0xF0,0xF8,
-    0x00,0x04,0x08,0x0C,0x10,0x14,0x18,0x1C,0x20,0x24,0x28,0x2C,0x30,0x34,0x38,0x3C,0x40,0x44,0x48,0x4C,0x50,0x54,0x58,0x5C,0x60,0x64,0x68,0x6C,0x70,0x74,0x78,0x7C,
-    0x80,0x82,0x84,0x86,0x88,0x8A,0x8C,0x8E,0x90,0x92,0x94,0x96,0x98,0x9A,0x9C,0x9E,0xA0,0xA2,0xA4,0xA6,0xA8,0xAA,0xAC,0xAE,0xB0,0xB2,0xB4,0xB6,0xB8,0xBA,0xBC,0xBE,
-    0xC0,0xC2,0xC4,0xC6,0xC8,0xCA,0xCC,0xCE,0xD0,0xD2,0xD4,0xD6,0xD8,0xDA,0xDC,0xDE,0xE0,0xE2,0xE4,0xE6,0xE8,0xEA,0xEC,0xEE,0xF0,0xF2,0xF4,0xF6,0xF8,0xFA,0xFC,0xFE};
-static const uint8_t BF16_HIGH[128] = {
-    0x00,0x3F,0x40,0x40,0x40,0x40,0x40,0x40,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,0x41,
-    0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,
-    0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,
-    0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42,0x42};
-
-// |code| with its sign bit as bf16 for 64 packed bytes: the low bytes from one lookup, the high bytes from
-// another with the sign copied in (ternary logic 0xF8: lookup | (v & sign)).
-TARGET INLINE void int8_as_bf16(__m512i v, __m512i *lo, __m512i *hi) {
-    *lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(BF16_LOW), v, _mm512_loadu_si512(BF16_LOW + 64));
-    *hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(_mm512_loadu_si512(BF16_HIGH), v,
-                                                             _mm512_loadu_si512(BF16_HIGH + 64)),
-                                    v, _mm512_set1_epi8((char)0x80), 0xF8);
-}
-
+// int8 codes, float32 accumulation: each code is widened to float32 in registers and multiplied by the
+// row's activation; the row scale is applied once to the sum.
 TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
-    const int64_t K = p->K, KC = K / 4, KP = K / 2;
-    const uint8_t *w = (const uint8_t *)p->w + nb * K * 16; // block b's bytes start at w + b * K * 16
-    const int32_t *x_pairs = (const int32_t *)p->x;
+    const int64_t K = p->K;
+    const int8_t *w = (const int8_t *)p->w + nb * K * 16;
     __m512 acc[MAX_ROWS][MAX_BLOCKS];
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t kc = 0; kc < KC; kc++) {
-        __m512bh first[MAX_BLOCKS], second[MAX_BLOCKS];
-        for (int b = 0; b < BLOCKS; b++) {
-            const uint8_t *chunk = w + b * K * 16 + kc * 64;
-            if (PREFETCH) _mm_prefetch((const char *)(chunk + PREFETCH * 64), _MM_HINT_T0);
-            __m512i lo, hi;
-            int8_as_bf16(_mm512_loadu_si512(chunk), &lo, &hi);
-            first[b] = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
-            second[b] = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
-        }
+    for (int64_t k = 0; k < K; k++) {
+        __m512 wb[MAX_BLOCKS];
+        if (PREFETCH && k % 4 == 0)
+            for (int b = 0; b < BLOCKS; b++) _mm_prefetch((const char *)(w + (b * K + k) * 16 + PREFETCH * 64), _MM_HINT_T0);
+        for (int b = 0; b < BLOCKS; b++)
+            wb[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(w + (b * K + k) * 16))));
         for (int r = 0; r < ROWS; r++) {
-            const __m512bh x0 = (__m512bh)_mm512_set1_epi32(x_pairs[(m0 + r) * KP + 2 * kc]);
-            const __m512bh x1 = (__m512bh)_mm512_set1_epi32(x_pairs[(m0 + r) * KP + 2 * kc + 1]);
-            for (int b = 0; b < BLOCKS; b++)
-                acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], x0, first[b]), x1, second[b]);
+            __m512 xr = _mm512_set1_ps(bf16_to_float(p->x[(m0 + r) * K + k]));
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_fmadd_ps(xr, wb[b], acc[r][b]);
         }
     }
-    if (K % 4) // a last input pair: 32 bytes, read twice into one vector; lanes 0-1 of the low interleave and
-        for (int b = 0; b < BLOCKS; b++) { // lanes 2-3 of the high one hold its 16 outputs in order
-            __m512i lo, hi;
-            int8_as_bf16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const void *)(w + b * K * 16 + KC * 64))), &lo, &hi);
-            const __m512bh last = (__m512bh)_mm512_mask_blend_epi32(0xFF00, _mm512_unpacklo_epi8(lo, hi),
-                                                                    _mm512_unpackhi_epi8(lo, hi));
-            for (int r = 0; r < ROWS; r++)
-                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_set1_epi32(x_pairs[(m0 + r) * KP + KP - 1]), last);
-        }
     for (int r = 0; r < ROWS; r++)
         for (int b = 0; b < BLOCKS; b++) {
             int64_t col = (nb + b) * 16;
