@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/compression_pareto.py --tokens 2048 --minutes 2
 
-Runs `workbench search` (HAWQ and EvoPress, in-process) at --budget-bits, then scores every chain below and
-both plans with whole-window forwards on the evaluation text (`compression_perplexity.perplexity`). Bytes
+Runs `workbench search` (HAWQ, EvoPress and FLIQS, in-process) at --budget-bits, then scores every chain below
+and the plans with whole-window forwards on the evaluation text (`compression_perplexity.perplexity`). Bytes
 are the decoder linears' real weight bytes (`weight_nbytes`, LM head excluded: it stays bf16 everywhere
 here) as a share of their bf16 bytes. Writes docs/results/pareto.json (every point),
 docs/results/compression_search.json (the plans against uniform round-to-nearest at the budget) and
@@ -26,8 +26,9 @@ from workbench.models import load_model
 from workbench.spec import RunSpec, TechniqueSpec
 from workbench.text import evaluation_text, text_hash
 
-CHAINS = ["int4:bits=3", "int4:bits=2", "decoupleq", "gptq:bits=2", "int4", "int8:head=false", "mx",
-          "dfloat11:head=false", "gptq", "fp4", "prune:sparsity=0.5"]
+CHAINS = ["int4:bits=3", "int4:bits=2", "prunenet:ratio=0.25", "prunenet:ratio=0.25+int4", "decoupleq",
+          "gptq:bits=2", "int4", "int8:head=false", "mx", "dfloat11:head=false", "gptq", "fp4", "prune:sparsity=0.5"]
+METHODS = ("hawq", "evopress", "fliqs")
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
 
     load = os.getloadavg()
     plans = {}
-    for method in ("hawq", "evopress"):
+    for method in METHODS:
         result = search(args.model, method, args.budget_bits, args.minutes)
         plans[method] = result
         print(f"{method}: {result.average_bits:.3f} bits, {result.seconds:.0f} s: {result.plan}", flush=True)
