@@ -117,6 +117,7 @@ class PruneNet(WeightTransform):
     needs_dense = True
     reshapes = True
 
+    head: bool = param(False, "does not apply (prunenet prunes decoder MLPs; true is refused)")
     ratio: float = param(0.25, "fraction of each layer's MLP channels removed", min=0.01, max=0.95)
     multiple: int = param(64, "kept channels are a multiple of this (so int4 groups still divide them)", min=1)
     episodes: int = param(20, "policy-learning episodes (each scores every layer once)", min=1, max=10_000)
