@@ -7,8 +7,13 @@
 #                                         # keeps part_a in /tmp
 #   bash scripts/gpu_check.sh bench       # call 2, at once, carrying .whl and .gpu_model/part_b: joins the
 #                                         # GGUF and runs the real model's benchmarks against transformers
-#   bash scripts/gpu_check.sh kernels     # one call, nothing carried: the Triton kernels' CUDA tests and their
+#   bash scripts/gpu_check.sh kernels     # one call, nothing carried: the Triton kernels' CUDA tests (the wired
+#                                         # KIVI/Mustafar paths and the CUDA graphs' capture included) and their
 #                                         # microbenchmarks (scripts/triton_bench.py, docs/kernels.md)
+#
+# `bench` also times plain decoding of the embedded model with the static step as CUDA graphs, through
+# torch.compile and eager, beside transformers' generate (scripts/gpu_profile.py --json: the >= 2x bar).
+# About 8 minutes of GPU time for all three calls; the model (98 MB) cannot travel in one call.
 #
 # .whl/ holds the gguf wheel (the machine cannot reach PyPI). Results go under $OUT.
 set -uo pipefail
@@ -51,7 +56,8 @@ bench)
     echo "$SHA256  /tmp/wbmodel/$GGUF" | sha256sum -c - || exit 1
     model=/tmp/wbmodel/$GGUF
     # first, where a plain step's time goes (launches, copies, syncs per token) beside transformers
-    python3 scripts/gpu_profile.py --model $model --device cuda 2>&1 | grep -v "it/s" | tee "$OUT/profile_gpu.txt" | head -40
+    python3 scripts/gpu_profile.py --model $model --device cuda --tokens 128 --rounds 3 \
+        --json "$OUT/decode_graphs_gpu.json" 2>&1 | grep -v "it/s" | tee "$OUT/profile_gpu.txt" | tail -60
     workbench bench --model $model --device cuda --peers transformers --peer-dtypes bfloat16 --prompts 4 \
         --repeats 1 --no-store \
         --json "$OUT/baseline_gpu.json" 2>&1 | grep -v "bench:" | tail -12

@@ -4,12 +4,20 @@ A host-bound engine is slowed by kernel launches, host-device copies and synchro
 "GPU"), so this counts them per generated token, and splits the engine's step into its forward
 (`verify`) and what follows it (`accept`: sampling, trace, cache statistics).
 
-    python scripts/gpu_profile.py --model PATH.gguf --device cuda      # on a GPU machine (gpu_check.sh bench)
+Then it times plain greedy decoding of the same prompt, interleaved in rounds in this one process: the
+workbench with its static step as CUDA graphs (graphs=on), through torch.compile's reduce-overhead mode
+(graphs=compile, CUDA only) and eager (graphs=off), and transformers' `generate`; wall time of each whole call
+(prefill included, every token to the host), median over the rounds, and each one's ratio to transformers (the
+issue's bar: >= 2x). On a CPU graphs=on runs the static step eagerly.
+
+    python scripts/gpu_profile.py --model PATH.gguf --device cuda --json decode_gpu.json   # gpu_check.sh bench
     python scripts/gpu_profile.py                                      # the embedded model on this CPU
 """
 
 import argparse
+import json
 import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,12 +42,50 @@ def report(name: str, prof, tokens: int, top: int) -> None:
         print(f"  {e.key[:43]:<44}{e.count / tokens:12.1f}{e.self_cpu_time_total / tokens:19.1f}")
 
 
+def decode_speed(wb: Workbench, spec, peer, ids: torch.Tensor, tokens: int, rounds: int) -> dict:
+    """tok/s of each way of decoding (median over `rounds` interleaved rounds) and its ratio to transformers'."""
+    cuda = ids.device.type == "cuda"
+    modes = ("on", "compile", "off") if cuda else ("on", "off")
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                   min_new_tokens=tokens)
+
+    def timed(fn, *args, **kwargs):
+        """fn's result and tokens per second of wall time."""
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        return out, tokens / (time.perf_counter() - start)
+
+    runs: dict[str, list[float]] = {f"workbench graphs={mode}": [] for mode in modes}
+    runs["transformers generate"] = []
+    reports = {}
+    for _ in range(rounds + 1):  # the first round warms up (captures, compiles) and is not counted
+        for mode in modes:
+            reports[mode], speed = timed(wb.generate, PROMPT, wb.spec(spec, graphs=mode))
+            runs[f"workbench graphs={mode}"].append(speed)
+        with torch.inference_mode():
+            runs["transformers generate"].append(timed(peer.generate, ids, **options)[1])
+    medians = {name: statistics.median(values[1:]) for name, values in runs.items()}
+    peer_speed = medians["transformers generate"]
+    print(f"\n== plain greedy decoding, {tokens} tokens, median of {rounds} interleaved rounds")
+    for name, speed in medians.items():
+        print(f"  {name:<28}{speed:9.1f} tok/s  {speed / peer_speed:6.2f}x transformers")
+    return {"tokens": tokens, "rounds": rounds, "tok_per_s": medians,
+            "vs_transformers": {name: round(speed / peer_speed, 3) for name, speed in medians.items()},
+            "graphs": {mode: trace.summary()["provenance"].get("graphs") for mode, trace in reports.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decoding comparison")
+    parser.add_argument("--json", help="write the decoding comparison here")
     args = parser.parse_args()
     wb = Workbench(args.model, "bfloat16", args.device)
     spec = wb.spec("decode=plain;ignore_eos=true", max_new_tokens=args.tokens)
@@ -65,6 +111,11 @@ def main() -> None:
         with profile(activities=activities) as prof:
             peer.generate(ids, **options)
     report("transformers generate", prof, args.tokens, args.top)
+    result = decode_speed(wb, spec, peer, ids, args.tokens, args.rounds)
+    if args.json:
+        result["device"] = torch.cuda.get_device_name() if ids.device.type == "cuda" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,29 @@ def test_compressed_caches_attend_through_their_kernels_on_the_gpu(monkeypatch, 
     dispatch.reset()
     assert used[operation] == "triton" and operation not in used_reference
     assert ours == reference
+
+
+GRAPH_PROMPT = " ".join(str(i) for i in [5, 6, 7, 8, 9, 10] * 3)  # repeats, so prompt lookup drafts
+
+
+def graph_run(decode: str, graphs: str):
+    from workbench.api import Workbench
+
+    trace = Workbench("random:llama", dtype="float32", device="cuda").generate(
+        GRAPH_PROMPT, f"decode={decode};graphs={graphs};max_new_tokens=16;ignore_eos=true")
+    return trace.token_ids, trace.summary()["provenance"]["graphs"]
+
+
+@pytest.mark.parametrize("decode", ["plain", "prompt_lookup:k=4"])
+def test_cuda_graphs_replay_the_static_step_with_the_eager_tokens(decode):
+    eager, off = graph_run(decode, "off")
+    replayed, auto = graph_run(decode, "auto")
+    assert off["ran"] == "off" and auto["ran"] == "cuda graphs" and auto["static_steps"] > 0, auto
+    assert replayed == eager
+
+
+def test_torch_compile_reduce_overhead_runs_the_static_step_with_the_eager_tokens():
+    eager, _ = graph_run("plain", "off")
+    compiled, report = graph_run("plain", "compile")
+    assert report["ran"] == "torch.compile reduce-overhead" and report["static_steps"] == 15, report
+    assert compiled == eager
