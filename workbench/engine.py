@@ -214,9 +214,10 @@ class Engine:
             step_ids = torch.tensor([tree.forward_tokens(), tree.position_ids(state.pending_position)], device=device)
             tree_tokens, positions = step_ids[0], step_ids[1]
             mask = tree.attention_mask(device) if len(tree_tokens) > 1 else None
+            embeds = _step_embeds(model, tree, tree_tokens)
             # the static step (a CUDA graph's replay) where the run allows it, else the eager forward
-            out = static.forward(tree_tokens, positions, mask, heads or judged) or \
-                model(tree_tokens, positions, cache, mask=mask, final_hidden=heads or judged)
+            out = static.forward(tree_tokens, positions, mask, heads or judged or embeds is not None) or \
+                model(tree_tokens, positions, cache, mask=mask, final_hidden=heads or judged, embeds=embeds)
             all_logits = out.logits
             _sync(device)
             t2 = time.perf_counter_ns()
@@ -299,6 +300,14 @@ class Engine:
         event.cache_tokens = cache.tokens_per_layer()
         event.cache_stats = cache_stats(cache, context, any(p.simulated for p in self.policies),
                                         kept_sampled(state.step, event.finish_reason is not None))
+
+
+def _step_embeds(model, tree: DraftTree, tree_tokens: torch.Tensor) -> torch.Tensor | None:
+    """The step's input vectors when the tree's aux block brings its own (trained prompt tokens), else None."""
+    if tree.aux is None or tree.aux.embeds is None:
+        return None
+    main = model.embed(tree_tokens[: len(tree) + 1])
+    return torch.cat([main, tree.aux.embeds.to(main.dtype)])
 
 
 def _whole_forwards(model) -> int:

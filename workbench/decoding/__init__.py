@@ -26,6 +26,7 @@ from workbench.decoding import (  # noqa: F401  (registration)
     medusa,
     monitor,
     plain,
+    ppd,
     prompt_lookup,
     rsd,
     speculative,

@@ -34,10 +34,15 @@ class AuxBlock:
     tokens: list[int]  # [A] token ids
     offsets: list[int]  # [A] logical positions, relative to the pending token's
     mask: torch.Tensor  # [A, 1 + N + A] bool: what each aux token attends to among [pending, nodes, aux]
+    # [A, hidden] input vectors used instead of the aux tokens' embeddings (trained prompt tokens, PPD); the
+    # token ids then only hold places
+    embeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.offsets) or self.mask.shape[0] != len(self.tokens):
             raise ValueError("an aux block needs one offset and one mask row per token")
+        if self.embeds is not None and self.embeds.shape[0] != len(self.tokens):
+            raise ValueError("an aux block's embeds need one row per token")
 
 
 @dataclass

@@ -61,6 +61,11 @@ class DraftModel(Drafter):
     # Set by the adaptive-length wrapper: given the draft probabilities of the tokens drafted so far, whether
     # to stop drafting now.
     stop_rule: Callable[[list[float]], bool] | None = field(init=False, default=None, repr=False)
+    # Set by the adaptive-length wrapper with a trained acceptance head (SpecDec++): given the draft's last-layer
+    # state [hidden] (before its final norm) at the row a token was drafted from, the predicted probability that
+    # the token is accepted; `stop_rule` then reads these instead of the draft's own probabilities.
+    acceptance_head: Callable[[torch.Tensor], float] | None = field(init=False, default=None, repr=False)
+    _last_hidden: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def check(self) -> None:
         if self.compress and self.draft != "self":
@@ -106,8 +111,10 @@ class DraftModel(Drafter):
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         device = self._model.device
         out = self._model(torch.tensor(tokens, device=device), torch.arange(start, start + len(tokens), device=device),
-                          self._cache, layers=self._plan, last_only=True)
+                          self._cache, layers=self._plan, last_only=True, final_hidden=self.acceptance_head is not None)
         self._cache.commit()
+        if self.acceptance_head is not None:
+            self._last_hidden = out.final_hidden[-1]
         return out.logits[0]
 
     def _tree_forward(self, tree_tokens: list[int], parents: list[int], root_position: int, wanted: list[int],
@@ -136,7 +143,8 @@ class DraftModel(Drafter):
             token = int(q.argmax()) if sampler.greedy else int(torch.multinomial(q, 1, generator=self._generator))
             drafted.append(token)
             dists.append(q)
-            confidences.append(float(q[token]))
+            head = self.acceptance_head
+            confidences.append(float(q[token]) if head is None else head(self._last_hidden))
             if self.stop_rule is not None and self.stop_rule(confidences):
                 break
             if i + 1 < self.k:

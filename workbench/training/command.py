@@ -7,8 +7,8 @@ import json
 
 from workbench.spec import DEFAULT_MODEL
 
-TRAINABLE = ("medusa", "hydra", "clover", "falcon", "fastdraft", "kangaroo", "judge")  # drafters (and the judge
-# acceptor's head) trained here
+TRAINABLE = ("medusa", "hydra", "clover", "falcon", "fastdraft", "kangaroo", "ppd", "judge", "specdec")  # drafters,
+# the judge acceptor's head and SpecDec++'s acceptance head, trained here
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=2, help="fastdraft: layers of the draft model; kangaroo: the "
                    "target's first layers it drafts with (default 2)")
     p.add_argument("--width", type=int, default=0, help="judge: hidden width of the judge head (default 0: linear)")
+    p.add_argument("--tokens", type=int, default=3, help="ppd: prompt tokens appended to the input (default 3)")
+    p.add_argument("--drafter", default="draft_model", help="specdec: the chain drafter whose drafts the acceptance "
+                   "head judges, as in adaptive:drafter= (default draft_model)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget of the training loop (default 8); "
                    "making the data takes a few minutes more the first time, then it is cached")
     p.add_argument("--prompts", type=int, default=160, help="training prompts (default 160)")
@@ -48,8 +51,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SpecError("--minutes must be positive, --prompts at least 2 and --new-tokens at least --heads + 2")
     if not 0 <= args.width <= 4096:
         raise SpecError(f"--width {args.width} is out of range; expected 0 (a linear head) to 4096")
+    if args.kind == "specdec":  # a drafter adaptive can wrap, refused before the model loads
+        from workbench.spec import TechniqueSpec
+
+        TechniqueSpec("adaptive", {"drafter": args.drafter}).validated("decoding")
     wb = Workbench(args.model, args.dtype, args.device)
     loaded = wb.model(wb.default)
+    if args.kind in ("ppd", "specdec"):  # prompt tokens (training/ppd.py), SpecDec++'s head (acceptance_head.py)
+        from workbench.training import acceptance_head, ppd
+
+        return _write_json(args, (ppd if args.kind == "ppd" else acceptance_head).train_command(loaded, args))
     if args.kind == "judge":  # the judge acceptor's head (decoding/judge.py, training/judge.py)
         from workbench.training.judge import train_command as train_judge_command
 
