@@ -7,7 +7,11 @@ prompt, so machine load falls on all alike): the answer's score, the fast-tier b
 (`cache_bytes`, against the full cache's in the same run), the off-tier bytes, what was fetched back, and the
 decode speed against the full cache's. Then perplexity and KL against the full cache (teacher-forced, on
 `workbench.text`'s evaluation windows), and CacheGen's file against the raw float16 cache with the time to load
-it against the time to prefill the same tokens, per length. Writes docs/results/long_context_cache.json.
+it against the time to prefill the same tokens, per length. kvpress (`workbench.eval.kvpress_peer`) runs beside
+them in the same turns: its presses on transformers' model over the same weights, with the same prompt ids, scored
+the same way (retrieval, bytes after the prefill against the full float cache, perplexity and KL against our full
+cache). Rows are written to `<out>.partial` after every prompt, so a run cut short keeps what it measured. Writes
+docs/results/long_context_cache.json.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ SPECS = {
     "lserve": "cache=lserve",
     "lserve_wide": "cache=lserve:streaming=0.25,budget_tokens=512",
 }
+# kvpress presses beside our policies: name -> (our policy whose parameters it takes, spec, kept fraction)
+PEERS = {"kvpress_snapkv": ("snapkv", "cache=snapkv:fraction=0.25,window=32", 0.25),
+         "kvpress_streaming": ("streaming", "cache=streaming", 0.25)}
 
 
 def as_prompt(wb: Workbench, text: str) -> str:
@@ -44,7 +51,34 @@ def as_prompt(wb: Workbench, text: str) -> str:
     return text if loaded.tokenizer is not None else " ".join(map(str, encode(loaded, text)))
 
 
-def retrieval(wb: Workbench, items, specs: dict[str, str]) -> list[dict]:
+def build_presses(names: list[str]) -> dict:
+    """name -> kvpress press for each of `names` in PEERS."""
+    from workbench.eval.kvpress_peer import press_for
+
+    out = {}
+    for name in names:
+        ours, spec, budget = PEERS[name]
+        out[name] = press_for(ours, RunSpec.parse(spec).cache[0].build("cache"), budget)[0]
+    return out
+
+
+def peer_retrieval(wb: Workbench, peer, item, name: str, press, ids: list[int]) -> dict:
+    """One kvpress press on one prompt: its answer's score and its cache's bytes against the full float cache."""
+    from workbench.eval.kvpress_peer import peer_generate
+    from workbench.eval.quality import decode
+
+    loaded = wb.model(wb.default)
+    cfg = loaded.model.config
+    start = time.perf_counter()
+    tokens, nbytes = peer_generate(peer, press, ids, item.new_tokens)
+    full = 2 * cfg.num_layers * cfg.num_kv_heads * len(ids) * cfg.head_dim * peer.dtype.itemsize
+    return {"spec": name, "id": item.id, "task": item.task, "length": item.length, "prompt_tokens": len(ids),
+            "score": score(item, decode(loaded, tokens)), "fast_bytes_prefill": nbytes, "fast_share": nbytes / full,
+            "off_bytes_prefill": 0, "seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def retrieval(wb: Workbench, items, specs: dict[str, str], peer=None, presses: dict | None = None,
+              partial: Path | None = None) -> list[dict]:
     rows = []
     for item in tqdm(items, desc="retrieval prompts"):
         for name, spec in specs.items():
@@ -56,10 +90,16 @@ def retrieval(wb: Workbench, items, specs: dict[str, str]) -> list[dict]:
                          "off_bytes_prefill": trace.events[0].cache_off_bytes,
                          "moved_bytes": s["cache_moved_bytes"], "moved_s": s["cache_moved_s"],
                          "decode_tok_per_s": s["decode_tok_per_s"], "tokens": trace.token_ids})
+            ids = trace.prompt_ids
+        for name, press in (presses or {}).items():
+            rows.append(peer_retrieval(wb, peer, item, name, press, ids))
+        if partial:
+            partial.write_text(json.dumps(rows, default=str) + "\n")
     return rows
 
 
-def quality(wb: Workbench, specs: dict[str, str], context: int, windows: int, scored: int) -> dict:
+def quality(wb: Workbench, specs: dict[str, str], context: int, windows: int, scored: int, peer=None,
+            presses: dict | None = None) -> dict:
     loaded = wb.model(wb.default)
     ids = evaluation_windows(loaded, context + scored, windows)
 
@@ -69,7 +109,15 @@ def quality(wb: Workbench, specs: dict[str, str], context: int, windows: int, sc
                 for w in ids]
 
     reference = run("")
-    return {name: compare(reference, run(spec)) for name, spec in specs.items() if spec}
+    out = {name: compare(reference, run(spec)) for name, spec in specs.items() if spec}
+    if presses:
+        from workbench.eval.kvpress_peer import peer_forced
+
+        full = [peer_forced(peer, None, w, context) for w in ids]
+        out["kvpress_full"] = compare(reference, full)
+        for name, press in presses.items():
+            out[name] = compare(reference, [peer_forced(peer, press, w, context) for w in ids])
+    return out
 
 
 def load_against_prefill(wb: Workbench, items) -> list[dict]:
@@ -103,6 +151,8 @@ def main() -> None:
     parser.add_argument("--scored", type=int, default=128, help="tokens scored for perplexity and KL")
     parser.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS),
                         help="which specs to run (full, the reference, always runs)")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                        help="kvpress presses to run beside (none: --peers with no names)")
     parser.add_argument("--out", default="docs/results/long_context_cache.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared, busy machine the "
                         "thread pool's waits on small operations dominate)")
@@ -115,10 +165,27 @@ def main() -> None:
     count = token_counter(loaded)
     items = long_context_suite(count, args.lengths, ("passkey", "kv"), args.per_cell)
     specs = {name: SPECS[name] for name in SPECS if name == "full" or name in args.specs}
-    rows = retrieval(wb, items, specs)
+    peer, presses = None, build_presses(args.peers)
+    if presses:
+        from workbench.bench import transformers_peer
+        from workbench.errors import WorkbenchError
+
+        try:
+            peer = transformers_peer(loaded, loaded.dtype)
+        except WorkbenchError as error:  # e.g. a random test model: no checkpoint for transformers to load
+            print(f"kvpress left out: {error}")
+            presses = {}
+    rows = retrieval(wb, items, specs, peer, presses, Path(args.out + ".partial"))
     summary = {}
-    for name in specs:
+    for name in [*specs, *presses]:
         mine = [r for r in rows if r["spec"] == name]
+        if name in presses:
+            summary[name] = {"accuracy": sum(r["score"] for r in mine) / len(mine),
+                             "by_length": {str(n): sum(r["score"] for r in mine if r["length"] == n)
+                                           / sum(1 for r in mine if r["length"] == n) for n in args.lengths},
+                             "fast_bytes_share": sum(r["fast_share"] for r in mine) / len(mine),
+                             "off_bytes_share": 0.0}
+            continue
         full = {r["id"]: r for r in rows if r["spec"] == "full"}
         summary[name] = {
             "accuracy": sum(r["score"] for r in mine) / len(mine),
@@ -136,8 +203,8 @@ def main() -> None:
         "command": "python scripts/long_context_cache.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if k not in ("out", "model")),
-        "specs": specs, "summary": summary,
-        "quality": quality(wb, specs, args.context, 1, args.scored),
+        "specs": specs, "peers": {name: repr(press) for name, press in presses.items()}, "summary": summary,
+        "quality": quality(wb, specs, args.context, 1, args.scored, peer, presses),
         "cachegen_load": load_against_prefill(wb, [i for i in items if i.task == "kv" and i.id.endswith("-0")])
         if "cachegen" in specs else [],
         "rows": rows,

@@ -93,6 +93,30 @@ def peer_forced(model: Any, press: Any | None, ids: Sequence[int], prefill: int)
     return Forced(logprobs, tokens[0, prefill:].cpu(), bytes_prefill, cache_nbytes(cache), decode_s)
 
 
+@torch.inference_mode()
+def peer_generate(model: Any, press: Any | None, ids: Sequence[int], new_tokens: int) -> tuple[list[int], int]:
+    """Greedy continuation of `ids` by a transformers model whose prompt cache `press` compressed (None: full), fed
+    one token per step with explicit position ids as in `peer_forced`. Returns (the new token ids, the cache's bytes
+    after the prefill)."""
+    from transformers import DynamicCache
+
+    wanted = "eager" if press is not None and type(press).__name__ in NEEDS_ATTENTIONS else "sdpa"
+    if model.config._attn_implementation != wanted:
+        model.set_attn_implementation(wanted)
+    device = model.device
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        logits = model(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, logits_to_keep=1,
+                       cache_position=torch.arange(len(ids), device=device)).logits[0, -1]
+    bytes_prefill = cache_nbytes(cache)
+    out = [int(logits.argmax())]
+    for i in range(len(ids), len(ids) + new_tokens - 1):
+        logits = model(input_ids=torch.tensor([[out[-1]]], device=device), past_key_values=cache,
+                       position_ids=torch.tensor([[i]], device=device)).logits[0, -1]
+        out.append(int(logits.argmax()))
+    return out, bytes_prefill
+
+
 def _paired(x: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error of per-token differences."""
     x = x.double()
