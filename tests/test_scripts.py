@@ -104,6 +104,12 @@ def test_long_context_cache(script, tmp_path):
     assert "shadowkv" in out and "file_share" in out and (tmp_path / "r.json").exists()
 
 
+def test_cachegen_sensitivity(script, tmp_path):
+    out = script("cachegen_sensitivity", "--model", "random:llama", "--context", "64", "--scored", "4",
+                 "--variants", "3/3/1/1", "--out", str(tmp_path / "r.json"))
+    assert "file_share" in out and "layer  0 alone" in out and (tmp_path / "r.json").exists()
+
+
 def test_compression_pareto(script, tmp_path):
     out = script("compression_pareto", "--model", "random:llama", "--tokens", "64", "--window", "32", "--minutes",
                  "0.01", "--chains", "int8", "--out", str(tmp_path), "--figure", str(tmp_path / "p.png"))
