@@ -116,6 +116,13 @@ def test_compression_pareto(script, tmp_path):
     assert "hawq plan" in out and "evopress plan" in out and (tmp_path / "pareto.json").exists()
 
 
+def test_two_bit_perplexity(script, tmp_path):
+    out = script("two_bit_perplexity", "--model", "random:llama", "--tokens", "64", "--window", "32", "--baselines",
+                 "int4:bits=2", "--start", "int4:bits=3,group=32", "--pvtune", "steps=1,tokens=64,segment=32",
+                 "--json", str(tmp_path / "t.json"))
+    assert "int4:bits=3,group=32+pvtune" in out and (tmp_path / "t.json").exists()
+
+
 def test_delta_compression(script, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     out = script("delta_compression", "--model", "random:llama", "--minutes", "0.05", "--max-steps", "2",

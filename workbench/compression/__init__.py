@@ -19,6 +19,7 @@ from workbench.compression import (  # noqa: F401  (registration)
     mx,
     prune,
     prunenet,
+    pvtune,
 )
 from workbench.compression.base import STAGES, CompressedLinear, WeightTransform, apply_compression
 
