@@ -34,7 +34,8 @@ TEST_CHAINS = {"gptq": "gptq:tokens=256", "fp4": "fp4:tokens=256", "eora": "int4
                # delta transforms, on an int8 base, over the random fine-tunes of `delta_finetunes`
                "finetune": "int8+finetune:tune=lora", "dare": "int8+dare", "compeft": "int8+compeft",
                "adapter1bit": "int8+adapter1bit",
-               "prunenet": "prunenet:multiple=16,episodes=2+int4:group=32"}  # int4: every linear replaced
+               "prunenet": "prunenet:multiple=16,episodes=2+int4:group=32",  # int4: every linear replaced
+               "pvtune": "int4:bits=2,group=32+pvtune:steps=1,tokens=64,segment=32"}
 BF16_ONLY = {"dfloat11"}
 
 
