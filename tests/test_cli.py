@@ -137,7 +137,8 @@ def test_bench_compares_draft_model_with_transformers_assisted_generation(tmp_pa
 
 def test_bench_without_llama_cpp_python_says_how_to_get_it(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where it is not installed
-    code, _, err = run_cli(capsys, "bench", "--decode", "prompt_lookup", "--peers", "llama-cpp", *RANDOM,
+    # llama.cpp's prompt lookup needs llama-cpp-python (its plain decoding also runs on the prebuilt libraries)
+    code, _, err = run_cli(capsys, "bench", "--decode", "prompt_lookup", "--peers", "llama-cpp-pld", *RANDOM,
                            "--categories", "qa", "--per-category", "1", "--no-store")
     assert code == 2 and "pip install llama-cpp-python" in err
 
