@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompt lookup), transformers-assisted (assisted generation, the target's first layers as "
                    "assistant), transformers-early-exit (self-speculation exiting after the first layers), llama-cpp "
                    "and llama-cpp-pld (llama.cpp on the same GGUF, plain on the prebuilt libraries `make setup` "
-                   "fetches, or llama-cpp-python, which its prompt lookup needs); with --roofline only llama-cpp (transformers, the default, is left out)")
+                   "fetches, or llama-cpp-python, which its prompt lookup needs); with --roofline only llama-cpp "
+                   "(transformers, the default, is left out)")
     p.add_argument("--assistant-layers", type=int, default=8,
                    help="layers of the target that the transformers-assisted peer's assistant keeps, and where "
                    "the transformers-early-exit peer exits")
