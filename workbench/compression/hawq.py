@@ -110,11 +110,13 @@ def hawq_plan(model: nn.Module, table: LevelTable, originals: dict[str, torch.Te
               progress: bool = True) -> tuple[dict[str, int], dict]:
     """The HAWQ plan for `budget` (a position on the level scale, plan.level_index) and what it was built
     from (traces, samples drawn, how many estimates were below zero)."""
+    errors = {n: {k: table.error(n, k, originals[n]) for k in range(len(LEVELS))} for n in table.sizes}
+    table.weights.clear()  # only the errors are needed: the levels' weights would stay in memory through the
+    originals.clear()      # double backward (the float32 model's six levels and originals are 3 GB on SmolLM2)
     traces, drawn = hutchinson_traces(model, table.sites, segments, samples, seed, deadline, progress)
     positive = [t for t in traces.values() if t > 0]
     floor = min(positive) if positive else 1.0
     used = {n: t if t > 0 else floor for n, t in traces.items()}
-    sensitivity = {n: {k: used[n] / table.sizes[n] * table.error(n, k, originals[n]) for k in range(len(LEVELS))}
-                   for n in traces}
+    sensitivity = {n: {k: used[n] / table.sizes[n] * errors[n][k] for k in range(len(LEVELS))} for n in traces}
     return allocate(sensitivity, table.sizes, budget), {
         "hutchinson_samples": drawn, "traces": traces, "negative_traces": len(traces) - len(positive)}
