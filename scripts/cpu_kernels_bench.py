@@ -1,6 +1,7 @@
 """The matrix products of one decode or verification step, each backend in turn on the same inputs.
 
     .venv/bin/python scripts/cpu_kernels_bench.py            # rows 1, 2, 4, 8, 12, 16
+    .venv/bin/python scripts/cpu_kernels_bench.py 1 --resident   # each kernel's arithmetic ceiling
 
 SmolLM2-135M's shapes: 30 layers' four products (q|k|v, o, gate|up, down) and the 576x49152 LM head, random
 weights, each layer its own matrices so they stream from memory as in a real step (243 MB in bf16). For M rows
@@ -8,6 +9,10 @@ weights, each layer its own matrices so they stream from memory as in a real ste
 before the workbench's kernels), the workbench's bf16 kernel, torch's int8 weight-only kernel and the
 workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the workbench's. Best of five 5-step
 means, backends alternating so drift hits them alike.
+
+With --resident, each backend multiplies one 576x1536 weight (down's shape) over and over on one thread, so
+the weight stays in the core's L2 and the figure, GB/s of weight bytes over the process's CPU time (which
+other processes' load does not inflate), is what the kernel's arithmetic allows, not what memory does.
 """
 
 import argparse
@@ -52,10 +57,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="*", type=int, default=[1, 2, 4, 8, 12, 16])
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--resident", action="store_true", help="one L2-resident weight on one thread (see above)")
     args = parser.parse_args()
     if not cpu.available():
         raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
     torch.manual_seed(0)
+    if args.resident:
+        return resident(args.rows)
     calls = backends(args.layers)
     print(f"ms per step's products, {args.layers} layers + LM head, {torch.get_num_threads()} threads")
     print(f"{'rows':>5}" + "".join(f"{name:>16}" for name in calls))
@@ -71,6 +79,33 @@ def main() -> None:
                             f(inputs[k])
                     best[name] = min(best[name], (time.perf_counter() - start) / 5)
             print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>16.2f}" for name in calls), flush=True)
+
+
+def resident(rows: list[int]) -> None:
+    torch.set_num_threads(1)
+    n, k = LAYER[3]
+    weight = nn.Linear(k, n, bias=False).weight.detach().to(torch.bfloat16)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    codes4, params = cpu.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8),
+                                   *(torch.rand(2, n, k // 32, dtype=torch.bfloat16) * 0.01))
+    packed, packed_codes, scales = cpu.pack_bf16(weight), cpu.pack_int8(codes), torch.rand(n)
+    calls = {"workbench bf16": (n * k * 2, lambda x: cpu.gemm_bf16(x, packed, None)),
+             "workbench int8": (n * k + 4 * n, lambda x: cpu.gemm_int8(x, packed_codes, scales, None)),
+             "workbench int4 g32": (codes4.numel() + params.numel() * 2, lambda x: cpu.gemm_int4(x, codes4, params, 32,
+                                                                                              None))}
+    print(f"GB/s of an L2-resident {n}x{k} weight, one thread, process time (best of 7 rounds of 200 products)")
+    print(f"{'rows':>5}" + "".join(f"{name:>20}" for name in calls))
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            best = dict.fromkeys(calls, float("inf"))
+            for _ in range(7):
+                for name, (_, f) in calls.items():
+                    start = time.process_time()
+                    for _ in range(200):
+                        f(x)
+                    best[name] = min(best[name], (time.process_time() - start) / 200)
+            print(f"{m:>5}" + "".join(f"{calls[name][0] / best[name] / 1e9:>20.1f}" for name in calls), flush=True)
 
 
 if __name__ == "__main__":

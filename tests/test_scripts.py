@@ -188,6 +188,7 @@ def test_cpu_attention_bench(script):
 def test_cpu_kernels_bench(script):
     out = script("cpu_kernels_bench", "1", "4", "--layers", "1", patches={"HEAD": (1024, 576)})
     assert "workbench int4" in out
+    assert "workbench int4 g32" in script("cpu_kernels_bench", "1", "--resident")  # the kernels' arithmetic ceiling
 
 
 @needs_kernels
