@@ -1,4 +1,4 @@
-"""Weight transforms (quantize, prune, encode, compensate). Importing this package registers them.
+"""Weight transforms (slice, quantize, prune, encode, compensate). Importing this package registers them.
 
 The contract (compressed layers, transforms, their application in stage order) is in `base.py`;
 docs/compression.md describes each transform and how to measure it.
