@@ -111,3 +111,20 @@ def test_the_command_trains_and_saves_what_the_drafter_loads(tmp_path, capsys):
     assert json.loads(out.read_text())["steps"] == 5
     assert main(["generate", "5 6 7 8", "--model", "random:llama", "--dtype", "float32", "--decode",
                  "ppd:tokens=2", "--max-new-tokens", "8", "--no-store"]) == 0
+
+
+@pytest.mark.integration
+def test_embedded_float32_output_is_plain_decodings():
+    """The real model in float32 with prompt tokens trained briefly on it: token for token plain decoding's output."""
+    from workbench import Workbench
+    from workbench.training.heads import training_prompt_ids
+
+    wb = Workbench(dtype="float32")
+    loaded = wb.model(wb.default)
+    train_ppd(loaded.model, training_prompt_ids(loaded, 3), 3, minutes=0.5, new_tokens=12, max_steps=2,
+              progress=False)
+    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+                   "Write a Python function that adds two numbers."]:
+        plain = wb.generate(prompt, "max_new_tokens=24")
+        ours = wb.generate(prompt, "max_new_tokens=24;decode=ppd:nodes=8,prompted=2")
+        assert ours.token_ids == plain.token_ids

@@ -99,8 +99,8 @@ def acceptance(model, module: PromptTokens, sequences: list[Sequence], window: i
 
 
 def train_ppd(target, prompts: list[list[int]], m: int, *, minutes: float, seed: int = 0, new_tokens: int = 128,
-              eos_ids: list[int] | None = None, max_steps: int = 4000, batch_tokens: int = 96, window: int = 48,
-              lr: float = 3e-3, progress: bool = True) -> dict[str, Any]:
+              eos_ids: list[int] | None = None, max_steps: int = 4000, batch_tokens: int = 32, window: int = 32,
+              lr: float = 1e-2, progress: bool = True) -> dict[str, Any]:
     """Train `m` prompt tokens for `target` on its own continuations of `prompts` and save the checkpoint."""
     from workbench.decoding.fastdraft import new_draft
     from workbench.training.distill import split
