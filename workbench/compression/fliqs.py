@@ -5,7 +5,7 @@ Paper: "FLIQS: One-Shot Mixed-Precision Floating-Point and Integer Quantization 
 arXiv 2308.03290.
 
 Every decoder linear chooses one format from a menu of registered quantizers (default: round-to-nearest
-integer at 2, 3, 4 bits with group 64 and 3 bits at group 32, FP4 E2M1 with a float16 scale per 64 inputs,
+integer at 2, 3, 4 bits with group 64 and 3 bits at group 32, FP4 E2M1 with a float16 absmax scale per 64 inputs,
 MXFP4, MXFP6 E2M3 and per-channel int8), each format's weights made once by running its transform on a copy
 of the model. The controller is a categorical distribution per linear (logits θ[site, format], uniform at
 the start). Each step samples a plan from it, installs the plan's dequantized weights and measures the
@@ -36,7 +36,7 @@ from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 
 FORMATS = ("int4:bits=2,group=64", "int4:bits=3,group=64", "int4:bits=3,group=32", "int4:bits=4,group=64",
-           "fp4:format=e2m1,group=64,calibrate=false,steps=8", "mx:format=fp4", "mx:format=fp6_e2m3",
+           "fp4:format=e2m1,group=64,calibrate=false,steps=1", "mx:format=fp4", "mx:format=fp6_e2m3",
            "int8:head=false")
 
 
