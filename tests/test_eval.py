@@ -365,3 +365,18 @@ def test_embedded_smoke_with_the_kvpress_full_cache(capsys, tmp_path):
     assert 1.5 < ours["perplexity"] < 60 and ours["kl"] == 0
     assert ours["passkey"]["cells"][0]["answer"]
     assert peer["engine"] == "kvpress" and peer["kl"] < 1e-3 and peer["top1_agreement"] == 1
+
+
+def test_kvpress_peer_generate_is_greedy_decoding_over_the_pressed_cache(tiny_transformers_model, one_thread):
+    """peer_generate without a press is transformers' own greedy generation; with one, its first token is the
+    pressed prefill's argmax and the cache holds the kept half."""
+    theirs = tiny_transformers_model("llama")
+    ids = random_ids(48, seed=5)
+    tokens, full_bytes = kvpress_peer.peer_generate(theirs, None, ids, 6)
+    expected = theirs.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert tokens == expected[0, len(ids):].tolist()
+    press, _ = kvpress_peer.press_for("streaming", KeepEnds(budget=0.5, sinks=4), 0.5)
+    pressed, pressed_bytes = kvpress_peer.peer_generate(theirs, press, ids, 3)
+    forced = kvpress_peer.peer_forced(theirs, press, [*ids, 0], len(ids))
+    assert pressed[0] == int(forced.logprobs[0].argmax()) and len(pressed) == 3
+    assert pressed_bytes == full_bytes // 2
