@@ -34,3 +34,17 @@ class BreaksAtStep3(Drafter):
         if state.step == 3:
             raise RuntimeError("drafter broke")
         return DraftTree()
+
+
+# Two prompts of the suite's kinds (a summary, a code request) for the embedded model's lossless checks.
+EMBEDDED_PROMPTS = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+                    "Write a Python function that adds two numbers."]
+
+
+def assert_output_is_plain_decodings(wb, decode: str, new_tokens: int = 24) -> None:
+    """`decode` on the workbench's default model gives plain decoding's tokens, in no more target forwards."""
+    for prompt in EMBEDDED_PROMPTS:
+        plain = wb.generate(prompt, f"max_new_tokens={new_tokens}")
+        ours = wb.generate(prompt, f"max_new_tokens={new_tokens};decode={decode}")
+        assert ours.token_ids == plain.token_ids, decode
+        assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"], decode

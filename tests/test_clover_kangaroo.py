@@ -19,6 +19,8 @@ from workbench.spec import RunSpec, TechniqueSpec
 from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
 from workbench.training.heads import train_heads
 
+from .helpers import assert_output_is_plain_decodings
+
 pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 KINDS = ["clover", "kangaroo"]
@@ -153,8 +155,4 @@ def test_embedded_float32_output_is_plain_decodings(kind):
     train_heads(registry.get("decoding", kind).cls, loaded.model, training_prompt_ids(loaded, 3), SETTINGS[kind],
                 minutes=0.5, new_tokens=12, max_steps=10, progress=False)
     params = ",".join(f"{k}={v}" for k, v in PARAMS[kind].items())
-    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-                   "Write a Python function that adds two numbers."]:
-        plain = wb.generate(prompt, "max_new_tokens=24")
-        ours = wb.generate(prompt, f"max_new_tokens=24;decode={kind}:{params}")
-        assert ours.token_ids == plain.token_ids
+    assert_output_is_plain_decodings(wb, f"{kind}:{params}")

@@ -21,6 +21,8 @@ from workbench.training.corpus import KINDS as PROMPT_KINDS
 from workbench.training.corpus import overlaps_suite, training_prompts
 from workbench.training.heads import train_heads
 
+from .helpers import assert_output_is_plain_decodings
+
 pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 KINDS = ["medusa", "hydra", "falcon"]
@@ -156,12 +158,7 @@ def test_embedded_float32_output_is_plain_decodings(embedded, kind):
     loaded = wb.model(wb.default)
     train_heads(registry.get("decoding", kind).cls, loaded.model, training_prompt_ids(loaded, 3), SETTINGS,
                 minutes=0.5, new_tokens=12, max_steps=20, progress=False)
-    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-                   "Write a Python function that adds two numbers."]:
-        plain = wb.generate(prompt, "max_new_tokens=24")
-        ours = wb.generate(prompt, f"max_new_tokens=24;decode={kind}:heads=3,nodes=8")
-        assert ours.token_ids == plain.token_ids
-        assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
+    assert_output_is_plain_decodings(wb, f"{kind}:heads=3,nodes=8")
 
 
 def test_a_model_has_one_fingerprint_in_float32_and_bfloat16():

@@ -17,6 +17,8 @@ from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, tv_bound
 
+from .helpers import assert_output_is_plain_decodings
+
 pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 TRIALS = 800
@@ -98,8 +100,4 @@ def test_embedded_float32_output_is_plain_decodings():
     loaded = wb.model(wb.default)
     train_fastdraft(loaded.model, training_prompt_ids(loaded, 3), 2, minutes=0.5, new_tokens=12, max_steps=3,
                     batch_tokens=64, window=32, progress=False)
-    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-                   "Write a Python function that adds two numbers."]:
-        plain = wb.generate(prompt, "max_new_tokens=24")
-        ours = wb.generate(prompt, "max_new_tokens=24;decode=fastdraft")
-        assert ours.token_ids == plain.token_ids
+    assert_output_is_plain_decodings(wb, "fastdraft")

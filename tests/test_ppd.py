@@ -20,6 +20,8 @@ from workbench.testing import PROMPT, exact_marginals, sampled, tiny_model, tv, 
 from workbench.training.distill import Sequence
 from workbench.training.ppd import prompt_batch, train_ppd
 
+from .helpers import assert_output_is_plain_decodings
+
 pytestmark = pytest.mark.usefixtures("throwaway_checkpoints", "one_thread")
 
 TRIALS = 500
@@ -123,8 +125,4 @@ def test_embedded_float32_output_is_plain_decodings():
     loaded = wb.model(wb.default)
     train_ppd(loaded.model, training_prompt_ids(loaded, 3), 3, minutes=0.5, new_tokens=12, max_steps=2,
               progress=False)
-    for prompt in ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-                   "Write a Python function that adds two numbers."]:
-        plain = wb.generate(prompt, "max_new_tokens=24")
-        ours = wb.generate(prompt, "max_new_tokens=24;decode=ppd:nodes=8,prompted=2")
-        assert ours.token_ids == plain.token_ids
+    assert_output_is_plain_decodings(wb, "ppd:nodes=8,prompted=2")
