@@ -172,8 +172,10 @@ class LlamaModel(nn.Module):
         for entry in plan:
             i, part = (entry, None) if isinstance(entry, int) else entry
             # The one-call layers take the config's MLP width: a layer pruned narrower (prunenet) runs on its own.
-            whole = part is None and self.layers[i].down.in_features == self.config.intermediate_size
-            row = ops.layer_row(self.layers[i], positions, cache[i], mask, keep) if fusable and whole else None
+            # (A wrapped projection without in_features, a fine-tune's for one, is left to layer_row to judge.)
+            width = getattr(self.layers[i].down, "in_features", None) if fusable and part is None else -1
+            whole = width in (None, self.config.intermediate_size)
+            row = ops.layer_row(self.layers[i], positions, cache[i], mask, keep) if whole else None
             if row is not None:
                 rows.append(row)
                 continue
