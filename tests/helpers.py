@@ -36,9 +36,9 @@ class BreaksAtStep3(Drafter):
         return DraftTree()
 
 
-# Two prompts of the suite's kinds (a summary, a code request) for the embedded model's lossless checks.
-EMBEDDED_PROMPTS = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-                    "Write a Python function that adds two numbers."]
+# A prompt of the suite's kinds for the embedded model's lossless checks of trained drafters (the tiny-model
+# tests cover many prompts; this one checks the real model's path, in float32, where ties cannot flip).
+EMBEDDED_PROMPTS = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays."]
 
 
 def assert_output_is_plain_decodings(wb, decode: str, new_tokens: int = 24) -> None:
