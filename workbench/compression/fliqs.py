@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.compression.base import apply_compression, dense_weight, linear_sites, weight_nbytes
-from workbench.compression.plan import by_layer, calibration_kl, reference_logprobs
+from workbench.compression.plan import calibration_kl, layers_selector, reference_logprobs
 from workbench.errors import SpecError
 from workbench.spec import RunSpec, TechniqueSpec
 
@@ -148,17 +148,9 @@ def plan_specs(table: FormatTable, plan: list[int]) -> list[TechniqueSpec]:
     attrs = sorted({n.split(".", 2)[2] for n in table.names})
     specs = []
     for k in sorted(set(plan), key=lambda k: table.formats[k]):
-        per_layer = by_layer([n for n, f in zip(table.names, plan) if f == k])
-        whole = [i for i, a in sorted(per_layer.items()) if sorted(a) == attrs]
-        items, start = [], None
-        for j, i in enumerate(whole):  # consecutive whole layers as ranges
-            start = i if start is None else start
-            if j + 1 == len(whole) or whole[j + 1] != i + 1:
-                items.append(str(i) if start == i else f"{start}-{i}")
-                start = None
-        items += [f"{i}.{a}" for i, a_list in sorted(per_layer.items()) if i not in whole for a in a_list]
+        layers = layers_selector([n for n, f in zip(table.names, plan) if f == k], attrs)
         spec = TechniqueSpec.parse(table.formats[k])
-        specs.append(TechniqueSpec(spec.name, {**spec.params, "layers": "/".join(items)}))
+        specs.append(TechniqueSpec(spec.name, {**spec.params, "layers": layers}))
     return specs
 
 

@@ -65,22 +65,29 @@ def by_layer(names: list[str]) -> dict[int, list[str]]:
     return per_layer
 
 
+def layers_selector(names: list[str], attrs: list[str]) -> str:
+    """A transform's `layers` value for these site names: layers with every one of `attrs` as ranges
+    (consecutive ones joined, "3-5"), the others' linears as i.attr, joined by '/'."""
+    per_layer = by_layer(names)
+    whole = [i for i, a in sorted(per_layer.items()) if sorted(a) == sorted(attrs)]
+    items, start = [], None
+    for k, i in enumerate(whole):  # consecutive whole layers as ranges
+        start = i if start is None else start
+        if k + 1 == len(whole) or whole[k + 1] != i + 1:
+            items.append(str(i) if start == i else f"{start}-{i}")
+            start = None
+    items += [f"{i}.{a}" for i, a_list in sorted(per_layer.items()) if i not in whole for a in a_list]
+    return "/".join(items)
+
+
 def plan_specs(levels: dict[str, int], attrs: list[str], quantizer: str = "rtn") -> list[TechniqueSpec]:
     """The compress chain of a plan (levels: indices into LEVELS): one transform per level used, ordered by
     cost; its `layers` names whole layers (all `attrs` at that level) as ranges, the others as i.attr."""
     specs = []
     for level in sorted(set(levels.values())):
-        per_layer = by_layer([n for n, b in levels.items() if b == level])
-        items, whole = [], [i for i, a in sorted(per_layer.items()) if sorted(a) == sorted(attrs)]
-        start = None
-        for k, i in enumerate(whole):  # consecutive whole layers as ranges
-            start = i if start is None else start
-            if k + 1 == len(whole) or whole[k + 1] != i + 1:
-                items.append(str(i) if start == i else f"{start}-{i}")
-                start = None
-        items += [f"{i}.{a}" for i, a_list in sorted(per_layer.items()) if i not in whole for a in a_list]
+        layers = layers_selector([n for n, b in levels.items() if b == level], attrs)
         bits, group = LEVELS[level]
-        specs.append(TechniqueSpec(QUANTIZERS[quantizer], {"bits": bits, "group": group, "layers": "/".join(items)}))
+        specs.append(TechniqueSpec(QUANTIZERS[quantizer], {"bits": bits, "group": group, "layers": layers}))
     return specs
 
 
