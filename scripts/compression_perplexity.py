@@ -36,6 +36,15 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
     return math.exp(nll / n)
 
 
+def evaluation_ids(loaded, tokens: int) -> torch.Tensor:
+    """The first `tokens` token ids of the evaluation text; random test models have no tokenizer: the text's
+    bytes as ids."""
+    text = evaluation_text()
+    if loaded.tokenizer is not None:
+        return torch.tensor(loaded.tokenizer(text)["input_ids"][:tokens], device=loaded.device)
+    return torch.tensor(list(text.encode())[:tokens], device=loaded.device) % loaded.config.vocab_size
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("chains", nargs="*", help="transform chains, e.g. int4:group=64 or gptq+eora:rank=32")
@@ -48,7 +57,7 @@ def main() -> None:
 
     text = evaluation_text()
     base = load_model(args.model, args.dtype, args.device)
-    ids = torch.tensor(base.tokenizer(text)["input_ids"][: args.tokens], device=base.device)
+    ids = evaluation_ids(base, args.tokens)
     print(f"model {args.model}  dtype {base.dtype}  device {base.device}  text {text_hash(text)}  "
           f"tokens {len(ids)}  window {args.window}")
     print(f"{'chain':<40} {'perplexity':>10} {'Δ%':>7} {'weight MB':>10} {'apply s':>8}")

@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from compression_perplexity import perplexity
+from compression_perplexity import evaluation_ids, perplexity
 
 from workbench.compression.base import CompressionContext, apply_compression, linear_sites, weight_nbytes
 from workbench.models import load_model
@@ -38,10 +38,7 @@ def main() -> None:
 
     text = evaluation_text()
     base = load_model(args.model)
-    if base.tokenizer is not None:
-        ids = torch.tensor(base.tokenizer(text)["input_ids"][: args.tokens], device=base.device)
-    else:  # random test models have no tokenizer: the text's bytes as token ids
-        ids = torch.tensor(list(text.encode())[: args.tokens], device=base.device) % base.config.vocab_size
+    ids = evaluation_ids(base, args.tokens)
     bf16_bytes = sum(s.module.weight.numel() * 2 for s in linear_sites(base.model, head=False))
     pv_spec = "pvtune" + (f":{args.pvtune}" if args.pvtune else "")
     meta = {"command": f"scripts/two_bit_perplexity.py --tokens {args.tokens} --start {args.start} "
