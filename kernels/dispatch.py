@@ -123,13 +123,19 @@ def _recorded(operation: str, name: str, fn: Callable) -> Callable:
     return run
 
 
+def _needs_gradients(args: tuple) -> bool:
+    """Whether autograd must flow through this call (training: PV-Tuning, fine-tunes): kernels have no backward."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 def _checked(operation: str, name: str, fn: Callable, fits: Callable, reference: Callable) -> Callable:
-    """fn where fits(*args) says it takes the inputs, else the reference; records which ran."""
+    """fn where fits(*args) says it takes the inputs, else the reference (and for calls that need gradients:
+    decoding runs without them, so its calls pay one flag check); records which ran."""
     key, reference_key = (operation, name), (operation, backend_torch.NAME)
 
     def run(*args):
         used = _usage.get()
-        if fits(*args):
+        if fits(*args) and not _needs_gradients(args):
             if used is not None:
                 used.add(key)
             return fn(*args)
@@ -142,12 +148,12 @@ def _checked(operation: str, name: str, fn: Callable, fits: Callable, reference:
 
 def bind(operation: str, module: ModuleType) -> Callable:
     """`operation` of backend `module`, recording its use, its inputs checked by the module's `<operation>_fits`
-    (the reference runs those it does not take)."""
+    (the reference runs those it does not take, and calls that need gradients)."""
     fn = getattr(module, operation)
-    fits = getattr(module, f"{operation}_fits", None)
-    if fits is None or module is backend_torch:
+    reference = getattr(backend_torch, operation, None)
+    if module is backend_torch or reference is None:
         return _recorded(operation, module.NAME, fn)
-    return _checked(operation, module.NAME, fn, fits, getattr(backend_torch, operation))
+    return _checked(operation, module.NAME, fn, getattr(module, f"{operation}_fits", _always), reference)
 
 
 class Kernels:

@@ -48,8 +48,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, part_bas
         kd_in = s_in[:, None] & d_in[None, :]
         keys = tl.load(k_ptr + kv * k_stride_h + s[:, None] * k_stride_s + d[None, :], mask=kd_in, other=0.0)
         values = tl.load(v_ptr + kv * v_stride_h + s[:, None] * v_stride_s + d[None, :], mask=kd_in, other=0.0)
-        if USE_DOT:  # float32 operands: the interpreter has no bf16 products, and this work is memory-bound
-            scores = tl.dot(q, tl.trans(keys.to(tl.float32)))
+        if USE_DOT:  # float32 operands (the interpreter has no bf16 products), IEEE products: float32 means float32
+            # (tl.dot would round them to TF32 on tensor cores, 1e-3 apart); this work is memory-bound anyway
+            scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2)
         visible = s_in[None, :] & row_in[:, None]
@@ -66,7 +67,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, part_bas
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
         if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32))
+            acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
         m = m_new

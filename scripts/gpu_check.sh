@@ -65,9 +65,9 @@ bench)
     workbench bench --model $model --device cuda --peers transformers --peer-dtypes bfloat16 --prompts 4 \
         --repeats 1 --no-store \
         --json "$OUT/baseline_gpu.json" 2>&1 | grep -v "bench:" | tail -12
-    workbench bench --model $model --device cuda --no-store --per-category 2 --max-new-tokens 128 \
-        --decode prompt_lookup --decode token_recycling --decode token_recycling:widths=8-4-3-2-2-1-1 \
-        --decode lookahead --decode layer_skip --peers transformers-pld \
+    workbench bench --model $model --device cuda --no-store --per-category 1 --max-new-tokens 128 \
+        --decode prompt_lookup --decode token_recycling \
+        --decode lookahead --peers transformers-pld \
         --json "$OUT/suite_gpu.json" --plot "$OUT/suite_gpu.png" 2>&1 | grep -v "bench:" | tail -30
     ;;
 *)

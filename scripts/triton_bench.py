@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -191,9 +192,33 @@ def rope_append_rows(bench, peak, device, tokens=(1, 16), heads=32, kv=8, d=128,
     return rows
 
 
+GROUPS = {  # the issue's shapes per group of kernels
+    "linear": lambda bench, peak: linear_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096), (4096, 14336)]),
+    "attention": lambda bench, peak: attention_rows(bench, peak, "cuda", [4096, 16384, 32768]),
+    "layer": lambda bench, peak: layer_rows(bench, peak, "cuda", [4096, 16384, 32768]),
+    "dfloat11": lambda bench, peak: dfloat11_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096)]),
+    "rope": lambda bench, peak: rope_append_rows(bench, peak, "cuda"),
+}
+
+
+def group_of(kernel: str) -> str:
+    """The group a row's kernel name belongs to (linear_int8 -> linear, kivi_layer_2bit -> layer, ...)."""
+    if kernel.startswith("linear"):
+        return "linear"
+    if "_layer_" in kernel:
+        return "layer"
+    if kernel.startswith("dfloat11"):
+        return "dfloat11"
+    if kernel.startswith("rope"):
+        return "rope"
+    return "attention"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json")
+    parser.add_argument("--json", help="write the rows here; with --only, an existing file keeps its other rows")
+    parser.add_argument("--only", action="append", choices=list(GROUPS),
+                        help="measure only these groups of kernels (repeatable; default: all)")
     parser.add_argument("--peak-gbs", type=float, help="the GPU's memory bandwidth (default: known GPUs' figure)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU tensors, timed once: checks the script in Triton's interpreter "
@@ -222,10 +247,12 @@ def main() -> None:
         return do_bench(lambda: fn(*args), warmup=10, rep=50)
 
     print(f"{name}, peak {peak or 'unknown'} GB/s")
-    rows = linear_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096), (4096, 14336)])
-    rows += attention_rows(bench, peak, "cuda", [4096, 16384, 32768])
-    rows += layer_rows(bench, peak, "cuda", [4096, 16384, 32768])
-    rows += dfloat11_rows(bench, peak, "cuda", [(4096, 4096), (14336, 4096)]) + rope_append_rows(bench, peak, "cuda")
+    groups = args.only or list(GROUPS)
+    rows = [row for group in groups for row in GROUPS[group](bench, peak)]
+    if args.only and args.json and os.path.exists(args.json):  # the groups not measured now keep their rows
+        with open(args.json) as f:
+            kept = [row for row in json.load(f)["rows"] if group_of(row["kernel"]) not in groups]
+        rows = sorted(kept + rows, key=lambda row: list(GROUPS).index(group_of(row["kernel"])))
     result = {"gpu": name, "peak_gbs": peak, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

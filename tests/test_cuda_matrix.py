@@ -19,7 +19,12 @@ from workbench.spec import RunSpec, TechniqueSpec
 
 from .helpers import PROMPTS, varied_model
 from .test_cache_matrix import CACHE_PARAMS, PROMPT, fraction_param
-from .test_compression import BF16_ONLY, TRANSFORMS, chain
+from .test_compression import (
+    BF16_ONLY,
+    TRANSFORMS,
+    chain,
+    delta_finetunes,  # noqa: F401  (autouse: the delta transforms' cached fine-tunes)
+)
 from .test_lossless import LOSSLESS
 from .test_lossless import TEST_PARAMS as DECODE_PARAMS
 

@@ -292,6 +292,26 @@ def test_a_backend_is_one_module(monkeypatch):
     assert dispatch.backends_used(used) == {"swiglu": "fake+torch"}
 
 
+def test_calls_that_need_gradients_run_the_reference(monkeypatch):
+    """Kernels have no backward: PV-Tuning and the fine-tunes train through the model, so a call whose inputs
+    need gradients takes the reference, and decoding (no gradients) keeps the kernel."""
+    fake = types.ModuleType("workbench.kernels.backend_nograd")
+    fake.NAME = "nograd"
+    fake.supports = lambda operation, device, dtype: operation == "swiglu"
+    fake.swiglu = lambda gate_up: backend_torch.swiglu(gate_up.detach())  # a kernel: no autograd graph
+    monkeypatch.setitem(dispatch._MODULES, "nograd", fake.__name__)
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", ("nograd", "torch"))
+    monkeypatch.setitem(__import__("sys").modules, fake.__name__, fake)
+    ops = dispatch.kernels(CPU, torch.float32)
+    gate_up = torch.randn(2, 64, requires_grad=True)
+    with dispatch.recording() as used:
+        ops.swiglu(gate_up).sum().backward()
+    assert used == {("swiglu", "torch")} and gate_up.grad is not None and gate_up.grad.abs().sum() > 0
+    with dispatch.recording() as used, torch.no_grad():
+        ops.swiglu(gate_up)
+    assert used == {("swiglu", "nograd")}
+
+
 def test_runs_in_one_thread_keep_their_records_apart():
     ops = dispatch.kernels(CPU, torch.float32)
 

@@ -104,3 +104,18 @@ def test_bad_modes_are_plain_errors(workbench):
     with pytest.raises(SpecError, match="graphs=compile needs a CUDA device"):
         workbench.generate(PROMPT, "graphs=compile;max_new_tokens=2")
     assert RunSpec.parse("graphs=off").to_string() == "graphs=off" and RunSpec().to_string() == ""
+
+
+def test_weight_layers_that_cannot_be_captured_make_a_gpu_run_step_eagerly():
+    """Pruning's bitmap layer decodes with a copy from the CPU and a data-sized scatter: a CUDA graph cannot
+    record it (the lent H200 failed its capture), so a graph run over it refuses and says which layer."""
+    from workbench.compression.base import apply_compression
+    from workbench.models import LoadedModel
+    from workbench.models.static_step import _capture_refusal
+    from workbench.spec import TechniqueSpec
+
+    model = random_model("llama")
+    assert _capture_refusal(model) is None
+    apply_compression(LoadedModel(model, None, model.config, "tiny", "tiny", torch.float32, torch.device("cpu")),
+                      [TechniqueSpec.parse("prune")])
+    assert "cannot be captured" in _capture_refusal(model) and "SparseLinear" in _capture_refusal(model)

@@ -42,11 +42,12 @@ KERNELS = {
         n_words=I32), dict(CODE_BITS=12, LANES=64, TILE=16)),
     "swiglu": (triton_norm._swiglu_kernel, dict(gu_ptr=P16, out_ptr=P16, inner=I32, stride=I32), dict(BLOCK=1024)),
     "int8": (triton_linear._int8_kernel, dict(
-        x_ptr=P16, codes_ptr=P8, scales_ptr=P16, bias_ptr=P16, out_ptr=P16, n=I32, k=I32, x_stride=I32),
+        x_ptr=P16, codes_ptr=P8, scales_ptr=P16, bias_ptr=P16, out_ptr=P32, n=I32, k=I32, k_chunk=I32, x_stride=I32,
+        n_rows=I32),
         dict(HAS_BIAS=True, BLOCK_N=64, BLOCK_K=128)),
     "int4": (triton_linear._int4_kernel, dict(
-        x_ptr=P16, packed_ptr=U8, sz_ptr=P16, bias_ptr=P16, out_ptr=P16, n=I32, k=I32, group=I32, x_stride=I32),
-        dict(HAS_BIAS=False, BLOCK_K=32)),
+        x_ptr=P16, packed_ptr=U8, sz_ptr=P16, bias_ptr=P16, out_ptr=P16, n=I32, k=I32, group=I32, k_chunk=I32,
+        x_stride=I32, n_rows=I32), dict(HAS_BIAS=True, SUBS=4)),
     "decode": (triton_attention._chunk_kernel, CHUNK,
                dict(MASK=False, CAUSAL=False, USE_DOT=False, BLOCK_R=4, **ATTENTION)),
     "tree": (triton_attention._chunk_kernel, CHUNK, dict(MASK=True, CAUSAL=False, USE_DOT=True, BLOCK_R=64,

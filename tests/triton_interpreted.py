@@ -67,20 +67,23 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_the_reference():
     assert used == {("rms_norm", "torch")}
 
 
-def test_the_products_off_the_block_sizes():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_products_off_the_block_sizes(splits):
+    """Partial blocks of rows and inputs, and the inputs cut into slices (split-K) with a bias added once."""
     torch.manual_seed(3)
     x = torch.randn(2, 3, 200, dtype=B16)  # 6 rows; K = 200 is not a multiple of the int8 kernel's 128
-    w = torch.randn(100, 200) * 0.1  # N = 100: a partial block of rows
+    w, bias = torch.randn(100, 200) * 0.1, torch.randn(100, dtype=B16)  # N = 100: a partial block of rows
     codes, scales = quantize_int8(w, B16)
-    out = backend_triton.linear_int8(x, *backend_triton.pack_int8(codes, scales), None)
-    exact = x.double() @ (codes.double() * scales.double()[:, None]).T
+    out = backend_triton.linear_int8(x, *backend_triton.pack_int8(codes, scales), bias, splits)
+    exact = x.double() @ (codes.double() * scales.double()[:, None]).T + bias.double()
     assert out.shape == (2, 3, 100) and close(out, exact, 2**-6)
-    w4 = torch.randn(128, 256) * 0.1
-    codes4, s4, o4 = quantize_rtn_int4(w4, 64, B16)
-    weight = codes4.double() * s4.double().repeat_interleave(64, 1) + o4.double().repeat_interleave(64, 1)
-    x4 = torch.randn(2, 256, dtype=B16)
-    out = backend_triton.linear_int4(x4, *backend_triton.pack_int4(codes4, s4, o4, B16), 64, None)
-    assert close(out, x4.double() @ weight.T, 2**-6)
+    w4 = torch.randn(128, 288) * 0.1  # groups of 96: a block of 128 inputs spans two groups
+    codes4, s4, o4 = quantize_rtn_int4(w4, 96, B16)
+    weight = codes4.double() * s4.double().repeat_interleave(96, 1) + o4.double().repeat_interleave(96, 1)
+    x4 = torch.randn(2, 288, dtype=B16)
+    out = backend_triton.linear_int4(x4, *backend_triton.pack_int4(codes4, s4, o4, B16), 96, bias[:0].new_ones(128),
+                                     splits)
+    assert close(out, x4.double() @ weight.T + 1, 2**-6)
     assert backend_triton.weight_fits("int4", 128, 256, 64) and not backend_triton.weight_fits("int4", 96, 256, 64)
     assert not backend_triton.weight_fits("int4", 128, 256, 48) and not backend_triton.weight_fits("bf16", 64, 64)
 

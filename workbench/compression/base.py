@@ -37,9 +37,12 @@ class CompressedLinear(nn.Module):
     """Base of compressed linear layers: `forward(x)` as nn.Linear, with `in_features`, `out_features`, `bias`.
 
     `simulated` is True when no kernel runs the format: forward dequantizes the weight and runs a dense
-    matmul, so its speed says nothing about what the format could reach (shown as simulated speed)."""
+    matmul, so its speed says nothing about what the format could reach (shown as simulated speed).
+    `capturable` is False when forward cannot be recorded in a CUDA graph (a host sync, a copy from the CPU, a
+    shape that depends on the data): a run over such a layer takes eager steps (models/static_step.py)."""
 
     simulated: ClassVar[bool] = False
+    capturable: ClassVar[bool] = True
     in_features: int
     out_features: int
     bias: torch.Tensor | None

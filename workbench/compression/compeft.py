@@ -19,6 +19,8 @@ class CompeftDelta(DeltaCodec):
     """ΔW [out, in] = scale · sign where kept: a bitmap of the kept positions (1 bit per entry), the signs of
     the kept entries (1 bit each, row-major order) and one scale, all in buffers."""
 
+    capturable = False  # decode counts the kept entries on the host and indexes by a boolean mask
+
     def __init__(self, kept: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]):
         super().__init__()
         self.register_buffer("kept", kept)  # uint8 [ceil(out·in / 8)]

@@ -26,6 +26,8 @@ def dare_mask(shape: tuple[int, int], p: float, seed: int) -> torch.Tensor:
 class DareDelta(DeltaCodec):
     """ΔW stored as the kept entries' rescaled values [kept] (row-major order) and the seed of the mask."""
 
+    capturable = False  # the mask is drawn on the CPU, and indexing by it sizes by the data
+
     def __init__(self, values: torch.Tensor, shape: tuple[int, int], p: float, seed: int):
         super().__init__()
         self.register_buffer("values", values)

@@ -47,7 +47,7 @@ def solve_scales(codes: torch.Tensor, w0: torch.Tensor, h: torch.Tensor, group: 
     m = torch.cat((torch.cat((m_ss, m_sz), 2), torch.cat((m_sz.transpose(1, 2), m_zz), 2)), 1)
     hw = (w0.float() @ h).view(out_f, n, group)
     rhs = torch.cat(((q * hw).sum(-1), hw.sum(-1)), 1)
-    m = m + ridge * m.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(2 * n)
+    m = m + ridge * m.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(2 * n, device=m.device)
     theta = torch.linalg.solve(m, rhs)
     return theta[:, :n], theta[:, n:]
 

@@ -57,9 +57,11 @@ def tensor_nbytes(*tensors: torch.Tensor) -> int:
 
 class DeltaCodec(nn.Module):
     """One linear's delta in some stored form. `decode()` is ΔW [out, in] in the compute dtype, `apply(x)` its
-    product x ΔWᵀ, `nbytes()` the bytes really held; `simulated` when the product decodes ΔW on every call."""
+    product x ΔWᵀ, `nbytes()` the bytes really held; `simulated` when the product decodes ΔW on every call;
+    `capturable` as CompressedLinear's (a decode through boolean masks cannot be recorded in a CUDA graph)."""
 
     simulated = True
+    capturable = True
 
     def decode(self) -> torch.Tensor:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class SparseLinear(CompressedLinear):
     rebuilds the dense weight and runs a dense matmul (simulated speed)."""
 
     simulated = True
+    capturable = False  # the bitmap's bit table comes from the CPU, and masked_scatter_ sizes by the data
 
     def __init__(self, w: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()

@@ -140,7 +140,8 @@ class PruneNet(WeightTransform):
             raise SpecError(f"prunenet: layers={self.layers!r} names no MLP (gate_up or down) to prune")
         intermediate = layers[0].down.in_features
         keep = kept_count(intermediate, self.ratio, self.multiple)
-        gates = [dense_weight(layer.gate_up).float()[:intermediate] for layer in layers]  # [I, H]: gate | up rows
+        # [I, H]: the gate rows of gate | up; the policy learns on the CPU (small), so every device prunes alike
+        gates = [dense_weight(layer.gate_up).float()[:intermediate].cpu() for layer in layers]
         policy, _ = learn_policy(gates, keep, self.episodes, self.width, self.lr, self.seed)
         with torch.no_grad():
             for layer, gate in zip(layers, gates):

@@ -136,9 +136,10 @@ class TriForce(Drafter):
             scores = torch.einsum("hcd,hd->hc", self._means[i][:, :chunks], query)
             scores[:, :1] = float("inf")  # the first chunk holds the attention sinks: always kept
             best = scores.topk(picks, dim=1).indices.sort(dim=1).values  # [kv, picks]
-            chosen = (best[:, :, None] * self.chunk + torch.arange(self.chunk)).flatten(1)
-            tail = torch.arange(chunks * self.chunk, n).expand(keys.shape[0], -1)  # the window, and what follows
-            slots = torch.cat([chosen, tail], 1).to(keys.device)
+            chosen = (best[:, :, None] * self.chunk + torch.arange(self.chunk, device=best.device)).flatten(1)
+            # the window, and what follows
+            tail = torch.arange(chunks * self.chunk, n, device=keys.device).expand(keys.shape[0], -1)
+            slots = torch.cat([chosen, tail], 1)
             index = slots[:, :, None].expand(-1, -1, keys.shape[2])
             cache = DenseLayerCache(keys.shape[0], keys.shape[2], keys.dtype, keys.device,
                                     slots.shape[1] + self.refresh * (self.k + 1) + self.k + 1)

@@ -13,9 +13,11 @@ the place of the cache's and answer `attention` themselves (`LayerCache.fixed_sh
 to MAX_SHAPES of them and SMALL_QUERY tokens) and runs it when the run allows, else says why not and the engine
 runs the eager forward: a cache policy other than `dense` (compressed, evicting or scoring caches change what
 and where a layer holds), a drafter that reads hidden states, a tree size beyond the captured ones, a cache that
-must grow. The capture is the only CUDA-specific part: `graphs=on` on a CPU runs the same static step eagerly
-(how the tests prove it gives the eager path's tokens), `graphs=compile` hands the step to
-`torch.compile(mode="reduce-overhead")` (CUDA graphs through Inductor) instead of capturing it directly.
+must grow; on CUDA also a weight layer that cannot be captured (`CompressedLinear.capturable`: pruning's bitmap,
+DARE's and ComPEFT's deltas decode with host syncs). The capture is the only CUDA-specific part: `graphs=on`
+on a CPU runs the same static step eagerly (how the tests prove it gives the eager path's tokens),
+`graphs=compile` hands the step to `torch.compile(mode="reduce-overhead")` (CUDA graphs through Inductor)
+instead of capturing it directly.
 
 Left out: a static cache for compressed forms (their per-step shapes change as tokens are quantized or pruned),
 and graphs for the prefill (one forward per run: nothing to amortise).
@@ -155,7 +157,7 @@ class StaticSteps:
         self.fallbacks: dict[str, int] = {}  # why a step ran eagerly -> how many times
         self.refused = None if on else "graphs off"
         if on:
-            self.refused = _run_refusal(cache, policies)
+            self.refused = _run_refusal(cache, policies) or (_capture_refusal(model) if self.how != "eager" else None)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 needs_hidden: bool) -> ModelOutput | None:
@@ -193,6 +195,15 @@ class StaticSteps:
                                           "eager": "static buffers, eager"}[self.how]
         return {"graphs": self.mode, "ran": ran, "static_steps": self.static_steps, "eager_steps": self.eager_steps,
                 "shapes": sorted(self.steps), "fallbacks": dict(self.fallbacks), "refused": self.refused}
+
+
+def _capture_refusal(model: LlamaModel) -> str | None:
+    """Why this model's step cannot be recorded as a CUDA graph (a weight layer that is not `capturable`), or
+    None."""
+    for name, module in model.named_modules():
+        if not getattr(module, "capturable", True):
+            return f"a weight layer that cannot be captured ({name}: {type(module).__name__})"
+    return None
 
 
 def _run_refusal(cache: KVCache, policies: list[CachePolicy]) -> str | None:
