@@ -1,13 +1,16 @@
 """Bytes against perplexity for weight transforms and searched per-layer plans, in one run.
 
     .venv/bin/python scripts/compression_pareto.py --tokens 2048 --minutes 2
+    .venv/bin/python scripts/compression_pareto.py --quantizer gptq --methods hawq evopress --chains \
+        gptq:bits=3 --minutes 4 --out docs/results/gptq_levels --figure docs/results/gptq_levels/pareto.png
 
 Runs `workbench search` (HAWQ, EvoPress and FLIQS, in-process) at --budget-bits, then scores every chain below
 and the plans with whole-window forwards on the evaluation text (`compression_perplexity.perplexity`). Bytes
 are the decoder linears' real weight bytes (`weight_nbytes`, LM head excluded: it stays bf16 everywhere
 here) as a share of their bf16 bytes. Writes docs/results/pareto.json (every point),
 docs/results/compression_search.json (the plans against uniform round-to-nearest at the budget) and
-docs/images/compression_pareto.png.
+docs/images/compression_pareto.png. `--quantizer gptq` builds the searches' levels with GPTQ and compares the
+plans with uniform GPTQ at the budget (put `gptq:bits=B` first in --chains).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--budget-bits", type=float, default=3.0)
     p.add_argument("--minutes", type=float, default=2.0, help="time budget of each search")
-    p.add_argument("--chains", nargs="*", default=CHAINS)
+    p.add_argument("--chains", nargs="*", default=CHAINS,
+                   help="chains scored beside the plans; the first two are the uniform comparison")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--quantizer", default="rtn", choices=("rtn", "gptq"), help="the searches' levels")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--figure", default="docs/images/compression_pareto.png")
     p.add_argument("--replot", action="store_true", help="only redraw the figure from the results' pareto.json")
@@ -50,8 +56,8 @@ def main() -> None:
 
     load = os.getloadavg()
     plans = {}
-    for method in METHODS:
-        result = search(args.model, method, args.budget_bits, args.minutes)
+    for method in args.methods:
+        result = search(args.model, method, args.budget_bits, args.minutes, quantizer=args.quantizer)
         plans[method] = result
         print(f"{method}: {result.average_bits:.3f} bits, {result.seconds:.0f} s: {result.plan}", flush=True)
 
@@ -65,7 +71,8 @@ def main() -> None:
     chains = [(c, c, None) for c in args.chains]
     entries = [("bf16", "", None), *chains[:2], *searched, *chains[2:]]  # the search's comparison first
     command = (f"scripts/compression_pareto.py --tokens {args.tokens} --minutes {args.minutes} "
-               f"--budget-bits {args.budget_bits}")
+               f"--budget-bits {args.budget_bits} --quantizer {args.quantizer} --methods {' '.join(args.methods)} "
+               f"--chains {' '.join(args.chains)}")
     meta = {"command": command, "model": args.model, "text": text_hash(text), "tokens": len(ids),
             "window": args.window, "loadavg_at_start": load}
     os.makedirs(args.out, exist_ok=True)
@@ -85,16 +92,17 @@ def main() -> None:
         with open(os.path.join(args.out, "pareto.json"), "w") as f:  # after every point: a long run keeps its part
             json.dump({**meta, "loadavg_now": os.getloadavg(), "complete": len(rows) == len(entries),
                        "points": rows}, f, indent=1)
-        if len(rows) == 3 + len(plans):  # the uniform baselines and the plans: the search results
+        if len(rows) == 1 + len(chains[:2]) + len(plans):  # the uniform baselines and the plans: the search results
             write_search(args, meta, rows, plans)
     draw(rows, args.figure, meta)
 
 
 def write_search(args: argparse.Namespace, meta: dict, rows: list[dict], plans: dict) -> None:
     ppl = {r["label"]: r["perplexity"] for r in rows}
-    uniform = {2: "int4:bits=2", 3: "int4:bits=3", 4: "int4"}.get(int(args.budget_bits))
+    quantizer = {"rtn": "int4", "gptq": "gptq"}[args.quantizer]
+    uniform = {2: f"{quantizer}:bits=2", 3: f"{quantizer}:bits=3", 4: quantizer}.get(int(args.budget_bits))
     with open(os.path.join(args.out, "compression_search.json"), "w") as f:
-        json.dump({**meta, "budget_bits": args.budget_bits, "minutes": args.minutes,
+        json.dump({**meta, "budget_bits": args.budget_bits, "minutes": args.minutes, "quantizer": args.quantizer,
                    "uniform": {"chain": uniform, "perplexity": ppl.get(uniform)},
                    "plans": {m: {"plan": r.plan, "average_bits": r.average_bits, "seconds": round(r.seconds),
                                  "perplexity": ppl[f"{m} plan"],
