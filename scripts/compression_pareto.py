@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--figure", default="docs/images/compression_pareto.png")
     p.add_argument("--replot", action="store_true", help="only redraw the figure from the results' pareto.json")
     args = p.parse_args()
+    if args.quantizer != "rtn" and "fliqs" in args.methods:
+        p.error("fliqs searches its own formats; with --quantizer gptq give --methods hawq evopress")
     if args.replot:
         with open(os.path.join(args.out, "pareto.json")) as f:
             saved = json.load(f)

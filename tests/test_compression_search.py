@@ -119,6 +119,24 @@ def test_a_plan_runs_from_its_string_and_from_a_file(tmp_path):
         expand_plan_files([f"plan:{tmp_path / 'missing.txt'}"])
 
 
+def test_gptq_levels_are_uniform_gptq_so_a_search_can_keep_it():
+    """Each GPTQ level is one sequential GPTQ pass of the whole model (EvoPress's database), so the all-one-level
+    plan holds exactly what uniform `gptq` at that level holds. (Quantizing every layer on the uncompressed
+    model's inputs instead, as the table did before, put the later layers 20-40% of their range away.)"""
+    from workbench.compression.base import CompressionContext
+    from workbench.compression.plan import Level
+
+    loaded = loaded_tiny()
+    ids = CompressionContext(None, torch.float32, torch.device("cpu"), loaded.config.vocab_size).calibration_ids(256)
+    table = LevelTable.build(loaded.model, "gptq", ids)
+    level = LEVELS.index(Level(3, 32))
+    compress(loaded, "gptq:bits=3,group=32,tokens=256")
+    sites = linear_sites(loaded.model, head=False)
+    for site in sites:
+        assert torch.equal(table.weights[site.name][level], site.module.dequantized_weight()), site.name
+    assert not torch.equal(table.weights[sites[-1].name][level], table.weights[sites[-1].name][level - 1])
+
+
 @pytest.mark.parametrize("method,quantizer", [("hawq", "rtn"), ("evopress", "rtn"), ("hawq", "gptq")])
 def test_search_writes_a_plan_on_budget(method, quantizer):
     # uniform 2.5 bits at group 32 stores 2.5 + 32 / 32 = 3.5 bits per weight, scales and offsets included

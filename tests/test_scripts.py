@@ -6,6 +6,7 @@ and prints what it measures."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -112,8 +113,13 @@ def test_cachegen_sensitivity(script, tmp_path):
 
 def test_compression_pareto(script, tmp_path):
     out = script("compression_pareto", "--model", "random:llama", "--tokens", "64", "--window", "32", "--minutes",
-                 "0.01", "--chains", "int8", "--out", str(tmp_path), "--figure", str(tmp_path / "p.png"))
+                 "0.01", "--quantizer", "gptq", "--methods", "hawq", "evopress", "--chains", "gptq:bits=3", "int8",
+                 "--out", str(tmp_path),
+                 "--figure", str(tmp_path / "p.png"))
     assert "hawq plan" in out and "evopress plan" in out and (tmp_path / "pareto.json").exists()
+    search = json.loads((tmp_path / "compression_search.json").read_text())
+    assert search["quantizer"] == "gptq" and search["uniform"]["chain"] == "gptq:bits=3"
+    assert set(search["plans"]) == {"hawq", "evopress"}
 
 
 def test_two_bit_perplexity(script, tmp_path):

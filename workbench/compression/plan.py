@@ -11,9 +11,10 @@ RunSpec string `compress=...` that `workbench search` writes). The LM head stays
 and in the uniform baselines alike.
 
 The searches (`hawq`, `evopress`) share `LevelTable`: every site's weight at every level, made once (GPTQ's
-from each layer's input Hessian in the uncompressed model, each layer independently, as EvoPress's
-database), and a way to put a plan's weights into the model as plain linears holding exactly the dequantized
-weights (the same products the plan's layers compute, at dense speed) to score it on calibration text.
+by one sequential GPTQ pass of the whole model per level, as uniform `gptq` quantizes, so that each level's
+layers are compensated for the quantized layers before them and uniform GPTQ is a point of the search space),
+and a way to put a plan's weights into the model as plain linears holding exactly the dequantized weights (the
+same products the plan's layers compute, at dense speed) to score it on calibration text.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.compression.base import LinearSite, dense_weight, linear_sites
+from workbench.compression.calibration import layerwise
 from workbench.compression.gptq import gptq_quantize
 from workbench.compression.int4 import quantize_rtn_int4
 from workbench.errors import SpecError
@@ -120,6 +122,35 @@ def average_bits(levels: dict[str, int], sizes: dict[str, int]) -> float:
     return sum(LEVELS[levels[n]].cost * sizes[n] for n in levels) / sum(sizes[n] for n in levels)
 
 
+def _dequantized(w: torch.Tensor, group: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+                 ) -> torch.Tensor:
+    """codes [out, in], scales and offsets [out, in / group] -> the weight they store, [out, in] in w's dtype."""
+    w_hat = codes.float().view(*scales.shape, group) * scales[..., None] + offsets[..., None]
+    return w_hat.view_as(w).to(w.dtype)
+
+
+@torch.no_grad()
+def _gptq_pass(model: nn.Module, sites: list[LinearSite], ids: torch.Tensor, level: Level) -> dict[str, torch.Tensor]:
+    """Every site's weight after uniform GPTQ at `level`, quantized in GPTQ's sequential pass (each layer's
+    Hessian from the inputs the already-quantized layers before it give); the model is left as it was."""
+    originals = {site.name: site.module.weight.data for site in sites}
+    out = {}
+
+    def quantize(layer_sites: list[LinearSite], hessians: dict[str, torch.Tensor]) -> None:
+        for site in layer_sites:  # this level's weights feed the later layers' Hessians
+            w = dense_weight(site.module)
+            quantized = gptq_quantize(w, hessians[site.name], level.bits, level.group, act_order=True,
+                                      param_dtype=w.dtype)
+            site.module.weight.data = out[site.name] = _dequantized(w, level.group, *quantized)
+
+    try:
+        layerwise(model, sites, ids, quantize)
+    finally:
+        for site in sites:
+            site.module.weight.data = originals[site.name]
+    return out
+
+
 @dataclass
 class LevelTable:
     """Every decoder linear's dequantized weight at every level (`quantizer` rtn or gptq), for scoring plans."""
@@ -131,28 +162,29 @@ class LevelTable:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: nn.Module, quantizer: str = "rtn", hessians: dict[str, torch.Tensor] | None = None,
+    def build(cls, model: nn.Module, quantizer: str = "rtn", ids: torch.Tensor | None = None,
               progress: bool = False) -> LevelTable:
-        """`hessians` (H = XᵀX / n per site, from the uncompressed model) are needed for gptq."""
+        """`ids`: the calibration tokens GPTQ's sequential passes run on (needed for gptq)."""
         from tqdm.auto import tqdm
 
         sites = linear_sites(model, head=False)
-        weights, sizes = {}, {}
-        for site in tqdm(sites, desc=f"levels ({quantizer})", disable=not progress):
-            w = dense_weight(site.module)
+        for site in sites:
             for group in sorted({lv.group for lv in LEVELS}):
-                if w.shape[1] % group:
-                    raise SpecError(f"search: group={group} does not divide {site.name}'s {w.shape[1]} inputs")
-            weights[site.name] = {}
-            for k, (bits, group) in enumerate(LEVELS):
-                if quantizer == "gptq":
-                    codes, scales, offsets = gptq_quantize(w, hessians[site.name], bits, group, act_order=True,
-                                                           param_dtype=w.dtype)
-                else:
-                    codes, scales, offsets = quantize_rtn_int4(w, group, w.dtype, bits)
-                w_hat = codes.float().view(*scales.shape, group) * scales[..., None] + offsets[..., None]
-                weights[site.name][k] = w_hat.view_as(w).to(w.dtype)
-            sizes[site.name] = w.numel()
+                if site.module.in_features % group:
+                    raise SpecError(f"search: group={group} does not divide {site.name}'s "
+                                    f"{site.module.in_features} inputs")
+        weights = {site.name: {} for site in sites}
+        sizes = {site.name: site.module.weight.numel() for site in sites}
+        if quantizer == "gptq":
+            for k, level in enumerate(tqdm(LEVELS, desc="levels (gptq, a sequential pass each)",
+                                           disable=not progress)):
+                for name, w_hat in _gptq_pass(model, sites, ids, level).items():
+                    weights[name][k] = w_hat
+        else:
+            for site in tqdm(sites, desc="levels (rtn)", disable=not progress):
+                w = dense_weight(site.module)
+                for k, (bits, group) in enumerate(LEVELS):
+                    weights[site.name][k] = _dequantized(w, group, *quantize_rtn_int4(w, group, w.dtype, bits))
         return cls(sites, weights, sizes, quantizer)
 
     @property

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.compression.base import CompressionContext, dense_weight
-from workbench.compression.calibration import second_moments
 from workbench.compression.calibration import segments as split_segments
 from workbench.compression.evopress import evopress_plan
 from workbench.compression.hawq import allocate, hawq_plan
@@ -87,13 +86,7 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
     ctx = CompressionContext(loaded.tokenizer, loaded.dtype, loaded.device, loaded.config.vocab_size)
     ids = ctx.calibration_ids(tokens)
     segs = split_segments(ids, 256)
-    hessians = None
-    if quantizer == "gptq":
-        from workbench.compression.base import linear_sites
-
-        hessians = second_moments(model, linear_sites(model, head=False), ids)
-    table = LevelTable.build(model, quantizer, hessians, progress)
-    del hessians
+    table = LevelTable.build(model, quantizer, ids, progress)
     deadline = time.monotonic() + 60 * minutes
     if method == "hawq":
         originals = {s.name: dense_weight(s.module).clone() for s in table.sites}
