@@ -176,6 +176,8 @@ class LevelTable:
         weights = {site.name: {} for site in sites}
         sizes = {site.name: site.module.weight.numel() for site in sites}
         if quantizer == "gptq":
+            if ids is None:
+                raise SpecError("search: GPTQ levels need calibration token ids (LevelTable.build's ids)")
             for k, level in enumerate(tqdm(LEVELS, desc="levels (gptq, a sequential pass each)",
                                            disable=not progress)):
                 for name, w_hat in _gptq_pass(model, sites, ids, level).items():
