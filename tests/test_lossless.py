@@ -8,6 +8,7 @@ one-row step would be). bfloat16 without them only agrees: identical up to a nea
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -81,12 +82,24 @@ def embedded():
     return Workbench(dtype="float32")
 
 
+EMBEDDED_PROMPTS = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
+                    "Write a Python function that adds two numbers."]
+_plain_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workbench -> (prompt, tokens) -> trace
+
+
+def plain_run(wb, prompt: str, tokens: int):
+    """Plain decoding's trace, run once per workbench, prompt and length and shared by every drafter's check (a
+    run depends only on its spec, prompt and seed)."""
+    runs = _plain_runs.setdefault(wb, {})
+    if (prompt, tokens) not in runs:
+        runs[prompt, tokens] = wb.generate(prompt, f"max_new_tokens={tokens}")
+    return runs[prompt, tokens]
+
+
 def assert_embedded_matches_plain(wb, name: str, tokens: int) -> None:
-    prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-               "Write a Python function that adds two numbers."]
     decode = EMBEDDED_PARAMS.get(name, name)
-    for prompt in prompts:
-        plain = wb.generate(prompt, f"max_new_tokens={tokens}")
+    for prompt in EMBEDDED_PROMPTS:
+        plain = plain_run(wb, prompt, tokens)
         ours = wb.generate(prompt, f"max_new_tokens={tokens};decode={decode}")
         assert ours.token_ids == plain.token_ids
         assert ours.summary()["target_forwards"] <= plain.summary()["target_forwards"]
@@ -116,10 +129,8 @@ def assert_embedded_bf16_agrees_with_plain(wb, name: str, tokens: int) -> None:
     """Without the row-independent kernels a verified row is computed inside a batch and rounds differently
     from a one-row step, so a drafter's output is plain decoding's only up to the first near-tie: there
     plain decoding's two best tokens are within bf16 rounding, and either may win."""
-    prompts = ["Summarise in one sentence: The library opens at nine, closes at six, and is closed on Sundays.",
-               "Write a Python function that adds two numbers."]
-    for prompt in prompts:
-        plain = wb.generate(prompt, f"max_new_tokens={tokens}")
+    for prompt in EMBEDDED_PROMPTS:
+        plain = plain_run(wb, prompt, tokens)
         ours = wb.generate(prompt, f"max_new_tokens={tokens};decode={EMBEDDED_PARAMS.get(name, name)}")
         split = next((i for i, (a, b) in enumerate(zip(plain.token_ids, ours.token_ids)) if a != b), None)
         if split is None:
