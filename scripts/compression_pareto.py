@@ -23,6 +23,7 @@ import time
 from compression_perplexity import evaluation_ids, perplexity
 
 from workbench.compression.base import apply_compression, linear_sites, weight_nbytes
+from workbench.compression.plan import QUANTIZERS
 from workbench.compression.search import search
 from workbench.models import load_model
 from workbench.spec import RunSpec, TechniqueSpec
@@ -43,7 +44,7 @@ def main() -> None:
     p.add_argument("--chains", nargs="*", default=CHAINS,
                    help="chains scored beside the plans; the first two are the uniform comparison")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--quantizer", default="rtn", choices=("rtn", "gptq"), help="the searches' levels")
+    p.add_argument("--quantizer", default="rtn", choices=list(QUANTIZERS), help="the searches' levels")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--figure", default="docs/images/compression_pareto.png")
     p.add_argument("--replot", action="store_true", help="only redraw the figure from the results' pareto.json")
@@ -101,7 +102,7 @@ def main() -> None:
 
 def write_search(args: argparse.Namespace, meta: dict, rows: list[dict], plans: dict) -> None:
     ppl = {r["label"]: r["perplexity"] for r in rows}
-    quantizer = {"rtn": "int4", "gptq": "gptq"}[args.quantizer]
+    quantizer = QUANTIZERS[args.quantizer]  # the transform a plan's levels run
     uniform = {2: f"{quantizer}:bits=2", 3: f"{quantizer}:bits=3", 4: quantizer}.get(int(args.budget_bits))
     with open(os.path.join(args.out, "compression_search.json"), "w") as f:
         json.dump({**meta, "budget_bits": args.budget_bits, "minutes": args.minutes, "quantizer": args.quantizer,

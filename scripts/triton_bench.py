@@ -201,19 +201,6 @@ GROUPS = {  # the issue's shapes per group of kernels
 }
 
 
-def group_of(kernel: str) -> str:
-    """The group a row's kernel name belongs to (linear_int8 -> linear, kivi_layer_2bit -> layer, ...)."""
-    if kernel.startswith("linear"):
-        return "linear"
-    if "_layer_" in kernel:
-        return "layer"
-    if kernel.startswith("dfloat11"):
-        return "dfloat11"
-    if kernel.startswith("rope"):
-        return "rope"
-    return "attention"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here; with --only, an existing file keeps its other rows")
@@ -248,11 +235,11 @@ def main() -> None:
 
     print(f"{name}, peak {peak or 'unknown'} GB/s")
     groups = args.only or list(GROUPS)
-    rows = [row for group in groups for row in GROUPS[group](bench, peak)]
+    rows = [{**row, "group": group} for group in groups for row in GROUPS[group](bench, peak)]
     if args.only and args.json and os.path.exists(args.json):  # the groups not measured now keep their rows
         with open(args.json) as f:
-            kept = [row for row in json.load(f)["rows"] if group_of(row["kernel"]) not in groups]
-        rows = sorted(kept + rows, key=lambda row: list(GROUPS).index(group_of(row["kernel"])))
+            kept = [row for row in json.load(f)["rows"] if row["group"] not in groups]
+        rows = sorted(kept + rows, key=lambda row: list(GROUPS).index(row["group"]))
     result = {"gpu": name, "peak_gbs": peak, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
