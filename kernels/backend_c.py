@@ -10,6 +10,7 @@ one-token step.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -44,7 +45,9 @@ def supports(operation: str, device: torch.device, dtype: torch.dtype) -> bool:
 # Linear products: the weight in the kernels' blocked layouts (cpu.pack_bf16, pack_int8, pack_int4).
 
 def weight_fits(weight_format: str, out_features: int, in_features: int, group: int = 0) -> bool:
-    """Whether the kernels take a weight of this format ("bf16", "int8", "int4") and shape."""
+    """Whether the kernels take a weight of this format ("bf16", "int8", "int4", "int8_a8", "int4_a8") and shape."""
+    if weight_format.endswith("_a8"):
+        return cpu.a8_fits(weight_format.removesuffix("_a8"), out_features, in_features, group)
     if weight_format == "int4":
         return cpu.int4_fits(out_features, in_features, group)
     return cpu.fits(out_features, in_features)
@@ -69,6 +72,8 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, 
 
 
 linear_int4 = cpu.gemm_int4  # (x, packed codes, params, group, bias)
+# The same layouts multiplied by int8 activations (AVX512-VNNI integer dot products)
+linear_int8_a8, linear_int4_a8 = cpu.gemm_int8_a8, cpu.gemm_int4_a8
 
 
 # Attention (arguments as in backend_torch).
@@ -131,11 +136,8 @@ def layer_row(layer: nn.Module, positions: torch.Tensor, layer_cache, new_mask: 
     products' weights must be in the kernels' layouts (their `kernel_weights()`: bf16, int8 or int4, no bias)
     and its cache must hand over plain buffers (`writable_buffers`; only then are slots reserved in it, so
     None changes nothing). Tensors the row points into are appended to `keep`."""
-    if (layer_cache is None or layer.q_norm is not None or layer.head_dim % 32 or layer.head_dim > 256
-            or layer.down.in_features % 16 or not (layer.attn_norm.dtype == layer.mlp_norm.dtype == torch.bfloat16)):
-        return None
-    weights = [getattr(m, "kernel_weights", lambda: None)() for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    if None in weights:
+    weight_args = _weight_args(layer) if layer_cache is not None else None
+    if weight_args is None:
         return None
     buffers = layer_cache.writable_buffers(positions, torch.bfloat16)  # last: it reserves the slots
     if buffers is None:
@@ -144,7 +146,32 @@ def layer_row(layer: nn.Module, positions: torch.Tensor, layer_cache, new_mask: 
     visible = visible_keys(new_mask, positions.shape[-1], past, positions.device)
     visible = None if visible is None else visible.contiguous()
     keep.append(visible)
-    return cpu.layer_args((layer.attn_norm, layer.mlp_norm), weights, k, v, past, visible)
+    return weight_args + cpu.layer_cache_args(k, v, past, visible)
+
+
+# A layer's weight arguments are the same every step: worked out once per layer and kept beside what they point
+# into. Each step checks that the layer still holds the same parts (a weight transform replaces a product), the
+# same buffers in them (`module.to` replaces buffers) and its norms at the same addresses (it moves parameters'
+# data); the parts and buffers are held here, so none can be freed and its address reused. Keyed weakly by
+# the layer, outside it, so a copied model does not inherit pointers into the original's tensors.
+_weight_args_of: WeakKeyDictionary = WeakKeyDictionary()  # layer -> (parts, buffers, norm addresses, args)
+
+
+def _weight_args(layer: nn.Module) -> list[int] | None:
+    parts = (layer.attn_norm, layer.mlp_norm, layer.qkv, layer.o, layer.gate_up, layer.down, layer.q_norm)
+    buffers = [b for m in parts[2:6] for b in m._buffers.values()]
+    addresses = (parts[0].data_ptr(), parts[1].data_ptr())
+    known = _weight_args_of.get(layer)
+    if (known is not None and known[2] == addresses and len(known[1]) == len(buffers)
+            and all(a is b for a, b in zip(known[0], parts)) and all(a is b for a, b in zip(known[1], buffers))):
+        return known[3]
+    weights = [getattr(m, "kernel_weights", lambda: None)() for m in parts[2:6]]
+    takes = (layer.q_norm is None and layer.head_dim % 32 == 0 and layer.head_dim <= 256
+             and layer.down.in_features % 16 == 0 and None not in weights
+             and layer.attn_norm.dtype == layer.mlp_norm.dtype == torch.bfloat16)
+    args = cpu.layer_weight_args((layer.attn_norm, layer.mlp_norm), weights) if takes else None
+    _weight_args_of[layer] = (parts, buffers, addresses, args, weights)  # weights: PackedLinear's plain tensors
+    return args
 
 
 def decoder_layers(x: torch.Tensor, rows: list[list[int]], config, cos: torch.Tensor, signed_sin: torch.Tensor

@@ -62,6 +62,25 @@ def linear_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     return F.linear(x, (codes.to(torch.float32) * scales.float()[:, None]).to(x.dtype), bias)
 
 
+A8_BLOCK = 32  # inputs per int8 activation scale
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] with each block of 32 inputs rounded to its int8 grid, in float32: code = round(x * (127 /
+    amax)), value = code * (amax / 127), as the integer-dot-product kernels quantize it (bit for bit)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, A8_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # a tensor divided, not 127.0 / amax: torch computes that as 127 * (1 / amax), which rounds differently
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(x.shape)
+
+
+def linear_int8_a8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """`linear_int8` of x's int8 activations (`quantize_activations`, then rounded to x's dtype)."""
+    return linear_int8(quantize_activations(x).to(x.dtype), codes, scales, bias)
+
+
 INT4_TILE = 64  # torch's CPU int4 layout interleaves rows in tiles of 64 (rows j and j+32 share a byte)
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 
@@ -94,6 +113,12 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor
                                                    scale_zeros)
     y = y.view(*x.shape[:-1], n)
     return y if bias is None else y + bias
+
+
+def linear_int4_a8(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear_int4` of x's int8 activations (`quantize_activations`, then rounded to x's dtype)."""
+    return linear_int4(quantize_activations(x).to(x.dtype), packed, scale_zeros, group, bias)
 
 
 # Attention of new tokens' queries over a layer's keys and values (q: [T, heads, dim]; k, v: [kv_heads, S, dim],

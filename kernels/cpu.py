@@ -101,9 +101,13 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_layers_bf16.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64,
                                           ptr, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
     lib.workbench_topk_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.workbench_gemm_int8_a8.argtypes = lib.workbench_gemm_int8.argtypes
+    lib.workbench_gemm_int4_a8.argtypes = lib.workbench_gemm_int4.argtypes
+    lib.workbench_quantize_rows_q8.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.workbench_read_f32.argtypes = [ptr, i64, ctypes.c_int]
     lib.workbench_read_f32.restype = ctypes.c_double
-    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_gemm_int4, lib.workbench_attention_bf16,
+    for fn in (lib.workbench_gemm_bf16, lib.workbench_gemm_int8, lib.workbench_gemm_int4, lib.workbench_gemm_int8_a8,
+               lib.workbench_gemm_int4_a8, lib.workbench_quantize_rows_q8, lib.workbench_attention_bf16,
                lib.workbench_rms_norm_bf16, lib.workbench_swiglu_bf16, lib.workbench_rope_bf16,
                lib.workbench_layers_bf16, lib.workbench_topk_f32):
         fn.restype = None
@@ -127,6 +131,23 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the kernels do not run here ("" when they do)."""
     return "" if available() else _reason
+
+
+def int8_dot_available() -> bool:
+    """Whether the products over int8 activations run here: the kernels, and AVX512-VNNI and VBMI on this CPU."""
+    return available() and bool(_lib.workbench_cpu_int8_dot_supported())
+
+
+A8_BLOCK = 32  # inputs per int8 activation scale (C: A8_BLOCK)
+
+
+def a8_fits(weight_format: str, out_features: int, in_features: int, group: int = 0) -> bool:
+    """Whether the int8-activation product of `weight_format` ("int8", "int4") takes this shape: whole blocks
+    of 32 inputs (and int4 groups of them)."""
+    if not int8_dot_available() or in_features % A8_BLOCK:
+        return False
+    return fits(out_features, in_features) if weight_format == "int8" else int4_fits(
+        out_features, in_features, group) and group % A8_BLOCK == 0
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -201,8 +222,12 @@ def int4_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return blocks[torch.arange(len(ids)), ids % 16]
 
 
-def int4_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, offsets) [N, K / group] back from `pack_int4`'s params."""
+def int4_params(params: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, offsets) [N, K / group] back from `pack_int4`'s params, or of rows `ids` only ([len(ids),
+    K / group], reading just those: a tied embedding's lookup)."""
+    if ids is not None:
+        rows = params[ids // 16, :, :, ids % 16]  # [len(ids), K / group, 2]
+        return rows[..., 0], rows[..., 1]
     both = params.permute(2, 0, 3, 1).reshape(2, params.shape[0] * 16, params.shape[1])
     return both[0], both[1]
 
@@ -247,6 +272,40 @@ def gemm_int4(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group
                              0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
                              torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
+
+
+def gemm_int8_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """`gemm_int8` with x quantized to int8 per block of 32 inputs (`quantize_rows_q8`) and integer dot products."""
+    n = packed.shape[0] * 16
+    x2, y = _output(x, n)
+    _lib.workbench_gemm_int8_a8(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                                0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
+                                torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def gemm_int4_a8(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """`gemm_int4` with x quantized to int8 per block of 32 inputs (`quantize_rows_q8`) and integer dot products."""
+    n = packed.shape[0] * 16
+    x2, y = _output(x, n)
+    _lib.workbench_gemm_int4_a8(x2.data_ptr(), packed.data_ptr(), params.data_ptr(), group,
+                                0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
+                                torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def quantize_rows_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C kernels' int8 activations of x [M, K] bf16: codes int8 [M, K], float32 scales and int32 code sums
+    [M, K / 32]; a block's codes are round(x * (127 / amax)), its scale amax / 127."""
+    x = x.contiguous()
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=torch.int8)
+    scales = torch.empty(m, k // A8_BLOCK, dtype=torch.float32)
+    sums = torch.empty(m, k // A8_BLOCK, dtype=torch.int32)
+    _lib.workbench_quantize_rows_q8(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), sums.data_ptr())
+    return codes, scales, sums
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -338,15 +397,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 
 class KernelWeight(NamedTuple):
     """A product's weight as `decoder_layers` takes it: packed by `pack_bf16` (no aux), `pack_int8` (aux: the
-    float32 row scales) or `pack_int4` (aux: its params; group: inputs per scale and offset)."""
+    float32 row scales) or `pack_int4` (aux: its params; group: inputs per scale and offset); `int8_activations`:
+    multiplied by int8 activations (`gemm_int8_a8`, `gemm_int4_a8`)."""
 
     packed: torch.Tensor
     aux: torch.Tensor | None = None
     group: int = 0
+    int8_activations: bool = False
 
 
-LAYER_ARGS = 20  # int64 values per layer in `decoder_layers`' table (C: LAYER_ARGS)
-_PAST = 18  # where a row holds its layer's cached keys
+LAYER_ARGS = 24  # int64 values per layer in `decoder_layers`' table (C: LAYER_ARGS)
+_PAST = 22  # where a row holds its layer's cached keys
 
 
 def layer_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight], k_cache: torch.Tensor,
@@ -355,9 +416,20 @@ def layer_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWei
     o, gate|up and down products' (no biases); k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
     past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool, contiguous, or None (all
     visible). The tensors must stay alive until the call."""
+    return layer_weight_args(norms, weights) + layer_cache_args(k_cache, v_cache, past, visible)
+
+
+def layer_weight_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight]) -> list[int]:
+    """The part of `layer_args` that comes from the layer's weights (the same every step)."""
     return [norms[0].data_ptr(), norms[1].data_ptr(), *(w.packed.data_ptr() for w in weights),
             *(0 if w.aux is None else w.aux.data_ptr() for w in weights), *(w.group for w in weights),
-            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
+            *(int(w.int8_activations) for w in weights)]
+
+
+def layer_cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, past: int, visible: torch.Tensor | None
+                     ) -> list[int]:
+    """The part of `layer_args` that comes from the step: the cache's buffers, the keys already cached, the mask."""
+    return [k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
             0 if visible is None else visible.data_ptr()]
 
 

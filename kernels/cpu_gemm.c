@@ -17,6 +17,8 @@
 //   int4: codes as [N/16][K/8][64 bytes], two 4-bit codes per byte in the order int4_tile unpacks them, with a
 //         bf16 scale and offset per output row and group of inputs as [N/16][K/group][2][16].
 // N must be a multiple of 16 and K even (int4: K and the group multiples of 8).
+// The int8 and int4 layouts also serve products over int8 activations (`*_a8`, below), which rearrange the
+// bytes in registers, so a layer holds one layout whichever activations it multiplies.
 // Built by kernels/cpu.py with gcc -O3 -fopenmp; the AVX-512 code runs only where the CPU reports it.
 
 #include <immintrin.h>
@@ -71,6 +73,9 @@ typedef struct {
     const uint16_t *bias;
     uint16_t *y;         // [M, N] bf16
     int64_t M, N, K;
+    const int8_t *xq;    // *_a8: the activations as int8 codes [M, K], a scale per block of 32 inputs [M, K / 32]
+    const float *x_scale; //      and each block's sum of codes [M, K / 32]
+    const int32_t *x_code_sums;
 } Product;
 
 // Rows m0 .. m0 + ROWS - 1 against blocks nb .. nb + BLOCKS - 1. ROWS and BLOCKS are constants at each call
@@ -247,6 +252,174 @@ TARGET void workbench_gemm_int4(const uint16_t *x, const uint8_t *codes, const u
     Product p = {x, codes, 0, params, x_sums, group, bias, y, M, N, K};
     PRODUCT(int4_tile, INT4_BLOCKS_FOR, &p, threads)
     free(x_sums);
+}
+
+// ---- Products over int8 activations (W8A8 and W4A8, as llama.cpp's CPU path multiplies) ----
+//
+// Each row of x is quantized per block of 32 inputs to int8 codes with a float32 scale (amax / 127, rounded
+// to nearest even), and the weights' integer codes meet them in AVX512-VNNI dot products (vpdpbusd: four
+// unsigned-by-signed byte products summed into each int32 lane), which cost one instruction per 64 weight
+// bytes and row, so these products stay bound by memory where the float paths are bound by widening. The
+// integer sums are exact; each block's is scaled once in float32. Lossy (the activations' rounding), hence
+// opt-in (`act=int8` on the int8 and int4 transforms); rows are still computed alike whatever M is.
+// vpdpbusd wants the 16 outputs' 4 consecutive inputs side by side; one vpermb per 64 weight bytes moves the
+// packed layouts' bytes there (QUADS_INT8, QUADS_INT4).
+
+#define A8_BLOCK 32
+static uint8_t QUADS_INT8[64], QUADS_INT4[64]; // byte 4 * o + j of the dot-product operand <- byte of the layout
+static int quads_ready = 0;
+
+static void init_quads(void) {
+    if (quads_ready) return;
+    for (int o = 0; o < 16; o++)
+        for (int j = 0; j < 4; j++) {
+            QUADS_INT8[4 * o + j] = 16 * j + o; // int8: 64 bytes are 4 inputs x 16 outputs
+            // int4: byte P's nibble holds output 4 (P / 16) + (P % 8) / 2, input 2 ((P % 16) / 8) + P % 2 (cpu.py)
+            QUADS_INT4[4 * o + j] = 16 * (o / 4) + 8 * (j / 2) + 2 * (o % 4) + j % 2;
+        }
+    quads_ready = 1;
+}
+
+int workbench_cpu_int8_dot_supported(void) {
+    __builtin_cpu_init();
+    return workbench_cpu_supported() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+}
+
+#define TARGET_A8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,avx512vbmi")))
+
+// x [M, K] bf16 -> codes, per-block scales and code sums. A block of zeros gets scale 0 and codes 0.
+TARGET void workbench_quantize_rows_q8(const uint16_t *x, int64_t M, int64_t K, int8_t *codes, float *scales,
+                                       int32_t *code_sums) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / A8_BLOCK; b++) {
+            const uint16_t *at = x + m * K + b * A8_BLOCK;
+            const __m512 lo = load_bf16x16(at), hi = load_bf16x16(at + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inverse)));
+            const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inverse)));
+            _mm_storeu_si128((void *)(codes + m * K + b * A8_BLOCK), _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128((void *)(codes + m * K + b * A8_BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
+            scales[m * (K / A8_BLOCK) + b] = amax / 127.0f;
+            code_sums[m * (K / A8_BLOCK) + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        }
+}
+
+// int8 weights: codes +128 (a sign flip of the byte) are vpdpbusd's unsigned operand, the activations its
+// signed one; each block's sum then drops 128 x its activation codes' sum, and is scaled by the block's scale.
+TARGET_A8 INLINE void int8_a8_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
+    const int64_t K = p->K, KB = K / A8_BLOCK;
+    const int8_t *w = (const int8_t *)p->w + nb * K * 16;
+    const __m512i order = _mm512_loadu_si512(QUADS_INT8), flip = _mm512_set1_epi8((char)0x80);
+    __m512 total[MAX_ROWS][MAX_BLOCKS];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) total[r][b] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < KB; kb++) {
+        __m512i acc[MAX_ROWS][MAX_BLOCKS];
+        for (int r = 0; r < ROWS; r++)
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_si512();
+        for (int64_t k = kb * A8_BLOCK; k < (kb + 1) * A8_BLOCK; k += 4)
+            for (int b = 0; b < BLOCKS; b++) {
+                const int8_t *at = w + (b * K + k) * 16;
+                if (PREFETCH) _mm_prefetch((const char *)(at + PREFETCH * 64), _MM_HINT_T0);
+                const __m512i quads = _mm512_xor_si512(_mm512_permutexvar_epi8(order, _mm512_loadu_si512(at)), flip);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], quads,
+                                                    _mm512_set1_epi32(*(const int32_t *)(p->xq + (m0 + r) * K + k)));
+            }
+        for (int r = 0; r < ROWS; r++) {
+            const __m512i shift = _mm512_set1_epi32(128 * p->x_code_sums[(m0 + r) * KB + kb]);
+            const __m512 scale = _mm512_set1_ps(p->x_scale[(m0 + r) * KB + kb]);
+            for (int b = 0; b < BLOCKS; b++)
+                total[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], shift)), scale, total[r][b]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], p->scales + col, p->bias ? p->bias + col : 0);
+        }
+}
+
+// int4 weights: the codes 0..15 are the unsigned operand as they are. Per block of 32 inputs, in its weight
+// group g: sum(x * w) = x_scale * (scale_g * sum(code * x_code) + offset_g * sum(x_code)).
+TARGET_A8 INLINE void int4_a8_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS) {
+    const int64_t K = p->K, KC = K / 8, KB = K / A8_BLOCK, G = K / p->group;
+    const __m512i *w = (const __m512i *)p->w + nb * KC;
+    const uint16_t *params = p->params + nb * G * 32;
+    const __m512i order = _mm512_loadu_si512(QUADS_INT4), nibble = _mm512_set1_epi8(0x0F);
+    __m512 total[MAX_ROWS][MAX_BLOCKS];
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) total[r][b] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t g = kb * A8_BLOCK / p->group;
+        __m512i acc[MAX_ROWS][MAX_BLOCKS];
+        for (int r = 0; r < ROWS; r++)
+            for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_setzero_si512();
+        for (int64_t kc = kb * (A8_BLOCK / 8); kc < (kb + 1) * (A8_BLOCK / 8); kc++)
+            for (int b = 0; b < BLOCKS; b++) {
+                if (PREFETCH) _mm_prefetch((const char *)(w + b * KC + kc + PREFETCH), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(w + b * KC + kc);
+                const __m512i lo = _mm512_permutexvar_epi8(order, _mm512_and_si512(v, nibble)); // inputs 0..3
+                const __m512i hi = _mm512_permutexvar_epi8(order, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+                for (int r = 0; r < ROWS; r++) {
+                    const int32_t *xq = (const int32_t *)(p->xq + (m0 + r) * K + kc * 8);
+                    acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], lo, _mm512_set1_epi32(xq[0]));
+                    acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], hi, _mm512_set1_epi32(xq[1]));
+                }
+            }
+        for (int b = 0; b < BLOCKS; b++) {
+            const __m512 scale = load_bf16x16(params + (b * G + g) * 32), offset = load_bf16x16(params + (b * G + g) * 32 + 16);
+            for (int r = 0; r < ROWS; r++) {
+                const float x_scale = p->x_scale[(m0 + r) * KB + kb];
+                const __m512 dot = _mm512_cvtepi32_ps(acc[r][b]);
+                total[r][b] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(x_scale)), total[r][b]);
+                total[r][b] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x_scale * (float)p->x_code_sums[(m0 + r) * KB + kb]),
+                                              total[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], 0, p->bias ? p->bias + col : 0);
+        }
+}
+
+// Rows hold an int32 and a float32 sum per block: one row takes 8 blocks, a few rows fewer
+#define A8_BLOCKS_FOR(rows) ((rows) == 1 ? 8 : (rows) <= 2 ? 4 : (rows) <= 5 ? 2 : 1)
+
+// The activations quantized once, in the calling thread, before the threads split the weights. A decoding
+// step's few rows go in a buffer kept per calling thread (a step makes ~150 such calls); a prompt's many rows
+// in memory of their own.
+#define A8_KEPT (64 * 1024)
+static _Thread_local uint8_t a8_kept[A8_KEPT] __attribute__((aligned(64)));
+
+#define WITH_INT8_ACTIVATIONS(p, body)                                                                          \
+    {                                                                                                           \
+        init_quads();                                                                                           \
+        const int64_t blocks_ = (p)->M * ((p)->K / A8_BLOCK), bytes_ = (p)->M * (p)->K + 8 * blocks_;           \
+        uint8_t *memory_ = bytes_ <= A8_KEPT ? a8_kept : malloc(bytes_);                                        \
+        float *scales_ = (float *)memory_;                                                                      \
+        int32_t *sums_ = (int32_t *)(memory_ + 4 * blocks_);                                                    \
+        int8_t *codes_ = (int8_t *)(memory_ + 8 * blocks_);                                                     \
+        workbench_quantize_rows_q8((p)->x, (p)->M, (p)->K, codes_, scales_, sums_);                             \
+        (p)->xq = codes_, (p)->x_scale = scales_, (p)->x_code_sums = sums_;                                     \
+        body                                                                                                    \
+        if (memory_ != a8_kept) free(memory_);                                                                  \
+    }
+
+// K a multiple of 32 (and the int4 group a multiple of 32).
+TARGET_A8 void workbench_gemm_int8_a8(const uint16_t *x, const int8_t *codes, const float *scales,
+                                      const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    Product p = {x, codes, scales, 0, 0, 0, bias, y, M, N, K};
+    WITH_INT8_ACTIVATIONS(&p, PRODUCT(int8_a8_tile, A8_BLOCKS_FOR, &p, threads))
+}
+
+TARGET_A8 void workbench_gemm_int4_a8(const uint16_t *x, const uint8_t *codes, const uint16_t *params, int64_t group,
+                                      const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    Product p = {x, codes, 0, params, 0, group, bias, y, M, N, K};
+    WITH_INT8_ACTIVATIONS(&p, PRODUCT(int4_a8_tile, A8_BLOCKS_FOR, &p, threads))
 }
 
 // ---- A plain read of a buffer: the ceiling the products are measured against ----
@@ -514,10 +687,12 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
 // add (rounded once to bf16, as torch's add rounds). It saves the ~15 Python-level calls of a layer.
 // scratch: T * (2 * Dm + 3 * (H + KVH) * D + 3 * I) bf16 values; k_cache, v_cache: [KVH, capacity, D] buffers.
 // One of the layer's products: int4 codes when it has a group (aux: their scales and offsets), int8 codes when
-// it has only aux (float32 row scales), else bf16.
-TARGET INLINE void layer_product(const uint16_t *x, const void *w, const void *aux, int64_t group, uint16_t *y,
-                                 int64_t M, int64_t N, int64_t K, int threads) {
-    if (group) workbench_gemm_int4(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
+// it has only aux (float32 row scales), else bf16; `a8`: over int8 activations.
+TARGET INLINE void layer_product(const uint16_t *x, const void *w, const void *aux, int64_t group, int64_t a8,
+                                    uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+    if (group && a8) workbench_gemm_int4_a8(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
+    else if (group) workbench_gemm_int4(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
+    else if (aux && a8) workbench_gemm_int8_a8(x, (const int8_t *)w, (const float *)aux, 0, y, M, N, K, threads);
     else if (aux) workbench_gemm_int8(x, (const int8_t *)w, (const float *)aux, 0, y, M, N, K, threads);
     else workbench_gemm_bf16(x, (const uint16_t *)w, 0, y, M, N, K, threads);
 }
@@ -526,7 +701,7 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
                                  const uint16_t *mlp_norm, float eps, const void *w_qkv, const void *w_o,
                                  const void *w_gate_up, const void *w_down, const void *a_qkv, const void *a_o,
                                  const void *a_gate_up, const void *a_down, int64_t g_qkv, int64_t g_o,
-                                 int64_t g_gate_up, int64_t g_down, int64_t T, int64_t Dm,
+                                 int64_t g_gate_up, int64_t g_down, const int64_t *a8, int64_t T, int64_t Dm,
                                  int64_t H, int64_t KVH, int64_t D, int64_t I, const uint16_t *cos,
                                  const uint16_t *signed_sin, uint16_t *k_cache, uint16_t *v_cache, int64_t kv_head,
                                  int64_t kv_row, int64_t past, const uint8_t *mask, float scale, uint16_t *scratch,
@@ -535,7 +710,7 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
     uint16_t *h = scratch, *qkv = h + T * Dm, *qk = qkv + T * qkv_width, *attended = qk + T * (H + KVH) * D;
     uint16_t *o = attended + T * H * D, *gate_up = o + T * Dm, *act = gate_up + T * 2 * I;
     workbench_rms_norm_bf16(x, 0, 0, attn_norm, h, T, Dm, eps);
-    layer_product(h, w_qkv, a_qkv, g_qkv, qkv, T, qkv_width, Dm, threads);
+    layer_product(h, w_qkv, a_qkv, g_qkv, a8[0], qkv, T, qkv_width, Dm, threads);
     workbench_rope_bf16(qkv, qkv_width, cos, signed_sin, qk, T, H + KVH, D);
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < KVH; g++) {
@@ -547,11 +722,11 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
         }
     workbench_attention_bf16(qk, (H + KVH) * D, D, k_cache, kv_head, kv_row, v_cache, kv_head, kv_row, mask, attended,
                              H, KVH, T, S, D, scale, attention_scratch, threads);
-    layer_product(attended, w_o, a_o, g_o, o, T, Dm, H * D, threads);
+    layer_product(attended, w_o, a_o, g_o, a8[1], o, T, Dm, H * D, threads);
     workbench_rms_norm_bf16(x, o, out, mlp_norm, h, T, Dm, eps); // out = x + o; h = its norm
-    layer_product(h, w_gate_up, a_gate_up, g_gate_up, gate_up, T, 2 * I, Dm, threads);
+    layer_product(h, w_gate_up, a_gate_up, g_gate_up, a8[2], gate_up, T, 2 * I, Dm, threads);
     workbench_swiglu_bf16(gate_up, act, T, I);
-    layer_product(act, w_down, a_down, g_down, o, T, Dm, I, threads);
+    layer_product(act, w_down, a_down, g_down, a8[3], o, T, Dm, I, threads);
     for (int64_t i = 0; i < T * Dm; i += 16)
         store_bf16(out + i, _mm512_add_ps(load_bf16x16(out + i), load_bf16x16(o + i)), 0, 0);
 }
@@ -559,11 +734,12 @@ TARGET void workbench_layer_bf16(const uint16_t *x, uint16_t *out, const uint16_
 // ---- Consecutive decoder layers in one call ----
 //
 // Row l of `layers` (LAYER_ARGS int64 values) holds layer l's own arguments to workbench_layer_bf16: its two
-// norm weights; its four products' weights, aux pointers and groups (q|k|v, o, gate|up, down); its cache's
+// norm weights; its four products' weights, aux pointers, groups and int8-activation flags (q|k|v, o, gate|up,
+// down); its cache's
 // k and v buffers, their head and row strides, the keys already cached (past) and its mask (or 0). Layers
 // alternate between `out` and `spare` as output, the last one writing `out`: the same calls in the same
 // order as calling the layers one by one, without a return to Python between them.
-#define LAYER_ARGS 20
+#define LAYER_ARGS 24
 TARGET void workbench_layers_bf16(const uint16_t *x, uint16_t *out, uint16_t *spare, int64_t n_layers,
                                   const int64_t *layers, float eps, int64_t T, int64_t Dm, int64_t H, int64_t KVH,
                                   int64_t D, int64_t I, const uint16_t *cos, const uint16_t *signed_sin,
@@ -575,8 +751,8 @@ TARGET void workbench_layers_bf16(const uint16_t *x, uint16_t *out, uint16_t *sp
         workbench_layer_bf16(in, dst, (const uint16_t *)a[0], (const uint16_t *)a[1], eps, (const void *)a[2],
                              (const void *)a[3], (const void *)a[4], (const void *)a[5], (const void *)a[6],
                              (const void *)a[7], (const void *)a[8], (const void *)a[9], a[10], a[11], a[12], a[13],
-                             T, Dm, H, KVH, D, I, cos, signed_sin, (uint16_t *)a[14], (uint16_t *)a[15], a[16], a[17],
-                             a[18], (const uint8_t *)a[19], scale, scratch, attention_scratch, threads);
+                             a + 14, T, Dm, H, KVH, D, I, cos, signed_sin, (uint16_t *)a[18], (uint16_t *)a[19], a[20],
+                             a[21], a[22], (const uint8_t *)a[23], scale, scratch, attention_scratch, threads);
         in = dst;
     }
 }

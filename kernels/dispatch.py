@@ -33,6 +33,8 @@ OPERATIONS: dict[str, str] = {
     "linear": "x @ W^T (+ bias), W in the model's dtype held in the backend's layout (bf16: packed)",
     "linear_int8": "x @ (codes * scale[row])^T (+ bias), int8 codes per output row",
     "linear_int4": "x @ (scale * code + offset)^T (+ bias), int4 codes, a scale and offset per group of inputs",
+    "linear_int8_a8": "linear_int8 with x quantized to int8 per block of 32 inputs (integer dot products)",
+    "linear_int4_a8": "linear_int4 with x quantized to int8 per block of 32 inputs (integer dot products)",
     "attention": "one decoding step's query over a layer's keys and values (a dense cache view)",
     "tree_attention": "a few query rows with a mask among them (a draft tree, a short chunk) over the cache",
     "prefill_attention": "many query rows (a prompt), causal or masked, over the cache",
@@ -46,7 +48,9 @@ OPERATIONS: dict[str, str] = {
     "kivi_attention": "one decoding step's query over a KIVI cache layer: its packed codes and full-precision window",
     "mustafar_attention": "one decoding step's query over a Mustafar cache layer: its bitmaps, nonzeros and window",
 }
-LINEAR_OPERATIONS = {"bf16": "linear", "int8": "linear_int8", "int4": "linear_int4"}  # weight format -> operation
+# weight format -> operation; "_a8": the same weights multiplied by int8 activations (`act=int8`)
+LINEAR_OPERATIONS = {"bf16": "linear", "int8": "linear_int8", "int4": "linear_int4", "int8_a8": "linear_int8_a8",
+                     "int4_a8": "linear_int4_a8"}
 # Attention a compressed cache layer answers for a one-token step (`LayerCache.attention_operation`), reading its
 # stored form; the model calls them only where a kernel takes them (`Kernels.reads_stored_form`)
 LAYER_ATTENTION_OPERATIONS = ("kivi_attention", "mustafar_attention")
@@ -241,7 +245,7 @@ class LinearKernel(NamedTuple):
 
 def linear(weight_format: str, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
            group: int = 0) -> LinearKernel:
-    """The backend for a linear layer's weight of this format ("bf16", "int8", "int4"), shape and group, with
+    """The backend for a linear layer's weight of this format (`LINEAR_OPERATIONS`' keys), shape and group, with
     activations in `dtype` on `device`: the first that supports the operation and takes the shape."""
     operation = LINEAR_OPERATIONS[weight_format]
     for name in _order(device):

@@ -7,7 +7,8 @@ SmolLM2-135M's shapes: 30 layers' four products (q|k|v, o, gate|up, down) and th
 weights, each layer its own matrices so they stream from memory as in a real step (243 MB in bf16). For M rows
 (1 = a decode step, more = a draft tree being verified): oneDNN's packed bf16 product (what PackedLinear used
 before the workbench's kernels), the workbench's bf16 kernel, torch's int8 weight-only kernel and the
-workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the workbench's. Best of five 5-step
+workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the workbench's; "a8" columns are the
+workbench's products over int8 activations (`act=int8`: integer dot products). Best of five 5-step
 means, backends alternating so drift hits them alike.
 
 With --resident, each backend multiplies one 576x1536 weight (down's shape) over and over on one thread, so
@@ -29,7 +30,7 @@ HEAD = (49152, 576)
 
 def backends(layers: int) -> dict[str, list]:
     calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "torch int8": [], "workbench int8": [],
-                              "torch int4": [], "workbench int4": []}
+                              "workbench int8 a8": [], "torch int4": [], "workbench int4": [], "workbench int4 a8": []}
     for shape in [s for _ in range(layers) for s in LAYER] + [HEAD]:
         n, k = shape
         weight = nn.Linear(k, n, bias=False).weight.detach().to(torch.bfloat16)
@@ -43,6 +44,7 @@ def backends(layers: int) -> dict[str, list]:
         calls["workbench bf16"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
         calls["torch int8"].append((k, lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)))
         calls["workbench int8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None)))
+        calls["workbench int8 a8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8_a8(x, c, s, None)))
         codes4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
         scale_zeros = torch.rand(k // 64, n, 2, dtype=torch.bfloat16) * 0.01  # torch's (scale, zero) per group
         torch4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4.to(torch.int32), 1)
@@ -50,6 +52,7 @@ def backends(layers: int) -> dict[str, list]:
         calls["torch int4"].append((k, lambda x, c=torch4, sz=scale_zeros:
                                     torch.ops.aten._weight_int4pack_mm_for_cpu(x, c, 64, sz)))
         calls["workbench int4"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4(x, c, p, 64, None)))
+        calls["workbench int4 a8"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4_a8(x, c, p, 64, None)))
     return calls
 
 
@@ -91,8 +94,11 @@ def resident(rows: list[int]) -> None:
     packed, packed_codes, scales = cpu.pack_bf16(weight), cpu.pack_int8(codes), torch.rand(n)
     calls = {"workbench bf16": (n * k * 2, lambda x: cpu.gemm_bf16(x, packed, None)),
              "workbench int8": (n * k + 4 * n, lambda x: cpu.gemm_int8(x, packed_codes, scales, None)),
+             "workbench int8 a8": (n * k + 4 * n, lambda x: cpu.gemm_int8_a8(x, packed_codes, scales, None)),
              "workbench int4 g32": (codes4.numel() + params.numel() * 2, lambda x: cpu.gemm_int4(x, codes4, params, 32,
-                                                                                              None))}
+                                                                                              None)),
+             "workbench int4 g32 a8": (codes4.numel() + params.numel() * 2,
+                                       lambda x: cpu.gemm_int4_a8(x, codes4, params, 32, None))}
     print(f"GB/s of an L2-resident {n}x{k} weight, one thread, process time (best of 7 rounds of 200 products)")
     print(f"{'rows':>5}" + "".join(f"{name:>20}" for name in calls))
     with torch.inference_mode():

@@ -103,6 +103,7 @@ def test_layouts_round_trip():
     assert packed.shape == (4, 12, 64) and params.shape == (4, 3, 2, 16)
     assert torch.equal(cpu.unpack_int4(packed), codes4) and torch.equal(cpu.int4_rows(packed, ids), codes4[ids])
     assert all(torch.equal(a, b) for a, b in zip(cpu.int4_params(params), (scales, offsets)))
+    assert all(torch.equal(a, b[ids]) for a, b in zip(cpu.int4_params(params, ids), (scales, offsets)))
 
 
 @needs_kernels
@@ -242,11 +243,12 @@ def test_a_cache_folder_that_cannot_be_written_falls_back_with_a_warning(monkeyp
 
 
 @needs_kernels
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int4", "mixed"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4", "int8_a8", "int4_a8", "mixed"])
 def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeypatch, weights):
     """A prompt, a decode step, a draft tree with a rejected branch, then steps that grow the cache: the
-    logits and the cache of the one-call layers equal those of the layers' separate kernel calls. "mixed": the
-    middle layer's q|k|v has a bias, which the one-call layer does not take, so the others run one call each."""
+    logits and the cache of the one-call layers equal those of the layers' separate kernel calls. "_a8": over int8
+    activations (act=int8). "mixed": the middle layer's q|k|v has a bias, which the one-call layer does not take,
+    so the others run one call each."""
     from workbench.decoding.base import DraftTree
     from workbench.engine import build_cache
     from workbench.models.packed_linear import pack_linears
@@ -256,11 +258,12 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
                          num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2)
     if weights == "mixed":
         model.layers[1].qkv.bias = nn.Parameter(torch.randn(model.layers[1].qkv.out_features, dtype=torch.bfloat16))
-    for layer in model.layers if weights in ("int8", "int4") else []:  # the layers' products; the head stays bf16
+    kind, a8 = weights.removesuffix("_a8"), weights.endswith("_a8")
+    for layer in model.layers if kind in ("int8", "int4") else []:  # the layers' products; the head stays bf16
         for name in ("qkv", "o", "gate_up", "down"):
             w = getattr(layer, name).weight
-            setattr(layer, name, Int8Linear(*quantize_int8(w, torch.bfloat16), None) if weights == "int8" else
-                    Int4Linear.from_affine(*quantize_rtn_int4(w, 32, torch.bfloat16), 32, None, torch.bfloat16))
+            setattr(layer, name, Int8Linear(*quantize_int8(w, torch.bfloat16), None, a8) if kind == "int8" else
+                    Int4Linear.from_affine(*quantize_rtn_int4(w, 32, torch.bfloat16), 32, None, torch.bfloat16, a8))
             assert getattr(layer, name).kernel_weights() is not None
     pack_linears(model)
     calls = []  # layers per call

@@ -81,7 +81,7 @@ def test_bench_rows_carry_the_labels(tmp_path):
     fp4 = "fp4:calibrate=false,format=e2m1,steps=1"  # simulated speed; one format and clip ratio: quick to apply
     code = main(["bench", "--decode", "token_recycling:hot_start=true", "--decode", "token_recycling",
                  "--compress", fp4, "--categories", "qa", "--per-category", "1",
-                 "--max-new-tokens", "4", "--json", str(out), "--no-store"])
+                 "--max-new-tokens", "4", "--peers", "", "--json", str(out), "--no-store"])
     assert code == 0
     rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"] if r["category"] == "all"}
     assert all(r["simulated"] == [fp4] and r["lossless"] is False for r in rows.values())

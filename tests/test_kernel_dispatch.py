@@ -56,14 +56,16 @@ def case(operation: str, module):
     w, bias = torch.randn(64, 96, dtype=b16) * 0.1, torch.randn(64, dtype=b16)
     if operation == "linear":
         return (x, module.pack_bf16(w), bias), x.double() @ w.double().T + bias.double()
-    if operation == "linear_int8":
+    x_used = backend_torch.quantize_activations(x) if operation.endswith("_a8") else x  # int8 activations
+    if operation in ("linear_int8", "linear_int8_a8"):
         codes, scales = quantize_int8(w.float(), b16)
-        exact = x.double() @ (codes.double() * scales.double()[:, None]).T + bias.double()
+        exact = x_used.double() @ (codes.double() * scales.double()[:, None]).T + bias.double()
         return (x, *module.pack_int8(codes, scales), bias), exact
-    if operation == "linear_int4":
+    if operation in ("linear_int4", "linear_int4_a8"):
         codes, scales, offsets = quantize_rtn_int4(w.float(), 32, b16)
         weight = codes.double() * scales.double().repeat_interleave(32, 1) + offsets.double().repeat_interleave(32, 1)
-        return (x, *module.pack_int4(codes, scales, offsets, b16), 32, bias), x.double() @ weight.T + bias.double()
+        exact = x_used.double() @ weight.T + bias.double()
+        return (x, *module.pack_int4(codes, scales, offsets, b16), 32, bias), exact
     if operation in dispatch.LAYER_ATTENTION_OPERATIONS:  # a compressed layer after a step's append
         layer, q = compressed_layer(operation), torch.randn(1, 4, 32, dtype=b16)
         return (q, layer), exact_attention(q, *layer.view(), None)

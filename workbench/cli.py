@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tok/s, bytes read per token, achieved GB/s and its fraction (peers: llama-cpp)")
     p.add_argument("--format", action="append",
                    help="with --roofline: a weight format, bf16 or a compression chain (repeatable; default "
-                   "bf16, int8 and int4:group=32,head=true)")
+                   "bf16, int8 and int4:group=32,head=true, each also with act=int8)")
     p.add_argument("--bandwidth-bytes", type=int,
                    help="with --roofline: the main-memory bandwidth buffer's size (default twice the last-level cache)")
     p.add_argument("--json", help="also write the results to this JSON file")

@@ -13,6 +13,7 @@ check catches a deliberately wrong variant of a drafter: its drafts accepted wit
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -63,20 +64,28 @@ def tiny_model():
 
 def exact_marginals(model, prompt: list[int] = PROMPT, n: int = N) -> torch.Tensor:
     """[n, V] the target's exact distribution of each of the first n sampled tokens (temperature 1), by
-    enumerating every continuation."""
-    sampler = Sampler(temperature=1.0)
-    joint = {(): 1.0}
-    marginals = torch.zeros(n, V, dtype=torch.float64)
+    enumerating every continuation. All continuations of up to n - 1 tokens go through the model as one tree
+    after the prompt (each token sees the prompt and its own prefix, as a verified draft tree does), so one
+    forward gives every prefix's next-token distribution."""
+    continuations = [seq for depth in range(1, n) for seq in itertools.product(range(V), repeat=depth)]
+    row = {(): len(prompt) - 1, **{seq: len(prompt) + i for i, seq in enumerate(continuations)}}
+    size = len(prompt) + len(continuations)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[: len(prompt), : len(prompt)] = torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()
+    for seq in continuations:
+        mask[row[seq], : len(prompt)] = True
+        mask[row[seq], [row[seq[:k]] for k in range(1, len(seq) + 1)]] = True
+    tokens = torch.tensor(prompt + [seq[-1] for seq in continuations])
+    positions = torch.tensor(list(range(len(prompt))) + [len(prompt) + len(seq) - 1 for seq in continuations])
     with torch.inference_mode():
-        for i in range(n):
-            grown = {}
-            for seq, p in joint.items():
-                tokens = torch.tensor(prompt + list(seq))
-                probs = sampler.probs(model(tokens, torch.arange(len(tokens))).logits[-1]).double()
-                for t in range(V):
-                    grown[seq + (t,)] = p * float(probs[t])
-                    marginals[i, t] += p * float(probs[t])
-            joint = grown
+        probs = Sampler(temperature=1.0).probs(model(tokens, positions, mask=mask).logits).double()
+    marginals = torch.zeros(n, V, dtype=torch.float64)
+    joint = {(): 1.0}  # each continuation's probability
+    for seq in [(), *continuations]:
+        following = joint[seq] * probs[row[seq]]
+        marginals[len(seq)] += following
+        if len(seq) + 1 < n:
+            joint.update({seq + (t,): float(following[t]) for t in range(V)})
     return marginals
 
 

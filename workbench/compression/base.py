@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import SpecError
+from workbench.kernels import backend_torch
 from workbench.models.packed_linear import PackedLinear
 from workbench.registry import param
 
@@ -39,10 +40,13 @@ class CompressedLinear(nn.Module):
     `simulated` is True when no kernel runs the format: forward dequantizes the weight and runs a dense
     matmul, so its speed says nothing about what the format could reach (shown as simulated speed).
     `capturable` is False when forward cannot be recorded in a CUDA graph (a host sync, a copy from the CPU, a
-    shape that depends on the data): a run over such a layer takes eager steps (models/static_step.py)."""
+    shape that depends on the data): a run over such a layer takes eager steps (models/static_step.py).
+    `int8_activations` (the `act=int8` option of int8 and int4): the layer multiplies its inputs rounded to
+    int8 per block of 32 (`backend_torch.quantize_activations`); the reference path rounds them the same way."""
 
     simulated: ClassVar[bool] = False
     capturable: ClassVar[bool] = True
+    int8_activations: bool = False
     in_features: int
     out_features: int
     bias: torch.Tensor | None
@@ -53,6 +57,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a dense product: the reference path (and the whole path of formats with no kernel)."""
+        if self.int8_activations:
+            x = backend_torch.quantize_activations(x).to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def weight_nbytes(self) -> int:
@@ -132,6 +138,20 @@ def check_group(technique: str, site: LinearSite, group: int) -> None:
         valid = [g for g in (16, 32, 64, 128, 256) if n % g == 0]
         raise SpecError(f"{technique}: group={group} does not divide {site.name}'s {n} inputs (weight "
                         f"[{site.module.out_features}, {n}]); valid groups here: {', '.join(map(str, valid))}")
+
+
+ACTIVATIONS = ("float", "int8")  # the `act` choices of the int8 and int4 transforms
+ACT_HELP = ("activations the layers multiply: 'float' (the model's dtype, exact) or 'int8' (rounded to int8 per "
+            "block of 32 inputs, integer dot products as llama.cpp's CPU path: faster, lossy; inputs a multiple of 32)")
+
+
+def check_int8_activations(technique: str, sites: list[LinearSite]) -> None:
+    """Raise SpecError unless every layer's inputs come in whole blocks of 32 (act=int8)."""
+    for site in sites:
+        n = site.module.in_features
+        if n % backend_torch.A8_BLOCK:
+            raise SpecError(f"{technique}: act=int8 rounds inputs in blocks of {backend_torch.A8_BLOCK}, but "
+                            f"{site.name} has {n} inputs; use act=float")
 
 
 @dataclass

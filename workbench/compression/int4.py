@@ -12,10 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from workbench.compression.base import (
+    ACT_HELP,
+    ACTIVATIONS,
     CompressedLinear,
     CompressionContext,
     WeightTransform,
     check_group,
+    check_int8_activations,
     dense_weight,
 )
 from workbench.compression.formats import pack_codes, unpack_codes
@@ -61,14 +64,15 @@ class Int4Linear(CompressedLinear):
       CPU and by Triton's fused-dequantization product on CUDA (`workbench.kernels.triton_linear`);
     - plain nibble pairs for shapes that kernel does not take.
     Elsewhere (or for shapes and groups no kernel takes) forward dequantizes and runs a dense matmul, marked
-    `simulated`."""
+    `simulated`. `int8_activations`: the same layouts multiplied by int8 activations (`linear_int4_a8`)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
-                 bias: torch.Tensor | None, dtype: torch.dtype):
+                 bias: torch.Tensor | None, dtype: torch.dtype, int8_activations: bool = False):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.group, self.bias = group, bias
-        self.product = dispatch.linear("int4", codes.device, dtype, self.out_features, self.in_features, group)
+        self.group, self.bias, self.int8_activations = group, bias, int8_activations
+        self.product = dispatch.linear("int4_a8" if int8_activations else "int4", codes.device, dtype,
+                                       self.out_features, self.in_features, group)
         self.own_kernel = self.product.name == "c"  # the C kernels' layout, which the one-call layers take
         self.tiled = not self.own_kernel and self.out_features % _TILE == 0
         self.kernel = self.own_kernel or (self.tiled and group in KERNEL_GROUPS)
@@ -86,16 +90,17 @@ class Int4Linear(CompressedLinear):
 
     @classmethod
     def from_affine(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
-                    bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> Int4Linear:
+                    bias: torch.Tensor | None, dtype: torch.dtype | None = None,
+                    int8_activations: bool = False) -> Int4Linear:
         """From codes uint8 [out, in] in 0..15 with w_hat = scale * code + offset (scales, offsets [out, in // group]).
         `dtype` is the compute dtype (default: the bias's, else bfloat16); parameters are stored in it."""
         dtype = dtype or (bias.dtype if bias is not None else torch.bfloat16)
-        return cls(codes.to(torch.uint8), scales, offsets, group, bias, dtype)
+        return cls(codes.to(torch.uint8), scales, offsets, group, bias, dtype, int8_activations)
 
     def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
         """Packed codes, scales and offsets for the one-call decoder layer, or None where its kernel does not run."""
         if self.own_kernel and self.bias is None:
-            return cpu_kernels.KernelWeight(self.packed, self.scale_zeros, self.group)
+            return cpu_kernels.KernelWeight(self.packed, self.scale_zeros, self.group, self.int8_activations)
         return None
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,15 +120,15 @@ class Int4Linear(CompressedLinear):
         return torch.where((r < _TILE // 2)[:, None], byte & 15, byte >> 4)
 
     def _weight(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if self.own_kernel:
-            scale, offset = cpu_kernels.int4_params(self.scale_zeros)
+        if self.own_kernel:  # only the rows asked for: a tied embedding looks up one row per step
+            scale, offset = cpu_kernels.int4_params(self.scale_zeros, rows)
             levels = codes.float()
         else:
             sz = self.scale_zeros.transpose(0, 1)  # [out, in/group, 2]
             scale, offset = sz[..., 0], sz[..., 1]
+            if rows is not None:
+                scale, offset = scale[rows], offset[rows]
             levels = codes.float() - 8
-        if rows is not None:
-            scale, offset = scale[rows], offset[rows]
         scale = scale.float().repeat_interleave(self.group, dim=1)
         offset = offset.float().repeat_interleave(self.group, dim=1)
         return (levels * scale + offset).to(self.scale_zeros.dtype)
@@ -175,11 +180,13 @@ class LowBitLinear(CompressedLinear):
 
 
 def affine_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int, bits: int,
-                  bias: torch.Tensor | None, dtype: torch.dtype) -> CompressedLinear:
+                  bias: torch.Tensor | None, dtype: torch.dtype, int8_activations: bool = False) -> CompressedLinear:
     """The layer holding w_hat = scale * code + offset: `Int4Linear` (kernels) for 4 bits, else `LowBitLinear`."""
     if bits == 4:
-        return Int4Linear.from_affine(codes, scales, offsets, group, bias, dtype)
-    return LowBitLinear(codes, scales, offsets, group, bits, bias, dtype)
+        return Int4Linear.from_affine(codes, scales, offsets, group, bias, dtype, int8_activations)
+    layer = LowBitLinear(codes, scales, offsets, group, bits, bias, dtype)
+    layer.int8_activations = int8_activations
+    return layer
 
 
 @register("compression", "int4", lossless=False)
@@ -195,6 +202,8 @@ class Int4(WeightTransform):
     kernels do not build); elsewhere it dequantizes (simulated).
     `bits` 3 or 2 keep the same grid with 8 or 4 levels, codes packed at 3 or 2 bits (`LowBitLinear`, real
     bytes, simulated speed: no kernel): the round-to-nearest baselines of low-bit methods (`decoupleq`).
+    `act=int8` also rounds each layer's inputs to int8 per block of 32 (as `int8`'s option), so the C kernel
+    multiplies nibbles by bytes with AVX512-VNNI dot products (W4A8, as llama.cpp's Q4 x Q8 CPU path).
     Left out: activation-aware scaling (AWQ) and error compensation (see `gptq`, `eora`).
     """
 
@@ -205,12 +214,15 @@ class Int4(WeightTransform):
     bits: int = param(4, "bits per weight; 3 and 2 are packed densely and run simulated (no kernel)",
                       choices=(2, 3, 4))
     head: bool = param(False, "also compress the LM head / tied embedding")
+    act: str = param("float", ACT_HELP, choices=ACTIVATIONS)
 
     def apply(self, model, ctx: CompressionContext) -> None:
         sites = self.sites(model)
         for site in sites:
             check_group("int4", site, self.group)
+        if self.act == "int8":
+            check_int8_activations("int4", sites)
         for site in sites:
             codes, scales, offsets = quantize_rtn_int4(dense_weight(site.module), self.group, ctx.dtype, self.bits)
             self.replace(model, site, affine_linear(codes, scales, offsets, self.group, self.bits,
-                                                    site.module.bias, ctx.dtype))
+                                                    site.module.bias, ctx.dtype, self.act == "int8"))

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.compression.base import CompressedLinear, CompressionContext, WeightTransform, dense_weight
+from workbench.compression.base import (
+    ACT_HELP,
+    ACTIVATIONS,
+    CompressedLinear,
+    CompressionContext,
+    WeightTransform,
+    check_int8_activations,
+    dense_weight,
+)
 from workbench.kernels import cpu as cpu_kernels
 from workbench.kernels import dispatch
 from workbench.registry import param, register
@@ -32,12 +40,16 @@ class Int8Linear(CompressedLinear):
     float32 accumulation, a few rows of a draft tree for about the cost of one) or, where that cannot run,
     through torch's `_weight_int8pack_mm`; on CUDA, Triton's fused-dequantization product (codes as they are,
     `workbench.kernels.triton_linear`). Elsewhere the layer dequantizes and runs a dense product (the
-    reference path, marked simulated)."""
+    reference path, marked simulated). `int8_activations`: the same codes multiplied by int8 activations
+    (`linear_int8_a8`: AVX512-VNNI integer dot products in the C kernels)."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 int8_activations: bool = False):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.kernel = dispatch.linear("int8", codes.device, scales.dtype, self.out_features, self.in_features)
+        self.int8_activations = int8_activations
+        self.kernel = dispatch.linear("int8_a8" if int8_activations else "int8", codes.device, scales.dtype,
+                                      self.out_features, self.in_features)
         self.own_kernel = self.kernel.name == "c"  # the C kernels' layout, which the one-call layers take
         packed, kernel_scales = self.kernel.backend.pack_int8(codes, scales)
         self.register_buffer("codes", packed)
@@ -52,7 +64,9 @@ class Int8Linear(CompressedLinear):
 
     def kernel_weights(self) -> cpu_kernels.KernelWeight | None:
         """Packed codes and float32 row scales for the one-call decoder layer, or None where its kernel does not run."""
-        return cpu_kernels.KernelWeight(self.codes, self.scales_f32) if self.own_kernel and self.bias is None else None
+        if self.own_kernel and self.bias is None:
+            return cpu_kernels.KernelWeight(self.codes, self.scales_f32, int8_activations=self.int8_activations)
+        return None
 
     def dense_codes(self) -> torch.Tensor:
         return cpu_kernels.unpack_int8(self.codes) if self.own_kernel else self.codes
@@ -85,14 +99,23 @@ class Int8(WeightTransform):
     `_weight_int8pack_mm` where it cannot run), which reads half the bytes of bf16 decoding.
     `head` (on by default here: int8 costs the head little quality and it is the largest matrix) also
     quantizes the LM head, and a tied embedding then reads its rows from the int8 copy.
-    Left out: LLM.int8()'s mixed-precision outlier columns and int8 activations.
+    `act=int8` also rounds each layer's inputs to int8, per block of 32 with a float scale (token-wise dynamic
+    quantization as in ZeroQuant, Yao et al., arXiv 2206.01861, at the finer grain of ggml's Q8 blocks), so the
+    C kernel multiplies bytes by bytes with AVX512-VNNI dot products (W8A8): lossy, and faster on CPUs that
+    have them.
+    Left out: LLM.int8()'s mixed-precision outlier columns, and SmoothQuant's migration of activation outliers
+    into the weights (act=int8 relies on the fine blocks instead).
     """
 
     stage = "quantize"
 
     head: bool = param(True, "also compress the LM head / tied embedding")
+    act: str = param("float", ACT_HELP, choices=ACTIVATIONS)
 
     def apply(self, model, ctx: CompressionContext) -> None:
-        for site in self.sites(model):
+        sites = self.sites(model)
+        if self.act == "int8":
+            check_int8_activations("int8", sites)
+        for site in sites:
             codes, scales = quantize_int8(dense_weight(site.module), ctx.dtype)
-            self.replace(model, site, Int8Linear(codes, scales, site.module.bias))
+            self.replace(model, site, Int8Linear(codes, scales, site.module.bias, self.act == "int8"))

@@ -38,7 +38,8 @@ from workbench.models.llama import LlamaModel
 from workbench.models.packed_linear import PackedLinear
 from workbench.provenance import provenance
 
-DEFAULT_FORMATS = ("bf16", "int8", "int4:group=32,head=true")  # int4 group 32: +0.2% perplexity (quality.md)
+# int4 group 32: the GGUF's own grid (compression.md); act=int8: integer dot products as llama.cpp multiplies
+DEFAULT_FORMATS = ("bf16", "int8", "int8:act=int8", "int4:group=32,head=true", "int4:group=32,head=true,act=int8")
 ROOFLINE_PEERS = ("llama-cpp",)
 
 

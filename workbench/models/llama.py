@@ -169,20 +169,21 @@ class LlamaModel(nn.Module):
         fusable = cache is not None and states is None and x.shape[0] <= SMALL_QUERY and ops.fuses(x, cos, sin)
         rows: list[list[int]] = []
         keep: list = []  # what the rows point into
+        stack = list(self.layers)  # plain indexing: ModuleList's costs microseconds a call, twice a layer a step
         for entry in plan:
             i, part = (entry, None) if isinstance(entry, int) else entry
             # The one-call layers take the config's MLP width: a layer pruned narrower (prunenet) runs on its own.
             # (A wrapped projection without in_features, a fine-tune's for one, is left to layer_row to judge.)
-            width = getattr(self.layers[i].down, "in_features", None) if fusable and part is None else -1
+            width = getattr(stack[i].down, "in_features", None) if fusable and part is None else -1
             whole = width in (None, self.config.intermediate_size)
-            row = ops.layer_row(self.layers[i], positions, cache[i], mask, keep) if whole else None
+            row = ops.layer_row(stack[i], positions, cache[i], mask, keep) if whole else None
             if row is not None:
                 rows.append(row)
                 continue
             x = self._run_fused(ops, x, rows, cos, sin)
             if states is not None:
                 states.append(x)
-            x = self.layers[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask, part, ops)
+            x = stack[i](x, cos, sin, positions, cache[i] if cache is not None else None, mask, part, ops)
         x = self._run_fused(ops, x, rows, cos, sin)
         if states is not None:
             states.append(x)
