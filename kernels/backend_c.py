@@ -9,6 +9,7 @@ one-token step.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
@@ -73,7 +74,8 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, 
 
 linear_int4 = cpu.gemm_int4  # (x, packed codes, params, group, bias)
 # The same layouts multiplied by int8 activations (AVX512-VNNI integer dot products)
-linear_int8_a8, linear_int4_a8 = cpu.gemm_int8_a8, cpu.gemm_int4_a8
+linear_int8_a8 = partial(cpu.gemm_int8, int8_activations=True)
+linear_int4_a8 = partial(cpu.gemm_int4, int8_activations=True)
 
 
 # Attention (arguments as in backend_torch).

@@ -253,46 +253,29 @@ def read_f32(buffer: torch.Tensor, threads: int) -> float:
     return _lib.workbench_read_f32(buffer.data_ptr(), buffer.numel(), threads)
 
 
-def gemm_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] bf16 @ (codes * scales[:, None])^T (+ bias), codes packed by `pack_int8` and scales float32 [N]."""
+def gemm_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              int8_activations: bool = False) -> torch.Tensor:
+    """x [..., K] bf16 @ (codes * scales[:, None])^T (+ bias), codes packed by `pack_int8` and scales float32 [N].
+    `int8_activations`: x rounded to int8 per block of 32 inputs (`quantize_rows_q8`), integer dot products."""
     n = packed.shape[0] * 16
     x2, y = _output(x, n)
-    _lib.workbench_gemm_int8(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+    run = _lib.workbench_gemm_int8_a8 if int8_activations else _lib.workbench_gemm_int8
+    run(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
                              0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
                              torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
 
 def gemm_int4(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group: int,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] bf16 @ (scale * code + offset)^T (+ bias), codes and params packed by `pack_int4`."""
+              bias: torch.Tensor | None, int8_activations: bool = False) -> torch.Tensor:
+    """x [..., K] bf16 @ (scale * code + offset)^T (+ bias), codes and params packed by `pack_int4`.
+    `int8_activations`: x rounded to int8 per block of 32 inputs (`quantize_rows_q8`), integer dot products."""
     n = packed.shape[0] * 16
     x2, y = _output(x, n)
-    _lib.workbench_gemm_int4(x2.data_ptr(), packed.data_ptr(), params.data_ptr(), group,
+    run = _lib.workbench_gemm_int4_a8 if int8_activations else _lib.workbench_gemm_int4
+    run(x2.data_ptr(), packed.data_ptr(), params.data_ptr(), group,
                              0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
                              torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
-
-
-def gemm_int8_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-                 ) -> torch.Tensor:
-    """`gemm_int8` with x quantized to int8 per block of 32 inputs (`quantize_rows_q8`) and integer dot products."""
-    n = packed.shape[0] * 16
-    x2, y = _output(x, n)
-    _lib.workbench_gemm_int8_a8(x2.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-                                0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
-                                torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
-
-
-def gemm_int4_a8(x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, group: int,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """`gemm_int4` with x quantized to int8 per block of 32 inputs (`quantize_rows_q8`) and integer dot products."""
-    n = packed.shape[0] * 16
-    x2, y = _output(x, n)
-    _lib.workbench_gemm_int4_a8(x2.data_ptr(), packed.data_ptr(), params.data_ptr(), group,
-                                0 if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0], n, x2.shape[1],
-                                torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
 
@@ -398,7 +381,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 class KernelWeight(NamedTuple):
     """A product's weight as `decoder_layers` takes it: packed by `pack_bf16` (no aux), `pack_int8` (aux: the
     float32 row scales) or `pack_int4` (aux: its params; group: inputs per scale and offset); `int8_activations`:
-    multiplied by int8 activations (`gemm_int8_a8`, `gemm_int4_a8`)."""
+    multiplied by int8 activations (`gemm_int8` and `gemm_int4` with `int8_activations`)."""
 
     packed: torch.Tensor
     aux: torch.Tensor | None = None

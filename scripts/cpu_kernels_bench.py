@@ -26,6 +26,7 @@ from workbench.kernels import cpu
 
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in)
 HEAD = (49152, 576)
+A8 = {"int8_activations": True}  # the products over int8 activations (act=int8)
 
 
 def backends(layers: int) -> dict[str, list]:
@@ -44,7 +45,7 @@ def backends(layers: int) -> dict[str, list]:
         calls["workbench bf16"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
         calls["torch int8"].append((k, lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)))
         calls["workbench int8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None)))
-        calls["workbench int8 a8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8_a8(x, c, s, None)))
+        calls["workbench int8 a8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None, **A8)))
         codes4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
         scale_zeros = torch.rand(k // 64, n, 2, dtype=torch.bfloat16) * 0.01  # torch's (scale, zero) per group
         torch4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4.to(torch.int32), 1)
@@ -52,7 +53,7 @@ def backends(layers: int) -> dict[str, list]:
         calls["torch int4"].append((k, lambda x, c=torch4, sz=scale_zeros:
                                     torch.ops.aten._weight_int4pack_mm_for_cpu(x, c, 64, sz)))
         calls["workbench int4"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4(x, c, p, 64, None)))
-        calls["workbench int4 a8"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4_a8(x, c, p, 64, None)))
+        calls["workbench int4 a8"].append((k, lambda x, c=ours4, p=params: cpu.gemm_int4(x, c, p, 64, None, **A8)))
     return calls
 
 
@@ -94,11 +95,11 @@ def resident(rows: list[int]) -> None:
     packed, packed_codes, scales = cpu.pack_bf16(weight), cpu.pack_int8(codes), torch.rand(n)
     calls = {"workbench bf16": (n * k * 2, lambda x: cpu.gemm_bf16(x, packed, None)),
              "workbench int8": (n * k + 4 * n, lambda x: cpu.gemm_int8(x, packed_codes, scales, None)),
-             "workbench int8 a8": (n * k + 4 * n, lambda x: cpu.gemm_int8_a8(x, packed_codes, scales, None)),
+             "workbench int8 a8": (n * k + 4 * n, lambda x: cpu.gemm_int8(x, packed_codes, scales, None, **A8)),
              "workbench int4 g32": (codes4.numel() + params.numel() * 2, lambda x: cpu.gemm_int4(x, codes4, params, 32,
                                                                                               None)),
              "workbench int4 g32 a8": (codes4.numel() + params.numel() * 2,
-                                       lambda x: cpu.gemm_int4_a8(x, codes4, params, 32, None))}
+                                       lambda x: cpu.gemm_int4(x, codes4, params, 32, None, **A8))}
     print(f"GB/s of an L2-resident {n}x{k} weight, one thread, process time (best of 7 rounds of 200 products)")
     print(f"{'rows':>5}" + "".join(f"{name:>20}" for name in calls))
     with torch.inference_mode():

@@ -18,6 +18,7 @@ from workbench.kernels import backend_torch, cpu, dispatch
 needs_int8_dot = pytest.mark.skipif(not cpu.int8_dot_available(),
                                     reason="no C compiler, or no AVX512-VNNI and VBMI on this CPU")
 B16 = torch.bfloat16
+A8 = {"int8_activations": True}
 
 
 def exact(x_hat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -50,9 +51,9 @@ def test_int8_weights_times_int8_activations(n, k):
     packed, bias = cpu.pack_int8(codes), torch.randn(n, dtype=B16)
     weight = codes.double() * scales.double()[:, None]
     x = torch.randn(7, k, dtype=B16)
-    y = cpu.gemm_int8_a8(x, packed, scales.float(), bias)
+    y = cpu.gemm_int8(x, packed, scales.float(), bias, **A8)
     assert within_a_rounding(y, exact(backend_torch.quantize_activations(x), weight) + bias.double())
-    rows = torch.cat([cpu.gemm_int8_a8(x[i:i + 1], packed, scales.float(), bias) for i in range(7)])
+    rows = torch.cat([cpu.gemm_int8(x[i:i + 1], packed, scales.float(), bias, **A8) for i in range(7)])
     assert torch.equal(rows, y)  # a row's bits do not depend on the others
     # and it is not the float-activation product: the rounding of the activations shows
     assert not torch.equal(y, cpu.gemm_int8(x, packed, scales.float(), bias))
@@ -66,9 +67,9 @@ def test_int4_weights_times_int8_activations(group):
     packed, params = cpu.pack_int4(codes, scales.to(B16), offsets.to(B16))
     s, o = (t.double().repeat_interleave(group, 1) for t in cpu.int4_params(params))
     x = torch.randn(5, 192, dtype=B16)
-    y = cpu.gemm_int4_a8(x, packed, params, group, None)
+    y = cpu.gemm_int4(x, packed, params, group, None, **A8)
     assert within_a_rounding(y, exact(backend_torch.quantize_activations(x), codes.double() * s + o))
-    assert torch.equal(torch.cat([cpu.gemm_int4_a8(x[i:i + 1], packed, params, group, None) for i in range(5)]), y)
+    assert torch.equal(torch.cat([cpu.gemm_int4(x[i:i + 1], packed, params, group, None, **A8) for i in range(5)]), y)
 
 
 @needs_int8_dot
