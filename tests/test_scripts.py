@@ -197,6 +197,11 @@ def test_cpu_kernels_bench(script):
     assert "workbench int4 g32" in script("cpu_kernels_bench", "1", "--resident")  # the kernels' arithmetic ceiling
 
 
+def test_decode_time_split(script):
+    out = script("decode_time_split", "bf16", "int8:act=int8", "--tokens", "4", "--model", "random:smollm")
+    assert "int8:act=int8" in out and len(out.splitlines()) == 3
+
+
 @needs_kernels
 def test_topk_bench(script):
     assert "torch.topk" in script("topk_bench", patches={"VOCAB": 2048})
