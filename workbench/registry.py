@@ -9,6 +9,7 @@ Fields declared with `init=False` are per-run state, not parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +76,24 @@ class Param:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def _params_of(cls: type) -> tuple[Param, ...]:
+    """A technique class's parameters, worked out once (type hints are slow to resolve, and every run builds
+    its techniques from specs)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind = hints[f.name]
+        type_name = {int: "int", float: "float", bool: "bool"}.get(kind, "str")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        meta = f.metadata
+        out.append(Param(f.name, type_name, default, meta.get("help", ""), meta.get("min"), meta.get("max"),
+                         tuple(meta["choices"]) if meta.get("choices") else None))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Technique:
     category: str
@@ -89,18 +108,7 @@ class Technique:
 
     @property
     def params(self) -> list[Param]:
-        hints = typing.get_type_hints(self.cls)
-        out = []
-        for f in dataclasses.fields(self.cls):
-            if not f.init:
-                continue
-            kind = hints[f.name]
-            type_name = {int: "int", float: "float", bool: "bool"}.get(kind, "str")
-            default = f.default if f.default is not dataclasses.MISSING else None
-            meta = f.metadata
-            out.append(Param(f.name, type_name, default, meta.get("help", ""), meta.get("min"), meta.get("max"),
-                             tuple(meta["choices"]) if meta.get("choices") else None))
-        return out
+        return list(_params_of(self.cls))
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Return params coerced to their types; unknown names and bad values raise SpecError."""
