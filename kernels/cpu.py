@@ -216,10 +216,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return chunks.transpose(1, 2).reshape(blocks * 16, k_chunks * 8)
 
 
+# Output o's 4 bytes in each 64-byte chunk, in input order: their low nibbles hold inputs 0..3 of the chunk, their
+# high nibbles inputs 4..7 (NIBBLE_OUTPUT[P] = o for these P).
+_ROW_BYTES = torch.tensor([[16 * (o // 4) + 8 * h + 2 * (o % 4) + b for h in (0, 1) for b in (0, 1)]
+                           for o in range(16)])
+
+
 def int4_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Codes of rows `ids` [len(ids), K], unpacking only their blocks."""
-    blocks = unpack_int4(packed[ids // 16]).view(len(ids), 16, -1)
-    return blocks[torch.arange(len(ids)), ids % 16]
+    """Codes of rows `ids` [len(ids), K], reading only their bytes (a tied embedding's lookup, every step)."""
+    chunks = packed[ids // 16]  # [n, K/8, 64]
+    picked = chunks.gather(2, _ROW_BYTES.to(ids.device)[ids % 16][:, None, :].expand(-1, chunks.shape[1], -1))
+    return torch.cat([picked & 15, picked >> 4], dim=2).reshape(len(ids), -1)
 
 
 def int4_params(params: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -270,10 +270,12 @@ class Engine:
             drop = keep - stop_at
             del state.generated[len(state.generated) - drop:]
             new_tokens, sources, rows, finish = new_tokens[:stop_at], sources[:stop_at], rows[:stop_at], "stop"
-        row_probs = probs[rows]
+        # the rows the tokens came from; a chain's are the first ones, a view instead of a copy
+        chosen = slice(0, len(rows)) if rows == list(range(len(rows))) else rows
+        row_probs = probs[chosen]
         picked = row_probs.gather(1, torch.tensor(new_tokens, device=probs.device)[:, None])
         top_values, top_ids = top_k(row_probs, TOP_ALTERNATIVES)
-        entropy = self.sampler.entropy(logits[rows], row_probs, top_ids[:, :1])
+        entropy = self.sampler.entropy(logits[chosen], row_probs, top_ids[:, :1])
         # One host transfer for all the event reports (on a GPU each transfer waits for the device): per token
         # its log-probability, entropy, and top alternatives' probabilities and ids (float32: exact below 2^24).
         summary = torch.cat([picked.clamp_min(1e-30).log(), entropy, top_values, top_ids.to(top_values.dtype)],

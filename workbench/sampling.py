@@ -75,8 +75,9 @@ class Sampler:
 
         Every filter here keeps p proportional to exp(z / T) on the tokens it keeps, so
         H = log Z - sum(p * z) / T, where log Z = z_top / T - log p_top from any kept token."""
-        z = logits.float() / (1.0 if self.greedy else self.temperature)
-        h = z.gather(-1, top) - probs.gather(-1, top).log() - (probs * z).sum(-1, keepdim=True)
+        z = logits.float() if self.greedy else logits.float() / self.temperature
+        expected = (probs.unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1)  # sum(p * z) without a [..., vocab] temporary
+        h = z.gather(-1, top) - probs.gather(-1, top).log() - expected
         return h.clamp_min(0.0)  # float32 rounding can leave -1e-6 for a certain token
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
