@@ -153,26 +153,27 @@ def layer_row(layer: nn.Module, positions: torch.Tensor, layer_cache, new_mask: 
 
 # A layer's weight arguments are the same every step: worked out once per layer and kept beside what they point
 # into. Each step checks that the layer still holds the same parts (a weight transform replaces a product), the
-# same buffers in them (`module.to` replaces buffers) and its norms at the same addresses (it moves parameters'
-# data); the parts and buffers are held here, so none can be freed and its address reused. Keyed weakly by
-# the layer, outside it, so a copied model does not inherit pointers into the original's tensors.
-_weight_args_of: WeakKeyDictionary = WeakKeyDictionary()  # layer -> (parts, buffers, norm addresses, args)
+# same buffers in them (`module.to` replaces buffers) and its parameters at the same addresses (it moves
+# parameters' data). The parts and buffers are held here, so none can be freed and its id or address reused.
+# Keyed weakly by the layer, outside it, so a copied model does not inherit pointers into the original's tensors.
+_weight_args_of: WeakKeyDictionary = WeakKeyDictionary()  # layer -> (signature, what it holds, args or None)
 
 
 def _weight_args(layer: nn.Module) -> list[int] | None:
-    parts = (layer.attn_norm, layer.mlp_norm, layer.qkv, layer.o, layer.gate_up, layer.down, layer.q_norm)
-    buffers = [b for m in parts[2:6] for b in m._buffers.values()]
-    addresses = (parts[0].data_ptr(), parts[1].data_ptr())
+    # the module's own dicts, not attribute access: nn.Module's __getattr__ costs a microsecond a name
+    parts = (*layer._parameters.values(), *layer._modules.values())
+    buffers = [b for m in layer._modules.values() for b in m._buffers.values()]
+    signature = (*map(id, parts), *map(id, buffers),
+                 *(p.data_ptr() for p in layer._parameters.values() if p is not None))
     known = _weight_args_of.get(layer)
-    if (known is not None and known[2] == addresses and len(known[1]) == len(buffers)
-            and all(a is b for a, b in zip(known[0], parts)) and all(a is b for a, b in zip(known[1], buffers))):
-        return known[3]
-    weights = [getattr(m, "kernel_weights", lambda: None)() for m in parts[2:6]]
+    if known is not None and known[0] == signature:
+        return known[2]
+    weights = [getattr(m, "kernel_weights", lambda: None)() for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     takes = (layer.q_norm is None and layer.head_dim % 32 == 0 and layer.head_dim <= 256
              and layer.down.in_features % 16 == 0 and None not in weights
              and layer.attn_norm.dtype == layer.mlp_norm.dtype == torch.bfloat16)
     args = cpu.layer_weight_args((layer.attn_norm, layer.mlp_norm), weights) if takes else None
-    _weight_args_of[layer] = (parts, buffers, addresses, args, weights)  # weights: PackedLinear's plain tensors
+    _weight_args_of[layer] = (signature, (parts, buffers, weights), args)  # weights: PackedLinear's plain tensors
     return args
 
 

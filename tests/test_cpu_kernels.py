@@ -297,6 +297,36 @@ def test_the_one_call_decoder_layer_gives_the_bits_of_the_separate_calls(monkeyp
 
 
 @needs_kernels
+def test_the_one_call_layers_see_a_replaced_product_and_moved_weights(monkeypatch):
+    """The layers keep each layer's weight pointers between steps (backend_c._weight_args): a product replaced
+    after a forward, and weights moved to new memory, must be what the next forward reads."""
+    from workbench.engine import build_cache
+    from workbench.models.packed_linear import pack_linears
+    from workbench.models.random import random_model
+
+    model = random_model("smollm", dtype=torch.bfloat16, vocab_size=512, hidden_size=192, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2)
+    pack_linears(model)
+    ops = dispatch.kernels(torch.device("cpu"), torch.bfloat16)
+
+    def logits(fused: bool):
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(ops, "fuses", lambda *args: False)
+            cache = build_cache(model, [], 16)
+            with torch.inference_mode():
+                return model(torch.arange(6), torch.arange(6), cache).logits
+
+    assert torch.equal(logits(True), logits(False))
+    w = model.layers[1].down.weight
+    model.layers[1].down = Int8Linear(*quantize_int8(w * 3, torch.bfloat16), None)  # a transform's replacement
+    assert torch.equal(logits(True), logits(False))
+    with torch.no_grad():  # the norms' data moved to new memory, as module.to() moves parameters
+        model.layers[0].attn_norm.data = model.layers[0].attn_norm.data * 2
+    assert torch.equal(logits(True), logits(False))
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", [49152, 1000, 7])  # a vocabulary, a width not a multiple of 16, a short row
 def test_topk_matches_torch_and_argmax(n):
     torch.manual_seed(0)
