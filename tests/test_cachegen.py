@@ -88,6 +88,32 @@ def test_round_trip_mode_holds_the_decoded_cache(model, tmp_path):
     assert not torch.equal(cache.layers[1].v[:, :n], exact.layers[1].v[:, :n])
 
 
+def test_key_bits_and_the_shallow_layers_bonus_set_each_tensors_resolution(model, tmp_path):
+    """key_bits refines the keys alone; shallow refines the first third of the layers alone."""
+    heads, dim = model.config.num_kv_heads, model.config.head_dim
+    _, exact, _ = run(model, PROMPT, new=1)
+
+    def coded(**params):
+        path = tmp_path / "p.kvc"
+        run(model, PROMPT, new=1, save=str(path), **params)
+        header, layers = decode_cache(path.read_bytes(), heads, dim)
+        return header["bits"], layers
+
+    def error(layers, layer, which):
+        truth = (exact.layers[layer].k if which == 0 else exact.layers[layer].v)[:, : len(PROMPT)]
+        return float((layers[layer][which] - truth).norm() / truth.norm())
+
+    bits, plain = coded(bits=3, key_bits=3, shallow=0)
+    assert bits == [[3, 3]] * 3
+    bits, finer_keys = coded(bits=3, key_bits=6, shallow=0)
+    assert bits == [[6, 3]] * 3
+    assert all(error(finer_keys, i, 0) < error(plain, i, 0) / 2 for i in range(3))
+    assert all(torch.equal(finer_keys[i][1], plain[i][1]) for i in range(3))  # values untouched
+    bits, shallow = coded(bits=3, key_bits=3, shallow=2)
+    assert bits == [[5, 5], [3, 3], [3, 3]]  # the first third of 3 layers: layer 0
+    assert torch.equal(shallow[2][0], plain[2][0]) and error(shallow, 0, 0) < error(plain, 0, 0) / 2
+
+
 def test_bad_files_and_mismatched_prompts_are_refused(model, tmp_path):
     path = tmp_path / "prompt.kvc"
     run(model, PROMPT, new=1, save=str(path))
