@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from workbench.kernels import backend_torch
+
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
 BLOCK = 16  # output features are worked in blocks of 16 rows
 
@@ -138,7 +140,7 @@ def int8_dot_available() -> bool:
     return available() and bool(_lib.workbench_cpu_int8_dot_supported())
 
 
-A8_BLOCK = 32  # inputs per int8 activation scale (C: A8_BLOCK)
+A8_BLOCK = backend_torch.A8_BLOCK  # inputs per int8 activation scale (C: A8_BLOCK)
 
 
 def a8_fits(weight_format: str, out_features: int, in_features: int, group: int = 0) -> bool:
@@ -400,17 +402,9 @@ LAYER_ARGS = 24  # int64 values per layer in `decoder_layers`' table (C: LAYER_A
 _PAST = 22  # where a row holds its layer's cached keys
 
 
-def layer_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight], k_cache: torch.Tensor,
-               v_cache: torch.Tensor, past: int, visible: torch.Tensor | None) -> list[int]:
-    """One layer's row of `decoder_layers`' table. norms: (attention, MLP) RMSNorm weights; weights: the q|k|v,
-    o, gate|up and down products' (no biases); k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots
-    past .. past + T - 1 receive the new keys and values; visible: [T, past + T] bool, contiguous, or None (all
-    visible). The tensors must stay alive until the call."""
-    return layer_weight_args(norms, weights) + layer_cache_args(k_cache, v_cache, past, visible)
-
-
 def layer_weight_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[KernelWeight]) -> list[int]:
-    """The part of `layer_args` that comes from the layer's weights (the same every step)."""
+    """The first part of a layer's row of `decoder_layers`' table, from its weights (the same every step).
+    norms: (attention, MLP) RMSNorm weights; weights: the q|k|v, o, gate|up and down products' (no biases)."""
     return [norms[0].data_ptr(), norms[1].data_ptr(), *(w.packed.data_ptr() for w in weights),
             *(0 if w.aux is None else w.aux.data_ptr() for w in weights), *(w.group for w in weights),
             *(int(w.int8_activations) for w in weights)]
@@ -418,16 +412,19 @@ def layer_weight_args(norms: tuple[torch.Tensor, torch.Tensor], weights: list[Ke
 
 def layer_cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, past: int, visible: torch.Tensor | None
                      ) -> list[int]:
-    """The part of `layer_args` that comes from the step: the cache's buffers, the keys already cached, the mask."""
+    """The rest of the row, from the step: k_cache, v_cache: [kv_heads, capacity, D] buffers whose slots past ..
+    past + T - 1 receive the new keys and values; visible: [T, past + T] bool, contiguous, or None (all visible).
+    The tensors must stay alive until the call."""
     return [k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), past,
             0 if visible is None else visible.data_ptr()]
 
 
 def decoder_layers(x: torch.Tensor, layers: list[list[int]], eps: float, heads: int, kv_heads: int, dim: int,
                    inter: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Consecutive Llama decoder layers on x [T, Dm] in one call (rows from `layer_args`), bit for bit what
-    each layer's separate kernel calls give: the same kernels in the same order, without returning to Python
-    between layers. cos, signed_sin: [T, D] RoPE tables. Returns the last layer's output [T, Dm] bf16."""
+    """Consecutive Llama decoder layers on x [T, Dm] in one call (each row `layer_weight_args` + `layer_cache_args`),
+    bit for bit what each layer's separate kernel calls give: the same kernels in the same order, without
+    returning to Python between layers. cos, signed_sin: [T, D] RoPE tables. Returns the last layer's output
+    [T, Dm] bf16."""
     t, dm = x.shape
     out, spare = torch.empty_like(x), torch.empty_like(x)
     scratch = torch.empty(t * (2 * dm + 3 * (heads + kv_heads) * dim + 3 * inter), dtype=torch.bfloat16)

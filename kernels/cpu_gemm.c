@@ -78,6 +78,17 @@ typedef struct {
     const int32_t *x_code_sums;
 } Product;
 
+// A tile's ROWS x BLOCKS float32 sums stored as bf16 rows of y, times the output rows' scales when given, plus the
+// bias: every product's last step.
+TARGET INLINE void store_tile(const Product *p, int64_t m0, int64_t nb, const int ROWS, const int BLOCKS,
+                              __m512 sums[MAX_ROWS][MAX_BLOCKS], const float *scales) {
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(p->y + (m0 + r) * p->N + col, sums[r][b], scales ? scales + col : 0, p->bias ? p->bias + col : 0);
+        }
+}
+
 // Rows m0 .. m0 + ROWS - 1 against blocks nb .. nb + BLOCKS - 1. ROWS and BLOCKS are constants at each call
 // site, so the ROWS x BLOCKS accumulators live in registers; several blocks give the float pipelines
 // independent chains when there are few rows. Each output is summed in input order whatever the tile shape.
@@ -98,11 +109,7 @@ TARGET INLINE void bf16_tile(const Product *p, int64_t m0, int64_t nb, const int
             for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < BLOCKS; b++) {
-            int64_t col = (nb + b) * 16;
-            store_bf16(p->y + (m0 + r) * p->N + col, acc[r][b], 0, p->bias ? p->bias + col : 0);
-        }
+    store_tile(p, m0, nb, ROWS, BLOCKS, acc, 0);
 }
 
 // int8 codes, float32 accumulation: each code is widened to float32 in registers and multiplied by the
@@ -124,11 +131,7 @@ TARGET INLINE void int8_tile(const Product *p, int64_t m0, int64_t nb, const int
             for (int b = 0; b < BLOCKS; b++) acc[r][b] = _mm512_fmadd_ps(xr, wb[b], acc[r][b]);
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < BLOCKS; b++) {
-            int64_t col = (nb + b) * 16;
-            store_bf16(p->y + (m0 + r) * p->N + col, acc[r][b], p->scales + col, p->bias ? p->bias + col : 0);
-        }
+    store_tile(p, m0, nb, ROWS, BLOCKS, acc, p->scales);
 }
 
 // int4 codes in `pack_int4`'s layout: each 64-byte chunk of a block holds 8 inputs of its 16 outputs, two codes
@@ -172,11 +175,7 @@ TARGET INLINE void int4_tile(const Product *p, int64_t m0, int64_t nb, const int
                                               _mm512_fmadd_ps(acc[r][b], scale, total[r][b]));
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < BLOCKS; b++) {
-            int64_t col = (nb + b) * 16;
-            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], 0, p->bias ? p->bias + col : 0);
-        }
+    store_tile(p, m0, nb, ROWS, BLOCKS, total, 0);
 }
 
 // Few rows take more blocks at once: more weight streams in flight keep memory busy while the rows' dot
@@ -267,17 +266,14 @@ TARGET void workbench_gemm_int4(const uint16_t *x, const uint8_t *codes, const u
 
 #define A8_BLOCK 32
 static uint8_t QUADS_INT8[64], QUADS_INT4[64]; // byte 4 * o + j of the dot-product operand <- byte of the layout
-static int quads_ready = 0;
 
-static void init_quads(void) {
-    if (quads_ready) return;
+__attribute__((constructor)) static void init_quads(void) { // once, when the library is loaded
     for (int o = 0; o < 16; o++)
         for (int j = 0; j < 4; j++) {
             QUADS_INT8[4 * o + j] = 16 * j + o; // int8: 64 bytes are 4 inputs x 16 outputs
             // int4: byte P's nibble holds output 4 (P / 16) + (P % 8) / 2, input 2 ((P % 16) / 8) + P % 2 (cpu.py)
             QUADS_INT4[4 * o + j] = 16 * (o / 4) + 8 * (j / 2) + 2 * (o % 4) + j % 2;
         }
-    quads_ready = 1;
 }
 
 int workbench_cpu_int8_dot_supported(void) {
@@ -334,11 +330,7 @@ TARGET_A8 INLINE void int8_a8_tile(const Product *p, int64_t m0, int64_t nb, con
                 total[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], shift)), scale, total[r][b]);
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < BLOCKS; b++) {
-            int64_t col = (nb + b) * 16;
-            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], p->scales + col, p->bias ? p->bias + col : 0);
-        }
+    store_tile(p, m0, nb, ROWS, BLOCKS, total, p->scales);
 }
 
 // int4 weights: the codes 0..15 are the unsigned operand as they are. Per block of 32 inputs, in its weight
@@ -379,11 +371,7 @@ TARGET_A8 INLINE void int4_a8_tile(const Product *p, int64_t m0, int64_t nb, con
             }
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int b = 0; b < BLOCKS; b++) {
-            int64_t col = (nb + b) * 16;
-            store_bf16(p->y + (m0 + r) * p->N + col, total[r][b], 0, p->bias ? p->bias + col : 0);
-        }
+    store_tile(p, m0, nb, ROWS, BLOCKS, total, 0);
 }
 
 // Rows hold an int32 and a float32 sum per block: one row takes 8 blocks, a few rows fewer
@@ -397,7 +385,6 @@ static _Thread_local uint8_t a8_kept[A8_KEPT] __attribute__((aligned(64)));
 
 #define WITH_INT8_ACTIVATIONS(p, body)                                                                          \
     {                                                                                                           \
-        init_quads();                                                                                           \
         const int64_t blocks_ = (p)->M * ((p)->K / A8_BLOCK), bytes_ = (p)->M * (p)->K + 8 * blocks_;           \
         uint8_t *memory_ = bytes_ <= A8_KEPT ? a8_kept : malloc(bytes_);                                        \
         float *scales_ = (float *)memory_;                                                                      \
@@ -689,7 +676,7 @@ TARGET void workbench_rope_bf16(const uint16_t *x, int64_t x_row, const uint16_t
 // One of the layer's products: int4 codes when it has a group (aux: their scales and offsets), int8 codes when
 // it has only aux (float32 row scales), else bf16; `a8`: over int8 activations.
 TARGET INLINE void layer_product(const uint16_t *x, const void *w, const void *aux, int64_t group, int64_t a8,
-                                    uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+                                 uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
     if (group && a8) workbench_gemm_int4_a8(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
     else if (group) workbench_gemm_int4(x, (const uint8_t *)w, (const uint16_t *)aux, group, 0, y, M, N, K, threads);
     else if (aux && a8) workbench_gemm_int8_a8(x, (const int8_t *)w, (const float *)aux, 0, y, M, N, K, threads);
