@@ -44,7 +44,7 @@ browser:
 app: setup
 	$(VENV)/bin/workbench app
 
-# Two pytest processes (pytest-xdist), each taking whole test files: 11 minutes on the 2-core machine where one
+# Two pytest processes (pytest-xdist), each taking whole test files: 10-12 minutes of tests on the 2-core machine, where one
 # process takes 19. TEST_WORKERS=1 runs it in one.
 TEST_WORKERS ?= 2
 test: setup browser
