@@ -44,8 +44,8 @@ browser:
 app: setup
 	$(VENV)/bin/workbench app
 
-# Two pytest processes (pytest-xdist), each taking whole test files: 10-12 minutes of tests on the 2-core machine, where one
-# process takes 19. TEST_WORKERS=1 runs it in one.
+# Two pytest processes (pytest-xdist), each taking whole test files: 10-12 minutes of tests on the 2-core machine,
+# where one process takes 19. TEST_WORKERS=1 runs it in one.
 TEST_WORKERS ?= 2
 test: setup browser
 	$(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
