@@ -1,16 +1,17 @@
 """Bytes against perplexity for weight transforms and searched per-layer plans, in one run.
 
     .venv/bin/python scripts/compression_pareto.py --tokens 2048 --minutes 2
-    .venv/bin/python scripts/compression_pareto.py --quantizer gptq --methods hawq evopress --chains \
+    .venv/bin/python scripts/compression_pareto.py --quantizer gptq --methods hawq hawq-hessian evopress --chains \
         gptq:bits=3 --minutes 4 --out docs/results/gptq_levels --figure docs/results/gptq_levels/pareto.png
 
-Runs `workbench search` (HAWQ, EvoPress and FLIQS, in-process) at --budget-bits, then scores every chain below
-and the plans with whole-window forwards on the evaluation text (`compression_perplexity.perplexity`). Bytes
-are the decoder linears' real weight bytes (`weight_nbytes`, LM head excluded: it stays bf16 everywhere
-here) as a share of their bf16 bytes. Writes docs/results/pareto.json (every point),
-docs/results/compression_search.json (the plans against uniform round-to-nearest at the budget) and
-docs/images/compression_pareto.png. `--quantizer gptq` builds the searches' levels with GPTQ and compares the
-plans with uniform GPTQ at the budget (put `gptq:bits=B` first in --chains).
+Runs `workbench search` (HAWQ over the Fisher trace, `hawq-hessian` over the Hessian's, EvoPress and FLIQS,
+in-process) at --budget-bits, then scores every chain below and the plans with whole-window forwards on the
+evaluation text (`compression_perplexity.perplexity`). Bytes are the decoder linears' real weight bytes
+(`weight_nbytes`, LM head excluded: it stays bf16 everywhere here) as a share of their bf16 bytes. Writes
+docs/results/pareto.json (every point), docs/results/compression_search.json (the plans against uniform
+round-to-nearest at the budget) and docs/images/compression_pareto.png. `--quantizer gptq` builds the
+searches' levels with GPTQ and compares the plans with uniform GPTQ at the budget (put `gptq:bits=B` first in
+--chains).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from workbench.text import evaluation_text, text_hash
 
 CHAINS = ["int4:bits=3", "int4:bits=2", "prunenet:ratio=0.25", "prunenet:ratio=0.25+int4", "decoupleq",
           "gptq:bits=2", "int4", "int8:head=false", "mx", "dfloat11:head=false", "gptq", "fp4", "prune:sparsity=0.5"]
-METHODS = ("hawq", "evopress", "fliqs")
+METHODS = ("hawq", "hawq-hessian", "evopress", "fliqs")  # hawq: over the Fisher trace; hawq-hessian: the Hessian's
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     p.add_argument("--replot", action="store_true", help="only redraw the figure from the results' pareto.json")
     args = p.parse_args()
     if args.quantizer != "rtn" and "fliqs" in args.methods:
-        p.error("fliqs searches its own formats; with --quantizer gptq give --methods hawq evopress")
+        p.error("fliqs searches its own formats; with --quantizer gptq give --methods hawq hawq-hessian evopress")
     if args.replot:
         with open(os.path.join(args.out, "pareto.json")) as f:
             saved = json.load(f)
@@ -60,7 +61,9 @@ def main() -> None:
     load = os.getloadavg()
     plans = {}
     for method in args.methods:
-        result = search(args.model, method, args.budget_bits, args.minutes, quantizer=args.quantizer)
+        name, _, curvature = method.partition("-")
+        result = search(args.model, name, args.budget_bits, args.minutes, quantizer=args.quantizer,
+                        curvature=curvature or "fisher")
         plans[method] = result
         print(f"{method}: {result.average_bits:.3f} bits, {result.seconds:.0f} s: {result.plan}", flush=True)
 

@@ -113,13 +113,12 @@ def test_cachegen_sensitivity(script, tmp_path):
 
 def test_compression_pareto(script, tmp_path):
     out = script("compression_pareto", "--model", "random:llama", "--tokens", "64", "--window", "32", "--minutes",
-                 "0.01", "--quantizer", "gptq", "--methods", "hawq", "evopress", "--chains", "gptq:bits=3", "int8",
-                 "--out", str(tmp_path),
-                 "--figure", str(tmp_path / "p.png"))
+                 "0.01", "--quantizer", "gptq", "--methods", "hawq", "hawq-hessian", "evopress",
+                 "--chains", "gptq:bits=3", "int8", "--out", str(tmp_path), "--figure", str(tmp_path / "p.png"))
     assert "hawq plan" in out and "evopress plan" in out and (tmp_path / "pareto.json").exists()
     search = json.loads((tmp_path / "compression_search.json").read_text())
     assert search["quantizer"] == "gptq" and search["uniform"]["chain"] == "gptq:bits=3"
-    assert set(search["plans"]) == {"hawq", "evopress"}
+    assert set(search["plans"]) == {"hawq", "hawq-hessian", "evopress"}
 
 
 def test_two_bit_perplexity(script, tmp_path):

@@ -234,6 +234,9 @@ def _add_search_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", type=int, default=64, help="inputs per scale/offset group of the uniform budget")
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",  # plan.QUANTIZERS
                    help="the levels' quantizer: round to nearest (int4) or GPTQ per layer (gptq)")
+    p.add_argument("--curvature", choices=("fisher", "hessian"), default="fisher",  # hawq.CURVATURES
+                   help="hawq's layer sensitivity: the trace of the Gauss-Newton (Fisher) matrix, or of the "
+                   "loss Hessian (noisier: its estimates can fall below zero), each by Hutchinson's method")
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (standard-library docstrings)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default="auto")

@@ -19,7 +19,7 @@ import torch
 from workbench.compression.base import CompressionContext, dense_weight
 from workbench.compression.calibration import segments as split_segments
 from workbench.compression.evopress import evopress_plan
-from workbench.compression.hawq import allocate, hawq_plan
+from workbench.compression.hawq import CURVATURES, allocate, hawq_plan
 from workbench.compression.int4 import KERNEL_GROUPS
 from workbench.compression.plan import (
     LEVELS,
@@ -55,15 +55,17 @@ def on_budget(table: LevelTable, budget: float) -> dict[str, int]:
 def search(model_name: str, method: str, budget_bits: float, minutes: float, seed: int = 0, group: int = 64,
            tokens: int = 1024, device: str = "auto", progress: bool = True, samples: int = 64,
            offspring: int = 16, survivors: tuple[int, ...] = (4, 2), generations: int = 10_000,
-           quantizer: str = "rtn") -> SearchResult:
-    """Run one search (HAWQ: Hutchinson `samples`; EvoPress: `offspring` per generation and `survivors` per
-    selection step) within `minutes`, on `tokens` calibration tokens (never the evaluation text), for a plan
-    whose stored bits per weight are at most uniform `budget_bits` at `group`'s. The levels' database (GPTQ's
-    included) is built before the clock starts; `seconds` counts it."""
+           quantizer: str = "rtn", curvature: str = "fisher") -> SearchResult:
+    """Run one search (HAWQ: `samples` trace estimates of `curvature`, fisher or hessian; EvoPress: `offspring`
+    per generation and `survivors` per selection step) within `minutes`, on `tokens` calibration tokens (never
+    the evaluation text), for a plan whose stored bits per weight are at most uniform `budget_bits` at `group`'s.
+    The levels' database (GPTQ's included) is built before the clock starts; `seconds` counts it."""
     from workbench.models import load_model
 
     if method not in METHODS:
         raise SpecError(f"search: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if curvature not in CURVATURES:
+        raise SpecError(f"search: unknown curvature {curvature!r}; valid: {', '.join(CURVATURES)}")
     if quantizer not in QUANTIZERS:
         raise SpecError(f"search: unknown quantizer {quantizer!r}; valid: {', '.join(QUANTIZERS)}")
     if group not in KERNEL_GROUPS:
@@ -90,7 +92,8 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
     deadline = time.monotonic() + 60 * minutes
     if method == "hawq":
         originals = {s.name: dense_weight(s.module).clone() for s in table.sites}
-        levels, details = hawq_plan(model, table, originals, segs, budget, samples, seed, deadline, progress)
+        levels, details = hawq_plan(model, table, originals, segs, budget, samples, seed, deadline, curvature,
+                                    progress)
     else:
         levels, details = evopress_plan(model, table, segs, on_budget(table, budget), offspring, survivors,
                                         generations, seed, deadline, progress)
@@ -101,7 +104,7 @@ def search(model_name: str, method: str, budget_bits: float, minutes: float, see
 
 def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.model, args.method, args.budget_bits, args.minutes, args.seed, args.group, args.tokens,
-                    args.device, quantizer=args.quantizer)
+                    args.device, quantizer=args.quantizer, curvature=args.curvature)
     with open(args.output, "w") as f:
         f.write(result.plan + "\n")
     if args.json:
