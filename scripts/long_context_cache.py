@@ -1,6 +1,7 @@
 """ShadowKV, LServe and CacheGen against the full cache and an existing policy on the long-context suite, in one run.
 
-    .venv/bin/python scripts/long_context_cache.py [--per-cell 2] [--lengths 2048 4096 7168] [--specs lserve ...]
+    .venv/bin/python scripts/long_context_cache.py [--per-cell 2] [--lengths 2048 4096 7168] [--specs lserve ...] \
+        [--tasks passkey kv]
 
 For every retrieval prompt (passkey, key-value) of `workbench.eval.long_context` and every spec (taking turns per
 prompt, so machine load falls on all alike): the answer's score, the fast-tier bytes after the prefill
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--per-cell", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 7168])
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "kv"], choices=["passkey", "kv"],
+                        help="retrieval tasks of the long-context suite")
     parser.add_argument("--context", type=int, default=2048, help="tokens before the scored ones (perplexity, KL)")
     parser.add_argument("--scored", type=int, default=128, help="tokens scored for perplexity and KL")
     parser.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS),
@@ -163,7 +166,7 @@ def main() -> None:
     wb = Workbench(args.model)
     loaded = wb.model(wb.default)
     count = token_counter(loaded)
-    items = long_context_suite(count, args.lengths, ("passkey", "kv"), args.per_cell)
+    items = long_context_suite(count, args.lengths, tuple(args.tasks), args.per_cell)
     specs = {name: SPECS[name] for name in SPECS if name == "full" or name in args.specs}
     peer, presses = None, build_presses(args.peers)
     if presses:

@@ -101,8 +101,9 @@ def test_thread_wait_ab(script, tmp_path):
 
 def test_long_context_cache(script, tmp_path):
     out = script("long_context_cache", "--model", "random:llama", "--per-cell", "1", "--lengths", "300",
-                 "--context", "200", "--scored", "8", "--out", str(tmp_path / "r.json"))
-    assert "shadowkv" in out and "file_share" in out and (tmp_path / "r.json").exists()
+                 "--context", "200", "--scored", "8", "--tasks", "kv", "--out", str(tmp_path / "r.json"))
+    assert "shadowkv" in out and "file_share" in out
+    assert {r["task"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]} == {"kv"}
 
 
 def test_cachegen_sensitivity(script, tmp_path):
