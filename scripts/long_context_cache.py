@@ -11,8 +11,8 @@ decode speed against the full cache's. Then perplexity and KL against the full c
 it against the time to prefill the same tokens, per length. kvpress (`workbench.eval.kvpress_peer`) runs beside
 them in the same turns: its presses on transformers' model over the same weights, with the same prompt ids, scored
 the same way (retrieval, bytes after the prefill against the full float cache, perplexity and KL against our full
-cache). Rows are written to `<out>.partial` after every prompt, so a run cut short keeps what it measured. Writes
-docs/results/long_context_cache.json.
+cache). Rows are written to `<out>.partial` after every prompt, so a run cut short keeps what it measured (a
+finished run removes it). Writes docs/results/long_context_cache.json.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ SPECS = {
     "cachegen": "cache=cachegen",
     "lserve": "cache=lserve",
     "lserve_wide": "cache=lserve:streaming=0.25,budget_tokens=512",
+    "lserve_few": "cache=lserve:streaming=0.1,budget_tokens=512",
 }
 # kvpress presses beside our policies: name -> (our policy whose parameters it takes, spec, kept fraction)
 PEERS = {"kvpress_snapkv": ("snapkv", "cache=snapkv:fraction=0.25,window=32", 0.25),
@@ -216,6 +217,7 @@ def main() -> None:
         "provenance": provenance(loaded.model, loaded.device, loaded.dtype),
     }
     Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    Path(args.out + ".partial").unlink(missing_ok=True)  # the whole run is in `out` now
     print(json.dumps({k: result[k] for k in ("summary", "quality", "cachegen_load")}, indent=1, default=str))
 
 

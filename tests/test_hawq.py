@@ -1,6 +1,7 @@
 """HAWQ's curvature traces: both Hutchinson estimators are unbiased, the Fisher one is never negative, and the
 search takes either (tiny models, seconds)."""
 
+import json
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from workbench.compression.base import linear_sites
 from workbench.compression.hawq import _fisher_probe, _hessian_probe, trace_estimates
 from workbench.compression.search import search
 from workbench.errors import SpecError
+from workbench.spec import RunSpec
 
 from .helpers import varied_model
 
@@ -50,3 +52,14 @@ def test_search_takes_either_curvature_and_names_the_valid_ones():
     assert result.details["curvature"] == "hessian" and result.details["trace_samples"] == 1
     with pytest.raises(SpecError, match="unknown curvature 'gauss'; valid: fisher, hessian"):
         search("random:llama", "hawq", 2.5, 0.05, curvature="gauss")
+
+
+def test_workbench_search_hawq_records_its_curvature(tmp_path):
+    from workbench.cli import main
+
+    out, record = tmp_path / "plan.txt", tmp_path / "plan.json"
+    assert main(["search", "--method", "hawq", "--curvature", "hessian", "--model", "random:llama", "--budget-bits",
+                 "2.5", "--group", "32", "--minutes", "0.02", "--tokens", "256", "-o", str(out),
+                 "--json", str(record)]) == 0
+    assert RunSpec.parse(out.read_text().strip()).compress
+    assert json.loads(record.read_text())["details"]["curvature"] == "hessian"

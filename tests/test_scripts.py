@@ -104,6 +104,7 @@ def test_long_context_cache(script, tmp_path):
                  "--context", "200", "--scored", "8", "--tasks", "kv", "--out", str(tmp_path / "r.json"))
     assert "shadowkv" in out and "file_share" in out
     assert {r["task"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]} == {"kv"}
+    assert not (tmp_path / "r.json.partial").exists()  # a finished run leaves only its results
 
 
 def test_cachegen_sensitivity(script, tmp_path):
