@@ -8,7 +8,7 @@ import torch
 
 from workbench.cache.base import CachePolicy, KVCache
 from workbench.cache.lserve import LServeLayerCache
-from workbench.engine import Engine
+from workbench.engine import Engine, build_cache
 from workbench.errors import SpecError
 from workbench.models.random import random_model
 from workbench.spec import RunSpec, TechniqueSpec
@@ -91,6 +91,26 @@ def test_no_streaming_heads_and_every_page_read_is_the_dense_output(model):
     assert [t for e in events for t in e.tokens] == dense
     sparse, _ = run(model, **{**SMALL, "streaming": 1.0})
     assert sparse[-1].cache_moved_bytes == 0  # streaming heads alone never fetch
+
+
+@pytest.mark.parametrize("name, params", [
+    ("lserve", SMALL), ("shadowkv", {"rank": 8, "chunk": 8, "budget_tokens": 32, "outliers": 2, "local": 16})])
+def test_a_two_tier_prefill_computes_the_dense_caches_logits(model, name, params):
+    # before the prompt moves into the two tiers the layer attends as the dense cache does, so a near-tie in
+    # the first answer token breaks the same way (TwoTierLayerCache.attends_itself)
+    ids, positions = torch.tensor(PROMPT), torch.arange(len(PROMPT))
+    logits = []
+    for policies in ([], [TechniqueSpec(name, params).build("cache")]):
+        cache = build_cache(model, policies, len(PROMPT) + NEW)
+        logits.append(model.forward(ids, positions, cache, last_only=True).logits)
+        assert not any(layer.attends_itself for layer in cache.layers)
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_the_prefill_measures_the_heads_and_the_paged_layers_attend_themselves(model):
+    _, cache = run(model, **SMALL)
+    assert all(layer.local_mass is not None for layer in cache.layers)
+    assert all(layer.observer is None and layer.attends_itself for layer in cache.layers)
 
 
 def test_what_it_cannot_work_with_is_refused(model):

@@ -10,9 +10,20 @@ from workbench.cache.base import CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.cache.offload import HostTier, TwoTierLayerCache
 from workbench.errors import SpecError
-from workbench.kernels.backend_torch import group_rows, grouped_sdpa
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
+
+
+class _HeadMeter:
+    """The prefill's observer: hands the prompt's queries and keys to `_measure_heads` once (the prefill itself
+    runs the dense cache's attention, TwoTierLayerCache.attends_itself)."""
+
+    def observe(self, cache: LServeLayerCache, q: torch.Tensor, k: torch.Tensor, mask) -> None:
+        if cache.local_mass is None:
+            cache._measure_heads(q, k)
+
+    def commit(self, offsets: list[int]) -> None:
+        pass
 
 
 class LServeLayerCache(TwoTierLayerCache):
@@ -40,6 +51,8 @@ class LServeLayerCache(TwoTierLayerCache):
         self.n_prefix, self.prefix_start = 0, 0
         self.sink_k = self.sink_v = self.k_min = self.k_max = self.host_k = self.host_v = None
         self.n_committed = 0
+        self.observer = _HeadMeter()
+
 
     # -- choosing streaming heads and moving the prompt ------------------------------------------------------
     def _measure_heads(self, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -58,6 +71,8 @@ class LServeLayerCache(TwoTierLayerCache):
 
     def compress(self, streaming: torch.Tensor) -> None:
         """Move the committed prompt, but its last `local` tokens, into the two-tier form (whole physical pages)."""
+        if isinstance(self.observer, _HeadMeter):  # the heads are measured: its work is done
+            self.observer = None
         unit = self.page * self.physical
         n = (self.tail.n_committed - self.local) // unit * unit
         self.streaming = streaming.clone()
@@ -87,11 +102,6 @@ class LServeLayerCache(TwoTierLayerCache):
         group = heads // self.kv_heads
         if mask is None:  # a causal prompt with nothing before it
             mask = torch.ones(n_q, n_q, dtype=torch.bool, device=q.device).tril_()
-        if not self.n_prefix:  # the prefill (nothing paged yet): dense, and measure the heads
-            k, v = self.tail.view()
-            if self.local_mass is None:
-                self._measure_heads(q, k)
-            return grouped_sdpa(q, k, v, group_rows(mask, group))
         tail_k, tail_v = (t.float() for t in self.tail.view())
         tail_mask = mask[:, self.n_prefix:]
         qf = q.float().view(self.kv_heads, group, n_q, dim)

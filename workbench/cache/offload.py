@@ -59,8 +59,13 @@ class TwoTierLayerCache(LayerCache):
     `kv_heads`, `n_prefix`, `prefix_start`, `n_committed`, and says what its fast tier holds (`_fast_tensors`)
     and how it holds the prompt (`held_as`, for the refusal to evict from it)."""
 
-    attends_itself = True
     held_as = "in two tiers"
+
+    @property
+    def attends_itself(self) -> bool:
+        """Dense attention over the tail (the model's own kernels) until the prompt moves into the two tiers, so
+        that the prefill computes exactly what the dense cache does; the two-tier form's attend() after."""
+        return self.n_prefix > 0
 
     def _fast_tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError

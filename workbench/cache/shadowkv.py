@@ -10,7 +10,6 @@ from workbench.cache.base import CachePolicy, KVCache, LayerCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.cache.offload import HostTier, TwoTierLayerCache
 from workbench.errors import SpecError
-from workbench.kernels.backend_torch import group_rows, grouped_sdpa
 from workbench.models.config import ModelConfig
 from workbench.registry import param, register
 
@@ -105,9 +104,6 @@ class ShadowKVLayerCache(TwoTierLayerCache):
         qf = q.float().view(self.kv_heads, group, n_q, dim)
         if mask is None:  # a causal prompt with nothing before it
             mask = torch.ones(n_q, n_q, dtype=torch.bool, device=q.device).tril_()
-        if not self.n_prefix:  # the prefill (nothing compressed yet): dense
-            k, v = self.tail.view()
-            return grouped_sdpa(q, k, v, group_rows(mask, group))
         tail_k, tail_v = (t.float() for t in self.tail.view())
         # each query row picks its own chunks (so a draft tree's rows choose what plain decoding would), per kv head
         # by its group's summed scores against the landmarks; outlier chunks are always attended, never picked
