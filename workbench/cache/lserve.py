@@ -53,7 +53,6 @@ class LServeLayerCache(TwoTierLayerCache):
         self.n_committed = 0
         self.observer = _HeadMeter()
 
-
     # -- choosing streaming heads and moving the prompt ------------------------------------------------------
     def _measure_heads(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Each kv head's share of attention on the sinks and the recent `local` keys, over the prompt's last
@@ -153,13 +152,6 @@ class LServeLayerCache(TwoTierLayerCache):
             out.append(torch.cat([paged, tail], 1))
         return out[0], out[1]
 
-
-
-
-
-
-
-
     def nbytes_per_head(self) -> torch.Tensor:
         """Real fast-tier bytes per kv head: its tail, plus its sinks (streaming) or its page bounds (dense)."""
         per_head = self.tail.nbytes_per_head().clone()
@@ -173,8 +165,6 @@ class LServeLayerCache(TwoTierLayerCache):
         per_head = self.nbytes_per_head()
         data = per_head - self.tail.length * self.tail.pos.element_size()
         return [self.length] * self.kv_heads, per_head, data, [1.0] * self.kv_heads
-
-
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,6 @@ from tqdm.auto import tqdm
 from workbench.compression.base import LinearSite
 from workbench.compression.plan import LEVELS, LevelTable
 
-CURVATURES = ("fisher", "hessian")
-
 
 def _hessian_probe(logits: torch.Tensor, seg: torch.Tensor, weights: list[torch.Tensor], g: torch.Generator
                    ) -> list[float]:
@@ -59,12 +57,15 @@ def _fisher_probe(logits: torch.Tensor, seg: torch.Tensor, weights: list[torch.T
     return [float(gr.pow(2).sum()) / len(y) for gr in grads]
 
 
+CURVATURES = {"fisher": _fisher_probe, "hessian": _hessian_probe}  # name -> one sample's per-weight estimates
+
+
 def trace_estimates(model: nn.Module, sites: list[LinearSite], segments: list[torch.Tensor], samples: int,
                     seed: int, deadline: float, curvature: str = "fisher", progress: bool = True
                     ) -> tuple[dict[str, float], int]:
     """Tr(H_i) (or of the Gauss-Newton matrix G_i, `curvature="fisher"`) per site: the mean over the samples
     that fit before `deadline` (at least one), and the sample count."""
-    probe = {"fisher": _fisher_probe, "hessian": _hessian_probe}[curvature]
+    probe = CURVATURES[curvature]
     weights = [s.module.weight for s in sites]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
