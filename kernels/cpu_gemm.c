@@ -580,6 +580,9 @@ TARGET INLINE void attend_rows(const uint16_t *q, int64_t q_row, int64_t q_head,
 
 // Tasks are (query row, kv head) with the whole group of query heads sharing its k and v loads when there
 // are enough of them to keep every thread busy and the group's registers fit; otherwise (query row, head).
+// Rows are the inner index: a thread takes the rows of one head in turn, so that head's keys and values stay
+// in its core's cache from one row to the next (a draft tree's rows over a long cache would otherwise read the
+// whole cache again per row). The order of tasks changes no arithmetic: every row's bits are the same.
 TARGET void workbench_attention_bf16(const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *k,
                                      int64_t k_head, int64_t k_row, const uint16_t *v, int64_t v_head,
                                      int64_t v_row, const uint8_t *mask, uint16_t *out, int64_t H, int64_t KVH,
@@ -592,7 +595,7 @@ TARGET void workbench_attention_bf16(const uint16_t *q, int64_t q_row, int64_t q
         float *scores = scratch + (int64_t)omp_get_thread_num() * per_task * ((S + 15) / 16 * 16);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t t = task / (H / per_task), h0 = task % (H / per_task) * per_task, g = h0 / group;
+            const int64_t t = task % T, h0 = task / T * per_task, g = h0 / group;
             const uint16_t *kg = k + g * k_head, *vg = v + g * v_head;
             const uint8_t *visible = mask ? mask + t * S : 0;
             // constant head counts and sizes for the common shapes, so the loops unroll into registers

@@ -54,6 +54,22 @@ def test_more_bits_give_a_closer_tensor_and_a_longer_stream():
     assert sizes[0] < sizes[1] < sizes[2] < x.numel() * 2  # below float16 at every setting here
 
 
+def test_the_sink_tokens_are_kept_in_float16_and_the_rest_coded():
+    x = torch.randn(2, 60, 16) * 3
+    encoder = constriction.stream.queue.RangeEncoder()
+    side = encode_tensor(x, 10, 3, encoder, sinks=4)
+    y = decode_tensor(constriction.stream.queue.RangeDecoder(encoder.get_compressed()), side, *x.shape, 10)
+    assert torch.equal(y[:, :4], x[:, :4].half().float())
+    assert len(side) == len(encode_tensor(x, 10, 3, constriction.stream.queue.RangeEncoder())) + 2 * 2 * 4 * 16
+    coded = roundtrip(x[:, 4:], 3)[0]  # the others exactly as if the sinks were not there
+    assert torch.equal(y[:, 4:], coded) and not torch.equal(y[:, 4:], x[:, 4:])
+    for n in (1, 3):  # a prompt no longer than the sinks keeps one token coded
+        encoder = constriction.stream.queue.RangeEncoder()
+        side = encode_tensor(x[:, :n], 10, 3, encoder, sinks=4)
+        y = decode_tensor(constriction.stream.queue.RangeDecoder(encoder.get_compressed()), side, 2, n, 16, 10)
+        assert y.shape == (2, n, 16) and torch.equal(y[:, : n - 1], x[:, : n - 1].half().float())
+
+
 def test_a_saved_cache_loads_instead_of_the_prefill(model, tmp_path):
     path = tmp_path / "prompt.kvc"
     _, saved_cache, saver = run(model, PROMPT, new=1, save=str(path))
@@ -91,7 +107,7 @@ def test_round_trip_mode_holds_the_decoded_cache(model, tmp_path):
 def test_key_bits_and_the_shallow_layers_bonus_set_each_tensors_resolution(model, tmp_path):
     """key_bits refines the keys alone; shallow refines the first third of the layers alone."""
     heads, dim = model.config.num_kv_heads, model.config.head_dim
-    _, exact, _ = run(model, PROMPT, new=1)
+    _, exact, _ = run(model, PROMPT, new=1, save=str(tmp_path / "exact.kvc"))  # saving leaves the cache exact
 
     def coded(**params):
         path = tmp_path / "p.kvc"

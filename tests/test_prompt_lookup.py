@@ -2,6 +2,7 @@
 
 import pytest
 
+from workbench.decoding.ngram_index import NgramIndex
 from workbench.decoding.prompt_lookup import PromptLookup
 from workbench.engine import DecodeState, Engine
 from workbench.errors import SpecError
@@ -48,6 +49,17 @@ def test_index_is_updated_incrementally():
     assert drafter.propose(state).tokens == []
     state.generated += [1, 2]  # now ... 4 1 2: the 2-gram (1, 2) occurred at the start
     assert drafter.propose(state).tokens == [3, 4]
+
+
+def test_the_ngram_index_finds_the_longest_match_first_or_latest():
+    index = NgramIndex(1, 3)
+    tokens = [5, 6, 7, 1, 5, 6, 9, 5, 6]
+    index.update(tokens)
+    assert index.match(tokens) == (2, 0)  # (5, 6) first starts at 0; the last one, at 7, is the query itself
+    assert index.match(tokens, "recent") == (2, 4)
+    assert index.match([5, 6, 7]) == (3, 0) and index.match([8, 7]) == (1, 2) and index.match([8]) is None
+    index.update(tokens + [3])  # incremental: the n-grams ending at the old last token join the index
+    assert index.match([9, 5, 6], "recent") == (3, 6) and index.grams[1][(6,)] == [1, 5, 8]
 
 
 def test_bad_parameters_are_refused():

@@ -109,8 +109,10 @@ def test_long_context_cache(script, tmp_path):
 
 def test_cachegen_sensitivity(script, tmp_path):
     out = script("cachegen_sensitivity", "--model", "random:llama", "--context", "64", "--scored", "4",
-                 "--variants", "3/3/1/1", "--out", str(tmp_path / "r.json"))
-    assert "file_share" in out and "layer  0 alone" in out and (tmp_path / "r.json").exists()
+                 "--windows", "2", "--variants", "3/3/1/1/4", "4/3/0/0/0", "--out", str(tmp_path / "r.json"))
+    assert "file_share" in out and "layer  0 alone" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["scored_tokens"] == 2 * 3 and [v["variant"] for v in result["variants"]] == ["3/3/1/1/4", "4/3/0/0/0"]
 
 
 def test_compression_pareto(script, tmp_path):

@@ -31,7 +31,8 @@ def run(model, decode: TechniqueSpec | None = None):
     return list(Engine(model, spec).run(prompt()))
 
 
-@pytest.mark.parametrize("params", [SPARSE, {**SPARSE, "lookup": 0}, {"budget": 24, "chunk": 1, "window": 8}])
+@pytest.mark.parametrize("params", [SPARSE, {**SPARSE, "lookup": 0}, {**SPARSE, "prefer": "recent"},
+                                    {"budget": 24, "chunk": 1, "window": 8}])
 def test_greedy_output_equals_plain_with_a_sparse_retrieval_cache(model, params):
     plain = [t for e in run(model) for t in e.tokens]
     events = run(model, TechniqueSpec("triforce", params))

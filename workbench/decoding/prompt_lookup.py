@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from workbench.decoding.base import Drafter, DraftTree
+from workbench.decoding.ngram_index import NgramIndex
 from workbench.registry import param, register
 
 
@@ -39,37 +40,21 @@ class PromptLookup(Drafter):
                         choices=["first", "recent"])
     shrink: int = param(2, "tokens fewer to propose for each token the match is shorter than max_ngram (a "
                         "shorter match is a weaker guess)", min=0, max=64)
-    # n -> n-gram -> start positions of its occurrences, ascending (first occurrence first)
-    _index: dict[int, dict[tuple[int, ...], list[int]]] = field(init=False, default_factory=dict)
-    _indexed: int = field(init=False, default=0)  # tokens[:_indexed] are in the index
+    _index: NgramIndex = field(init=False, default_factory=lambda: NgramIndex(1, 1))
 
     def check(self) -> None:
         if self.min_ngram > self.max_ngram:
             raise ValueError(f"min_ngram ({self.min_ngram}) must not exceed max_ngram ({self.max_ngram})")
 
     def begin(self, state) -> None:
-        self._index = {n: {} for n in range(self.min_ngram, self.max_ngram + 1)}
-        self._indexed = 0
-
-    def _update(self, tokens: list[int]) -> None:
-        """Index every n-gram that ends before the last token (the last one is what we look up)."""
-        for end in range(max(self._indexed, 1), len(tokens)):
-            for n, grams in self._index.items():
-                start = end - n
-                if start >= 0:
-                    grams.setdefault(tuple(tokens[start:end]), []).append(start)
-        self._indexed = len(tokens)
+        self._index = NgramIndex(self.min_ngram, self.max_ngram)
 
     def propose(self, state) -> DraftTree:
         tokens = state.tokens
-        self._update(tokens)
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if n > len(tokens) - 1:
-                continue
-            starts = self._index[n].get(tuple(tokens[-n:]))
-            if starts:
-                start = starts[0] if self.prefer == "first" else starts[-1]
-                length = max(1, self.k - self.shrink * (self.max_ngram - n))
-                follow = tokens[start + n: start + n + length]
-                return DraftTree.chain(follow)
+        self._index.update(tokens)
+        found = self._index.match(tokens[-self.max_ngram:], self.prefer)
+        if found:
+            n, start = found
+            length = max(1, self.k - self.shrink * (self.max_ngram - n))
+            return DraftTree.chain(tokens[start + n: start + n + length])
         return DraftTree()

@@ -36,6 +36,7 @@ import torch
 from workbench.cache.base import KVCache
 from workbench.cache.dense import DenseLayerCache
 from workbench.decoding.base import Drafter, DraftTree
+from workbench.decoding.ngram_index import NgramIndex
 from workbench.registry import param, register
 
 
@@ -76,14 +77,15 @@ class TriForce(Drafter):
     refresh: int = param(4, "rebuild the retrieval cache every this-many steps (new tokens are appended in between)",
                          min=1, max=256)
     max_ngram: int = param(3, "longest n-gram prompt lookup matches", min=1, max=8)
+    prefer: str = param("first", "which earlier occurrence of the n-gram prompt lookup copies from: the first, or "
+                        "the latest (which follows the output's own repetitions)", choices=["first", "recent"])
     retrieval_tokens: int = field(init=False, default=0)  # tokens the retrieval cache held at the last rebuild
     _cache: KVCache | None = field(init=False, default=None, repr=False)  # the retrieval cache
     _taps: list[_QueryTap] = field(init=False, default_factory=list, repr=False)
     _means: list[torch.Tensor] = field(init=False, default_factory=list, repr=False)  # [kv, chunks, dim] per layer
     _ends: list = field(init=False, default_factory=list, repr=False)  # per layer: position of the last key averaged
     _synced: int = field(init=False, default=0)  # committed target tokens the retrieval cache has seen
-    _index: dict[tuple[int, ...], int] = field(init=False, default_factory=dict)  # n-gram -> first start
-    _indexed: int = field(init=False, default=0)
+    _index: NgramIndex = field(init=False, default_factory=lambda: NgramIndex(1, 1), repr=False)
     _generator: torch.Generator | None = field(init=False, default=None, repr=False)
 
     def check(self) -> None:
@@ -100,7 +102,7 @@ class TriForce(Drafter):
         self._means = [torch.empty(0)] * len(self._taps)
         self._ends = [None] * len(self._taps)
         self._cache, self._synced = None, 0
-        self._index, self._indexed = {}, 0
+        self._index = NgramIndex(1, self.max_ngram)
         self._generator = torch.Generator(device=state.model.device).manual_seed(state.sampler.seed + 1)
 
     # -- level 1: the retrieval cache -----------------------------------------------------------------------
@@ -161,20 +163,17 @@ class TriForce(Drafter):
     # -- level 0: prompt lookup ------------------------------------------------------------------------------
 
     def _lookup(self, committed: list[int], drafted: list[int]) -> list[int]:
-        """Up to `lookup` tokens that followed the first occurrence of the last n-gram of committed + drafted
-        (n from max_ngram down to 1) in the committed tokens (prompt, output and the pending token)."""
+        """Up to `lookup` tokens that followed an earlier occurrence (the first, or the latest with
+        prefer=recent) of the last n-gram of committed + drafted (n from max_ngram down to 1) in the committed
+        tokens (prompt, output and the pending token)."""
         if not self.lookup:
             return []
-        for end in range(max(self._indexed, 1), len(committed) + 1):
-            for n in range(1, min(self.max_ngram, end) + 1):
-                self._index.setdefault(tuple(committed[end - n:end]), end)
-        self._indexed = len(committed) + 1
-        tokens = committed + drafted
-        for n in range(self.max_ngram, 0, -1):
-            follow = self._index.get(tuple(tokens[-n:]))
-            if follow is not None and follow < len(committed):
-                return committed[follow: follow + min(self.lookup, self.k - len(drafted))]
-        return []
+        self._index.update(committed)
+        found = self._index.match(committed[-self.max_ngram:] + drafted, self.prefer)
+        if found is None:
+            return []
+        n, start = found
+        return committed[start + n: start + n + min(self.lookup, self.k - len(drafted))]
 
     # -- level 2: draft the chain for the target ---------------------------------------------------------------
 
