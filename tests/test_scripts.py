@@ -191,6 +191,8 @@ def test_kernel_ab(script):
 @needs_kernels
 def test_cpu_attention_bench(script):
     assert script("cpu_attention_bench", "--keys", "40").strip()
+    out = script("cpu_attention_bench", "--keys", "1100", "--layers", "2")  # beyond the default buffer
+    assert "over 1100 keys" in out
 
 
 @needs_kernels
