@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["4/3/0/0/4", "4/3/0/0/0", "3/3/0/1/0"])
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.windows < 1:
+        parser.error("--windows must be at least 1")
     for variant in args.variants:
         if len(variant.split("/")) != 5 or not all(part.isdigit() for part in variant.split("/")):
             parser.error(f"variant {variant!r}: give KBITS/VBITS/PRE_ROPE/FIRST/SINKS, e.g. 4/3/0/0/4")

@@ -241,6 +241,9 @@ def test_engine_step_parts(script):
     out = script("engine_step_parts", "plain", "prompt_lookup", "--per-category", "1",
                  patches={"suite": a_few_prompts(suite)})
     assert "prompt_lookup" in out
+    out = script("engine_step_parts", "plain", "prompt_lookup", "--long-context", "300", "--task", "kv",
+                 "--new-tokens", "4")
+    assert "prompt_lookup" in out
 
 
 @pytest.mark.integration

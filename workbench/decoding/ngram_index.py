@@ -10,7 +10,7 @@ class NgramIndex:
     token after it to copy."""
 
     def __init__(self, min_n: int, max_n: int):
-        self.grams: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(min_n, max_n + 1)}
+        self.grams: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(max_n, min_n - 1, -1)}
         self.indexed = 0  # tokens[:indexed] have been seen
 
     def update(self, tokens: list[int]) -> None:
@@ -24,7 +24,7 @@ class NgramIndex:
         """The longest n whose last n tokens of `tail` occur in the index, and where the chosen occurrence starts
         (its first, or with prefer="recent" its latest); None when no n matches. The tokens after the
         occurrence are the copy."""
-        for n in sorted(self.grams, reverse=True):
+        for n in self.grams:  # longest first
             if n > len(tail):
                 continue
             starts = self.grams[n].get(tuple(tail[-n:]))
