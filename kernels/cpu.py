@@ -4,6 +4,8 @@
   tree (docs/performance.md), although the weights are streamed from memory once whatever the row count.
   These load each block of weights once and apply it to up to 12 rows held in registers, so verifying a
   handful of drafted tokens costs about what one token costs, and one row is also faster than oneDNN's.
+  Where the CPU has AMX tiles, the bf16 products run on them (`product_unit()`): 16 rows then cost what one
+  does (`WORKBENCH_CPU_AMX=0` keeps AVX512-BF16, whose one-row product is about 10% faster).
 - Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), faster than torch's
   fused CPU attention at these sizes.
 - The small work between them, one call each instead of several torch calls: RMSNorm (with the residual add
@@ -103,6 +105,9 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_layers_bf16.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64,
                                           ptr, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
     lib.workbench_topk_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.workbench_use_amx.argtypes = [ctypes.c_int]
+    lib.workbench_amx_in_use.argtypes = []
+    lib.workbench_use_amx(int(os.environ.get("WORKBENCH_CPU_AMX", "1") != "0"))
     lib.workbench_gemm_int8_a8.argtypes = lib.workbench_gemm_int8.argtypes
     lib.workbench_gemm_int4_a8.argtypes = lib.workbench_gemm_int4.argtypes
     lib.workbench_quantize_rows_q8.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
@@ -133,6 +138,22 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the kernels do not run here ("" when they do)."""
     return "" if available() else _reason
+
+
+def product_unit() -> str | None:
+    """Which unit runs the bf16 products: "amx" (the tile unit, where the CPU has AMX-BF16 and
+    `WORKBENCH_CPU_AMX` is not 0), "avx512-bf16", or None where the kernels do not run. One unit serves every
+    product of the process: the two round about one output in 10^4 differently (cpu_gemm.c)."""
+    if not available():
+        return None
+    return "amx" if _lib.workbench_amx_in_use() else "avx512-bf16"
+
+
+def use_amx(on: bool) -> bool:
+    """Switches the bf16 products to the tile unit (where it exists) or to AVX512-BF16; returns whether the tile
+    unit is now on. For A/B measurements and tests: switching mid-run mixes units, so a run's bits are only
+    reproducible under one of them."""
+    return available() and bool(_lib.workbench_use_amx(int(on)))
 
 
 def int8_dot_available() -> bool:

@@ -21,11 +21,15 @@
 // bytes in registers, so a layer holds one layout whichever activations it multiplies.
 // Built by kernels/cpu.py with gcc -O3 -fopenmp; the AVX-512 code runs only where the CPU reports it.
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define MAX_ROWS 12 // rows per pass over a weight block; more rows take several passes over the (cached) block
 #define MAX_BLOCKS 8
@@ -226,8 +230,111 @@ TARGET INLINE void int4_tile(const Product *p, int64_t m0, int64_t nb, const int
         }                                                                                                       \
     }
 
+// ---- bf16 products on AMX tiles ----
+//
+// Where the CPU has AMX-BF16 (Xeon Sapphire Rapids and later) and Linux grants the process the tile state, bf16
+// products run on the tile unit: one TDPBF16PS multiplies up to 16 rows by 32 inputs of 16 outputs. The
+// AVX-512 tile above does one row per instruction, so its cost grows with the rows past about 4 (8 rows of
+// the model's products take twice one row's time); on the tiles 16 rows cost about what one does, since the
+// weights are still read once (docs/kernels.md). Each row is summed over the same 32-input chunks in the same
+// order whatever the row count, so a row keeps its bits across counts. The tile unit's bits differ from the
+// dot-product instruction's in about one output in 10^4 (its sums are not the instruction's pairwise ones), so
+// one unit serves every bf16 product of a process: chosen once by `workbench_use_amx`, never mixed. It takes
+// the bf16 layout as packed: a block's 16 pairs of inputs are one 16 x 64-byte tile of weights.
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define AMX_BLOCKS 6   // tiles 0-5 hold the sums of 6 blocks of outputs, tile 6 the rows' inputs, tile 7 weights
+#define AMX_PREFETCH 2 // chunks of 32 inputs ahead to prefetch in each block's weight stream
+
+static int use_amx = 0;
+
+// Switches the tile unit on (when the CPU has it and Linux grants it) or off; returns whether it is on.
+int workbench_use_amx(int on) {
+    unsigned a, b, c, d;
+    use_amx = 0;
+    // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE; Linux must then grant the tile state
+    if (on && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1))
+        use_amx = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return use_amx;
+}
+
+int workbench_amx_in_use(void) { return use_amx; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+AMX_TARGET static void amx_configure(int rows) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 7; t++) c.rows[t] = rows, c.bytes_per_row[t] = 64;
+    c.rows[7] = 16, c.bytes_per_row[7] = 64;
+    _tile_loadconfig(&c);
+}
+
+#define AMX_ZERO(b) if (BLOCKS > b) _tile_zero(b);
+#define AMX_STEP(b) if (BLOCKS > b) { _tile_loadd(7, wk + b * KP * 32, 64); _tile_dpbf16ps(b, 6, 7); }
+#define AMX_AHEAD(b) if (BLOCKS > b) for (int line = 0; line < 16; line++) \
+                         _mm_prefetch((const char *)(wk + b * KP * 32 + AMX_PREFETCH * 512 + line * 32), _MM_HINT_T0);
+#define AMX_SAVE(b) if (BLOCKS > b) _tile_stored(b, &sums[0][b * 16], sizeof sums[0]);
+
+// Rows m0 .. m0 + rows - 1 (at most 16, as configured) against blocks nb .. nb + BLOCKS - 1.
+AMX_TARGET INLINE void amx_blocks(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t m0,
+                                  int rows, int64_t nb, int64_t N, int64_t K, const int BLOCKS) {
+    const int64_t KP = K / 2, chunks = K / 32;
+    float sums[16][AMX_BLOCKS * 16] __attribute__((aligned(64)));
+    AMX_ZERO(0) AMX_ZERO(1) AMX_ZERO(2) AMX_ZERO(3) AMX_ZERO(4) AMX_ZERO(5)
+    for (int64_t kc = 0; kc < chunks; kc++) {
+        const uint16_t *wk = w + nb * KP * 32 + kc * 512;
+        _tile_loadd(6, x + m0 * K + kc * 32, K * 2);
+        if (kc + AMX_PREFETCH < chunks) { AMX_AHEAD(0) AMX_AHEAD(1) AMX_AHEAD(2) AMX_AHEAD(3) AMX_AHEAD(4) AMX_AHEAD(5) }
+        AMX_STEP(0) AMX_STEP(1) AMX_STEP(2) AMX_STEP(3) AMX_STEP(4) AMX_STEP(5)
+    }
+    AMX_SAVE(0) AMX_SAVE(1) AMX_SAVE(2) AMX_SAVE(3) AMX_SAVE(4) AMX_SAVE(5)
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < BLOCKS; b++) {
+            int64_t col = (nb + b) * 16;
+            store_bf16(y + (m0 + r) * N + col, _mm512_load_ps(&sums[r][b * 16]), 0, bias ? bias + col : 0);
+        }
+}
+
+// Each thread takes an equal, contiguous range of blocks, AMX_BLOCKS at a time, and every row for them in passes
+// of 16 (the group's weights stay in cache between passes).
+AMX_TARGET static void amx_gemm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                                     int64_t M, int64_t N, int64_t K, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads(), configured = 0;
+        int64_t blocks = N / 16, first = blocks * t / n, last = blocks * (t + 1) / n;
+        for (int64_t nb = first; nb < last; nb += AMX_BLOCKS) {
+            int64_t count = last - nb < AMX_BLOCKS ? last - nb : AMX_BLOCKS;
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (rows != configured) amx_configure(configured = rows);
+                switch (count) {
+                    case 6: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 6); break;
+                    case 5: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 5); break;
+                    case 4: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 4); break;
+                    case 3: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 3); break;
+                    case 2: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 2); break;
+                    default: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 1); break;
+                }
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+
+// Products whose inputs are not a multiple of 32 stay on the AVX-512 tile for every row count, so they too keep
+// one unit.
 TARGET void workbench_gemm_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                                 int64_t M, int64_t N, int64_t K, int threads) {
+    if (use_amx && K % 32 == 0) {
+        amx_gemm_bf16(x, w, bias, y, M, N, K, threads);
+        return;
+    }
     Product p = {x, w, 0, 0, 0, 0, bias, y, M, N, K};
     PRODUCT(bf16_tile, BLOCKS_FOR, &p, threads)
 }

@@ -6,10 +6,12 @@
 SmolLM2-135M's shapes: 30 layers' four products (q|k|v, o, gate|up, down) and the 576x49152 LM head, random
 weights, each layer its own matrices so they stream from memory as in a real step (243 MB in bf16). For M rows
 (1 = a decode step, more = a draft tree being verified): oneDNN's packed bf16 product (what PackedLinear used
-before the workbench's kernels), the workbench's bf16 kernel, torch's int8 weight-only kernel and the
-workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the workbench's; "a8" columns are the
-workbench's products over int8 activations (`act=int8`: integer dot products). Best of five 5-step
-means, backends alternating so drift hits them alike.
+before the workbench's kernels), the workbench's bf16 kernel on the unit the process uses (AMX tiles where the
+CPU has them, `kernels.cpu.product_unit()`) and on AVX512-BF16 ("workbench bf16 avx512"), torch's int8
+weight-only kernel and the workbench's int8 kernel, and int4 at group 64 in torch's kernel and in the
+workbench's; "a8" columns are the workbench's products over int8 activations (`act=int8`: integer dot
+products). Best of five 5-step means, backends alternating so drift hits them alike. `--json PATH` also
+writes the table.
 
 With --resident, each backend multiplies one 576x1536 weight (down's shape) over and over on one thread, so
 the weight stays in the core's L2 and the figure, GB/s of weight bytes over the process's CPU time (which
@@ -17,6 +19,7 @@ other processes' load does not inflate), is what the kernel's arithmetic allows,
 """
 
 import argparse
+import json
 import time
 
 import torch
@@ -30,7 +33,8 @@ A8 = {"int8_activations": True}  # the products over int8 activations (act=int8)
 
 
 def backends(layers: int) -> dict[str, list]:
-    calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "torch int8": [], "workbench int8": [],
+    calls: dict[str, list] = {"oneDNN bf16": [], "workbench bf16": [], "workbench bf16 avx512": [],
+                              "torch int8": [], "workbench int8": [],
                               "workbench int8 a8": [], "torch int4": [], "workbench int4": [], "workbench int4 a8": []}
     for shape in [s for _ in range(layers) for s in LAYER] + [HEAD]:
         n, k = shape
@@ -43,6 +47,7 @@ def backends(layers: int) -> dict[str, list]:
         calls["oneDNN bf16"].append((k, lambda x, w=onednn: torch.ops.mkldnn._linear_pointwise(x, w, None, "none",
                                                                                                  [], "")))
         calls["workbench bf16"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
+        calls["workbench bf16 avx512"].append((k, lambda x, w=ours: cpu.gemm_bf16(x, w, None)))
         calls["torch int8"].append((k, lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)))
         calls["workbench int8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None)))
         calls["workbench int8 a8"].append((k, lambda x, c=packed_codes, s=scales32: cpu.gemm_int8(x, c, s, None, **A8)))
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("rows", nargs="*", type=int, default=[1, 2, 4, 8, 12, 16])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--resident", action="store_true", help="one L2-resident weight on one thread (see above)")
+    parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
     if not cpu.available():
         raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
@@ -69,20 +75,30 @@ def main() -> None:
     if args.resident:
         return resident(args.rows)
     calls = backends(args.layers)
-    print(f"ms per step's products, {args.layers} layers + LM head, {torch.get_num_threads()} threads")
-    print(f"{'rows':>5}" + "".join(f"{name:>16}" for name in calls))
+    unit = cpu.product_unit()
+    print(f"ms per step's products, {args.layers} layers + LM head, {torch.get_num_threads()} threads; "
+          f"workbench bf16 on {unit}")
+    print(f"{'rows':>5}" + "".join(f"{name:>22}" for name in calls))
+    table = []
     with torch.inference_mode():
         for m in args.rows:
             inputs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in (576, 1536)}
             best = dict.fromkeys(calls, float("inf"))
             for _ in range(5):
                 for name, fs in calls.items():
+                    cpu.use_amx(unit == "amx" and name != "workbench bf16 avx512")
                     start = time.perf_counter()
                     for _ in range(5):
                         for k, f in fs:
                             f(inputs[k])
                     best[name] = min(best[name], (time.perf_counter() - start) / 5)
-            print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>16.2f}" for name in calls), flush=True)
+            cpu.use_amx(unit == "amx")
+            table.append({"rows": m, **{name: round(best[name] * 1e3, 3) for name in calls}})
+            print(f"{m:>5}" + "".join(f"{best[name] * 1e3:>22.2f}" for name in calls), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"unit": unit, "layers": args.layers, "threads": torch.get_num_threads(), "ms": table}, f,
+                      indent=1)
 
 
 def resident(rows: list[int]) -> None:

@@ -4,9 +4,12 @@ ones, random weights of SmolLM2-135M's shapes, bf16, packed linears (best of thr
     python scripts/tree_verify_cost.py            # the current tree attention
     python scripts/tree_verify_cost.py --compare  # also the earlier float32 batched products, alternating
     python scripts/tree_verify_cost.py --tokens 1,2,4,7,11,13,17,25 --lm-head  # tree sizes; the LM head alone
+    python scripts/tree_verify_cost.py --units amx,avx512-bf16 --json ../docs/results/tree_verify_cost.json
+                                                  # the bf16 products on AMX tiles and on AVX512-BF16, alternating
 """
 
 import argparse
+import json
 import time
 
 import torch
@@ -34,19 +37,38 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,2,4,8,16,32", help="token counts to time, comma-separated")
     parser.add_argument("--lm-head", action="store_true", help="also time the LM head's product alone at 1-4 rows "
                         "(what a draft head's guess costs: hydra and clover run one per tree depth)")
+    parser.add_argument("--units", help="comma-separated units of the C kernels' bf16 products to alternate: amx, "
+                        "avx512-bf16 (default: the process's own, kernels.cpu.product_unit())")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    variants = {"fused SDPA": attention._grouped_attention}
+    from workbench.kernels import cpu
+
+    own = cpu.product_unit()
+    units = args.units.split(",") if args.units else [own]
+    for unit in units:
+        if cpu.use_amx(unit == "amx") != (unit == "amx"):
+            raise SystemExit(f"the products cannot run on {unit} here (units: amx where the CPU has AMX tiles, "
+                             "avx512-bf16)")
+    variants = {(unit, "fused SDPA", attention._grouped_attention) for unit in units}
     if args.compare:
-        variants["float32 products"] = float32_grouped_attention
+        variants |= {(unit, "float32 products", float32_grouped_attention) for unit in units}
+    variants = sorted(variants, key=lambda v: (units.index(v[0]), v[1]))
     model, cache = cached_model(100)
+    rows = []
     for n in [int(t) - 1 for t in args.tokens.split(",")]:
         inputs = chain_inputs(n, 100)
-        best = {name: float("inf") for name in variants}
+        best = {(unit, name): float("inf") for unit, name, _ in variants}
         for _ in range(3):
-            for name, fn in variants.items():  # alternating, so drift hits both alike
+            for unit, name, fn in variants:  # alternating, so drift hits them alike
+                cpu.use_amx(unit == "amx")
                 attention._grouped_attention = fn
-                best[name] = min(best[name], forward_ms(model, cache, *inputs))
-        print(f"{n + 1:>3} tokens: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in best.items()))
+                best[unit, name] = min(best[unit, name], forward_ms(model, cache, *inputs))
+        cpu.use_amx(own == "amx")
+        rows.append({"tokens": n + 1, **{f"{unit}, {name}": round(ms, 3) for (unit, name), ms in best.items()}})
+        print(f"{n + 1:>3} tokens: " + ", ".join(f"{unit}, {name} {ms:.2f} ms" for (unit, name), ms in best.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cached_tokens": 100, "ms": rows}, f, indent=1)
     if args.lm_head:
         for rows in (1, 2, 3, 4):
             print(f"LM head, {rows} rows: {lm_head_ms(model, rows):.2f} ms")

@@ -25,9 +25,22 @@ def reference(x, w, bias=None):
     return y if bias is None else y + bias.double()
 
 
-@needs_kernels
+@pytest.fixture(params=["amx", "avx512-bf16"])
+def product_unit(request):
+    """Runs a test under each unit of the bf16 products (the tile unit where the CPU has AMX), then restores the
+    process's own choice."""
+    if not cpu.available():
+        pytest.skip("no C compiler or no AVX512-BF16 on this CPU")
+    was = cpu.product_unit() == "amx"
+    if cpu.use_amx(request.param == "amx") != (request.param == "amx"):
+        cpu.use_amx(was)
+        pytest.skip("this CPU has no AMX-BF16 tiles, or Linux does not grant them")
+    yield request.param
+    cpu.use_amx(was)
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_bf16_product_is_as_accurate_as_torch(n, k):
+def test_bf16_product_is_as_accurate_as_torch(n, k, product_unit):
     torch.manual_seed(0)
     w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
     bias = torch.randn(n, dtype=torch.bfloat16)
@@ -40,8 +53,7 @@ def test_bf16_product_is_as_accurate_as_torch(n, k):
         assert ours <= 1.5 * torch_err + 1e-6  # both are float32 sums rounded once to bf16
 
 
-@needs_kernels
-def test_a_row_gets_the_same_bits_whatever_the_row_count():
+def test_a_row_gets_the_same_bits_whatever_the_row_count(product_unit):
     # what makes verifying a draft compute exactly the products a one-token step computes
     torch.manual_seed(1)
     w, bias = torch.randn(576, 1536, dtype=torch.bfloat16), torch.randn(576, dtype=torch.bfloat16)
@@ -53,10 +65,34 @@ def test_a_row_gets_the_same_bits_whatever_the_row_count():
     singles8 = torch.cat([cpu.gemm_int8(x[i:i + 1], packed_codes, scales.float(), bias) for i in range(20)])
     codes4, params = cpu.pack_int4(*quantize_rtn_int4(w.float(), 32, torch.bfloat16))
     singles4 = torch.cat([cpu.gemm_int4(x[i:i + 1], codes4, params, 32, bias) for i in range(20)])
-    for m in range(2, 21):  # 1..12 rows in one pass, 13..20 split into balanced passes
+    for m in range(2, 21):  # AVX-512: 1..12 rows in one pass, 13..20 in balanced passes; AMX: passes of 16
         assert torch.equal(cpu.gemm_bf16(x[:m], packed, bias), singles[:m]), m
         assert torch.equal(cpu.gemm_int8(x[:m], packed_codes, scales.float(), bias), singles8[:m]), m
         assert torch.equal(cpu.gemm_int4(x[:m], codes4, params, 32, bias), singles4[:m]), m
+    many = torch.randn(40, 1536, dtype=torch.bfloat16)  # several passes, the last one short
+    assert torch.equal(cpu.gemm_bf16(many, packed, bias)[[0, 17, 39]],
+                       torch.cat([cpu.gemm_bf16(many[i:i + 1], packed, bias) for i in (0, 17, 39)]))
+
+
+def test_one_unit_serves_every_bf16_product():
+    """The tile unit rounds a few outputs differently from AVX512-BF16, so it is chosen once per process
+    (`WORKBENCH_CPU_AMX`) and reported; a product whose inputs are not a multiple of 32 stays on AVX-512."""
+    if not cpu.available() or not cpu.use_amx(True):
+        pytest.skip("this CPU has no AMX-BF16 tiles, or Linux does not grant them")
+    assert cpu.product_unit() == "amx"
+    torch.manual_seed(5)
+    w, x = cpu.pack_bf16(torch.randn(4096, 1536, dtype=torch.bfloat16)), torch.randn(16, 1536, dtype=torch.bfloat16)
+    odd_w, odd_x = cpu.pack_bf16(torch.randn(48, 34, dtype=torch.bfloat16)), torch.randn(3, 34, dtype=torch.bfloat16)
+    tiles, odd_tiles = cpu.gemm_bf16(x, w, None), cpu.gemm_bf16(odd_x, odd_w, None)
+    try:
+        assert not cpu.use_amx(False) and cpu.product_unit() == "avx512-bf16"
+        vectors, odd_vectors = cpu.gemm_bf16(x, w, None), cpu.gemm_bf16(odd_x, odd_w, None)
+    finally:
+        cpu.use_amx(True)
+    assert torch.equal(odd_tiles, odd_vectors)  # 34 inputs: the AVX-512 product under both settings
+    differing = (tiles != vectors).float().mean().item()
+    assert 0 < differing < 1e-2  # the same sums but for a few roundings: why the units are never mixed
+    assert (tiles.float() - vectors.float()).abs().max() <= tiles.float().abs().max() * 2**-7
 
 
 @needs_kernels

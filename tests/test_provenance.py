@@ -43,6 +43,7 @@ def test_bf16_records_the_backend_each_operation_ran_in():
     assert p["backends"] == {"linear": "c", "attention": "c", "tree_attention": "c", "rms_norm": "c",
                              "add_rms_norm": "c", "rope": "torch", "swiglu": "c", "topk": "c"}
     assert "avx512_bf16" in p["isa"] and p["kernels_note"] is None
+    assert p["cpu_products"] == cpu_kernels.product_unit() and p["cpu_products"] in ("amx", "avx512-bf16")
 
 
 def test_a_run_records_what_it_ran_not_what_another_run_did(monkeypatch):
