@@ -88,6 +88,37 @@ def test_sampled_output_follows_the_target(model, reports, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_draft_vocabulary_guesses_only_its_tokens_and_keeps_the_output(model, reports, kind):
+    counts = reports[kind]["token_counts"]
+    assert counts.sum() > 0 and len(counts) == model.config.vocab_size
+    allowed = set(counts.float().topk(4).indices.tolist())  # the 4 tokens the target produced most in training
+    params = {"heads": 3, "nodes": 3, "vocab": 4}  # a small tree: its guesses fit in 4 of the 8 tokens
+    spec = RunSpec(max_new_tokens=24, decode=TechniqueSpec(kind, params)).validated()
+    events = list(Engine(model, spec).run(PROMPT))
+    drafted = {t for e in events if e.tree for t in e.tree.tokens}
+    assert drafted and drafted <= allowed
+    assert [t for e in events for t in e.tokens] == run(model, "plain", {})[0]
+
+
+def test_a_checkpoint_without_token_counts_says_how_to_get_a_draft_vocabulary(model, reports, monkeypatch):
+    from workbench.decoding import draft_heads
+
+    original = draft_heads.load_checkpoint
+
+    def without_counts(path):
+        payload = original(path)
+        return payload and {k: v for k, v in payload.items() if k != "token_counts"}
+
+    monkeypatch.setattr(draft_heads, "load_checkpoint", without_counts)
+    with pytest.raises(SpecError, match="train it again with `workbench train hydra`, or run hydra:vocab=0"):
+        run(model, "hydra", {"heads": 3, "nodes": 3, "vocab": 4})
+    assert run(model, "hydra", {**PARAMS, "vocab": 0})[0] == run(model, "plain", {})[0]
+    monkeypatch.undo()
+    with pytest.raises(SpecError, match="is smaller than the"):  # the tree needs more guesses than 2 tokens
+        run(model, "hydra", {**PARAMS, "vocab": 2})
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_without_a_checkpoint_the_error_says_how_to_train_one(model, reports, kind):
     with pytest.raises(SpecError, match=f"workbench train {kind}"):
         run(model, kind, {"heads": 2})  # trained with 3 heads only
@@ -135,6 +166,8 @@ def test_the_command_trains_and_saves_what_the_drafter_loads(tmp_path, capsys):
     assert "held-out top-1 acceptance: head 1:" in printed and "--decode medusa:heads=2" in printed
     report = json.loads(out.read_text())
     assert report["steps"] == 20 and len(report["acceptance"]) == 2
+    assert set(report["vocab_coverage"]) == {"2048", "4096", "8192", "16384"}  # the tiny vocabulary: all inside
+    assert all(share == 1.0 for share in report["vocab_coverage"].values())
     assert main(["generate", "5 6 7 8", "--model", "random:llama", "--dtype", "float32", "--decode",
                  "medusa:heads=2", "--max-new-tokens", "8", "--no-store"]) == 0
     assert main(["train", "medusa", "--model", "random:llama", "--heads", "9"]) == 2

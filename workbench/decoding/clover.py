@@ -152,7 +152,7 @@ class Clover(HeadDrafter):
                                           model.embed(ids).float()[None], positions, self._memory.keys,
                                           self._memory.values, None)[0]
             features = self.trained.feature(depth, states)
-            ranked = model.lm_head(features.to(model.dtype)).topk(self.width, dim=-1).indices.tolist()
+            ranked = self.guesses(model, features)
             row = {parent: i for i, parent in enumerate(parents)}
             for p in level:
                 token[p] = ranked[row[p[:-1]]][p[-1]]

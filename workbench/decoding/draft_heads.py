@@ -7,6 +7,14 @@ path of ranks (i1, ..., id), "head 1's i1-th guess, then head 2's i2-th guess, .
 with probability prod_j acc[j][i_j], where acc[j][i] is head j's measured held-out rate of its i-th guess
 being right; the tree is the `nodes` paths of highest expectation. Verification is the engine's matching
 walk over the tree (lossless).
+
+Draft vocabulary (`vocab`, after FR-Spec: Zhao et al., "FR-Spec: Accelerating Large-Vocabulary Language Models
+via Frequency-Ranked Speculative Sampling", arXiv 2502.14856, and EAGLE-3's reduced draft vocabulary): the
+heads' guesses are scored over only the `vocab` tokens the target produced most often in its training
+continuations (counted at training time, kept in the checkpoint), so each guess multiplies by a slice of the
+LM head instead of all of it. Verification still scores the whole vocabulary, so output is unchanged; a token
+outside the slice can only be missed as a guess. FR-Spec counts a large corpus; here the counts are the
+self-distilled training data's.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ def load_trained(state: DecodeState, kind: str, settings: dict[str, Any], build)
                             f"run again")
         module = build(payload["settings"])
         module.load_state_dict(payload["state_dict"])
+        module.token_counts = payload.get("token_counts")  # for the draft vocabulary (None: an older checkpoint)
+        module.draft_heads = {}  # the LM head's slices, one per vocabulary size asked for
         state.memory[key] = module.float().eval(), payload["acceptance"]
     return state.memory[key]
 
@@ -89,6 +99,8 @@ class HeadDrafter(MemoryBudget, Drafter):
     heads: int = param(4, "number of heads (tokens guessed past the target's own); must match a trained "
                        "checkpoint", min=1, max=8)
     nodes: int = tree_size(24)
+    vocab: int = param(8192, "draft vocabulary: guesses come from the N tokens the target produced most often in "
+                       "training (FR-Spec); 0 = the whole vocabulary", min=0, max=1_000_000)
     trained: Any = field(init=False, default=None)  # the trained module, in eval mode
     paths: list[tuple[int, ...]] = field(init=False, default_factory=list)
     parents: list[int] = field(init=False, default_factory=list)  # the tree's shape, fixed for the run
@@ -131,6 +143,35 @@ class HeadDrafter(MemoryBudget, Drafter):
 
     def propose(self, state: DecodeState) -> DraftTree:
         return DraftTree(self.draft(state), list(self.parents))
+
+    def guesses(self, model, features: torch.Tensor) -> list[list[int]]:
+        """Each feature row's top `self.width` tokens under the target's LM head, over the draft vocabulary."""
+        head, ids = self.draft_head(model)
+        top = head(features.to(model.dtype)).topk(self.width, dim=-1).indices
+        return (top if ids is None else ids[top]).tolist()
+
+    def draft_head(self, model) -> tuple[torch.nn.Module, torch.Tensor | None]:
+        """The LM head's rows of the `vocab` most frequent training tokens and their ids (built once per
+        checkpoint and size), or the whole LM head and None."""
+        if not self.vocab or self.vocab >= model.config.vocab_size:
+            return model.lm_head, None
+        counts = self.trained.token_counts
+        if counts is None:
+            raise SpecError(f"this {self.kind} checkpoint has no token counts for a draft vocabulary (it predates "
+                            f"them); train it again with `workbench train {self.kind}`, or run {self.kind}:vocab=0")
+        if self.vocab < self.width:
+            raise SpecError(f"{self.kind}:vocab={self.vocab} is smaller than the {self.width} guesses per head its "
+                            f"tree of {self.nodes} nodes takes; use vocab >= {self.width}, or 0 for all tokens")
+        if self.vocab not in self.trained.draft_heads:
+            from workbench.models.packed_linear import PackedLinear, can_pack
+
+            ids = counts.float().topk(self.vocab).indices.sort().values
+            rows = torch.nn.Linear(model.config.hidden_size, self.vocab, bias=False, dtype=model.dtype,
+                                   device=model.device)
+            rows.weight.data.copy_(model.lm_head.weight.detach()[ids])
+            head = PackedLinear(rows) if can_pack(model.dtype, model.device) else rows
+            self.trained.draft_heads[self.vocab] = head, ids.to(model.device)
+        return self.trained.draft_heads[self.vocab]
 
     def draft(self, state: DecodeState) -> list[int]:
         """One token per path of `self.paths`."""

@@ -131,7 +131,7 @@ class Falcon(HeadDrafter):
                 embeds = model.embed(torch.tensor(ids, device=model.device)).float()
             features = torch.stack([feature[p[:first - BLOCK] if first else ()] for p in prefixes])
             new, out = self.trained.step(features, embeds)  # [R, hidden], [R, BLOCK, hidden]
-            top = model.lm_head(out.to(model.dtype)).topk(self.width, dim=-1).indices.tolist()
+            top = self.guesses(model, out)
             for row, p in enumerate(prefixes):
                 feature[p] = new[row]
                 ranked[p] = top[row]

@@ -76,7 +76,7 @@ class Hydra(HeadDrafter):
                                device=model.device)
             embeds = model.embed(ids).float()  # [R, depth, hidden]
             features = self.trained.head(depth, h.expand(len(parents), -1), embeds)
-            ranked = model.lm_head(features.to(model.dtype)).topk(self.width, dim=-1).indices.tolist()
+            ranked = self.guesses(model, features)
             row = {parent: i for i, parent in enumerate(parents)}
             for p in level:
                 token[p] = ranked[row[p[:-1]]][p[-1]]

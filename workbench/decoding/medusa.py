@@ -58,6 +58,5 @@ class Medusa(HeadDrafter):
     def draft(self, state: DecodeState) -> list[int]:
         model = state.model
         features = self.trained(final_norm(model, state.hidden[-1:]))[0]  # [heads, hidden]
-        logits = model.lm_head(features.to(model.dtype))  # one product for all heads
-        ranked = logits.topk(self.width, dim=-1).indices.tolist()  # [heads, width]
+        ranked = self.guesses(model, features)  # [heads, width]: one product for all heads
         return [ranked[len(p) - 1][p[-1]] for p in self.paths]

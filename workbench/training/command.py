@@ -84,6 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({report['steps']} steps, data {report['distill_seconds'] / 60:.1f} min, "
           f"{report['train_positions']} positions); final loss {report['curve'][-1][2]:.3f}")
     print(f"held-out top-1 acceptance: {top1}")
+    if report.get("vocab_coverage"):
+        print("held-out tokens inside the draft vocabulary: " + ", ".join(
+            f"{size}: {share:.1%}" for size, share in report["vocab_coverage"].items()))
     defaults = {p.name: p.default for p in registry.get("decoding", args.kind).params}
     options = ",".join(f"{k}={v}" for k, v in settings.items() if v != defaults[k])
     print(f"saved {path}; run it with --decode {args.kind}" + (f":{options}" if options else ""))
@@ -92,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _write_json(args: argparse.Namespace, report: dict) -> int:
     if args.json:
-        summary = {k: v for k, v in report.items() if k != "state_dict"}
+        summary = {k: v for k, v in report.items() if k not in ("state_dict", "token_counts")}
         with open(args.json, "w") as f:
             json.dump({"kind": args.kind, "model": args.model, **summary}, f, indent=1)
     return 0

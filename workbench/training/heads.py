@@ -177,6 +177,31 @@ def topk_acceptance(drafter_cls, module, model, data: Positions, settings: dict[
     return (hits / counts.clamp_min(1)[:, None]).tolist()
 
 
+def continuations(sequences: list[Sequence]) -> torch.Tensor:
+    """The target's own tokens of the sequences (after each prompt): what drafters guess."""
+    return torch.cat([seq.tokens[seq.start + 1:] for seq in sequences])
+
+
+def token_counts(sequences: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """How often the target produced each token in the sequences' continuations (the draft vocabulary's ranking,
+    `draft_heads.HeadDrafter.vocab`)."""
+    return torch.bincount(continuations(sequences), minlength=vocab_size).to(torch.int32)
+
+
+def vocab_coverage(counts: torch.Tensor, held_out: list[Sequence],
+                   sizes: tuple[int, ...] = (2048, 4096, 8192, 16384)) -> dict[int, float]:
+    """The share of the held-out continuations' tokens inside the `size` most frequent training tokens: the
+    most a draft vocabulary of that size lets the heads guess."""
+    tokens = continuations(held_out)
+    ranked = counts.float().argsort(descending=True)
+    out = {}
+    for size in sizes:
+        inside = torch.zeros(len(counts), dtype=torch.bool)
+        inside[ranked[:size]] = True
+        out[size] = round(inside[tokens].float().mean().item(), 4)
+    return out
+
+
 def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str, Any], *, minutes: float,
                 seed: int = 0, new_tokens: int = 128, eos_ids: list[int] | None = None, batch: int = 64,
                 max_steps: int = 4000, lr: float = 1e-3, width: int = 8, progress: bool = True) -> dict[str, Any]:
@@ -199,8 +224,10 @@ def train_heads(drafter_cls, model, prompts: list[list[int]], settings: dict[str
     report = train(module, loss_of_batch, minutes=minutes, max_steps=max_steps, lr=lr, seed=seed,
                    progress=progress, desc=f"training {drafter_cls.kind}")
     acc = topk_acceptance(drafter_cls, module, model, held, settings, width)
+    counts = token_counts(train_seqs, model.config.vocab_size)
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "token_counts": counts, "vocab_coverage": vocab_coverage(counts, held_seqs),
         "settings": settings, "acceptance": acc, "curve": report.curve, "steps": report.steps,
         "train_seconds": report.seconds, "distill_seconds": distill_seconds, "seed": seed,
         "train_positions": len(data), "held_out_positions": len(held),
