@@ -176,6 +176,18 @@ def test_tree_verify_cost(script):
     assert "  1 tokens" in out and "  3 tokens" in out and "LM head, 4 rows" in out
 
 
+@needs_kernels
+def test_tree_verify_cost_on_each_product_unit(script, tmp_path):
+    from workbench.kernels import cpu
+
+    units = "amx,avx512-bf16" if cpu.use_amx(True) else "avx512-bf16"
+    out = script("tree_verify_cost", "--tokens", "2", "--units", units, "--json", str(tmp_path / "t.json"),
+                 patches={"decode_step_breakdown.SHAPES": TINY_SHAPES})
+    row = json.loads((tmp_path / "t.json").read_text())["ms"][0]
+    assert row["tokens"] == 2 and set(row) == {"tokens", *(f"{u}, fused SDPA" for u in units.split(","))}
+    assert "avx512-bf16, fused SDPA" in out and cpu.product_unit() == ("amx" if "amx" in units else "avx512-bf16")
+
+
 def test_self_speculation_bound(script):
     out = script("self_speculation_bound", patches={"SHAPES": TINY_SHAPES})
     assert "plain step t1" in out and "/6" in out
@@ -196,9 +208,12 @@ def test_cpu_attention_bench(script):
 
 
 @needs_kernels
-def test_cpu_kernels_bench(script):
-    out = script("cpu_kernels_bench", "1", "4", "--layers", "1", patches={"HEAD": (1024, 576)})
+def test_cpu_kernels_bench(script, tmp_path):
+    out = script("cpu_kernels_bench", "1", "4", "--layers", "1", "--json", str(tmp_path / "p.json"),
+                 patches={"HEAD": (1024, 576)})
     assert "workbench int4" in out
+    table = json.loads((tmp_path / "p.json").read_text())
+    assert [r["rows"] for r in table["ms"]] == [1, 4] and table["ms"][0]["workbench bf16 avx512"] > 0
     assert "workbench int4 g32" in script("cpu_kernels_bench", "1", "--resident")  # the kernels' arithmetic ceiling
 
 
