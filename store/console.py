@@ -203,7 +203,10 @@ def run_limited(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | No
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    ROW_LIMIT_KEY: str(limits.max_rows).encode()})
         return table
-    except duckdb.InterruptException:
+    except (duckdb.InterruptException, OSError, pa.ArrowException) as err:
+        # an interrupt that lands while the result streams comes through pyarrow's reader as an OSError
+        if not isinstance(err, duckdb.InterruptException) and "INTERRUPT" not in str(err):
+            raise StoreError(f"query failed: {_first_line(err)}") from None
         if timed_out.is_set():
             raise StoreError(f"query stopped: it ran past the time limit of {limits.timeout_s:g} s; narrow it "
                              "(WHERE, LIMIT) or raise the limit (`workbench sql --timeout`)") from None

@@ -211,7 +211,15 @@ def test_a_query_stops_at_the_memory_limit(tmp_path):
             small.query("SELECT count(*) FROM (SELECT i, repeat('x', 100) AS s FROM range(3000000) t(i) "
                         "ORDER BY random())")
         with pytest.raises(StoreError, match="result passed the memory limit of 32 MiB"):  # the result held
-            small.query("SELECT repeat('x', 1000000) AS s FROM range(1000)")
+            small.query("SELECT repeat('x', 10000) AS s FROM range(9000)")  # past 32 MiB in the second batch
+
+
+def test_a_time_limit_that_lands_while_the_result_streams_says_so(tmp_path):
+    # DuckDB's interrupt then surfaces through pyarrow's batch reader (an OSError), not as its own exception
+    Store(tmp_path / "runs.duckdb").close()
+    with Reader(tmp_path / "runs.duckdb", Limits(timeout_s=0.3, max_rows=10**9, memory_mib=1 << 16)) as reader:
+        with pytest.raises(StoreError, match="ran past the time limit of 0.3 s"):
+            reader.query("SELECT i FROM range(100000000000) t(i)")
 
 
 def test_limits_out_of_range_are_refused(path):
