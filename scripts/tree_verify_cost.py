@@ -49,10 +49,10 @@ def main() -> None:
         if cpu.use_amx(unit == "amx") != (unit == "amx"):
             raise SystemExit(f"the products cannot run on {unit} here (units: amx where the CPU has AMX tiles, "
                              "avx512-bf16)")
-    variants = {(unit, "fused SDPA", attention._grouped_attention) for unit in units}
+    attentions = {"fused SDPA": attention._grouped_attention}
     if args.compare:
-        variants |= {(unit, "float32 products", float32_grouped_attention) for unit in units}
-    variants = sorted(variants, key=lambda v: (units.index(v[0]), v[1]))
+        attentions["float32 products"] = float32_grouped_attention
+    variants = [(unit, name, fn) for unit in units for name, fn in attentions.items()]
     model, cache = cached_model(100)
     rows = []
     for n in [int(t) - 1 for t in args.tokens.split(",")]:
@@ -70,8 +70,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"cached_tokens": 100, "ms": rows}, f, indent=1)
     if args.lm_head:
-        for rows in (1, 2, 3, 4):
-            print(f"LM head, {rows} rows: {lm_head_ms(model, rows):.2f} ms")
+        for count in (1, 2, 3, 4):
+            print(f"LM head, {count} rows: {lm_head_ms(model, count):.2f} ms")
 
 
 @torch.inference_mode()

@@ -140,6 +140,7 @@ class HeadDrafter(MemoryBudget, Drafter):
         index = {path: i for i, path in enumerate(self.paths)}
         self.parents = [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
         self.width = 1 + max(max(p) for p in self.paths)
+        self.draft_head(state.model)  # a draft vocabulary that cannot work is refused before the first step
 
     def propose(self, state: DecodeState) -> DraftTree:
         return DraftTree(self.draft(state), list(self.parents))
