@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -59,7 +60,9 @@ def build_library(source: Path) -> tuple[Path | None, str]:
     if compiler is None:
         return None, "no C compiler was found (install gcc, or set CC)"
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", *os.environ.get("WORKBENCH_KERNEL_FLAGS", "").split()]
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    included = re.findall(rb'^#include "([^"]+)"', source.read_bytes(), re.MULTILINE)  # its sibling C files
+    content = source.read_bytes() + b"".join(source.with_name(name.decode()).read_bytes() for name in included)
+    key = hashlib.sha256(content + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}_{key}.so"
     if not target.exists():
         try:
@@ -99,6 +102,8 @@ def _build() -> ctypes.CDLL | None:
     lib.workbench_gemm_int4.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.workbench_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr,
                                              i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.workbench_attention_scratch.argtypes = [i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.workbench_attention_scratch.restype = i64
     lib.workbench_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.workbench_swiglu_bf16.argtypes = [ptr, ptr, i64, i64]
     lib.workbench_rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
@@ -339,13 +344,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kv_heads, length = k.shape[0], k.shape[1]
     out = torch.empty(n, heads * dim, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
-    scratch = torch.empty(threads * (heads // kv_heads) * ((length + 15) // 16 * 16), dtype=torch.float32)
+    scratch = _attention_scratch(heads, kv_heads, n, length, dim, threads)
     visible = None if mask is None else mask.contiguous()
     _lib.workbench_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                                   v.data_ptr(), v.stride(0), v.stride(1),
                                   0 if visible is None else visible.data_ptr(), out.data_ptr(),
                                   heads, kv_heads, n, length, dim, dim**-0.5, scratch.data_ptr(), threads)
     return out
+
+
+def _attention_scratch(heads: int, kv_heads: int, rows: int, keys: int, dim: int, threads: int) -> torch.Tensor:
+    """The float32 scratch `workbench_attention_bf16` needs for these shapes, whichever unit runs it."""
+    return torch.empty(_lib.workbench_attention_scratch(heads, kv_heads, rows, keys, dim, threads), dtype=torch.float32)
 
 
 def rows_fit(x: torch.Tensor) -> bool:
@@ -453,7 +463,7 @@ def decoder_layers(x: torch.Tensor, layers: list[list[int]], eps: float, heads: 
     table = torch.tensor(layers, dtype=torch.int64)
     assert table.shape[1] == LAYER_ARGS
     keys = int(table[:, _PAST].max()) + t  # the longest cache's keys
-    attention_scratch = torch.empty(threads * (heads // kv_heads) * ((keys + 15) // 16 * 16), dtype=torch.float32)
+    attention_scratch = _attention_scratch(heads, kv_heads, t, keys, dim, threads)
     _lib.workbench_layers_bf16(x.data_ptr(), out.data_ptr(), spare.data_ptr(), len(layers), table.data_ptr(), eps,
                                t, dm, heads, kv_heads, dim, inter, cos.data_ptr(), signed_sin.data_ptr(), dim**-0.5,
                                scratch.data_ptr(), attention_scratch.data_ptr(), threads)

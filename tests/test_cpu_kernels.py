@@ -188,13 +188,12 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not cpu.available()
 
 
-@needs_kernels
-@pytest.mark.parametrize("length,rows", [(1, 1), (7, 3), (100, 1), (333, 11), (64, 64)])
-def test_attention_matches_float64_over_a_strided_cache_view(length, rows):
+@pytest.mark.parametrize("length,rows", [(1, 1), (7, 3), (100, 1), (333, 11), (64, 64), (1500, 9)])
+def test_attention_matches_float64_over_a_strided_cache_view(length, rows, product_unit):
     from workbench.models.attention import _grouped_attention
 
     torch.manual_seed(4)
-    buffer_k, buffer_v = (torch.randn(3, 512, 64, dtype=torch.bfloat16) for _ in range(2))
+    buffer_k, buffer_v = (torch.randn(3, 2048, 64, dtype=torch.bfloat16) for _ in range(2))
     k, v = buffer_k[:, :length], buffer_v[:, :length]  # as a cache's view of its preallocated buffer
     q = torch.randn(rows, 15, 64, dtype=torch.bfloat16)[:, :9]  # q heads sliced out of a fused q|k|v output
     mask = torch.ones(rows, length, dtype=torch.bool)
@@ -209,6 +208,30 @@ def test_attention_matches_float64_over_a_strided_cache_view(length, rows):
     if rows == 1:  # no mask: every key visible
         unmasked = _grouped_attention(q.transpose(0, 1).double(), k.double(), v.double(), None).transpose(0, 1)
         assert (cpu.attention(q, k, v, None).double() - unmasked.reshape(1, -1)).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("past", [5, 250, 255, 509, 1030])
+def test_a_draft_row_gets_the_bits_of_its_one_token_step(past, product_unit):
+    """A draft tree's row attends to the cache and its ancestors among the new rows; once accepted, those sit
+    side by side in the cache and the token's next step sees them there. Both must give the same bits, across
+    the AMX kernel's chunk boundaries (every 256 keys) and blocks (32)."""
+    torch.manual_seed(past)
+    rows = 12
+    parents = [-1] + [int(torch.randint(0, i, ())) for i in range(1, rows)]
+    k, v = (torch.randn(3, past + rows, 64, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(rows, 9, 64, dtype=torch.bfloat16)
+    mask = torch.zeros(rows, past + rows, dtype=torch.bool)
+    mask[:, :past] = True
+    for t in range(rows):
+        node = t
+        while node >= 0:
+            mask[t, past + node] = True
+            node = parents[node]
+    tree = cpu.attention(q, k, v, mask)
+    for t in range(rows):
+        seen = mask[t].nonzero().squeeze(1)  # the cache, then the ancestors and the row itself, in slot order
+        alone = cpu.attention(q[t:t + 1], k[:, seen].contiguous(), v[:, seen].contiguous(), None)
+        assert torch.equal(tree[t:t + 1], alone), (past, t)
 
 
 @needs_kernels

@@ -208,6 +208,20 @@ def test_cpu_attention_bench(script):
 
 
 @needs_kernels
+def test_cpu_attention_bench_alternates_the_units(script, tmp_path):
+    was = cpu_kernels.product_unit()
+    has_tiles = cpu_kernels.use_amx(True)
+    cpu_kernels.use_amx(was == "amx")
+    if not has_tiles:
+        pytest.skip("this CPU has no AMX-BF16 tiles, or Linux does not grant them")
+    script("cpu_attention_bench", "--keys", "300", "--rows", "1,3", "--units", "amx,avx512-bf16",
+           "--json", str(tmp_path / "a.json"))
+    medians = json.loads((tmp_path / "a.json").read_text())["medians"]
+    assert {(m["rows"], m["unit"]) for m in medians} == {(1, "amx"), (1, "avx512-bf16"), (3, "amx"), (3, "avx512-bf16")}
+    assert all(m["us_per_layer"] > 0 for m in medians)
+
+
+@needs_kernels
 def test_cpu_kernels_bench(script, tmp_path):
     out = script("cpu_kernels_bench", "1", "4", "--layers", "1", "--json", str(tmp_path / "p.json"),
                  patches={"HEAD": (1024, 576)})
