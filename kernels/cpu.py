@@ -1,4 +1,4 @@
-"""CPU kernels for decoding and draft verification (the C source is `cpu_gemm.c`).
+"""CPU kernels for decoding and draft verification (the C source is `cpu_gemm.c`, with `cpu_attention.c`).
 
 - Matrix products, bf16, int8 and int4 weights. oneDNN's bf16 product slows with each extra row of a draft
   tree (docs/performance.md), although the weights are streamed from memory once whatever the row count.
@@ -7,7 +7,8 @@
   Where the CPU has AMX tiles, the bf16 products run on them (`product_unit()`): 16 rows then cost what one
   does (`WORKBENCH_CPU_AMX=0` keeps AVX512-BF16, whose one-row product is about 10% faster).
 - Attention of a few query rows over the cache (grouped kv heads, a draft tree's mask), faster than torch's
-  fused CPU attention at these sizes.
+  fused CPU attention at these sizes; on the AMX tiles too (heads of 64 dims), where a draft's rows over a long
+  cache cost little more than one row.
 - The small work between them, one call each instead of several torch calls: RMSNorm (with the residual add
   folded in), SwiGLU and RoPE.
 - The top-k of each row of float32 logits (the greedy choice, the views' alternatives, token recycling's
@@ -146,9 +147,9 @@ def unavailable_reason() -> str:
 
 
 def product_unit() -> str | None:
-    """Which unit runs the bf16 products: "amx" (the tile unit, where the CPU has AMX-BF16 and
+    """Which unit runs the bf16 products and attention: "amx" (the tile unit, where the CPU has AMX-BF16 and
     `WORKBENCH_CPU_AMX` is not 0), "avx512-bf16", or None where the kernels do not run. One unit serves every
-    product of the process: the two round about one output in 10^4 differently (cpu_gemm.c)."""
+    product and attention of the process: the two round a few outputs differently (cpu_gemm.c)."""
     if not available():
         return None
     return "amx" if _lib.workbench_amx_in_use() else "avx512-bf16"

@@ -390,6 +390,7 @@ AMX_TARGET static void amx_attention(const uint16_t *q, int64_t q_row, int64_t q
         uint16_t queries[16][D] __attribute__((aligned(64)));
         memset(queries, 0, sizeof queries);
         int configured = 0;
+        TileConfig saved;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t g, r0, n, c, first = 0, count = CH;
@@ -417,12 +418,12 @@ AMX_TARGET static void amx_attention(const uint16_t *q, int64_t q_row, int64_t q
                     const int64_t r = r1 + i, t = r / group, h = g * group + r % group;
                     memcpy(queries[i], q + t * q_row + h * q_head, D * 2);
                 }
-                if (!configured) amx_attention_configure(), configured = 1;
+                if (!configured) amx_save(&saved), amx_attention_configure(), configured = 1;
                 amx_attend_chunk(&chunk, &queries[0][0], tile_rows, count, scale,
                                  partials + (g * rows + r1) * stride + c * slot, stride);
             }
         }
-        if (configured) _tile_release();
+        if (configured) amx_restore(&saved);
         // Each row's partials, in chunk order: weights exp(chunk maximum - row maximum).
 #pragma omp for schedule(static)
         for (int64_t gr = 0; gr < KVH * rows; gr++) {

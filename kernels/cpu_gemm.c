@@ -265,6 +265,17 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
+// Another library on the same threads (llama.cpp's ggml uses the tiles too, on the same OpenMP pool) may keep
+// its tile configuration from call to call: a thread saves whatever configuration it finds before its first
+// tile instruction and puts it back afterwards (released where there was none), or that library's next tile
+// instruction faults.
+AMX_TARGET static void amx_save(TileConfig *saved) { _tile_storeconfig(saved); }
+
+AMX_TARGET static void amx_restore(const TileConfig *saved) {
+    if (saved->palette) _tile_loadconfig(saved);
+    else _tile_release();
+}
+
 AMX_TARGET static void amx_configure(int rows) {
     TileConfig c;
     memset(&c, 0, sizeof c);
@@ -307,11 +318,13 @@ AMX_TARGET static void amx_gemm_bf16(const uint16_t *x, const uint16_t *w, const
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads(), configured = 0;
+        TileConfig saved;
         int64_t blocks = N / 16, first = blocks * t / n, last = blocks * (t + 1) / n;
         for (int64_t nb = first; nb < last; nb += AMX_BLOCKS) {
             int64_t count = last - nb < AMX_BLOCKS ? last - nb : AMX_BLOCKS;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (!configured) amx_save(&saved);
                 if (rows != configured) amx_configure(configured = rows);
                 switch (count) {
                     case 6: amx_blocks(x, w, bias, y, m0, rows, nb, N, K, 6); break;
@@ -323,7 +336,7 @@ AMX_TARGET static void amx_gemm_bf16(const uint16_t *x, const uint16_t *w, const
                 }
             }
         }
-        if (configured) _tile_release();
+        if (configured) amx_restore(&saved);
     }
 }
 

@@ -77,7 +77,7 @@ def provenance(model: torch.nn.Module | None, device: torch.device, dtype: torch
         "commit": commit, "dirty": dirty, "cpu": cpu, "isa": isa, "gpu": gpu,
         "backends": backends(model, used or set()),
         "kernels_note": cpu_kernels.unavailable_reason() or None,
-        "cpu_products": cpu_kernels.product_unit(),  # "amx" or "avx512-bf16": they round a few outputs apart
+        "cpu_products": cpu_kernels.product_unit(),  # "amx" or "avx512-bf16", products and attention alike
         "versions": {p: _version(p) for p in ("torch", "transformers", "duckdb", "workbench")},
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
