@@ -162,6 +162,20 @@ def use_amx(on: bool) -> bool:
     return available() and bool(_lib.workbench_use_amx(int(on)))
 
 
+def units_to_compare(names: str | None) -> list[str]:
+    """The units a benchmark alternates (comma-separated names, or None for the process's own), each checked to
+    run here; the process's own unit stays on. Raises ValueError naming the valid units."""
+    own = product_unit()
+    units = names.split(",") if names else [own]
+    for unit in units:
+        if use_amx(unit == "amx") != (unit == "amx"):
+            use_amx(own == "amx")
+            raise ValueError(f"the kernels cannot run on {unit} here (units: amx where the CPU has AMX tiles, "
+                             "avx512-bf16)")
+    use_amx(own == "amx")
+    return units
+
+
 def int8_dot_available() -> bool:
     """Whether the products over int8 activations run here: the kernels, and AVX512-VNNI and VBMI on this CPU."""
     return available() and bool(_lib.workbench_cpu_int8_dot_supported())

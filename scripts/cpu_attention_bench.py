@@ -50,11 +50,10 @@ def main() -> None:
     if not cpu.available():
         raise SystemExit("the workbench's CPU kernels do not run here (no C compiler or no AVX512-BF16)")
     own = cpu.product_unit()
-    units = args.units.split(",") if args.units else [own]
-    for unit in units:
-        if cpu.use_amx(unit == "amx") != (unit == "amx"):
-            raise SystemExit(f"attention cannot run on {unit} here (units: amx where the CPU has AMX tiles, "
-                             "avx512-bf16)")
+    try:
+        units = cpu.units_to_compare(args.units)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     builds = {"current": cpu._lib}
     if args.against:
         current = cpu.SOURCE

@@ -44,11 +44,10 @@ def main() -> None:
     from workbench.kernels import cpu
 
     own = cpu.product_unit()
-    units = args.units.split(",") if args.units else [own]
-    for unit in units:
-        if cpu.use_amx(unit == "amx") != (unit == "amx"):
-            raise SystemExit(f"the products cannot run on {unit} here (units: amx where the CPU has AMX tiles, "
-                             "avx512-bf16)")
+    try:
+        units = cpu.units_to_compare(args.units)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     attentions = {"fused SDPA": attention._grouped_attention}
     if args.compare:
         attentions["float32 products"] = float32_grouped_attention
