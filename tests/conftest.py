@@ -79,10 +79,13 @@ def private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 def chromium():
     """Debian's headless Chromium through Playwright, one per test module (the browser tests); a missing
     Chromium fails the test with the command that installs it."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from workbench.apps.render_probe import launch_chromium
 
+    # expect()'s own default is 5 s, which a first page load on a loaded 2-core machine (CI) can outlast
+    # while the page still says "Loading..."; the pages' actions already wait up to a minute
+    expect.set_options(timeout=30_000)
     with sync_playwright() as p:
         browser = launch_chromium(p)
         try:
