@@ -92,10 +92,11 @@ class TriForce(Drafter):
     max_ngram: int = param(3, "longest n-gram prompt lookup matches", min=1, max=8)
     prefer: str = param("first", "which earlier occurrence of the n-gram prompt lookup copies from: the first, or "
                         "the latest (which follows the output's own repetitions)", choices=["first", "recent"])
-    recycle: bool = param(True, "where prompt lookup stops, go on guessing with the most likely token last seen "
-                                "after each token (from the target's and the retrieval-cache level's own forwards)")
-    confidence: float = param(0.4, "stop drafting after a token the retrieval-cache level gives less than this "
-                                   "probability (0: always draft k)", min=0.0, max=1.0)
+    recycle: bool = param(True, "beside prompt lookup's copy, guess the chain of recycled successors: the most likely "
+                                "token last seen after each token (in the target's and the retrieval-cache level's "
+                                "own forwards)")
+    confidence: float = param(0.4, "stop drafting after a token that no guess backed and the retrieval-cache level "
+                                   "gives less than this probability (0: always draft k)", min=0.0, max=1.0)
     retrieval_tokens: int = field(init=False, default=0)  # tokens the retrieval cache held at the last rebuild
     _cache: KVCache | None = field(init=False, default=None, repr=False)  # the retrieval cache
     _taps: list[_QueryTap] = field(init=False, default_factory=list, repr=False)
@@ -124,7 +125,7 @@ class TriForce(Drafter):
 
     def _listen(self, state, on: bool) -> None:
         """Tap the target's queries, or stop. Only the verification before a rebuild is tapped: a layer with an
-        observer leaves the CPU kernels' one-call layers, which made every verification about 1.5 times slower."""
+        observer leaves the CPU kernels' one-call layers (a 9-row verification at 7k: 45 ms against 36)."""
         for layer, tap in zip(state.cache.layers, self._taps):
             layer.observer = tap if on else tap.inner
 
@@ -182,7 +183,7 @@ class TriForce(Drafter):
             mine.n_committed = mine.length
         self._synced = n
 
-    # -- level 0: prompt lookup ------------------------------------------------------------------------------
+    # -- level 0: prompt lookup and recycled successors ----------------------------------------------------------------
 
     def _guesses(self, committed: list[int], drafted: list[int]) -> DraftTree:
         """What the bottom level proposes to the retrieval-cache level: a tree of up to two branches of `lookup`
