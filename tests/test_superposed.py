@@ -7,7 +7,7 @@ import torch
 
 from workbench.cli import main
 from workbench.decoding.base import ROOT, DraftTree
-from workbench.decoding.superposed import SuperposedAcceptance, SuperposedDrafter, _trie
+from workbench.decoding.superposed import SuperposedAcceptance, SuperposedDrafter
 from workbench.engine import Engine
 from workbench.errors import SpecError
 from workbench.registry import get
@@ -54,7 +54,7 @@ def test_k_drafts_reach_the_target_as_a_tree_and_one_whole_draft_is_committed():
 
 
 def test_the_acceptor_picks_the_draft_the_target_scores_highest_or_the_top_one():
-    tree = _trie([[1, 2], [1, 3], [0, 2]])
+    tree = DraftTree.trie([[1, 2], [1, 3], [0, 2]])
     assert tree.tokens == [1, 2, 3, 0, 2] and tree.parents == [ROOT, 0, 0, ROOT, 3]
     logits = torch.zeros(6, 4)
     logits[1, 3] = 5.0  # after node 0 (token 1) the target likes 3: draft [1, 3] scores highest

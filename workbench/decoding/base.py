@@ -71,6 +71,23 @@ class DraftTree:
     def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> DraftTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), draft_probs)
 
+    @classmethod
+    def trie(cls, drafts: list[list[int]]) -> DraftTree:
+        """The drafts as one tree, shared prefixes merged, nodes in the drafts' order (the first leaf is
+        drafts[0]'s)."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        child: dict[tuple[int, int], int] = {}
+        for draft in drafts:
+            node = ROOT
+            for token in draft:
+                if (node, token) not in child:
+                    tokens.append(token)
+                    parents.append(node)
+                    child[(node, token)] = len(tokens) - 1
+                node = child[(node, token)]
+        return cls(tokens, parents)
+
     def depths(self) -> list[int]:
         """Depth of each node; the root's children have depth 1."""
         depth: list[int] = []

@@ -83,7 +83,7 @@ class SuperposedDrafter(Drafter):
             drafts = [drafts[d] + [t] for _, d, t in kept]
             scores = torch.tensor([s for s, _, _ in kept])
         cache.rollback()
-        return _trie(drafts)
+        return DraftTree.trie(drafts)
 
     def _index(self, tokens: list[int]) -> None:
         """Count the n-grams (orders 2..ngram) that end in tokens not yet counted."""
@@ -103,22 +103,6 @@ class SuperposedDrafter(Drafter):
                 p[list(seen)] += torch.tensor([c / total for c in seen.values()]) * self.alpha
                 return p
         return p_lm
-
-
-def _trie(drafts: list[list[int]]) -> DraftTree:
-    """The drafts as one tree, shared prefixes merged, nodes in the drafts' order (the first leaf is drafts[0]'s)."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    child: dict[tuple[int, int], int] = {}
-    for draft in drafts:
-        node = ROOT
-        for token in draft:
-            if (node, token) not in child:
-                tokens.append(token)
-                parents.append(node)
-                child[(node, token)] = len(tokens) - 1
-            node = child[(node, token)]
-    return DraftTree(tokens, parents)
 
 
 @register("acceptance", "superposed", lossless=False)

@@ -205,18 +205,7 @@ class TriForce(Drafter):
                 last = self._next[last]
                 chain.append(last)
             branches.append(chain)
-        tree = DraftTree()
-        for branch in branches:
-            node = ROOT
-            for token in branch:
-                same = [c for c, p in enumerate(tree.parents) if p == node and tree.tokens[c] == token]
-                if same:
-                    node = same[0]
-                else:
-                    tree.tokens.append(token)
-                    tree.parents.append(node)
-                    node = len(tree.tokens) - 1
-        return tree
+        return DraftTree.trie(branches)
 
     def _recycle(self, inputs: list[int], logits: torch.Tensor) -> None:
         """Token Recycling's matrix at k=1: each input token's newest most likely successor (row i of logits is
